@@ -1,0 +1,213 @@
+"""Generate the DPTrainingJob CRD from the pydantic models (the single source of truth).
+
+pydantic emits JSON Schema (2020-12); a Kubernetes CRD wants a *structural* OpenAPI v3 schema:
+no ``$ref``, ``nullable`` instead of ``anyOf [X, null]``, ``enum`` instead of ``const``,
+boolean ``exclusiveMinimum``, no ``additionalProperties: false`` (the API server prunes or,
+with strict field validation, rejects unknown fields). Cross-field rules that CEL can state are
+added as ``x-kubernetes-validations``; ``_validation.py`` states the same rules in Python.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import yaml
+
+from dptrain.api._job import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION, DPTrainingJob
+
+JsonObject = dict[str, Any]
+
+# CEL rules by schema path (properties only), mirroring _validation.semantic_errors.
+_CEL_RULES: dict[tuple[str, ...], list[JsonObject]] = {
+    ("spec", "data"): [
+        {"rule": "has(self.path) != has(self.builtin)",
+         "message": "must set exactly one of path and builtin"},
+        {"rule": "!has(self.volume) || has(self.path)",
+         "message": "path is required when volume is set"},
+        {"rule": "self.tokenizer != 'sentencepiece' || has(self.tokenizerModel)",
+         "message": "tokenizerModel is required when tokenizer is sentencepiece"},
+    ],
+    ("spec", "training"): [
+        {"rule": "!has(self.physicalBatchSize) || !has(self.batchSize) || "
+                 "self.physicalBatchSize >= self.batchSize",
+         "message": "physicalBatchSize must be >= batchSize (the expected batch)"},
+        {"rule": "!has(self.warmupSteps) || !has(self.iterations) || "
+                 "self.warmupSteps < self.iterations",
+         "message": "warmupSteps must be < iterations"},
+    ],
+    ("spec", "compute"): [
+        {"rule": "!has(self.tpuTopology) || self.accelerator.startsWith('tpu-')",
+         "message": "tpuTopology is only valid with a TPU accelerator"},
+    ],
+    ("spec", "checkpoint"): [
+        {"rule": "!has(self.volume) || has(self.path)",
+         "message": "path is required when volume is set"},
+    ],
+}
+
+
+def _resolve(node: Any, defs: JsonObject) -> Any:
+    if isinstance(node, dict):
+        if "$ref" in node:
+            target = copy.deepcopy(defs[node["$ref"].split("/")[-1]])
+            extra = {k: v for k, v in node.items() if k != "$ref"}
+            return _resolve({**target, **extra}, defs)
+        return {k: _resolve(v, defs) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve(v, defs) for v in node]
+    return node
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def _structural(node: JsonObject) -> JsonObject:
+    node = dict(node)
+    node.pop("title", None)
+    if "anyOf" in node:
+        options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
+        if len(options) != 1:
+            raise ValueError(f"cannot express a union of {len(options)} types in a CRD")
+        # pydantic's `X | None` is `anyOf [X, null]`; OpenAPI says `nullable: true`.
+        node = {**options[0], **node, "nullable": True}
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    for bound in ("Minimum", "Maximum"):
+        key = f"exclusive{bound}"
+        if key in node and not isinstance(node[key], bool):
+            node[bound.lower()] = node[key]
+            node[key] = True
+    if node.get("additionalProperties") is False:
+        del node["additionalProperties"]
+    if "default" in node:
+        if node["default"] is None:
+            del node["default"]
+        else:
+            node["default"] = _drop_none(node["default"])
+    if "properties" in node:
+        node["properties"] = {k: _structural(v) for k, v in node["properties"].items()}
+    if isinstance(node.get("items"), dict):
+        node["items"] = _structural(node["items"])
+    if isinstance(node.get("additionalProperties"), dict):
+        node["additionalProperties"] = _structural(node["additionalProperties"])
+    if "enum" in node and "type" not in node:
+        node["type"] = "string"
+    if "properties" in node and "type" not in node:
+        node["type"] = "object"
+    return node
+
+
+def crd_schema() -> JsonObject:
+    """The structural ``openAPIV3Schema`` of DPTrainingJob."""
+    raw = DPTrainingJob.model_json_schema(by_alias=True, mode="validation")
+    defs = raw.pop("$defs", {})
+    schema = _structural(_resolve(raw, defs))
+    props = schema["properties"]
+    # The API server owns metadata, apiVersion and kind; a CRD may not constrain them further.
+    props["metadata"] = {"type": "object"}
+    props["apiVersion"] = {"type": "string"}
+    props["kind"] = {"type": "string"}
+    schema["required"] = ["spec"]
+    schema["description"] = ("A differentially private language-model training job: a privacy "
+                             "budget (ε, δ), a dataset and a compute budget.")
+    status = props["status"]
+    status.pop("nullable", None)
+    status.pop("default", None)
+    conditions = status["properties"]["conditions"]
+    conditions["x-kubernetes-list-type"] = "map"
+    conditions["x-kubernetes-list-map-keys"] = ["type"]
+    conditions.pop("default", None)
+    for path, rules in _CEL_RULES.items():
+        node = schema
+        for key in path:
+            node = node["properties"][key]
+        node["x-kubernetes-validations"] = rules
+    return schema
+
+
+_PRINTER_COLUMNS: list[JsonObject] = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Epsilon", "type": "number", "jsonPath": ".status.privacy.epsilonSpent",
+     "description": "ε spent so far"},
+    {"name": "Budget", "type": "number", "jsonPath": ".spec.privacy.epsilon",
+     "description": "ε budget"},
+    {"name": "Steps", "type": "integer", "jsonPath": ".status.privacy.stepsCharged",
+     "description": "DP-SGD steps charged to the ledger"},
+    {"name": "Model", "type": "string", "jsonPath": ".status.plan.modelPreset", "priority": 1},
+    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "priority": 1},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def crd_manifest() -> JsonObject:
+    """The CustomResourceDefinition object (apiextensions.k8s.io/v1)."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{PLURAL}.{GROUP}",
+            "labels": {"app.kubernetes.io/name": "dptrain", "app.kubernetes.io/part-of": "dptrain"},
+        },
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "shortNames": list(SHORT_NAMES),
+                "categories": ["all", "dptrain"],
+            },
+            "versions": [{
+                "name": VERSION,
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": _PRINTER_COLUMNS,
+                "schema": {"openAPIV3Schema": crd_schema()},
+            }],
+        },
+    }
+
+
+def crd_yaml() -> str:
+    """The CRD as YAML, exactly as committed in ``manifests/crd.yaml``."""
+    header = "# Generated by `dptrain crd` from dptrain.api; do not edit by hand.\n"
+    return header + yaml.safe_dump(crd_manifest(), sort_keys=False, width=100,
+                                   allow_unicode=True)
+
+
+def validating_schema(strict: bool = True) -> JsonObject:
+    """The CRD schema as a JSON-Schema draft-4 document, for jsonschema validation.
+
+    Mirrors the API server's checks: OpenAPI ``nullable`` becomes a ``null`` type, and with
+    ``strict`` unknown fields are errors (``kubectl --validate=strict``, the default since
+    Kubernetes 1.27) instead of being pruned. CEL rules are not evaluated here; the same rules
+    run in :func:`dptrain.api.semantic_errors`.
+    """
+
+    def convert(node: Any, *, is_metadata: bool = False) -> Any:
+        if isinstance(node, list):
+            return [convert(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        out = {k: convert(v, is_metadata=(k == "metadata")) if k == "properties" else convert(v)
+               for k, v in node.items() if not k.startswith("x-kubernetes")}
+        if "properties" in node:
+            out["properties"] = {k: convert(v, is_metadata=(k == "metadata"))
+                                 for k, v in node["properties"].items()}
+        if out.pop("nullable", False) and "type" in out:
+            out["type"] = [out["type"], "null"]
+        if strict and node.get("type") == "object" and "properties" in node \
+                and "additionalProperties" not in node and not is_metadata:
+            out["additionalProperties"] = False
+        return out
+
+    schema: JsonObject = convert(crd_schema())
+    schema["$schema"] = "http://json-schema.org/draft-04/schema#"
+    return schema

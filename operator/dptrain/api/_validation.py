@@ -1,0 +1,82 @@
+"""Semantic validation: the rules a JSON schema cannot state.
+
+The same rules appear as CEL ``x-kubernetes-validations`` in the CRD where CEL can express
+them, so the API server rejects what it can and the operator reports the rest.
+"""
+
+from __future__ import annotations
+
+from dptrain.api._errors import FieldError, InvalidJobError
+from dptrain.api._job import DPTrainingJob, DPTrainingJobSpec
+
+TPU_ACCELERATORS = frozenset({"tpu-v5e", "tpu-v5p", "tpu-v6e"})
+
+
+def semantic_errors(spec: DPTrainingJobSpec, *, dataset_size: int | None = None,
+                    prefix: str = "spec") -> list[FieldError]:
+    """Every semantic rule the spec breaks (empty if none).
+
+    Args:
+        spec: a structurally valid spec.
+        dataset_size: N once known (from the spec or from data preparation).
+        prefix: path prefix for field names.
+    """
+    errors: list[FieldError] = []
+    data, training, compute = spec.data, spec.training, spec.compute
+
+    if (data.path is None) == (data.builtin is None):
+        errors.append(FieldError(f"{prefix}.data", "must set exactly one of path and builtin"))
+    if data.volume is not None and data.path is None:
+        errors.append(FieldError(f"{prefix}.data.path", "is required when volume is set"))
+    if data.tokenizer == "sentencepiece" and data.tokenizer_model is None:
+        errors.append(FieldError(f"{prefix}.data.tokenizerModel",
+                                 "is required when tokenizer is sentencepiece"))
+    if data.format == "prepared" and data.builtin is not None:
+        errors.append(FieldError(f"{prefix}.data.format",
+                                 "must not be prepared for a builtin corpus"))
+
+    n = dataset_size if dataset_size is not None else data.num_sequences
+    if n is not None and spec.privacy.delta >= 1.0 / n:
+        errors.append(FieldError(f"{prefix}.privacy.delta",
+                                 f"must be below 1/N = {1.0 / n:.3g} for N = {n} sequences",
+                                 f"{spec.privacy.delta:g}"))
+    if n is not None and training.batch_size is not None and training.batch_size > n:
+        errors.append(FieldError(f"{prefix}.training.batchSize",
+                                 f"must not exceed the dataset size N = {n}",
+                                 str(training.batch_size)))
+
+    if (training.physical_batch_size is not None and training.batch_size is not None
+            and training.physical_batch_size < training.batch_size):
+        errors.append(FieldError(f"{prefix}.training.physicalBatchSize",
+                                 "must be >= training.batchSize (the expected batch)",
+                                 str(training.physical_batch_size)))
+    if (training.microbatch_size is not None and training.physical_batch_size is not None
+            and training.microbatch_size > training.physical_batch_size):
+        errors.append(FieldError(f"{prefix}.training.microbatchSize",
+                                 "must be <= training.physicalBatchSize",
+                                 str(training.microbatch_size)))
+    if (training.warmup_steps is not None and training.iterations is not None
+            and training.warmup_steps >= training.iterations):
+        errors.append(FieldError(f"{prefix}.training.warmupSteps",
+                                 "must be < training.iterations", str(training.warmup_steps)))
+
+    fully_pinned = (spec.model.preset is not None and training.batch_size is not None
+                    and training.iterations is not None)
+    if compute.flops is None and compute.accelerator_hours is None and not fully_pinned:
+        errors.append(FieldError(
+            f"{prefix}.compute",
+            "must set flops or acceleratorHours unless model.preset, training.batchSize and "
+            "training.iterations are all pinned"))
+    if compute.tpu_topology is not None and compute.accelerator not in TPU_ACCELERATORS:
+        errors.append(FieldError(f"{prefix}.compute.tpuTopology",
+                                 "is only valid with a TPU accelerator", compute.accelerator))
+    if spec.checkpoint.volume is not None and spec.checkpoint.path is None:
+        errors.append(FieldError(f"{prefix}.checkpoint.path", "is required when volume is set"))
+    return errors
+
+
+def validate_job(job: DPTrainingJob, *, dataset_size: int | None = None) -> None:
+    """Raise :class:`InvalidJobError` if the job breaks any semantic rule."""
+    errors = semantic_errors(job.spec, dataset_size=dataset_size)
+    if errors:
+        raise InvalidJobError(errors)

@@ -1,0 +1,32 @@
+"""Errors of the planner: an unaffordable budget says which, by how much, and what would do."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+BudgetName = Literal["compute", "privacy", "data", "memory", "deadline"]
+
+
+class InfeasibleBudgetError(ValueError):
+    """No configuration satisfies the budgets (and pins) of a job.
+
+    Attributes:
+        budget: which budget is short: ``compute`` (not one step affordable), ``privacy`` (ε too
+            small for any σ in range, or not one step within ε), ``data`` (δ ≥ 1/N, or a batch
+            larger than the dataset), ``memory`` (the model does not fit the accelerators) or
+            ``deadline``.
+        field: the spec field to change, in manifest spelling (``spec.compute.flops``).
+        required: the smallest (or, for δ, largest) value of that budget that would be feasible,
+            when the planner can name one.
+        available: the value the job has.
+        shortfall: how much is missing, as a human-readable phrase.
+    """
+
+    def __init__(self, budget: BudgetName, message: str, *, field: str | None = None,
+                 required: float | None = None, available: float | None = None) -> None:
+        self.budget: BudgetName = budget
+        self.field = field
+        self.required = required
+        self.available = available
+        where = f"{field}: " if field else ""
+        super().__init__(f"{where}infeasible {budget} budget: {message}")

@@ -1,0 +1,358 @@
+"""Loss models: predicted cross-entropy L(M, T, σ̄) for the planner's search.
+
+:class:`TableLossModel` follows McKenna et al. (2025): it reads a results table (one row per
+model size, noise-batch ratio σ̄, learning rate, step and loss), smooths it, and interpolates
+linearly in log L over (log M, log T, log σ̄). Smoothing, in order:
+
+1. Early steps: rows with T < 1000 are dropped when every curve keeps at least
+   ``MIN_POINTS_AFTER_DROP`` points after it (the paper's rule). Short sweeps (e.g. the CPU
+   table shipped with dptrain, a few hundred steps) cannot afford that; they drop the first
+   ``SHORT_CURVE_DROP_FRACTION`` of each curve's steps instead (the warm-up transient).
+2. A centred rolling mean over ``ROLLING_WINDOW`` logged points per curve.
+3. Each curve is resampled in (log T, log L) onto common T nodes spanning all curves' ranges.
+4. Minimum over learning rates (the learning rate is tuned, not modelled; the argmin at the
+   last node is kept as the suggested learning rate).
+5. Isotonic regression: non-increasing in T, then non-decreasing in σ̄; a final running min/max
+   pass makes both hold exactly (a running min over T keeps monotonicity in σ̄).
+6. Extrapolation in T: each curve's tail (last half of the nodes) is fitted with
+   L = exp(m·log T + b) + E*, E* being the fitted asymptote of that model's least-noise curve
+   (the σ̄ → 0 limit), and extended on nodes up to T = 2^24.
+
+Outside the table's domain: M and small σ̄ are clamped to the nearest table value (for σ̄ this is
+pessimistic: less noise never hurts), large σ̄ is extrapolated linearly in log-log with the last
+segment's (non-negative) slope, capped at the table's largest loss; T beyond the measured range
+uses the power-law extension and T below it is clamped. :meth:`TableLossModel.extrapolation` says
+which of these applied.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from scipy.interpolate import RegularGridInterpolator
+from scipy.optimize import isotonic_regression
+
+REQUIRED_COLUMNS = ("model_params", "noise_batch_ratio", "learning_rate", "step", "loss")
+PAPER_MIN_STEP = 1000
+MIN_POINTS_AFTER_DROP = 5
+SHORT_CURVE_DROP_FRACTION = 0.1
+ROLLING_WINDOW = 3
+MAX_T_NODES = 16
+EXTRAPOLATE_T_TO = 2.0**24
+
+
+@runtime_checkable
+class LossModel(Protocol):
+    """What the planner needs of a loss model (vectorised over numpy arrays)."""
+
+    def predict(self, model_params: np.ndarray, steps: np.ndarray,
+                noise_batch_ratio: np.ndarray) -> np.ndarray:
+        """Predicted loss at (M, T, σ̄) points (broadcast)."""
+        ...
+
+    def extrapolation(self, model_params: float, steps: float,
+                      noise_batch_ratio: float) -> list[str]:
+        """How the prediction at one point leaves the model's domain ([] inside it)."""
+        ...
+
+    def learning_rate(self, model_params: float, noise_batch_ratio: float) -> float | None:
+        """The learning rate the model's data suggests for (M, σ̄), if it knows one."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance and domain, for plan output."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class _Curve:
+    steps: np.ndarray
+    losses: np.ndarray
+
+
+def read_results_csv(path: str | os.PathLike[str]) -> list[dict[str, float]]:
+    """Rows of a results table; extra columns (metadata) are ignored.
+
+    Raises:
+        ValueError: naming the file, row and column of a missing or bad value.
+    """
+    rows: list[dict[str, float]] = []
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(row for row in handle if not row.startswith("#"))
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or ())]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; a results "
+                             f"table needs {', '.join(REQUIRED_COLUMNS)}")
+        for line, raw in enumerate(reader, start=2):
+            row: dict[str, float] = {}
+            for column in REQUIRED_COLUMNS:
+                try:
+                    value = float(raw[column])
+                except (TypeError, ValueError):
+                    raise ValueError(f"{path}:{line}: column {column} must be a number, got "
+                                     f"{raw[column]!r}") from None
+                if not math.isfinite(value) or value < 0:
+                    raise ValueError(f"{path}:{line}: column {column} must be finite and >= 0, "
+                                     f"got {raw[column]!r}")
+                row[column] = value
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: the results table has no rows")
+    return rows
+
+
+def _rolling_mean(values: np.ndarray, window: int) -> np.ndarray:
+    if window <= 1 or len(values) < 3:
+        return values.copy()
+    half = window // 2
+    out = np.empty_like(values)
+    for i in range(len(values)):
+        lo, hi = max(0, i - half), min(len(values), i + half + 1)
+        out[i] = values[lo:hi].mean()
+    return out
+
+
+def _power_law_tail(log_t: np.ndarray, loss: np.ndarray, e_star: float) -> tuple[float, float]:
+    """(m, b) of log(L − E*) = m·log T + b on a curve's tail, with m ≤ 0."""
+    excess = np.maximum(loss - e_star, 1e-6)
+    m, b = np.polyfit(log_t, np.log(excess), 1) if len(log_t) >= 2 else (0.0, math.log(excess[0]))
+    if m > 0:  # the tail may not rise: flat continuation
+        m, b = 0.0, float(np.log(excess[-1]))
+    return float(m), float(b)
+
+
+def _fit_asymptote(log_t: np.ndarray, loss: np.ndarray) -> float:
+    """E* minimising the squared log-residual of a power law plus constant on a tail."""
+    best, best_err = 0.0, math.inf
+    for e_star in np.linspace(0.0, 0.98 * float(loss.min()), 50):
+        m, b = _power_law_tail(log_t, loss, float(e_star))
+        err = float(np.sum((np.log(np.maximum(loss - e_star, 1e-6)) - (m * log_t + b)) ** 2))
+        if err < best_err - 1e-12:
+            best, best_err = float(e_star), err
+    return best
+
+
+class TableLossModel:
+    """A results table, smoothed and interpolated as in the paper (see the module docstring).
+
+    Args:
+        rows: mappings with the columns of ``REQUIRED_COLUMNS``.
+        source: where the rows came from (file path or a description).
+        metadata: provenance to report (e.g. the sweep's environment).
+    """
+
+    def __init__(self, rows: Iterable[Mapping[str, float]], *, source: str = "<rows>",
+                 metadata: Mapping[str, Any] | None = None) -> None:
+        self.source = source
+        self.metadata = dict(metadata or {})
+        grouped: dict[tuple[float, float, float], list[tuple[float, float]]] = defaultdict(list)
+        raw_max = 0.0
+        for row in rows:
+            key = (float(row["model_params"]), float(row["noise_batch_ratio"]),
+                   float(row["learning_rate"]))
+            grouped[key].append((float(row["step"]), float(row["loss"])))
+            raw_max = max(raw_max, float(row["loss"]))
+        grouped = {k: v for k, v in grouped.items() if k[1] > 0}  # σ̄ = 0 has no log
+        if not grouped:
+            raise ValueError(f"{source}: no rows with noise_batch_ratio > 0")
+        self.loss_ceiling = raw_max
+        curves = {k: self._prepare(sorted(v)) for k, v in grouped.items()}
+        self.dropped_below = self._drop_rule(curves)
+        curves = {k: self._drop(c) for k, c in curves.items()}
+        self._build_grid(curves)
+
+    # -- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def from_csv(cls, path: str | os.PathLike[str],
+                 metadata: Mapping[str, Any] | None = None) -> TableLossModel:
+        """Read a results CSV (see :func:`read_results_csv`)."""
+        return cls(read_results_csv(path), source=os.fspath(path), metadata=metadata)
+
+    @staticmethod
+    def _prepare(points: Sequence[tuple[float, float]]) -> _Curve:
+        steps = np.array([p[0] for p in points if p[0] > 0], float)
+        losses = np.array([p[1] for p in points if p[0] > 0], float)
+        # Several rows at one step (repeated logs): average them.
+        uniq, inverse = np.unique(steps, return_inverse=True)
+        sums = np.bincount(inverse, weights=losses)
+        counts = np.bincount(inverse)
+        return _Curve(uniq, sums / counts)
+
+    @staticmethod
+    def _drop_rule(curves: Mapping[Any, _Curve]) -> str:
+        if all(int(np.sum(c.steps >= PAPER_MIN_STEP)) >= MIN_POINTS_AFTER_DROP
+               for c in curves.values()):
+            return f"T < {PAPER_MIN_STEP}"
+        return f"first {SHORT_CURVE_DROP_FRACTION:.0%} of each curve's steps"
+
+    def _drop(self, curve: _Curve) -> _Curve:
+        if self.dropped_below.startswith("T <"):
+            keep = curve.steps >= PAPER_MIN_STEP
+        else:
+            keep = curve.steps >= SHORT_CURVE_DROP_FRACTION * curve.steps[-1]
+        if int(keep.sum()) < 2:
+            keep = np.ones_like(keep)
+        return _Curve(curve.steps[keep], _rolling_mean(curve.losses[keep], ROLLING_WINDOW))
+
+    def _build_grid(self, curves: Mapping[tuple[float, float, float], _Curve]) -> None:
+        models = sorted({k[0] for k in curves})
+        ratios = sorted({k[1] for k in curves})
+        missing = [(m, r) for m in models for r in ratios
+                   if not any(k[0] == m and k[1] == r for k in curves)]
+        if missing:
+            m, r = missing[0]
+            raise ValueError(f"{self.source}: the table is not a full grid: no rows for "
+                             f"model_params={m:g}, noise_batch_ratio={r:g} "
+                             f"({len(missing)} such pairs)")
+        t_lo = min(float(c.steps[0]) for c in curves.values())
+        t_hi = max(float(c.steps[-1]) for c in curves.values())
+        self.measured_steps = (t_lo, t_hi)
+        n_nodes = max(2, min(MAX_T_NODES, max(len(c.steps) for c in curves.values())))
+        log_nodes = np.linspace(math.log(t_lo), math.log(t_hi), n_nodes)
+        # Min over learning rates, each curve resampled in log-log; a curve that stops early
+        # continues flat (only less training than measured: conservative).
+        log_loss = np.full((len(models), n_nodes, len(ratios)), np.inf)
+        best_lr: dict[tuple[float, float], float] = {}
+        best_final = np.full((len(models), len(ratios)), np.inf)
+        for (m, r, lr), curve in sorted(curves.items()):
+            i, k = models.index(m), ratios.index(r)
+            resampled = np.interp(log_nodes, np.log(curve.steps), np.log(curve.losses))
+            log_loss[i, :, k] = np.minimum(log_loss[i, :, k], resampled)
+            if resampled[-1] < best_final[i, k]:
+                best_final[i, k] = resampled[-1]
+                best_lr[(m, r)] = lr
+        self._best_lr = best_lr
+        log_loss = self._isotonic(log_loss)
+        # Extrapolation in T with a power law plus the model's σ̄ → 0 asymptote.
+        tail = slice(n_nodes // 2, n_nodes)
+        ext = [math.log(t_hi) + math.log(2.0) * j
+               for j in range(1, int(math.ceil(math.log2(EXTRAPOLATE_T_TO / t_hi))) + 1)]
+        ext_nodes = np.array(ext)
+        full = np.concatenate([log_nodes, ext_nodes])
+        extended = np.empty((len(models), len(full), len(ratios)))
+        self.asymptotes = {}
+        for i, m in enumerate(models):
+            e_star = _fit_asymptote(log_nodes[tail], np.exp(log_loss[i, tail, 0]))
+            self.asymptotes[m] = e_star
+            for k in range(len(ratios)):
+                slope, intercept = _power_law_tail(log_nodes[tail], np.exp(log_loss[i, tail, k]),
+                                                   e_star)
+                tail_fit = np.log(np.exp(slope * ext_nodes + intercept) + e_star)
+                # Continue from the last measured node (no jump at the seam).
+                seam = log_loss[i, -1, k] - math.log(math.exp(slope * log_nodes[-1] + intercept)
+                                                     + e_star)
+                extended[i, :, k] = np.concatenate([log_loss[i, :, k], tail_fit + seam])
+        extended = self._monotone(extended)
+        self.log_models = np.log(np.array(models))
+        self.log_steps = full
+        self.log_ratios = np.log(np.array(ratios))
+        self.log_loss = extended
+        self._interp = RegularGridInterpolator(
+            (_axis(self.log_models), self.log_steps, _axis(self.log_ratios)),
+            _pad(_pad(extended, 0), 2), method="linear")
+
+    @staticmethod
+    def _isotonic(log_loss: np.ndarray) -> np.ndarray:
+        out = log_loss.copy()
+        for i in range(out.shape[0]):
+            for k in range(out.shape[2]):
+                out[i, :, k] = isotonic_regression(out[i, :, k], increasing=False).x
+            for j in range(out.shape[1]):
+                out[i, j, :] = isotonic_regression(out[i, j, :], increasing=True).x
+        return TableLossModel._monotone(out)
+
+    @staticmethod
+    def _monotone(log_loss: np.ndarray) -> np.ndarray:
+        # Running max over σ̄, then running min over T: the second keeps the first (see the
+        # module docstring), so both monotonicities hold exactly.
+        out = np.maximum.accumulate(log_loss, axis=2)
+        return np.minimum.accumulate(out, axis=1)
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def predict(self, model_params: np.ndarray, steps: np.ndarray,
+                noise_batch_ratio: np.ndarray) -> np.ndarray:
+        """Predicted loss at (M, T, σ̄) points (broadcast); see the module docstring."""
+        m, t, r = np.broadcast_arrays(np.log(np.asarray(model_params, float)),
+                                      np.log(np.asarray(steps, float)),
+                                      np.log(np.maximum(np.asarray(noise_batch_ratio, float),
+                                                        1e-300)))
+        m = np.clip(m, self.log_models[0], self.log_models[-1])
+        t = np.clip(t, self.log_steps[0], self.log_steps[-1])
+        r_top = self.log_ratios[-1]
+        r_in = np.clip(r, self.log_ratios[0], r_top)
+        base = self._interp(np.stack([m.ravel(), t.ravel(), r_in.ravel()], -1))
+        above = (r > r_top).ravel()
+        if above.any() and len(self.log_ratios) > 1:
+            r_prev = self.log_ratios[-2]
+            pts = np.stack([m.ravel()[above], t.ravel()[above]], -1)
+            top = self._interp(np.column_stack([pts, np.full(len(pts), r_top)]))
+            prev = self._interp(np.column_stack([pts, np.full(len(pts), r_prev)]))
+            slope = np.maximum(0.0, (top - prev) / (r_top - r_prev))
+            base[above] = top + slope * (r.ravel()[above] - r_top)
+        base = np.minimum(base, math.log(self.loss_ceiling))
+        return np.exp(base).reshape(m.shape)
+
+    def extrapolation(self, model_params: float, steps: float,
+                      noise_batch_ratio: float) -> list[str]:
+        """How a prediction leaves the measured domain ([] inside it)."""
+        notes = []
+        m_lo, m_hi = np.exp(self.log_models[[0, -1]])
+        if not m_lo * 0.999 <= model_params <= m_hi * 1.001:
+            notes.append(f"model size {model_params:.3g} outside the table's "
+                         f"[{m_lo:.3g}, {m_hi:.3g}] parameters: clamped to the nearest")
+        t_lo, t_hi = self.measured_steps
+        if steps > t_hi * 1.001:
+            notes.append(f"{steps:.3g} steps beyond the measured {t_hi:.3g}: power-law "
+                         f"extrapolation L = exp(m·log T + b) + E*")
+        elif steps < t_lo * 0.999:
+            notes.append(f"{steps:.3g} steps below the measured {t_lo:.3g}: clamped (optimistic)")
+        r_lo, r_hi = np.exp(self.log_ratios[[0, -1]])
+        if noise_batch_ratio > r_hi * 1.001:
+            notes.append(f"noise-batch ratio {noise_batch_ratio:.3g} above the table's "
+                         f"{r_hi:.3g}: log-log extrapolation of the last segment")
+        elif noise_batch_ratio < r_lo * 0.999:
+            notes.append(f"noise-batch ratio {noise_batch_ratio:.3g} below the table's "
+                         f"{r_lo:.3g}: clamped (pessimistic)")
+        return notes
+
+    def learning_rate(self, model_params: float, noise_batch_ratio: float) -> float | None:
+        """The best learning rate measured at the nearest table (M, σ̄)."""
+        m = float(np.exp(self.log_models[np.argmin(abs(self.log_models
+                                                        - math.log(model_params)))]))
+        r = float(np.exp(self.log_ratios[np.argmin(abs(self.log_ratios - math.log(
+            max(noise_batch_ratio, 1e-300))))]))
+        for (mm, rr), lr in self._best_lr.items():
+            if math.isclose(mm, m, rel_tol=1e-9) and math.isclose(rr, r, rel_tol=1e-9):
+                return lr
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """Source, domain and smoothing choices."""
+        return {
+            "kind": "table",
+            "source": self.source,
+            "model_params": [float(x) for x in np.exp(self.log_models)],
+            "noise_batch_ratios": [float(x) for x in np.exp(self.log_ratios)],
+            "measured_steps": list(self.measured_steps),
+            "dropped": self.dropped_below,
+            "rolling_window": ROLLING_WINDOW,
+            "metadata": self.metadata,
+        }
+
+
+def _axis(values: np.ndarray) -> np.ndarray:
+    """A grid axis with at least two nodes (a single node is widened by a hair)."""
+    return values if len(values) > 1 else np.array([values[0], values[0] + 1e-9])
+
+
+def _pad(values: np.ndarray, axis: int) -> np.ndarray:
+    return values if values.shape[axis] > 1 else np.repeat(values, 2, axis=axis)

@@ -1,0 +1,368 @@
+"""A Kubernetes API emulator for operator tests: kmock 0.8 with the fixes that kmock.md lists.
+
+Stock kmock is an in-memory object store over real HTTP. This subclass makes it behave enough like
+a kube-apiserver that a real ``kopf run`` and our trainer can talk to it:
+
+- discovery seeded with exactly the resources dptrain uses (v1 namespaces, our CRD with its
+  ``status`` subresource, batch/v1 jobs, configmaps, services, serviceaccounts, RBAC roles and
+  rolebindings, v1 and events.k8s.io events; JobSet only when asked);
+- ``uid``, ``resourceVersion``, ``creationTimestamp``, ``generation`` and the namespace from the
+  URL stamped on create; ``generateName`` honoured; ``resourceVersion`` bumped on every write and
+  ``generation`` on spec changes; 409 on duplicates and on a stale ``resourceVersion``;
+- RFC 7386 merge-patch (``null`` deletes, any type replaces any type) and RFC 6902 JSON-patch, a
+  failed JSON-patch ``test`` answering 422 as the API server does;
+- ``/status`` semantics for resources with a status subresource: writes to the main resource
+  cannot change ``status``, writes to ``/status`` change nothing else, status on create is dropped;
+- every write of a DPTrainingJob validated against the generated CRD's ``openAPIV3Schema``
+  (422 ``Invalid`` naming the field, like the API server);
+- list responses with ``apiVersion``/``kind``/``resourceVersion`` and equality label selectors;
+- owner-reference garbage collection (background propagation) when an object goes away;
+- ``GET /api/v1/namespaces`` no longer crashes kmock's path parser.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import itertools
+import json
+import secrets
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import aiohttp.web
+import attrs
+import jsonpatch
+import jsonschema
+import kmock
+from kmock._internal import apps, enums, parsing, references, rendering
+
+# ------------------------------------------------------------------------------ path parser fix
+
+_original_parse_path = parsing.parse_path
+
+
+def _parse_path(path: str) -> parsing.ParsedPath:
+    """kmock 0.8 crashes on ``/api/v1/namespaces`` (a cluster-scoped list); parse it here."""
+    parts = [p for p in path.strip("/").split("/") if p]
+    if parts in (["api", "v1", "namespaces"],):
+        return parsing.ParsedPath("", "v1", "namespaces", None, None, None)
+    if len(parts) == 4 and parts[:3] == ["api", "v1", "namespaces"]:
+        return parsing.ParsedPath("", "v1", "namespaces", None, parts[3], None)
+    return _original_parse_path(path)
+
+
+parsing.parse_path = _parse_path
+
+# ------------------------------------------------------------------------------ resources
+
+CRD_RESOURCE = "dptrain.io/v1alpha1/dptrainingjobs"
+JOBSET_RESOURCE = "jobset.x-k8s.io/v1alpha2/jobsets"
+
+_VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
+
+# resource -> (kind, namespaced, subresources)
+BASE_RESOURCES: dict[str, tuple[str, bool, tuple[str, ...]]] = {
+    "v1/namespaces": ("Namespace", False, ("status",)),
+    "v1/configmaps": ("ConfigMap", True, ()),
+    "v1/services": ("Service", True, ("status",)),
+    "v1/serviceaccounts": ("ServiceAccount", True, ()),
+    "v1/events": ("Event", True, ()),
+    "v1/pods": ("Pod", True, ("status",)),
+    "events.k8s.io/v1/events": ("Event", True, ()),
+    "batch/v1/jobs": ("Job", True, ("status",)),
+    "rbac.authorization.k8s.io/v1/roles": ("Role", True, ()),
+    "rbac.authorization.k8s.io/v1/rolebindings": ("RoleBinding", True, ()),
+    CRD_RESOURCE: ("DPTrainingJob", True, ("status",)),
+}
+
+
+def _error(status: int, reason: str, message: str) -> kmock.KubernetesError:
+    # details={} keeps kmock from attaching a server traceback to the Status object.
+    return kmock.KubernetesError(status=status, reason=reason, message=message,
+                                 details={"causes": []})
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge-patch: ``null`` deletes a key, non-objects replace wholesale."""
+    if not isinstance(patch, Mapping):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, Mapping) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def _path_of(error: jsonschema.ValidationError) -> str:
+    path = ".".join(str(p) for p in error.absolute_path)
+    return path or "<root>"
+
+
+def schema_errors(validator: jsonschema.protocols.Validator, obj: Mapping[str, Any]) -> list[str]:
+    """API-server-like messages (``field: rule``) for every schema violation of ``obj``."""
+    errors = sorted(validator.iter_errors(dict(obj)), key=lambda e: list(map(str, e.path)))
+    return [f"{_path_of(e)}: Invalid value: {e.message}" for e in errors]
+
+
+def label_selector_matches(selector: str, labels: Mapping[str, str]) -> bool:
+    """Equality-based selectors (``a=b,c!=d,e``) as ``kubectl -l`` sends them."""
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        if "!=" in term:
+            key, value = term.split("!=", 1)
+            if labels.get(key) == value:
+                return False
+        elif "=" in term:
+            key, value = term.replace("==", "=").split("=", 1)
+            if labels.get(key) != value:
+                return False
+        elif term.startswith("!"):
+            if term[1:] in labels:
+                return False
+        elif term not in labels:
+            return False
+    return True
+
+
+@attrs.define(kw_only=True)
+class DPTrainKubernetes(kmock.KubernetesEmulator):
+    """kmock's emulator with the fixes above (see the module docstring)."""
+
+    crd_schema: Mapping[str, Any] | None = None
+    with_jobset: bool = False
+    #: Hook for fault injection: called with each parsed request; may raise a KubernetesError.
+    fault: Callable[[rendering.Request], None] | None = None
+
+    _rv: Iterable[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
+    _last_rv: int = attrs.field(default=0, init=False)
+    _validator: Any = attrs.field(default=None, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        resources = dict(BASE_RESOURCES)
+        if self.with_jobset:
+            resources[JOBSET_RESOURCE] = ("JobSet", True, ("status",))
+        for key, (kind, namespaced, subresources) in resources.items():
+            self.resources[key] = kmock.ResourceInfo(
+                kind=kind, namespaced=namespaced, singular=kind.lower(), verbs=_VERBS,
+                subresources=subresources,
+                shortnames={"dptj"} if kind == "DPTrainingJob" else set(),
+            )
+        if self.crd_schema is not None:
+            cls = jsonschema.validators.validator_for(self.crd_schema, jsonschema.Draft7Validator)
+            self._validator = cls(self.crd_schema)
+
+    # ----------------------------------------------------------------------- helpers
+
+    def _next_rv(self) -> str:
+        self._last_rv = next(self._rv)  # type: ignore[call-overload]
+        return str(self._last_rv)
+
+    def _info(self, resource: references.resource) -> kmock.ResourceInfo | None:
+        for known in self.resources:
+            if known == resource:
+                return self.resources[known]
+        return None
+
+    def _validate(self, resource: references.resource, obj: Mapping[str, Any]) -> None:
+        if self._validator is None or resource != references.resource(CRD_RESOURCE):
+            return
+        problems = schema_errors(self._validator, obj)
+        if problems:
+            name = obj.get("metadata", {}).get("name", "")
+            raise _error(422, "Invalid",
+                         f'DPTrainingJob.dptrain.io "{name}" is invalid: ' + "; ".join(problems))
+
+    async def _broadcast(self, resource: references.resource, kind: str,
+                         obj: Mapping[str, Any]) -> None:
+        await self._buses[resource].put({"type": kind, "object": copy.deepcopy(dict(obj))})
+
+    def _live(self, key: tuple[references.resource, str | None, str]) -> bool:
+        return key in self.objects and not self.objects[key].deleted
+
+    async def _remove(self, key: tuple[references.resource, str | None, str]) -> None:
+        """Physically delete an object, then its dependents (background propagation)."""
+        obj = self.objects[key]
+        raw = copy.deepcopy(obj.raw)
+        raw["metadata"]["resourceVersion"] = self._next_rv()
+        obj.delete()
+        await self._broadcast(key[0], "DELETED", raw)
+        uid = raw["metadata"].get("uid")
+        for other_key in list(self.objects.keys()):
+            if not self._live(other_key):
+                continue
+            refs = self.objects[other_key].get("metadata", {}).get("ownerReferences") or []
+            if any(ref.get("uid") == uid for ref in refs):
+                await self._remove(other_key)
+
+    # ----------------------------------------------------------------------- request handling
+
+    async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        if self.fault is not None:
+            self.fault(request)
+        if request.resource is None:
+            return await apps.RawHandler._handle(self, request)
+        if request.method == enums.method.PUT:
+            raise _error(405, "MethodNotAllowed", "PUT is not supported by this emulator")
+        # Writes are served here (not by kmock's reactions) so that the stamped object is returned.
+        async with self._lock:
+            if request.action == enums.action.CREATE:
+                return aiohttp.web.json_response(await self._create(request), status=201)
+            if request.action == enums.action.UPDATE and request.name is not None:
+                return aiohttp.web.json_response(await self._patch(request))
+            if request.action == enums.action.DELETE and request.name is not None:
+                return aiohttp.web.json_response(await self._delete(request))
+        return await apps.RawHandler._handle(self, request)
+
+    async def _create(self, request: rendering.Request) -> dict[str, Any]:
+        assert request.resource is not None
+        if not isinstance(request.data, Mapping):
+            raise _error(400, "BadRequest", "the body must be a JSON object")
+        obj: dict[str, Any] = copy.deepcopy(dict(request.data))
+        info = self._info(request.resource)
+        meta = obj.setdefault("metadata", {})
+        if not isinstance(meta, dict):
+            raise _error(400, "BadRequest", "metadata must be an object")
+        if request.namespace is not None:
+            if meta.get("namespace") not in (None, request.namespace):
+                raise _error(400, "BadRequest",
+                             "the namespace of the object does not match the namespace of the URL")
+            meta["namespace"] = request.namespace
+        if not meta.get("name"):
+            if meta.get("generateName"):
+                meta["name"] = f"{meta['generateName']}{secrets.token_hex(3)[:5]}"
+            else:
+                raise _error(422, "Invalid", "metadata.name: Required value: name is required")
+        if info is not None and info.kind and "kind" not in obj:
+            obj["kind"] = info.kind
+        if "apiVersion" not in obj:
+            group, version = request.resource.group, request.resource.version
+            obj["apiVersion"] = f"{group}/{version}" if group else str(version)
+        if info is not None and "status" in info.subresources:
+            obj.pop("status", None)  # the status of a new object is the controllers' to write
+        self._validate(request.resource, obj)
+        key = (request.resource, meta.get("namespace"), meta["name"])
+        if self._live(key):
+            raise _error(409, "AlreadyExists",
+                         f'{request.resource.plural} "{meta["name"]}" already exists')
+        meta["uid"] = str(uuid.uuid4())
+        meta["resourceVersion"] = self._next_rv()
+        meta["creationTimestamp"] = _now()
+        meta["generation"] = 1
+        if key in self.objects:
+            self.objects[key].create(obj)
+        else:
+            self.objects[key] = obj
+        await self._broadcast(request.resource, "ADDED", obj)
+        return copy.deepcopy(obj)
+
+    async def _patch(self, request: rendering.Request) -> dict[str, Any]:
+        assert request.resource is not None and request.name is not None
+        key = (request.resource, request.namespace, request.name)
+        if not self._live(key):
+            raise _error(404, "NotFound", f'{request.resource.plural} "{request.name}" not found')
+        old = copy.deepcopy(self.objects[key].raw)
+        content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
+        data = request.data
+        if content_type == "application/json-patch+json" or isinstance(data, list):
+            try:
+                new = jsonpatch.apply_patch(old, data, in_place=False)
+            except jsonpatch.JsonPatchTestFailed as e:
+                raise _error(422, "Invalid", f"the JSON patch test failed: {e}") from e
+            except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as e:
+                raise _error(422, "Invalid", f"the JSON patch is invalid: {e}") from e
+        elif content_type == "application/apply-patch+yaml":
+            raise _error(415, "UnsupportedMediaType", "server-side apply is not supported")
+        elif isinstance(data, Mapping):
+            wanted_rv = (data.get("metadata") or {}).get("resourceVersion")
+            if wanted_rv is not None and str(wanted_rv) != old["metadata"]["resourceVersion"]:
+                raise _error(409, "Conflict",
+                             "the object has been modified; please apply your changes to the "
+                             "latest version and try again")
+            new = merge_patch(old, data)
+        else:
+            raise _error(400, "BadRequest", "the patch must be a JSON object or a JSON patch")
+        info = self._info(request.resource)
+        if info is not None and "status" in info.subresources:
+            if request.subresource == "status":
+                new = dict(old, status=new.get("status")) if "status" in new else {
+                    k: v for k, v in old.items() if k != "status"}
+            elif "status" in old:
+                new["status"] = old["status"]
+            else:
+                new.pop("status", None)
+        new_meta = new.setdefault("metadata", {})
+        for field in ("name", "namespace", "uid", "creationTimestamp"):
+            if field in old["metadata"]:
+                new_meta[field] = old["metadata"][field]
+        self._validate(request.resource, new)
+        spec_old = {k: v for k, v in old.items() if k not in ("metadata", "status")}
+        spec_new = {k: v for k, v in new.items() if k not in ("metadata", "status")}
+        generation = int(old["metadata"].get("generation", 1))
+        new_meta["generation"] = generation + 1 if spec_old != spec_new else generation
+        new_meta["resourceVersion"] = self._next_rv()
+        self.objects[key].create(new)  # a new version in kmock's history
+        if new_meta.get("deletionTimestamp") and not new_meta.get("finalizers"):
+            await self._remove(key)
+        else:
+            await self._broadcast(request.resource, "MODIFIED", new)
+        return copy.deepcopy(new)
+
+    async def _delete(self, request: rendering.Request) -> dict[str, Any]:
+        assert request.resource is not None and request.name is not None
+        key = (request.resource, request.namespace, request.name)
+        if not self._live(key):
+            raise _error(404, "NotFound", f'{request.resource.plural} "{request.name}" not found')
+        obj = self.objects[key]
+        meta = obj.raw.get("metadata", {})
+        if meta.get("finalizers"):
+            if not meta.get("deletionTimestamp"):
+                new = copy.deepcopy(obj.raw)
+                new["metadata"]["deletionTimestamp"] = _now()
+                new["metadata"]["resourceVersion"] = self._next_rv()
+                obj.create(new)
+                await self._broadcast(request.resource, "MODIFIED", new)
+            return copy.deepcopy(obj.raw)
+        last = copy.deepcopy(obj.raw)
+        await self._remove(key)
+        return last
+
+    # ----------------------------------------------------------------------- reads
+
+    async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
+        payload = await super()._serve_list(request)
+        assert isinstance(payload, dict)
+        selector = request.params.get("labelSelector")
+        if selector:
+            payload["items"] = [
+                item for item in payload["items"]
+                if label_selector_matches(selector, item.get("metadata", {}).get("labels") or {})
+            ]
+        info = self._info(request.resource) if request.resource is not None else None
+        assert request.resource is not None
+        group, version = request.resource.group, request.resource.version
+        payload["apiVersion"] = f"{group}/{version}" if group else str(version)
+        payload["kind"] = f"{info.kind}List" if info is not None and info.kind else "List"
+        payload["metadata"] = {"resourceVersion": str(self._last_rv)}
+        return payload
+
+    # ----------------------------------------------------------------------- test conveniences
+
+    def live_objects(self, resource: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        """Snapshots of the live objects of one resource (call on the emulator's loop)."""
+        res = references.resource(resource)
+        return [copy.deepcopy(obj.raw) for (r, ns, _), obj in list(self.objects.items())
+                if r == res and not obj.deleted and (namespace is None or ns == namespace)]
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON for request bodies."""
+    return json.dumps(obj, separators=(",", ":"))
+

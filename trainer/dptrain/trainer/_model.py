@@ -1,0 +1,208 @@
+"""A Gemma-2-style decoder (VaultGemma's variant) written for one example.
+
+Every layer maps one unbatched sequence ``[L]`` to ``[L, vocab]``; batching is ``jax.vmap`` outside,
+which is exactly the shape per-example DP gradients need (``vmap(grad(loss), in_axes=(None, 0))``).
+
+Architecture (VaultGemma): RMSNorm pre-norm before attention and MLP, *no* post-norms; multi-query
+attention (``n_kv_heads`` key/value heads shared by all query heads) with rotary position
+embeddings; full causal attention in every layer; GeGLU MLP; input embedding scaled by
+``sqrt(d_model)`` and tied with the output projection. Blocks are stacked on a leading axis and run
+with ``lax.scan`` so that compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from dptrain.planner import ModelShape
+
+_ROPE_BASE = 10_000.0
+_NORM_EPS = 1e-6
+
+
+def _normal(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
+    return jax.random.normal(key, shape, jnp.float32) / math.sqrt(fan_in)
+
+
+class RMSNorm(eqx.Module):
+    """Gemma's RMSNorm: ``x / rms(x) * (1 + scale)``, scale initialised to zero."""
+
+    scale: jax.Array
+
+    def __init__(self, dim: int) -> None:
+        self.scale = jnp.zeros((dim,), jnp.float32)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalise the last axis."""
+        mean_square = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+        return x * jax.lax.rsqrt(mean_square + _NORM_EPS) * (1.0 + self.scale)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """Rotary position embedding of ``x`` (``[L, heads, head_dim]``) at integer ``positions``."""
+    half = x.shape[-1] // 2
+    inv_freq = _ROPE_BASE ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [L, half]
+    sin = jnp.sin(angles)[:, None, :]
+    cos = jnp.cos(angles)[:, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class Attention(eqx.Module):
+    """Causal multi-query attention with RoPE (no biases)."""
+
+    wq: jax.Array  # [d_model, n_heads, head_dim]
+    wk: jax.Array  # [d_model, n_kv_heads, head_dim]
+    wv: jax.Array  # [d_model, n_kv_heads, head_dim]
+    wo: jax.Array  # [n_heads, head_dim, d_model]
+
+    def __init__(self, shape: ModelShape, *, key: jax.Array) -> None:
+        kq, kk, kv, ko = jax.random.split(key, 4)
+        d, h, g, k = shape.d_model, shape.n_heads, shape.n_kv_heads, shape.head_dim
+        self.wq = _normal(kq, (d, h, k), d)
+        self.wk = _normal(kk, (d, g, k), d)
+        self.wv = _normal(kv, (d, g, k), d)
+        self.wo = _normal(ko, (h, k, d), h * k)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Attend over ``x`` (``[L, d_model]``), each position seeing itself and the past."""
+        length = x.shape[0]
+        n_heads, head_dim = self.wq.shape[1], self.wq.shape[2]
+        n_kv = self.wk.shape[1]
+        positions = jnp.arange(length)
+        q = apply_rope(jnp.einsum("ld,dhk->lhk", x, self.wq), positions)
+        k = apply_rope(jnp.einsum("ld,dgk->lgk", x, self.wk), positions)
+        v = jnp.einsum("ld,dgk->lgk", x, self.wv)
+        # Query heads are grouped over the shared key/value heads (one group per kv head).
+        q = q.reshape(length, n_kv, n_heads // n_kv, head_dim) / math.sqrt(head_dim)
+        scores = jnp.einsum("lgrk,mgk->grlm", q, k)
+        causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+        # A finite minimum (not -inf) keeps gradients finite on fully masked entries.
+        scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
+        weights = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("grlm,mgk->lgrk", weights, v).reshape(length, n_heads, head_dim)
+        return jnp.einsum("lhk,hkd->ld", out, self.wo)
+
+
+class GeGLU(eqx.Module):
+    """``down(gelu(gate(x)) * up(x))``: Gemma's gated MLP."""
+
+    w_gate: jax.Array  # [d_model, d_ff]
+    w_up: jax.Array  # [d_model, d_ff]
+    w_down: jax.Array  # [d_ff, d_model]
+
+    def __init__(self, shape: ModelShape, *, key: jax.Array) -> None:
+        kg, ku, kd = jax.random.split(key, 3)
+        self.w_gate = _normal(kg, (shape.d_model, shape.d_ff), shape.d_model)
+        self.w_up = _normal(ku, (shape.d_model, shape.d_ff), shape.d_model)
+        self.w_down = _normal(kd, (shape.d_ff, shape.d_model), shape.d_ff)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Apply the MLP position-wise to ``x`` (``[L, d_model]``)."""
+        return (jax.nn.gelu(x @ self.w_gate, approximate=True) * (x @ self.w_up)) @ self.w_down
+
+
+class Block(eqx.Module):
+    """One pre-norm decoder block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+    attn_norm: RMSNorm
+    attn: Attention
+    mlp_norm: RMSNorm
+    mlp: GeGLU
+
+    def __init__(self, shape: ModelShape, *, key: jax.Array) -> None:
+        ka, km = jax.random.split(key)
+        self.attn_norm = RMSNorm(shape.d_model)
+        self.attn = Attention(shape, key=ka)
+        self.mlp_norm = RMSNorm(shape.d_model)
+        self.mlp = GeGLU(shape, key=km)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """The block's residual update of ``x`` (``[L, d_model]``)."""
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Decoder(eqx.Module):
+    """The decoder-only language model for one sequence of token ids."""
+
+    embedding: jax.Array  # [vocab, d_model], tied with the output projection
+    blocks: Block  # every array has a leading n_layers axis
+    final_norm: RMSNorm
+    max_seq_len: int = eqx.field(static=True)
+
+    def __init__(self, shape: ModelShape, *, key: jax.Array) -> None:
+        ke, kb = jax.random.split(key)
+        # A small fixed scale (GPT-2's 0.02) keeps initial logits near uniform at every width, so
+        # the initial loss starts near ln(vocab) instead of above it.
+        self.embedding = 0.02 * jax.random.normal(ke, (shape.vocab_size, shape.d_model))
+        block_keys = jax.random.split(kb, shape.n_layers)
+        self.blocks = eqx.filter_vmap(lambda k: Block(shape, key=k))(block_keys)
+        self.final_norm = RMSNorm(shape.d_model)
+        self.max_seq_len = shape.max_seq_len
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """Next-token logits ``[L, vocab]`` for ``tokens`` (``[L]`` int)."""
+        if tokens.ndim != 1:
+            raise ValueError(f"Decoder takes one sequence [L]; got shape {tokens.shape} "
+                             "(batch with jax.vmap)")
+        if tokens.shape[0] > self.max_seq_len:
+            raise ValueError(f"sequence of {tokens.shape[0]} tokens exceeds the model's "
+                             f"max_seq_len {self.max_seq_len}")
+        d_model = self.embedding.shape[1]
+        x = self.embedding[tokens] * math.sqrt(d_model)
+        arrays, static = eqx.partition(self.blocks, eqx.is_array)
+
+        def layer(h: jax.Array, block_arrays: Block) -> tuple[jax.Array, None]:
+            return eqx.combine(block_arrays, static)(h), None
+
+        x, _ = jax.lax.scan(layer, x, arrays)
+        return self.final_norm(x) @ self.embedding.T
+
+
+def build_model(shape: ModelShape, *, key: jax.Array) -> Decoder:
+    """A freshly initialised decoder of ``shape``."""
+    return Decoder(shape, key=key)
+
+
+def count_params(model: Decoder) -> int:
+    """Number of trainable scalars in ``model``."""
+    leaves = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array))
+    return sum(int(leaf.size) for leaf in leaves)
+
+
+def sequence_loss(model: Decoder, tokens: jax.Array, pad_id: int = 0) -> jax.Array:
+    """Mean next-token cross-entropy of one sequence ``[L]``; targets equal to ``pad_id`` count 0.
+
+    A sequence that is all padding has loss 0 (and zero gradient).
+    """
+    logits = model(tokens[:-1])
+    targets = tokens[1:]
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(log_probs, targets[:, None], axis=-1)[:, 0]
+    weights = (targets != pad_id).astype(nll.dtype)
+    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def greedy_continue(model: Decoder, prompt: jax.Array, num_tokens: int) -> jax.Array:
+    """Greedy-decode ``num_tokens`` after ``prompt`` (``[P]``); returns the new tokens only.
+
+    Recomputes the full forward per token (no KV cache): the audit runs on small models, and a
+    fixed-length buffer keeps one compiled shape.
+    """
+    prompt_len = prompt.shape[0]
+    buffer = jnp.concatenate([prompt, jnp.zeros((num_tokens,), prompt.dtype)])
+
+    def step(i: jax.Array, buf: jax.Array) -> jax.Array:
+        logits = model(buf)
+        position = prompt_len + i
+        next_token = jnp.argmax(logits[position - 1]).astype(buf.dtype)
+        return buf.at[position].set(next_token)
+
+    buffer = jax.lax.fori_loop(0, num_tokens, step, buffer)
+    return buffer[prompt_len:]
