@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterable, Sequence
@@ -112,9 +113,24 @@ def run_tool(args: Sequence[str], *, timeout: float = 120) -> str:
     return proc.stdout
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader that also reads YAML 1.2 floats without a dot (``1e+30``), as Go tools write them.
+
+    PyYAML implements YAML 1.1, where ``1e+30`` is a string; helm and kustomize (Go, YAML 1.2) emit
+    large floats that way, and the API server reads them as numbers.
+    """
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def load_documents(text: str) -> list[dict[str, Any]]:
     """All non-empty YAML documents of a multi-document stream."""
-    return [doc for doc in yaml.safe_load_all(text) if doc]
+    return [doc for doc in yaml.load_all(text, Loader=_Yaml12Loader) if doc]
 
 
 def helm_template_args(
@@ -177,19 +193,26 @@ def one(objects: Iterable[dict[str, Any]], kind: str, name: str | None = None) -
         obj for obj in of_kind(objects, kind)
         if name is None or obj["metadata"]["name"] == name
     ]
-    assert len(found) == 1, f"expected one {kind} {name or ''}, found {[object_id(o) for o in found]}"
+    ids = [object_id(o) for o in found]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {ids}"
     return found[0]
 
 
 @functools.cache
-def _crd_validator() -> jsonschema.Draft202012Validator:
-    from dptrain.api import crd_schema
+def _crd_validator() -> jsonschema.protocols.Validator:
+    """The generated CRD's schema as the API server applies it (OpenAPI 3.0 semantics, strict)."""
+    import dptrain.api
 
-    return jsonschema.Draft202012Validator(crd_schema())
+    validating_schema = getattr(dptrain.api, "validating_schema", None)
+    if validating_schema is None:
+        from dptrain.api._crd import validating_schema
+    schema = validating_schema(strict=True)
+    cls = jsonschema.validators.validator_for(schema, jsonschema.Draft4Validator)
+    return cls(schema)
 
 
 def validate_object(obj: dict[str, Any]) -> str:
-    """Validate one object as the API server would; return how ('k8s 1.33', 'crd', 'skipped ...')."""
+    """Validate one object as the API server would; return how ('k8s 1.33', 'crd', 'skipped')."""
     kind = obj.get("kind")
     if obj.get("apiVersion", "").startswith("dptrain.io/"):
         errors = sorted(_crd_validator().iter_errors(obj), key=lambda e: list(e.absolute_path))

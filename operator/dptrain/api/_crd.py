@@ -74,6 +74,7 @@ def _structural(node: JsonObject) -> JsonObject:
             raise ValueError(f"cannot express a union of {len(options)} types in a CRD")
         # pydantic's `X | None` is `anyOf [X, null]`; OpenAPI says `nullable: true`.
         node = {**options[0], **node, "nullable": True}
+        node.pop("title", None)
     if "const" in node:
         node["enum"] = [node.pop("const")]
     for bound in ("Minimum", "Maximum"):

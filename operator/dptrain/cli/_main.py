@@ -13,7 +13,7 @@ from dptrain.cli import (
     _privacy_commands,
     _trainer_commands,
 )
-from dptrain.cli._output import EXIT_ERROR, EXIT_USAGE, CliError, json_parent
+from dptrain.cli._output import EXIT_USAGE, CliError, json_parent
 
 _GROUPS = (_privacy_commands, _api_commands, _planner_commands, _trainer_commands,
            _operator_commands)

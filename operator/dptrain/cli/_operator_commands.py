@@ -1,10 +1,72 @@
-"""`dptrain` commands of the operator (filled in by the operator work)."""
+"""`dptrain operator`: run the Kubernetes operator (a real kopf operator loop)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+
+from dptrain.cli._output import fail
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """Add this group's subcommands (each with `--help` and `--json` via `common`)."""
-    del subparsers, common
+    """Add `dptrain operator` (with `--help` and `--json` via `common`)."""
+    parser = subparsers.add_parser(
+        "operator", parents=[common],
+        help="run the DPTrainingJob operator",
+        description="Run the DPTrainingJob operator: plan each job, create its trainer "
+                    "workload, keep the privacy ledger and halt jobs at their ε budget. "
+                    "Credentials: in-cluster service account, else $KUBECONFIG.")
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", default=[], metavar="NS",
+                       help="serve only this namespace (repeatable)")
+    scope.add_argument("--all-namespaces", "-A", action="store_true",
+                       help="serve all namespaces (the default)")
+    parser.add_argument("--metrics-port", type=int, default=9090,
+                        help="port of the Prometheus /metrics endpoint, 0 to disable "
+                             "(default 9090)")
+    parser.add_argument("--health-port", type=int, default=8080,
+                        help="port of the /healthz liveness endpoint, 0 to disable "
+                             "(default 8080)")
+    parser.add_argument("--log-format", choices=["json", "plain"], default="plain",
+                        help="log line format (default plain)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    parser.add_argument("--pod-api-server",
+                        default=os.environ.get("DPTRAIN_POD_API_SERVER",
+                                               "https://kubernetes.default.svc"),
+                        help="API server URL given to trainer pods (DPTRAIN_API_SERVER)")
+    parser.add_argument("--workload", choices=["auto", "jobset", "job"], default="auto",
+                        help="run trainers as a JobSet, an Indexed Job + headless Service, or "
+                             "auto-detect JobSet (default auto)")
+    parser.add_argument("--cache-dir", default=os.environ.get("DPTRAIN_CACHE_DIR"),
+                        help="planner cache directory (default $DPTRAIN_CACHE_DIR)")
+    parser.add_argument("--timer-interval", type=float, default=60.0,
+                        help="seconds between safety reconciles of each job (default 60)")
+    parser.add_argument("--stall-timeout", type=float, default=900.0,
+                        help="seconds without a progress report before a job is marked "
+                             "Stalled (default 900)")
+    parser.add_argument("--restart-backoff", type=float, default=10.0,
+                        help="first delay in seconds before restarting a failed trainer; "
+                             "doubles per restart (default 10)")
+    parser.set_defaults(handler=_run_operator)
+
+
+def _run_operator(args: argparse.Namespace) -> int:
+    for flag in ("metrics_port", "health_port"):
+        if not 0 <= getattr(args, flag) <= 65535:
+            fail(f"--{flag.replace('_', '-')} must be in 0..65535")
+    for flag in ("timer_interval", "stall_timeout"):
+        if not getattr(args, flag) > 0:
+            fail(f"--{flag.replace('_', '-')} must be > 0")
+    if not args.restart_backoff >= 0:
+        fail("--restart-backoff must be >= 0")
+    # Lazy: kopf and the kubernetes client load only for this command.
+    from dptrain.operator import OperatorOptions, run
+
+    options = OperatorOptions(
+        namespaces=tuple(args.namespace), metrics_port=args.metrics_port,
+        health_port=args.health_port, log_format=args.log_format, verbose=args.verbose,
+        pod_api_server=args.pod_api_server, jobset=args.workload, cache_dir=args.cache_dir,
+        timer_interval=args.timer_interval, stall_timeout=args.stall_timeout,
+        restart_backoff=args.restart_backoff)
+    run(options)
+    return 0

@@ -1,10 +1,140 @@
-"""`dptrain` commands of the planner (filled in by the planner work)."""
+"""`dptrain plan` (the scaling-law planner) and `dptrain sweep` (measure a loss table)."""
 
 from __future__ import annotations
 
 import argparse
+import math
+from typing import Any
+
+from dptrain.cli._output import EXIT_INVALID, emit, fail
+
+DEFAULT_PLOT_EPSILONS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """Add this group's subcommands (each with `--help` and `--json` via `common`)."""
-    del subparsers, common
+    """Add `plan` and `sweep`."""
+    plan = subparsers.add_parser(
+        "plan", parents=[common], help="choose model, batch, steps and noise for a job",
+        description="Read a DPTrainingJob manifest and choose the model size, batch, number of "
+                    "steps and noise multiplier that minimise predicted loss within its "
+                    "compute, privacy and data budgets (DP scaling law, McKenna et al. 2025); "
+                    "size the pods that run it.")
+    plan.add_argument("file", metavar="FILE", help="DPTrainingJob manifest (YAML or JSON)")
+    plan.add_argument("--dataset-size", type=int, metavar="N",
+                      help="dataset size N in sequences (default: spec.data.numSequences)")
+    plan.add_argument("--table", metavar="CSV",
+                      help="results table for the loss model (default: the shipped table)")
+    plan.add_argument("--cache-dir", metavar="DIR",
+                      help="σ-table cache (default: $DPTRAIN_CACHE_DIR or ~/.cache/dptrain)")
+    plan.add_argument("--plot", metavar="PNG",
+                      help="write the privacy–utility–compute frontier to this PNG")
+    plan.set_defaults(handler=_plan)
+
+    from dptrain.cli import _sweep
+
+    _sweep.register(subparsers, common)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from dptrain.api import InvalidJobError, load_job, validate_job
+    from dptrain.planner import InfeasibleBudgetError, make_plan
+
+    try:
+        job = load_job(args.file)
+        validate_job(job)
+    except InvalidJobError as error:
+        fail("; ".join(error.lines), EXIT_INVALID)
+    except OSError as error:
+        fail(f"{args.file}: {error.strerror or error}")
+    spec = job.spec
+    n = args.dataset_size or spec.data.num_sequences
+    if n is None:
+        fail("spec.data.numSequences: required to plan without prepared data (or pass "
+             "--dataset-size N)", EXIT_INVALID)
+    try:
+        plan = make_plan(spec, dataset_size=n, table=args.table, cache_dir=args.cache_dir)
+    except InvalidJobError as error:
+        fail("; ".join(error.lines), EXIT_INVALID)
+    except (InfeasibleBudgetError, ValueError, KeyError) as error:
+        fail(str(error).strip("'\""), EXIT_INVALID)
+    result = plan.to_dict()
+    if args.plot:
+        _plot(args, spec, n, plan)
+        result["plot"] = args.plot
+    emit(args, result, _human)
+    return 0
+
+
+def _human(r: dict[str, Any]) -> str:
+    pod = r["pod"]
+    lines = [
+        f"Plan ({r['bound']}-bound): {r['model_preset']} ({r['model_params']:.3g} parameters)",
+        f"  batch B = {r['batch_size']} (physical {r['physical_batch_size']}), "
+        f"q = {r['sampling_rate']:.3g}, T = {r['iterations']} steps "
+        f"(max within ε: {r['max_steps']})",
+        f"  σ = {r['noise_multiplier']:.4g}, σ̄ = σ/B = {r['noise_batch_ratio']:.3g}, "
+        f"ε planned = {r['epsilon_planned']:.4g} of {r['epsilon_budget']:g} "
+        f"(δ = {r['delta']:g}, {r['accountant'].upper()})",
+        f"  predicted loss {_num(r['predicted_loss'])}, compute {r['compute_flops']:.3g} FLOPs"
+        + (f" of {r['compute_budget']:.3g}" if r["compute_budget"] else "")
+        + f", learning rate {r['learning_rate']:g}",
+        f"  pods: {pod['hosts']} × {pod['accelerator']}"
+        + (f" ({pod['chips_per_host']} chips each" if pod["chips_per_host"] else " (")
+        + (f", topology {pod['topology']}" if pod["topology"] else "")
+        + f"), microbatch {pod['microbatch_size']} × {pod['accumulation_steps']} accumulation, "
+        f"~{pod['memory']['total'] / 2**30:.2f} GiB per chip, "
+        f"est. {pod['est_wall_seconds'] / 3600:.3g} h at {pod['utilization']:.0%} utilisation",
+    ]
+    rows = r["near_optimal"]
+    if rows:
+        lines.append("")
+        lines.append("Runners-up (within 1% of the best predicted loss, σ from the σ table):")
+        header = f"  {'model':<14}{'params':>10}{'batch':>9}{'steps':>10}{'σ':>9}{'σ̄':>10}" \
+                 f"{'loss':>9}{'FLOPs':>10}"
+        lines.append(header)
+        for c in rows:
+            lines.append(f"  {c['model_preset']:<14}{c['model_params']:>10.3g}"
+                         f"{c['batch_size']:>9}{c['iterations']:>10}"
+                         f"{c['noise_multiplier']:>9.3g}{c['noise_batch_ratio']:>10.3g}"
+                         f"{c['predicted_loss']:>9.4f}{c['compute_flops']:>10.3g}")
+    for warning in r["warnings"]:
+        lines.append(f"warning: {warning}")
+    if r.get("plot"):
+        lines.append(f"frontier plot: {r['plot']}")
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _plot(args: argparse.Namespace, spec: Any, n: int, plan: Any) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dptrain.planner import frontier
+
+    base = plan.compute_budget or plan.compute_flops
+    budgets = [base / 10.0, base, base * 10.0]
+    points = frontier(spec, dataset_size=n, epsilons=list(DEFAULT_PLOT_EPSILONS),
+                      compute_budgets=budgets, table=args.table, cache_dir=args.cache_dir)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for budget in budgets:
+        xs = [p["epsilon"] for p in points if p["compute_budget"] == budget and p["loss"]]
+        ys = [p["loss"] for p in points if p["compute_budget"] == budget and p["loss"]]
+        ax.plot(xs, ys, marker="o", label=f"C = {budget:.2g} FLOPs")
+    if plan.predicted_loss is not None and math.isfinite(plan.predicted_loss):
+        ax.scatter([plan.epsilon_budget], [plan.predicted_loss], marker="*", s=250, c="red",
+                   zorder=5, label=f"chosen: {plan.model_shape.name}, B={plan.batch_size}, "
+                                   f"T={plan.iterations}")
+    ax.set_xscale("log")
+    ax.set_xlabel("privacy budget ε")
+    ax.set_ylabel("predicted loss (nats/token)")
+    ax.set_title(f"Privacy–utility–compute frontier (N = {n:.3g}, δ = {spec.privacy.delta:g})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=120)
+    plt.close(fig)

@@ -84,7 +84,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         if args.steps is not None:
             sigma = calibrate_noise_multiplier(steps=args.steps, **common)
             result: dict[str, Any] = {**common, "steps": args.steps, "noise_multiplier": sigma}
-            text = f"σ = {sigma:.4f} is the least noise with ε ≤ {args.epsilon:g} in {args.steps} steps"
+            text = (f"σ = {sigma:.4f} is the least noise with ε ≤ {args.epsilon:g} in "
+                    f"{args.steps} steps")
         else:
             steps = calibrate_steps(noise_multiplier=args.noise_multiplier, **common)
             result = {**common, "noise_multiplier": args.noise_multiplier, "steps": steps}

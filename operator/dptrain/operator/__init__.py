@@ -1,1 +1,64 @@
-"""placeholder."""
+"""The dptrain Kubernetes operator (kopf): DPTrainingJob → plan → JAX workload, ε enforced.
+
+Handlers are thin (``_handlers``): they trigger a level-triggered reconcile (``_reconciler``)
+that reads the job and its children, calls the pure :func:`decide` (``_decisions``) and the
+pure ``build_*`` functions (``_children``), and writes the result. The operator keeps the
+privacy ledger with its own accountant (``_accounting``).
+"""
+
+from dptrain.operator._accounting import Accountant, mechanism_of
+from dptrain.operator._children import (
+    CONFIG_PATH,
+    TRAINER_COMMAND,
+    ChildNames,
+    JobRef,
+    PodSizing,
+    build_config_map,
+    build_headless_service,
+    build_jobset,
+    build_prepare_job,
+    build_role,
+    build_role_binding,
+    build_service_account,
+    build_trainer_job,
+    trainer_config,
+)
+from dptrain.operator._decisions import (
+    ChildState,
+    Decision,
+    Event,
+    Observed,
+    Settings,
+    decide,
+)
+from dptrain.operator._metrics import REGISTRY
+from dptrain.operator._runner import OperatorOptions, operate, run
+
+__all__ = [
+    "CONFIG_PATH",
+    "REGISTRY",
+    "TRAINER_COMMAND",
+    "Accountant",
+    "ChildNames",
+    "ChildState",
+    "Decision",
+    "Event",
+    "JobRef",
+    "Observed",
+    "OperatorOptions",
+    "PodSizing",
+    "Settings",
+    "build_config_map",
+    "build_headless_service",
+    "build_jobset",
+    "build_prepare_job",
+    "build_role",
+    "build_role_binding",
+    "build_service_account",
+    "build_trainer_job",
+    "decide",
+    "mechanism_of",
+    "operate",
+    "run",
+    "trainer_config",
+]

@@ -1,11 +1,86 @@
-"""The DP scaling-law planner: budgets in, a training plan and pod sizes out (pure Python)."""
+"""The DP scaling-law planner: budgets in, a training plan and pod sizes out (pure Python).
 
+``make_plan(spec, dataset_size=N)`` searches model size, batch, steps and noise the way McKenna et
+al. (2025) do — a σ table from our accountant and a loss model interpolated from measured
+results — and sizes the pods that run the plan. No JAX: the operator imports this.
+"""
+
+from dptrain.planner._accelerators import (
+    ACCELERATORS,
+    AcceleratorSpec,
+    Slice,
+    candidate_slices,
+    get_accelerator,
+)
+from dptrain.planner._defaults import (
+    DEFAULT_PROVENANCE,
+    DEFAULT_TABLE,
+    default_loss_model,
+    default_provenance,
+)
+from dptrain.planner._errors import InfeasibleBudgetError
+from dptrain.planner._loss_model import (
+    REQUIRED_COLUMNS,
+    LossModel,
+    TableLossModel,
+    read_results_csv,
+)
+from dptrain.planner._plan import Bound, Candidate, Plan
+from dptrain.planner._planner import DEFAULT_LEARNING_RATE, frontier, make_plan
+from dptrain.planner._pods import (
+    DEFAULT_TARGET_WALL_SECONDS,
+    MemoryEstimate,
+    PodPlan,
+    memory_estimate,
+    size_pod,
+)
 from dptrain.planner._presets import (
     BYTE_VOCAB_SIZE,
+    MAX_SCALED_LAYERS,
     PRESETS,
     ModelShape,
+    family_shape,
     get_preset,
     scaled_shape,
 )
+from dptrain.planner._search import SearchSpace
+from dptrain.planner._sigma_table import SigmaSurface, SigmaTable, default_cache_dir
 
-__all__ = ["BYTE_VOCAB_SIZE", "PRESETS", "ModelShape", "get_preset", "scaled_shape"]
+__all__ = [
+    "ACCELERATORS",
+    "BYTE_VOCAB_SIZE",
+    "DEFAULT_LEARNING_RATE",
+    "DEFAULT_PROVENANCE",
+    "DEFAULT_TABLE",
+    "DEFAULT_TARGET_WALL_SECONDS",
+    "MAX_SCALED_LAYERS",
+    "PRESETS",
+    "REQUIRED_COLUMNS",
+    "AcceleratorSpec",
+    "Bound",
+    "Candidate",
+    "InfeasibleBudgetError",
+    "LossModel",
+    "MemoryEstimate",
+    "ModelShape",
+    "Plan",
+    "PodPlan",
+    "SearchSpace",
+    "SigmaSurface",
+    "SigmaTable",
+    "Slice",
+    "TableLossModel",
+    "candidate_slices",
+    "default_cache_dir",
+    "default_loss_model",
+    "default_provenance",
+    "family_shape",
+    "frontier",
+    "get_accelerator",
+    "get_preset",
+    "make_plan",
+    "memory_estimate",
+    "read_results_csv",
+    "scaled_shape",
+    "size_pod",
+]

@@ -189,6 +189,11 @@ def size_pod(shape: ModelShape, accelerator: AcceleratorSpec, slices: list[Slice
             continue
         mb, est = fit
         accumulation = math.ceil(per_chip / mb)
+        if microbatch_size is None:
+            # Spread the rows evenly over the accumulation steps: the fewest padding rows.
+            mb = math.ceil(per_chip / accumulation)
+            est = memory_estimate(shape, seq_len=seq_len, microbatch=mb, optimizer=optimizer,
+                                  chips=chips, shard_state=est.sharded_state)
         physical = physical_batch if physical_pinned else chips * mb * accumulation
         flops = step_flops(shape, seq_len=seq_len, physical_batch=physical) * iterations
         wall = flops / (chips * accelerator.peak_flops * util)

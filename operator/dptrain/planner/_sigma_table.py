@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import pathlib
@@ -152,6 +153,17 @@ class SigmaTable:
         return float(2.0 ** (-LOG2_Q_STEP * index))
 
     def _compute_slice(self, index: int) -> np.ndarray:
+        # dp-accounting logs a warning per fractional RDP order it drops at large q; the orders
+        # left still give an upper bound, so the warnings are noise here.
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        absl_logger.setLevel(logging.ERROR)
+        try:
+            return self._compute_slice_quietly(index)
+        finally:
+            absl_logger.setLevel(level)
+
+    def _compute_slice_quietly(self, index: int) -> np.ndarray:
         q = self.q_of(index)
         log_eps = np.full((len(self.sigmas), len(self.steps)), LOG_EPS_MIN)
         for k, sigma in enumerate(self.sigmas):

@@ -34,7 +34,7 @@ def _real(name: str, value: object) -> float:
 
 
 def check_sampling_rate(value: object, name: str = "sampling_rate") -> float:
-    """q must be a finite real in (0, 1]."""
+    """Q must be a finite real in (0, 1]."""
     q = _real(name, value)
     if not 0.0 < q <= 1.0:
         raise PrivacyParameterError(name, "must be in (0, 1]", value)
@@ -72,7 +72,7 @@ def check_steps(value: object, name: str = "steps", minimum: int = 1) -> int:
             value = int(value)
         else:
             raise PrivacyParameterError(name, "must be an integer", value)
-    steps = int(value)  # type: ignore[call-overload]
+    steps = int(value)
     if steps < minimum:
         raise PrivacyParameterError(name, f"must be >= {minimum}", value)
     return steps

@@ -1,0 +1,80 @@
+"""The operator's own accountant: ε spent from the plan and the steps charged, never the trainer's.
+
+The operator keeps the privacy ledger itself. It derives ε spent from the plan's mechanism
+(q, σ, δ, accountant, N, physical batch) and the steps charged, with an
+:class:`dptrain.privacy.EpsilonCurve` built once per plan and cached in-process (building costs
+a few PLD compositions; a look-up costs microseconds).
+
+Formal guarantees:
+    1. ``epsilon_spent(plan, delta, t)`` is never below the exact ε of t steps of the plan's
+       mechanism (the curve is conservative between grid points and exact beyond it).
+    2. ``enforce(plan, budget, delta).max_steps`` is the largest t ≤ ``plan.max_steps`` whose
+       exact ε is ≤ ``budget``, and ``epsilon_spent`` at exactly that t equals the exact ε
+       (t is an anchor of the curve), so a job halted there reports ε spent ≤ budget.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+from dptrain.api import PlanStatus
+from dptrain.privacy import DpSgdMechanism, EpsilonCurve
+
+
+def mechanism_of(plan: PlanStatus, delta: float) -> DpSgdMechanism:
+    """The DP-SGD mechanism a plan runs (the trainer builds the same one from the same plan)."""
+    # Truncation to the physical batch is always accounted (as the trainer does): it can only
+    # make ε larger, never smaller.
+    return DpSgdMechanism(
+        sampling_rate=plan.sampling_rate,
+        noise_multiplier=plan.noise_multiplier,
+        delta=delta,
+        accountant=plan.accountant,
+        dataset_size=plan.dataset_size,
+        physical_batch_size=plan.physical_batch_size,
+    )
+
+
+class Accountant:
+    """ε-curves per plan, cached; thread-safe (curves are built in worker threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    @staticmethod
+    @functools.lru_cache(maxsize=1024)
+    def _curve(mechanism: DpSgdMechanism, horizon: int, anchors: tuple[int, ...]) -> EpsilonCurve:
+        return EpsilonCurve.build(mechanism, horizon, anchors=anchors)
+
+    def curve(self, plan: PlanStatus, delta: float, *, horizon: int | None = None) -> EpsilonCurve:
+        """The curve of ``plan`` up to ``horizon`` steps (default: its iterations)."""
+        steps = max(1, horizon if horizon is not None else max(plan.iterations, plan.max_steps))
+        anchors = tuple(sorted({a for a in (plan.max_steps,) if 0 < a <= steps}))
+        with self._lock:  # one build per plan, even when several reconciles ask at once
+            return self._curve(mechanism_of(plan, delta), steps, anchors)
+
+    def epsilon_spent(self, plan: PlanStatus, delta: float, steps: int) -> float:
+        """ε after ``steps`` steps of the plan (conservative; exact at ``plan.max_steps``)."""
+        if steps <= 0:
+            return 0.0
+        return self.curve(plan, delta).epsilon_at(steps)
+
+    def enforce(self, plan: PlanStatus, budget: float, delta: float, *,
+                iterations: int | None = None) -> PlanStatus:
+        """The plan with ``max_steps``/``epsilonPlanned`` checked by this accountant.
+
+        Args:
+            plan: a plan (from the planner, or the current one being amended).
+            budget: total ε the job may spend.
+            delta: the job's δ.
+            iterations: new iteration count (an amendment), else the plan's.
+        """
+        iterations = plan.iterations if iterations is None else iterations
+        probe = plan.model_copy(update={"iterations": iterations, "max_steps": iterations})
+        within = self.curve(probe, delta, horizon=iterations).max_steps_within(budget)
+        max_steps = min(iterations, within)
+        enforced = plan.model_copy(update={"iterations": iterations, "max_steps": max_steps,
+                                           "epsilon_planned": 0.0})
+        epsilon_planned = self.epsilon_spent(enforced, delta, max_steps) if max_steps else 0.0
+        return enforced.model_copy(update={"epsilon_planned": epsilon_planned})

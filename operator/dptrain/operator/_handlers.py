@@ -1,0 +1,133 @@
+"""kopf handlers: thin triggers of the :class:`~dptrain.operator._reconciler.Reconciler`.
+
+Reconciliation is level-triggered: every handler only says "look at job X now" and the
+reconciler reads the whole state and acts (see ``_decisions``). The triggers are:
+
+- watch events of DPTrainingJobs (creation, resume after an operator restart through the
+  initial listing, spec edits, the trainer's ``status.progress`` and the data-preparation pod's
+  ``status.dataset``); events caused only by the operator's own status writes are skipped;
+- watch events of the Jobs (and JobSets) the operator created (they finish or fail);
+- a timer per job, the safety net that also notices stalled trainers;
+- deletion of a job (its metric series go; its children go by ownerReference).
+
+Handlers declare the kwargs they use and take ``**_``; they are plain async functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from dptrain.api import GROUP, PLURAL, VERSION
+from dptrain.operator._children import LABEL_JOB, LABEL_MANAGED_BY, MANAGER
+from dptrain.operator._kube import KubeClient
+from dptrain.operator._planning import OperatorTools
+from dptrain.operator._reconciler import JOBSET_API, Reconciler, ReconcilerConfig
+
+logger = logging.getLogger("dptrain.operator")
+
+
+@dataclasses.dataclass(kw_only=True)
+class OperatorMemo:
+    """What the handlers share (kopf passes it as ``memo``)."""
+
+    config: ReconcilerConfig
+    jobset: str = "auto"
+    cache_dir: str | None = None
+    timer_interval: float = 60.0
+    connection: kopf.ConnectionInfo | None = None
+    reconciler: Reconciler | None = None
+
+
+def _reconciler(memo: Any) -> Reconciler:
+    state: OperatorMemo = memo.dptrain
+    if state.reconciler is None:
+        if state.connection is None:
+            raise kopf.TemporaryError("not logged in yet", delay=1)
+        state.reconciler = Reconciler(KubeClient(state.connection),
+                                      OperatorTools(cache_dir=state.cache_dir), state.config)
+    return state.reconciler
+
+
+async def login(*, memo: Any, logger: Any, settings: kopf.OperatorSettings,
+                **_: Any) -> kopf.ConnectionInfo | None:
+    """Log in as the kubernetes client would (in-cluster, else kubeconfig); keep the creds."""
+    info = kopf.login_via_client(logger=logger, settings=settings)
+    memo.dptrain.connection = info
+    return info
+
+
+async def startup(*, memo: Any, settings: kopf.OperatorSettings, **_: Any) -> None:
+    """Operator settings, and whether JobSet is served."""
+    settings.persistence.finalizer = "dptrain.io/operator"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix="operator.dptrain.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="operator.dptrain.io")
+    settings.posting.level = logging.WARNING  # our own events describe every transition
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 10
+    state: OperatorMemo = memo.dptrain
+    if state.jobset != "auto":
+        use = state.jobset == "jobset"
+    else:
+        reconciler = _reconciler(memo)
+        discovery = await reconciler.client.get(f"/apis/{JOBSET_API}")
+        use = any(r.get("name") == "jobsets" for r in (discovery or {}).get("resources", []))
+    state.config = dataclasses.replace(state.config, use_jobset=use)
+    if state.reconciler is not None:
+        state.reconciler.config = state.config
+    logger.info("workloads run as %s", "JobSets" if use else "Indexed Jobs + headless Services")
+
+
+async def cleanup(*, memo: Any, **_: Any) -> None:
+    """Cancel requeues and close the HTTP session."""
+    if memo.dptrain.reconciler is not None:
+        await memo.dptrain.reconciler.close()
+
+
+async def job_event(*, event: kopf.RawEvent, body: kopf.Body, name: str,
+                    namespace: str | None, memo: Any, **_: Any) -> None:
+    """Any watch event of a DPTrainingJob (including the listing after a restart)."""
+    if namespace is None:
+        return
+    reconciler = _reconciler(memo)
+    if event.get("type") == "DELETED":
+        reconciler.forget(namespace, name)
+        return
+    if event.get("type") is not None and not reconciler.changed(body):
+        return  # caused by our own status writes: nothing a decision depends on moved
+    await reconciler.poke(namespace, name, "event")
+
+
+async def workload_event(*, namespace: str | None, labels: Mapping[str, str], memo: Any,
+                         **_: Any) -> None:
+    """A child Job/JobSet changed (finished, failed, was deleted): look at its owner."""
+    owner = labels.get(LABEL_JOB)
+    if owner and namespace is not None:
+        await _reconciler(memo).poke(namespace, owner, "workload")
+
+
+async def safety_timer(*, name: str, namespace: str | None, memo: Any, **_: Any) -> None:
+    """Periodic look: stalled trainers, missed events."""
+    if namespace is not None:
+        await _reconciler(memo).poke(namespace, name, "timer")
+
+
+def register(registry: kopf.OperatorRegistry, *, timer_interval: float = 60.0) -> None:
+    """Register the handlers in ``registry``."""
+    kopf.on.login(registry=registry)(login)
+    kopf.on.startup(registry=registry)(startup)
+    kopf.on.cleanup(registry=registry)(cleanup)
+    kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)(job_event)
+    managed: dict[str, Any] = {LABEL_MANAGED_BY: MANAGER, LABEL_JOB: kopf.PRESENT}
+    kopf.on.event("batch", "v1", "jobs", labels=managed, registry=registry)(workload_event)
+    kopf.on.event("jobset.x-k8s.io", "v1alpha2", "jobsets", labels=managed,
+                  registry=registry, id="jobset_event")(workload_event)
+    kopf.timer(GROUP, VERSION, PLURAL, interval=timer_interval, initial_delay=timer_interval,
+               idle=None, registry=registry)(safety_timer)

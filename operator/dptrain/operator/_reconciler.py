@@ -1,0 +1,337 @@
+"""The I/O edge of reconciliation: read the job and its children, decide, act.
+
+One :class:`Reconciler` serves all jobs of an operator process. For each job it runs at most one
+reconcile at a time (a single-flight loop: triggers that arrive meanwhile collapse into one more
+pass), always on a fresh read of the job, so concurrent triggers (watch events, timers, Job
+status changes, requeues) can never interleave writes to one job's status. There is one
+operator replica (``strategy: Recreate``), so an in-process lock is enough.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import json
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from dptrain.api import API_VERSION, PLURAL, PlanStatus
+from dptrain.operator import _metrics
+from dptrain.operator._children import (
+    DEFAULT_API_SERVER,
+    ChildNames,
+    JobRef,
+    build_config_map,
+    build_headless_service,
+    build_jobset,
+    build_prepare_job,
+    build_role,
+    build_role_binding,
+    build_service_account,
+    build_trainer_job,
+)
+from dptrain.operator._conditions import parse_time, timestamp
+from dptrain.operator._decisions import (
+    ANNOTATION_APPLIED_SPEC,
+    ChildState,
+    Decision,
+    Observed,
+    Settings,
+    decide,
+)
+from dptrain.operator._kube import ApiError, KubeClient, resource_path
+from dptrain.operator._planning import OperatorTools
+
+logger = logging.getLogger("dptrain.operator")
+
+JOBSET_API = "jobset.x-k8s.io/v1alpha2"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReconcilerConfig:
+    """Operator-wide knobs.
+
+    Attributes:
+        decisions: timing of restarts, stalls and reports.
+        pod_api_server: the API server URL given to pods (``DPTRAIN_API_SERVER``).
+        use_jobset: run the workload as a JobSet instead of an Indexed Job + Service.
+        error_backoff: first retry delay after a failed reconcile (doubles, capped at 60 s).
+    """
+
+    decisions: Settings = dataclasses.field(default_factory=Settings)
+    pod_api_server: str = DEFAULT_API_SERVER
+    use_jobset: bool = False
+    error_backoff: float = 1.0
+
+
+@dataclasses.dataclass
+class _JobState:
+    running: bool = False
+    dirty: bool = False
+    failures: int = 0
+    fingerprint: str | None = None
+    requeue: asyncio.TimerHandle | None = None
+    requeue_at: float = 0.0
+
+
+def _child_state(obj: Mapping[str, Any] | None, owner_uid: str) -> tuple[ChildState | None, bool]:
+    """Read a Job's (or JobSet's) state; the bool says it belongs to another incarnation."""
+    if obj is None:
+        return None, False
+    meta = obj.get("metadata") or {}
+    owners = [ref.get("uid") for ref in meta.get("ownerReferences") or []]
+    foreign = owner_uid not in owners
+    conditions = {c.get("type"): c for c in (obj.get("status") or {}).get("conditions") or []
+                  if c.get("status") == "True"}
+    failed = conditions.get("Failed")
+    complete = conditions.get("Complete") or conditions.get("Completed")
+    finished = complete or failed
+    message = ""
+    if failed is not None:
+        message = ": ".join(filter(None, [failed.get("reason"), failed.get("message")]))
+    state = ChildState(
+        name=str(meta.get("name", "")),
+        complete=complete is not None,
+        failed=failed is not None,
+        deleting=bool(meta.get("deletionTimestamp")) or foreign,
+        message=message,
+        created=parse_time(meta.get("creationTimestamp")),
+        finished=parse_time(finished.get("lastTransitionTime")) if finished else None,
+    )
+    return state, foreign
+
+
+def fingerprint(body: Mapping[str, Any]) -> str:
+    """What, in a job's body, can change a decision (our own status writes cannot)."""
+    meta = body.get("metadata") or {}
+    status = body.get("status") or {}
+    return repr((meta.get("generation"), meta.get("deletionTimestamp"), status.get("progress"),
+                 status.get("dataset"),
+                 (meta.get("annotations") or {}).get(ANNOTATION_APPLIED_SPEC) is None))
+
+
+class Reconciler:
+    """Reconciles DPTrainingJobs: observe → :func:`decide` → act."""
+
+    def __init__(self, client: KubeClient, tools: OperatorTools,
+                 config: ReconcilerConfig = ReconcilerConfig()) -> None:
+        self.client = client
+        self.tools = tools
+        self.config = config
+        self._jobs: dict[tuple[str, str], _JobState] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ----------------------------------------------------------------------- triggering
+
+    def changed(self, body: Mapping[str, Any]) -> bool:
+        """Whether a watch event's body differs from what was last reconciled."""
+        meta = body.get("metadata") or {}
+        state = self._jobs.get((meta.get("namespace", ""), meta.get("name", "")))
+        return state is None or state.fingerprint != fingerprint(body)
+
+    async def poke(self, namespace: str, name: str, trigger: str) -> None:
+        """Reconcile a job now, or once more right after the reconcile in flight."""
+        state = self._jobs.setdefault((namespace, name), _JobState())
+        state.dirty = True
+        if state.running:
+            return
+        state.running = True
+        try:
+            while state.dirty:
+                state.dirty = False
+                await self._reconcile_timed(namespace, name, trigger, state)
+        finally:
+            state.running = False
+
+    def forget(self, namespace: str, name: str) -> None:
+        """Drop a deleted job: its requeue and its metric series."""
+        state = self._jobs.pop((namespace, name), None)
+        if state is not None and state.requeue is not None:
+            state.requeue.cancel()
+        _metrics.forget_job(namespace, name)
+
+    def _schedule(self, namespace: str, name: str, delay: float, state: _JobState) -> None:
+        loop = asyncio.get_running_loop()
+        when = loop.time() + max(0.0, delay)
+        if state.requeue is not None and not state.requeue.cancelled():
+            if state.requeue_at <= when:
+                return  # an earlier look is already scheduled
+            state.requeue.cancel()
+
+        def fire() -> None:
+            state.requeue = None
+            task = asyncio.ensure_future(self.poke(namespace, name, "requeue"))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        state.requeue = loop.call_at(when, fire)
+        state.requeue_at = when
+
+    async def close(self) -> None:
+        """Cancel pending requeues and in-flight requeue tasks."""
+        for state in self._jobs.values():
+            if state.requeue is not None:
+                state.requeue.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await self.client.close()
+
+    # ----------------------------------------------------------------------- one pass
+
+    async def _reconcile_timed(self, namespace: str, name: str, trigger: str,
+                               state: _JobState) -> None:
+        started = time.perf_counter()
+        try:
+            requeue = await self.reconcile(namespace, name, state)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # any failure: count it, log it, retry with backoff
+            state.failures += 1
+            delay = min(60.0, self.config.error_backoff * 2 ** (state.failures - 1))
+            _metrics.RECONCILE_ERRORS.labels(trigger).inc()
+            logger.warning("reconcile of %s/%s failed (%s: %s); retrying in %.1fs",
+                           namespace, name, type(error).__name__, error, delay)
+            self._schedule(namespace, name, delay, state)
+        else:
+            state.failures = 0
+            if requeue is not None:
+                self._schedule(namespace, name, requeue, state)
+        finally:
+            _metrics.RECONCILE_DURATION.labels(trigger).observe(time.perf_counter() - started)
+
+    async def reconcile(self, namespace: str, name: str,
+                        state: _JobState | None = None) -> float | None:
+        """One reconcile of one job; returns when to look again (seconds), if ever."""
+        body = await self.client.get(resource_path(API_VERSION, PLURAL, namespace, name))
+        if body is None:
+            self.forget(namespace, name)
+            return None
+        if (body.get("metadata") or {}).get("deletionTimestamp"):
+            return None  # the children go with it (ownerReferences); nothing to start now
+        observed = await self._observe(body)
+        now = dt.datetime.now(dt.UTC)
+        decision = await asyncio.to_thread(decide, body, observed, now, tools=self.tools,
+                                           settings=self._decision_settings())
+        for line in decision.warnings:
+            logger.warning("%s/%s: %s", namespace, name, line)
+        await self._act(body, decision, now)
+        if state is not None:
+            state.fingerprint = fingerprint(body)
+        self._observe_metrics(namespace, name, body, decision)
+        return decision.requeue_after
+
+    def _decision_settings(self) -> Settings:
+        kind = ("JobSet", JOBSET_API) if self.config.use_jobset else ("Job", "batch/v1")
+        return dataclasses.replace(self.config.decisions, workload_kind=kind[0],
+                                   workload_api_version=kind[1])
+
+    def _workload_path(self, namespace: str, name: str | None = None) -> str:
+        if self.config.use_jobset:
+            return resource_path(JOBSET_API, "jobsets", namespace, name)
+        return resource_path("batch/v1", "jobs", namespace, name)
+
+    async def _observe(self, body: Mapping[str, Any]) -> Observed:
+        job = JobRef.from_body(body)
+        names = ChildNames.of(job.name)
+        paths = {"workload": self._workload_path(job.namespace, names.workload),
+                 "prepare": resource_path("batch/v1", "jobs", job.namespace, names.prepare)}
+        states: dict[str, ChildState | None] = {}
+        for key, path in paths.items():
+            state, foreign = _child_state(await self.client.get(path), job.uid)
+            if foreign:
+                # Left over from an earlier job of the same name: it is not ours to keep.
+                await self.client.delete(path)
+            states[key] = state
+        return Observed(workload=states["workload"], prepare=states["prepare"])
+
+    async def _act(self, body: Mapping[str, Any], decision: Decision, now: dt.datetime) -> None:
+        job = JobRef.from_body(body)
+        names = ChildNames.of(job.name)
+        ns = job.namespace
+        for child in decision.delete:
+            if child == "workload":
+                await self.client.delete(self._workload_path(ns, names.workload))
+                if not self.config.use_jobset:
+                    await self.client.delete(resource_path("v1", "services", ns, names.service))
+            elif child == "prepare":
+                await self.client.delete(resource_path("batch/v1", "jobs", ns, names.prepare))
+        spec, plan = decision.spec, decision.plan
+        dataset = decision.dataset
+        created_config = False
+        for child in dict.fromkeys(decision.create):
+            assert spec is not None
+            if child == "config":
+                created_config = await self.client.create(
+                    resource_path("v1", "configmaps", ns),
+                    build_config_map(spec, job, plan, dataset))
+            elif child == "rbac":
+                await self.client.create(resource_path("v1", "serviceaccounts", ns),
+                                         build_service_account(job))
+                await self.client.create(
+                    resource_path("rbac.authorization.k8s.io/v1", "roles", ns), build_role(job))
+                await self.client.create(
+                    resource_path("rbac.authorization.k8s.io/v1", "rolebindings", ns),
+                    build_role_binding(job))
+            elif child == "service" and not self.config.use_jobset:
+                await self.client.create(resource_path("v1", "services", ns),
+                                         build_headless_service(job))
+            elif child == "workload":
+                assert plan is not None
+                await self._create_workload(job, decision, plan)
+            elif child == "prepare":
+                await self.client.create(resource_path("batch/v1", "jobs", ns),
+                                         build_prepare_job(spec, job,
+                                                           api_server=self.config.pod_api_server))
+        if decision.update_config and not created_config and spec is not None:
+            config = build_config_map(spec, job, plan, dataset)
+            path = resource_path("v1", "configmaps", ns, names.config_map)
+            try:
+                await self.client.merge_patch(path, {"data": config["data"]})
+            except ApiError as error:
+                if error.status != 404:
+                    raise
+                await self.client.create(resource_path("v1", "configmaps", ns), config)
+        job_path = resource_path(API_VERSION, PLURAL, ns, job.name)
+        if decision.applied_spec is not None:
+            await self.client.merge_patch(job_path, {"metadata": {"annotations": {
+                ANNOTATION_APPLIED_SPEC: json.dumps(decision.applied_spec, sort_keys=True,
+                                                    separators=(",", ":"))}}})
+        if decision.status:
+            await self.client.merge_patch(job_path + "/status", {"status": decision.status})
+        for event in decision.events:
+            try:
+                await self.client.post_event(body, type_=event.type, reason=event.reason,
+                                             message=event.message, now=timestamp(now))
+            except ApiError as error:  # events are best effort, the status is the record
+                logger.warning("could not post event %s on %s/%s: %s", event.reason, ns,
+                               job.name, error)
+        if decision.halted is not None:
+            _metrics.HALTED.labels(decision.halted).inc()
+            logger.info("%s/%s halted: %s (%s)", ns, job.name, decision.phase, decision.halted)
+
+    async def _create_workload(self, job: JobRef, decision: Decision, plan: PlanStatus) -> None:
+        spec = decision.spec
+        assert spec is not None
+        sizing = await asyncio.to_thread(self.tools.pod_sizing, spec, plan)
+        if self.config.use_jobset:
+            body = build_jobset(spec, job, plan, sizing, api_server=self.config.pod_api_server,
+                                restart=decision.restart)
+        else:
+            body = build_trainer_job(spec, job, plan, sizing,
+                                     api_server=self.config.pod_api_server,
+                                     restart=decision.restart)
+        await self.client.create(self._workload_path(job.namespace), body)
+
+    @staticmethod
+    def _observe_metrics(namespace: str, name: str, body: Mapping[str, Any],
+                         decision: Decision) -> None:
+        privacy = dict((body.get("status") or {}).get("privacy") or {})
+        privacy.update(decision.status.get("privacy") or {})
+        _metrics.observe_job(
+            namespace, name, phase=decision.phase,
+            epsilon_spent=privacy.get("epsilonSpent"),
+            epsilon_budget=privacy.get("epsilonBudget"),
+            steps_charged=privacy.get("stepsCharged"))

@@ -1,0 +1,369 @@
+"""The durable ledger of steps charged, and the reporters that publish it.
+
+The trainer *reserves* steps before running them: it writes the new cumulative count to the
+ledger file beside the checkpoints (atomically, fsynced) and to the job's reporter, and only then
+runs those steps. Anything derived from a step — a checkpoint, a progress report, the final model
+— is therefore persisted after a ledger that already counts it. A crash can leave the ledger
+ahead of the work (a conservative over-count), never behind it.
+
+The count is of *executions*, not of the step index: a trainer restarted from a checkpoint older
+than the ledger continues to charge from the ledger's count, so repeated steps are charged again.
+
+Reporters: :class:`FileReporter` (``progress.json`` in the output directory) and
+:class:`KubernetesReporter`, which merge-patches ``status.progress`` of the DPTrainingJob with the
+pod's ServiceAccount token over plain HTTPS (``urllib``; the trainer must not import kubernetes).
+
+Formal guarantees:
+    1. Durable before use: :meth:`DurableLedger.reserve` returns only after the new count is
+       fsynced to the ledger file (file and directory) and accepted by every reporter; it raises
+       otherwise, and the loop runs only reserved steps.
+    2. Monotone: the ledger file's count never decreases (a lower write is refused), and a resumed
+       ledger starts at the maximum of every record it is given (file, reporters, checkpoint).
+    3. Budget: :meth:`DurableLedger.reserve` refuses (``BudgetExceededError``) a reservation whose
+       cumulative ε would exceed the budget, before writing anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import pathlib
+import ssl
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from dptrain.privacy import EpsilonCurve, PrivacyLedger
+
+log = logging.getLogger(__name__)
+
+LEDGER_FILE = "ledger.json"
+PROGRESS_FILE = "progress.json"
+SERVICE_ACCOUNT_DIR = pathlib.Path("/var/run/secrets/kubernetes.io/serviceaccount")
+DEFAULT_API_SERVER = "https://kubernetes.default.svc"
+
+
+class LedgerError(RuntimeError):
+    """The ledger could not be recorded durably; no further step may run."""
+
+
+class BudgetExceededError(RuntimeError):
+    """A reservation would take ε past the budget."""
+
+
+def now_iso() -> str:
+    """The current UTC time, RFC 3339 (what Kubernetes status fields use)."""
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Progress:
+    """What the trainer publishes about itself (``status.progress`` in a pod).
+
+    Attributes:
+        steps_charged: steps charged so far (the ledger).
+        step: steps included in the current parameters.
+        loss: recent training loss (a diagnostic of sampled rows, not privatised).
+        tokens_per_second: recent throughput.
+        epsilon_spent: ε of ``steps_charged``.
+        end_state: ``Succeeded``/``BudgetExhausted``/``Failed`` once finished.
+    """
+
+    steps_charged: int
+    step: int
+    loss: float | None = None
+    tokens_per_second: float | None = None
+    epsilon_spent: float | None = None
+    end_state: str | None = None
+
+    def to_status(self) -> dict[str, Any]:
+        """camelCase ``status.progress`` (the fields of ``dptrain.api.ProgressStatus``)."""
+        out: dict[str, Any] = {"stepsCharged": self.steps_charged, "step": self.step,
+                               "lastUpdate": now_iso()}
+        if self.loss is not None:
+            out["loss"] = float(self.loss)
+        if self.tokens_per_second is not None:
+            out["tokensPerSecond"] = float(self.tokens_per_second)
+        if self.end_state is not None:
+            out["endState"] = self.end_state
+        return out
+
+
+class Reporter(Protocol):
+    """Where the trainer publishes its ledger and progress."""
+
+    def known_steps_charged(self) -> int:
+        """The highest count this reporter has recorded (0 if none)."""
+        ...
+
+    def record_charge(self, progress: Progress) -> None:
+        """Record a new count durably; raise :class:`LedgerError` if that is impossible."""
+        ...
+
+    def report(self, progress: Progress) -> None:
+        """Publish progress (best effort: failures are logged, not raised)."""
+        ...
+
+
+def _fsync_dir(directory: pathlib.Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_durably(path: pathlib.Path, data: dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` atomically: temp file, fsync, rename, fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class LedgerFile:
+    """``ledger.json`` beside the checkpoints: the local durable record of steps charged."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.path = pathlib.Path(directory) / LEDGER_FILE
+
+    def read(self) -> dict[str, Any] | None:
+        """The last record, or ``None`` when there is none."""
+        if not self.path.is_file():
+            return None
+        return dict(json.loads(self.path.read_text()))
+
+    def steps_charged(self) -> int:
+        """The recorded count (0 when there is no file)."""
+        record = self.read()
+        return int(record["steps_charged"]) if record else 0
+
+    def write(self, ledger: PrivacyLedger, epsilon_spent: float) -> None:
+        """Record ``ledger`` durably; a count below the recorded one is refused."""
+        recorded = self.steps_charged()
+        if ledger.steps_charged < recorded:
+            raise LedgerError(f"refusing to lower the ledger in {self.path} from {recorded} to "
+                              f"{ledger.steps_charged} steps charged")
+        write_json_durably(self.path, {
+            "steps_charged": ledger.steps_charged, "epsilon_spent": epsilon_spent,
+            "epsilon_budget": ledger.epsilon_budget, "delta": ledger.mechanism.delta,
+            "accountant": ledger.mechanism.accountant, "updated": now_iso(),
+            "ledger": ledger.to_dict()})
+
+
+class DurableLedger:
+    """The privacy ledger with its durable records (see the module's Formal guarantees)."""
+
+    def __init__(self, ledger: PrivacyLedger, curve: EpsilonCurve, ledger_file: LedgerFile,
+                 reporters: Sequence[Reporter] = (), *, writer: bool = True) -> None:
+        self._ledger = ledger
+        self._curve = curve
+        self._file = ledger_file
+        self._reporters = tuple(reporters)
+        self._writer = writer  # only one process of a multi-host job writes
+
+    @property
+    def state(self) -> PrivacyLedger:
+        """The current privacy ledger."""
+        return self._ledger
+
+    @property
+    def steps_charged(self) -> int:
+        """Steps charged so far."""
+        return self._ledger.steps_charged
+
+    def epsilon_spent(self) -> float:
+        """ε of the steps charged (the curve's conservative value)."""
+        return self._ledger.epsilon_spent(self._curve)
+
+    def resume(self, *records: int) -> int:
+        """Start from the largest of the file, the reporters and ``records``; returns it."""
+        counts = [self._ledger.steps_charged, self._file.steps_charged(), *records]
+        counts += [r.known_steps_charged() for r in self._reporters]
+        self._ledger = self._ledger.merge(max(counts))
+        return self._ledger.steps_charged
+
+    def affordable(self, limit: int) -> int:
+        """How many more steps (at most ``limit``) the budget allows."""
+        ceiling = self._curve.max_steps_within(self._ledger.epsilon_budget)
+        return max(0, min(limit, ceiling - self._ledger.steps_charged))
+
+    def reserve(self, steps: int, progress: Progress) -> None:
+        """Charge ``steps`` more and record the count durably before they run.
+
+        Raises:
+            BudgetExceededError: the new count's ε would pass the budget (nothing written).
+            LedgerError: a record could not be written.
+        """
+        if not self._ledger.can_charge(steps, self._curve):
+            raise BudgetExceededError(
+                f"charging {steps} more step(s) after {self._ledger.steps_charged} would exceed "
+                f"ε budget {self._ledger.epsilon_budget}")
+        new = self._ledger.charge(steps)
+        if self._writer:
+            eps = new.epsilon_spent(self._curve)
+            self._file.write(new, eps)
+            record = dataclasses.replace(progress, steps_charged=new.steps_charged,
+                                         epsilon_spent=eps)
+            for reporter in self._reporters:
+                reporter.record_charge(record)
+        self._ledger = new
+
+    def report(self, progress: Progress) -> None:
+        """Publish progress to every reporter (best effort)."""
+        if not self._writer:
+            return
+        for reporter in self._reporters:
+            reporter.report(progress)
+
+
+class FileReporter:
+    """Writes ``progress.json`` (the latest progress, durably) into a directory."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.path = pathlib.Path(directory) / PROGRESS_FILE
+
+    def known_steps_charged(self) -> int:
+        """The count in ``progress.json`` (0 when absent)."""
+        if not self.path.is_file():
+            return 0
+        return int(json.loads(self.path.read_text()).get("stepsCharged", 0))
+
+    def record_charge(self, progress: Progress) -> None:
+        """Write the new count."""
+        self._write(progress)
+
+    def report(self, progress: Progress) -> None:
+        """Write the latest progress."""
+        try:
+            self._write(progress)
+        except OSError as error:  # progress is advisory: the ledger file is the record
+            log.warning("could not write %s: %s", self.path, error)
+
+    def _write(self, progress: Progress) -> None:
+        data = progress.to_status()
+        if progress.epsilon_spent is not None:
+            data["epsilonSpent"] = progress.epsilon_spent
+        write_json_durably(self.path, data)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KubernetesTarget:
+    """Which DPTrainingJob to report to, and how to reach the API server."""
+
+    name: str
+    namespace: str
+    api_server: str = DEFAULT_API_SERVER
+    token_path: pathlib.Path = SERVICE_ACCOUNT_DIR / "token"
+    ca_path: pathlib.Path | None = SERVICE_ACCOUNT_DIR / "ca.crt"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> KubernetesTarget:
+        """Read ``DPTRAIN_JOB_NAME``, ``DPTRAIN_JOB_NAMESPACE`` and ``DPTRAIN_API_SERVER``."""
+        env = dict(os.environ if env is None else env)
+        missing = [k for k in ("DPTRAIN_JOB_NAME", "DPTRAIN_JOB_NAMESPACE") if not env.get(k)]
+        if missing:
+            raise ValueError(f"DPTRAIN_REPORT=kubernetes needs {', '.join(missing)} set")
+        return cls(name=env["DPTRAIN_JOB_NAME"], namespace=env["DPTRAIN_JOB_NAMESPACE"],
+                   api_server=env.get("DPTRAIN_API_SERVER") or DEFAULT_API_SERVER)
+
+    @property
+    def status_url(self) -> str:
+        """The job's status subresource."""
+        return (f"{self.api_server.rstrip('/')}/apis/dptrain.io/v1alpha1/namespaces/"
+                f"{self.namespace}/dptrainingjobs/{self.name}/status")
+
+
+class KubernetesReporter:
+    """Merge-patches ``status.progress`` of the job with the pod's ServiceAccount token.
+
+    A charge must be acknowledged by the API server (retried with back-off, then
+    :class:`LedgerError`); progress reports are tried once and only logged on failure.
+    """
+
+    def __init__(self, target: KubernetesTarget, *, attempts: int = 5, timeout_s: float = 10.0,
+                 backoff_s: float = 1.0) -> None:
+        self.target = target
+        self._attempts = attempts
+        self._timeout = timeout_s
+        self._backoff = backoff_s
+        self._context: ssl.SSLContext | None = None
+        if target.api_server.startswith("https"):
+            cafile = str(target.ca_path) if target.ca_path and target.ca_path.is_file() else None
+            self._context = ssl.create_default_context(cafile=cafile)
+
+    def known_steps_charged(self) -> int:
+        """The larger of ``status.privacy.stepsCharged`` and ``status.progress.stepsCharged``."""
+        try:
+            body = self._request("GET", None)
+        except (OSError, ValueError) as error:
+            raise LedgerError(f"cannot read the ledger from {self.target.status_url}: "
+                              f"{error}") from error
+        status = body.get("status") or {}
+        counts = [int((status.get(part) or {}).get("stepsCharged") or 0)
+                  for part in ("privacy", "progress")]
+        return max(counts)
+
+    def record_charge(self, progress: Progress) -> None:
+        """Patch the new count; retried, then :class:`LedgerError`."""
+        delay = self._backoff
+        for attempt in range(1, self._attempts + 1):
+            try:
+                self._patch(progress)
+                return
+            except (OSError, ValueError) as error:
+                if attempt == self._attempts:
+                    raise LedgerError(f"cannot record {progress.steps_charged} steps charged at "
+                                      f"{self.target.status_url}: {error}") from error
+                log.warning("ledger patch failed (attempt %d): %s", attempt, error)
+                time.sleep(delay)
+                delay *= 2
+
+    def report(self, progress: Progress) -> None:
+        """Patch progress once; failures are logged."""
+        try:
+            self._patch(progress)
+        except (OSError, ValueError) as error:
+            log.warning("progress patch failed: %s", error)
+
+    def _patch(self, progress: Progress) -> None:
+        self._request("PATCH", {"status": {"progress": progress.to_status()}})
+
+    def _request(self, method: str, body: dict[str, Any] | None) -> dict[str, Any]:
+        # The projected token rotates: read it for every request.
+        token = self.target.token_path.read_text().strip()
+        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/merge-patch+json"
+        request = urllib.request.Request(self.target.status_url, data=data, method=method,
+                                         headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout,
+                                        context=self._context) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as error:
+            raise OSError(f"HTTP {error.code} {error.reason}") from error
+        return dict(json.loads(payload)) if payload else {}
+
+
+def reporters_from_env(output_dir: str | os.PathLike[str],
+                       env: dict[str, str] | None = None) -> list[Reporter]:
+    """The reporters ``DPTRAIN_REPORT`` asks for (``file`` by default, or ``kubernetes``)."""
+    env = dict(os.environ if env is None else env)
+    kind = env.get("DPTRAIN_REPORT", "file")
+    if kind == "file":
+        return [FileReporter(output_dir)]
+    if kind == "kubernetes":
+        return [KubernetesReporter(KubernetesTarget.from_env(env))]
+    raise ValueError(f"DPTRAIN_REPORT must be 'file' or 'kubernetes' (got {kind!r})")
