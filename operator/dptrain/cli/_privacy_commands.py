@@ -7,14 +7,10 @@ import time
 from typing import Any
 
 from dptrain.cli._output import EXIT_INVALID, emit, fail
-from dptrain.privacy import (
-    ACCOUNTANTS,
-    DpSgdMechanism,
-    PrivacyParameterError,
-    calibrate_noise_multiplier,
-    calibrate_steps,
-    epsilon,
-)
+
+# dp-accounting takes seconds to import (scipy.stats and friends): import it in the handlers
+# so that `dptrain --help` and the other commands stay fast.
+ACCOUNTANTS = ("pld", "rdp")
 
 
 def _add_mechanism_args(parser: argparse.ArgumentParser) -> None:
@@ -57,8 +53,12 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 
 def _epsilon(args: argparse.Namespace) -> int:
+    from dptrain.privacy import DpSgdMechanism, PrivacyParameterError, epsilon
+    from dptrain.privacy._errors import check_steps
+
     started = time.perf_counter()
     try:
+        check_steps(args.steps)  # ε after 0 steps is 0, but asking for it is a mistake here
         mechanism = DpSgdMechanism(
             sampling_rate=args.sampling_rate, noise_multiplier=args.noise_multiplier,
             delta=args.delta, accountant=args.accountant, dataset_size=args.dataset_size,
@@ -77,6 +77,8 @@ def _epsilon(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
+    from dptrain.privacy import PrivacyParameterError, calibrate_noise_multiplier, calibrate_steps
+
     common = {"epsilon": args.epsilon, "delta": args.delta, "sampling_rate": args.sampling_rate,
               "accountant": args.accountant, "dataset_size": args.dataset_size,
               "physical_batch_size": args.physical_batch_size}
