@@ -133,10 +133,28 @@ def test_scheduling_and_extra_labels_are_applied(
     assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
     assert pod["tolerations"][0]["key"] == "dedicated"
     assert "nodeAffinity" in pod["affinity"]
-    role = dr.one(objects, "ClusterRole", "dptrain-operator")
-    assert any("jobsets" in rule["resources"] for rule in role["rules"])
-    default_role = dr.one(rendered["default"], "ClusterRole", "dptrain-operator")
-    assert not any("jobsets" in rule["resources"] for rule in default_role["rules"])
+    command = _operator_command(objects)
+    assert command[-4:] == ["--workload", "jobset", "--stall-timeout", "1800"]
+
+
+def _jobset_verbs(role: dict[str, Any]) -> set[str]:
+    return {verb for rule in role["rules"] if "jobsets" in rule["resources"]
+            for verb in rule["verbs"]}
+
+
+def test_jobset_rights_follow_the_workload_kind(
+    rendered: dict[str, tuple[dict[str, Any], ...]],
+) -> None:
+    manage = {"get", "list", "watch", "create", "patch", "delete"}
+    for case in ("default", "monitoring"):
+        role = dr.one(rendered[case], "ClusterRole", "dptrain-operator")
+        assert _jobset_verbs(role) == manage, case
+    # workload=job: the operator still watches JobSets but may not create any.
+    for role in dr.of_kind(rendered["namespaced"], "Role"):
+        assert _jobset_verbs(role) == {"get", "list", "watch"}
+    command = _operator_command(rendered["namespaced"])
+    assert command[command.index("--workload") + 1] == "job"
+    assert "--workload" not in _operator_command(rendered["default"])
 
 
 def test_monitoring_objects_need_the_prometheus_operator_api() -> None:

@@ -53,24 +53,36 @@ def _sample_names(families: dict[str, str]) -> set[str]:
     return {name + suffix for name, kind in families.items() for suffix in _SUFFIXES[kind]}
 
 
-def _registry_families(module_name: str) -> dict[str, str] | None:
-    """``{family: type}`` of a module's ``REGISTRY``, or None if the module does not exist yet."""
+def _families(registry: Any) -> dict[str, str]:
+    return {family.name: family.type for family in registry.collect()}
+
+
+def _import_if_present(module_name: str) -> Any:
+    """The module, or None while it does not exist yet (other errors propagate)."""
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name == module_name:
             return None
         raise
-    registry = module.REGISTRY
-    return {family.name: family.type for family in registry.collect()}
 
 
 def operator_families() -> dict[str, str]:
-    return _registry_families("dptrain.operator._metrics") or BRIEF_OPERATOR_METRICS
+    """The operator's exported metric families (``dptrain.operator._metrics.REGISTRY``)."""
+    module = _import_if_present("dptrain.operator._metrics")
+    return _families(module.REGISTRY) if module else BRIEF_OPERATOR_METRICS
 
 
 def trainer_families() -> dict[str, str]:
-    return _registry_families("dptrain.trainer._metrics") or BRIEF_TRAINER_METRICS
+    """The trainer's metric families (a probe ``TrainerMetrics``; serves nothing without a port)."""
+    module = _import_if_present("dptrain.trainer._metrics")
+    if module is None:
+        return BRIEF_TRAINER_METRICS
+    metrics = module.TrainerMetrics("probe")
+    try:
+        return _families(metrics.registry)
+    finally:
+        metrics.close()
 
 
 def _promql() -> Any:
@@ -143,10 +155,13 @@ def test_metric_name_helper_can_fail() -> None:
                          "this check")
 
 
-def test_operator_exports_the_brief_metrics() -> None:
-    families = _registry_families("dptrain.operator._metrics")
-    assert families is not None, "dptrain.operator._metrics (the operator's REGISTRY) is missing"
-    assert families.items() >= BRIEF_OPERATOR_METRICS.items()
+def test_operator_and_trainer_export_the_brief_metrics() -> None:
+    operator = _import_if_present("dptrain.operator._metrics")
+    assert operator is not None, "dptrain.operator._metrics (the operator's REGISTRY) is missing"
+    assert operator_families().items() >= BRIEF_OPERATOR_METRICS.items()
+    trainer = _import_if_present("dptrain.trainer._metrics")
+    assert trainer is not None, "dptrain.trainer._metrics (TrainerMetrics) is missing"
+    assert trainer_families().items() >= BRIEF_TRAINER_METRICS.items()
 
 
 def test_prometheus_rule_alerts_parse_and_use_exported_metrics(
@@ -170,7 +185,9 @@ def test_budget_alerts_are_present(monitoring: tuple[dict[str, Any], ...]) -> No
     nearly = rules["DPTrainEpsilonBudgetNearlySpent"]["expr"]
     assert metric_names(nearly) >= {"dptrain_job_epsilon_spent", "dptrain_job_epsilon_budget"}
     assert re.search(r">\s*0\.9\b", nearly), nearly
-    assert "dptrain_jobs_halted_total" in metric_names(rules["DPTrainJobHaltedForBudget"]["expr"])
+    halted = rules["DPTrainJobHaltedForBudget"]["expr"]
+    assert metric_names(halted) == {"dptrain_job_phase"}
+    assert 'phase="BudgetExhausted"' in halted
     assert "dptrain_reconcile_errors_total" in metric_names(rules["DPTrainReconcileErrors"]["expr"])
     overspent = rules["DPTrainEpsilonOverspent"]
     assert overspent["labels"]["severity"] == "critical"
@@ -278,3 +295,22 @@ def test_pod_monitor_follows_the_watched_namespaces() -> None:
     )
     monitor = dr.one(objects, "PodMonitor")
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
+
+
+def test_phase_matchers_name_real_phases(monitoring: tuple[dict[str, Any], ...]) -> None:
+    from typing import get_args
+
+    from dptrain.api import Phase
+
+    phases = set(get_args(Phase))
+    exprs = [rule["expr"] for rule in _rules(dr.one(monitoring, "PrometheusRule"))]
+    (payload,) = dr.one(monitoring, "ConfigMap")["data"].values()
+    exprs += [t["expr"] for p in json.loads(payload)["panels"] for t in p["targets"]]
+    used = {
+        value
+        for expr in exprs
+        for match in re.finditer(r'\bphase\s*=~?\s*"([^"]*)"', expr)
+        for value in match.group(1).split("|")
+    }
+    assert used, "no phase matchers found"
+    assert used <= phases, f"unknown phases {sorted(used - phases)}"

@@ -1,7 +1,7 @@
 """Least privilege and safe pod defaults in everything dptrain installs or creates.
 
 RBAC: the rules of the chart (every values file) and of manifests/ must stay within an explicit
-allow-list: no wildcards, no secrets, no escalate/bind/impersonate, pods read-only, cluster-wide
+allow-list: no wildcards, no secrets, no escalate/bind/impersonate, no pods, cluster-wide
 rights only for discovery. The per-job trainer Role the operator creates may touch its own job
 only (``resourceNames``). Pods: non-root, read-only root filesystem, no privilege escalation, all
 capabilities dropped, RuntimeDefault seccomp, resource requests and limits, a liveness probe.
@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).parent / "kube"))
 import deploy_render as dr
 
 READ = frozenset({"get", "list", "watch"})
-MANAGE = READ | {"create", "patch", "delete"}
+# Children addressed by name: no list/watch (which would read every such object in a namespace).
+MANAGE = frozenset({"get", "create", "patch", "delete"})
 # (apiGroup, resource) -> the most the operator's own roles may grant.
 OPERATOR_ALLOWED: dict[tuple[str, str], frozenset[str]] = {
     ("", "namespaces"): frozenset({"list", "watch"}),
@@ -31,11 +32,10 @@ OPERATOR_ALLOWED: dict[tuple[str, str], frozenset[str]] = {
     ("", "configmaps"): MANAGE,
     ("", "serviceaccounts"): MANAGE,
     ("", "services"): MANAGE,
-    ("", "pods"): READ,
-    ("batch", "jobs"): MANAGE,
+    ("batch", "jobs"): READ | MANAGE,
     ("rbac.authorization.k8s.io", "roles"): MANAGE,
     ("rbac.authorization.k8s.io", "rolebindings"): MANAGE,
-    ("jobset.x-k8s.io", "jobsets"): MANAGE,
+    ("jobset.x-k8s.io", "jobsets"): READ | MANAGE,
 }
 # Cluster-scoped resources: the only ones a namespaced-scope operator may reach cluster-wide.
 CLUSTER_DISCOVERY = {("", "namespaces"), ("apiextensions.k8s.io", "customresourcedefinitions")}
@@ -91,9 +91,11 @@ def test_rbac_checker_catches_overreach() -> None:
         {"apiGroups": ["*"], "resources": ["pods"], "verbs": ["delete"]},
         {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles"], "verbs": ["escalate"]},
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["delete"]},
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["update"]},
     ]}
     problems = " | ".join(rbac_violations(role, OPERATOR_ALLOWED))
-    for expected in ("secrets", "wildcard in apiGroups", "escalate", "delete core/pods"):
+    for expected in ("secrets", "wildcard in apiGroups", "escalate", "delete core/pods",
+                     "update batch/jobs"):
         assert expected in problems
 
 

@@ -23,7 +23,7 @@ def test_calibrated_steps_match_reference_vector():
     assert steps == 155
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(q=st.floats(1e-4, 0.5), steps=st.integers(1, 20_000), target=st.floats(0.2, 20.0),
        log_delta=st.floats(-12, -3))
 def test_calibrated_sigma_never_exceeds_target_epsilon_rdp(q, steps, target, log_delta):
@@ -39,7 +39,7 @@ def test_calibrated_sigma_never_exceeds_target_epsilon_rdp(q, steps, target, log
     assert epsilon(m.with_noise_multiplier(sigma / 1.02), steps) > target or sigma <= 0.0101
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(q=st.floats(1e-3, 0.2), steps=st.integers(10, 3000), target=st.floats(0.5, 8.0))
 def test_calibrated_sigma_never_exceeds_target_epsilon_pld(q, steps, target):
     sigma = calibrate_noise_multiplier(epsilon=target, delta=1e-6, sampling_rate=q, steps=steps,
@@ -48,7 +48,7 @@ def test_calibrated_sigma_never_exceeds_target_epsilon_pld(q, steps, target):
     assert epsilon(m, steps) <= target
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(q=st.floats(1e-3, 0.5), sigma=st.floats(0.5, 20.0), target=st.floats(0.1, 10.0))
 def test_calibrated_steps_are_the_most_within_target(q, sigma, target):
     steps = calibrate_steps(epsilon=target, delta=1e-6, sampling_rate=q, noise_multiplier=sigma,

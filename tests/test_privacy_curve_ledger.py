@@ -13,7 +13,7 @@ PLD = DpSgdMechanism(sampling_rate=0.02, noise_multiplier=1.1, delta=1e-6)
 
 @pytest.fixture(scope="module")
 def pld_curve():
-    return EpsilonCurve.build(PLD, 2_000, anchors=(777,))
+    return EpsilonCurve.build(PLD, 2_000, points=10, anchors=(777,))
 
 
 def test_curve_lookup_never_below_exact_epsilon(pld_curve):

@@ -201,11 +201,8 @@ def one(objects: Iterable[dict[str, Any]], kind: str, name: str | None = None) -
 @functools.cache
 def _crd_validator() -> jsonschema.protocols.Validator:
     """The generated CRD's schema as the API server applies it (OpenAPI 3.0 semantics, strict)."""
-    import dptrain.api
+    from dptrain.api._crd import validating_schema
 
-    validating_schema = getattr(dptrain.api, "validating_schema", None)
-    if validating_schema is None:
-        from dptrain.api._crd import validating_schema
     schema = validating_schema(strict=True)
     cls = jsonschema.validators.validator_for(schema, jsonschema.Draft4Validator)
     return cls(schema)

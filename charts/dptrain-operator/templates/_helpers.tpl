@@ -98,23 +98,25 @@ holds those rights itself.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- /* Per-job children, addressed by name: no list/watch, so no bulk read of other objects. */}}
 - apiGroups: [""]
   resources: ["configmaps", "serviceaccounts", "services"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-- apiGroups: [""]
-  resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get", "create", "patch", "delete"]
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
+  verbs: ["get", "create", "patch", "delete"]
+{{- /* Workloads are also watched: the operator reacts when a trainer finishes or fails. */}}
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-- apiGroups: ["rbac.authorization.k8s.io"]
-  resources: ["roles", "rolebindings"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-{{- if .Values.rbac.jobset }}
+{{- /* JobSets are always watched; they are managed unless workload=job. */}}
 - apiGroups: ["jobset.x-k8s.io"]
   resources: ["jobsets"]
+  {{- if eq .Values.workload "job" }}
+  verbs: ["get", "list", "watch"]
+  {{- else }}
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-{{- end }}
+  {{- end }}
 {{- end }}
 
 {{/* True ("true") when the cluster serves the Prometheus operator's API. */}}

@@ -8,9 +8,9 @@ a few PLD compositions; a look-up costs microseconds).
 Formal guarantees:
     1. ``epsilon_spent(plan, delta, t)`` is never below the exact ε of t steps of the plan's
        mechanism (the curve is conservative between grid points and exact beyond it).
-    2. ``enforce(plan, budget, delta).max_steps`` is the largest t ≤ ``plan.max_steps`` whose
-       exact ε is ≤ ``budget``, and ``epsilon_spent`` at exactly that t equals the exact ε
-       (t is an anchor of the curve), so a job halted there reports ε spent ≤ budget.
+    2. ``enforce(plan, budget, delta).max_steps`` is the largest t ≤ iterations whose exact ε
+       is ≤ ``budget``, and ``epsilon_spent`` at exactly that t equals the exact ε (t is the
+       curve's last point), so a job halted there reports ε spent ≤ budget.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import functools
 import threading
 
 from dptrain.api import PlanStatus
-from dptrain.privacy import DpSgdMechanism, EpsilonCurve
+from dptrain.privacy import DpSgdMechanism, EpsilonCurve, epsilon, largest_steps_within
 
 
 def mechanism_of(plan: PlanStatus, delta: float) -> DpSgdMechanism:
@@ -44,15 +44,13 @@ class Accountant:
 
     @staticmethod
     @functools.lru_cache(maxsize=1024)
-    def _curve(mechanism: DpSgdMechanism, horizon: int, anchors: tuple[int, ...]) -> EpsilonCurve:
-        return EpsilonCurve.build(mechanism, horizon, anchors=anchors)
+    def _curve(mechanism: DpSgdMechanism, horizon: int) -> EpsilonCurve:
+        return EpsilonCurve.build(mechanism, horizon, anchors=(horizon,))
 
-    def curve(self, plan: PlanStatus, delta: float, *, horizon: int | None = None) -> EpsilonCurve:
-        """The curve of ``plan`` up to ``horizon`` steps (default: its iterations)."""
-        steps = max(1, horizon if horizon is not None else max(plan.iterations, plan.max_steps))
-        anchors = tuple(sorted({a for a in (plan.max_steps,) if 0 < a <= steps}))
+    def curve(self, plan: PlanStatus, delta: float) -> EpsilonCurve:
+        """The curve of ``plan`` up to its ``max_steps`` (a job never runs past them)."""
         with self._lock:  # one build per plan, even when several reconciles ask at once
-            return self._curve(mechanism_of(plan, delta), steps, anchors)
+            return self._curve(mechanism_of(plan, delta), max(1, plan.max_steps))
 
     def epsilon_spent(self, plan: PlanStatus, delta: float, steps: int) -> float:
         """ε after ``steps`` steps of the plan (conservative; exact at ``plan.max_steps``)."""
@@ -60,9 +58,17 @@ class Accountant:
             return 0.0
         return self.curve(plan, delta).epsilon_at(steps)
 
+    def epsilon_exact(self, plan: PlanStatus, delta: float, steps: int) -> float:
+        """The exact ε of ``steps`` steps of the plan's mechanism (slow: one composition)."""
+        return epsilon(mechanism_of(plan, delta), steps) if steps > 0 else 0.0
+
     def enforce(self, plan: PlanStatus, budget: float, delta: float, *,
                 iterations: int | None = None) -> PlanStatus:
-        """The plan with ``max_steps``/``epsilonPlanned`` checked by this accountant.
+        """The plan with ``maxSteps``/``epsilonPlanned`` from this accountant.
+
+        ``maxSteps`` becomes the largest t ≤ iterations with exact ε(t) ≤ ``budget``: the
+        planner's value is checked (and lowered if this accountant disagrees), then extended
+        when the budget or the iterations grew (galloping from it, so a few compositions).
 
         Args:
             plan: a plan (from the planner, or the current one being amended).
@@ -71,10 +77,14 @@ class Accountant:
             iterations: new iteration count (an amendment), else the plan's.
         """
         iterations = plan.iterations if iterations is None else iterations
-        probe = plan.model_copy(update={"iterations": iterations, "max_steps": iterations})
-        within = self.curve(probe, delta, horizon=iterations).max_steps_within(budget)
-        max_steps = min(iterations, within)
-        enforced = plan.model_copy(update={"iterations": iterations, "max_steps": max_steps,
-                                           "epsilon_planned": 0.0})
-        epsilon_planned = self.epsilon_spent(enforced, delta, max_steps) if max_steps else 0.0
-        return enforced.model_copy(update={"epsilon_planned": epsilon_planned})
+        mechanism = mechanism_of(plan, delta)
+        start = max(0, min(plan.max_steps, iterations))
+        if start > 0 and epsilon(mechanism, start) > budget:
+            max_steps = largest_steps_within(mechanism, budget, lo=0, hi=start - 1)
+        elif start < iterations:
+            max_steps = largest_steps_within(mechanism, budget, lo=start, hi=iterations)
+        else:
+            max_steps = start
+        enforced = plan.model_copy(update={"iterations": iterations, "max_steps": max_steps})
+        planned = self.epsilon_spent(enforced, delta, max_steps)
+        return enforced.model_copy(update={"epsilon_planned": planned})

@@ -391,7 +391,8 @@ def _job_spec(template: dict[str, Any], hosts: int) -> dict[str, Any]:
             {"action": "FailJob",
              "onExitCodes": {"operator": "In", "values": [EXIT_BUDGET_EXHAUSTED]}},
             # Preemption and node drains are not the trainer's fault: do not count them.
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            {"action": "Ignore",
+             "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         ]},
         "template": template,
     }

@@ -73,6 +73,10 @@ class Tools(Protocol):
         """ε after ``steps`` steps of the plan (never below the true value)."""
         ...
 
+    def epsilon_exact(self, plan: PlanStatus, delta: float, steps: int) -> float:
+        """The exact ε of ``steps`` steps of the plan's mechanism."""
+        ...
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
@@ -501,8 +505,7 @@ def _amend(d: _Draft, spec: DPTrainingJobSpec, applied: DPTrainingJobSpec | None
     iterations = spec.training.iterations or plan.iterations
     budget, delta = spec.privacy.epsilon, ledger.delta
     if iterations != plan.iterations:
-        probe = plan.model_copy(update={"iterations": iterations, "max_steps": iterations})
-        needed = tools.epsilon_spent(probe, delta, iterations)
+        needed = tools.epsilon_exact(plan, delta, iterations)
         if needed > budget:
             d.condition("SpecAccepted", "False", "SpecChangeRefused",
                         f"spec.training.iterations: {iterations} steps would need ε = "

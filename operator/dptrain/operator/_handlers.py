@@ -61,8 +61,11 @@ async def login(*, memo: Any, logger: Any, settings: kopf.OperatorSettings,
     return info
 
 
-async def startup(*, memo: Any, settings: kopf.OperatorSettings, **_: Any) -> None:
+async def startup(*, memo: Any, settings: kopf.OperatorSettings, logger: Any,
+                  **_: Any) -> None:
     """Operator settings, and whether JobSet is served."""
+    if memo.dptrain.connection is None:  # kopf runs startup before its login activity
+        memo.dptrain.connection = kopf.login_via_client(logger=logger, settings=settings)
     settings.persistence.finalizer = "dptrain.io/operator"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
         prefix="operator.dptrain.io")

@@ -67,3 +67,7 @@ class OperatorTools:
     def epsilon_spent(self, plan: PlanStatus, delta: float, steps: int) -> float:
         """See :meth:`Accountant.epsilon_spent`."""
         return self.accountant.epsilon_spent(plan, delta, steps)
+
+    def epsilon_exact(self, plan: PlanStatus, delta: float, steps: int) -> float:
+        """See :meth:`Accountant.epsilon_exact`."""
+        return self.accountant.epsilon_exact(plan, delta, steps)

@@ -96,11 +96,13 @@ def make_plan(spec: DPTrainingJobSpec, *, dataset_size: int,
              else space.steps())
     table_sigma = sigma_table or SigmaTable(delta, cache_dir=cache)
     fully_pinned = training.noise_multiplier is not None and training.iterations is not None
-    result = search(shapes, dataset_size=n, seq_len=seq_len, epsilon=eps, table=table_sigma,
+    one_point = len(shapes) == 1 and len(batches) == 1 and len(steps) == 1
+    result = search(shapes, dataset_size=n, seq_len=seq_len, epsilon=eps,
+                    # A single pinned point needs no table: its σ is calibrated exactly below
+                    # (and an unreachable ε is reported there).
+                    table=_placeholder_sigma if one_point else table_sigma,
                     loss_model=loss_model, batches=batches, steps=steps, compute_budget=budget,
                     sigma_pinned=None if fully_pinned else training.noise_multiplier)
-    if fully_pinned and len(result) == 0 and result.n_compute_feasible:
-        raise AssertionError("unreachable: pinned σ and T are not filtered by privacy")
     if result.n_compute_feasible == 0:
         _raise_compute(shapes, batches, steps, seq_len, budget, spec)
     if len(result) == 0:
@@ -138,6 +140,10 @@ def make_plan(spec: DPTrainingJobSpec, *, dataset_size: int,
         return _finalize(spec, shapes, result, int(idx), pod, n, loss_model, budget, pins,
                          ExactAccounting(cache))
     raise errors[0] if errors else InfeasibleBudgetError("compute", "no configuration fits")
+
+
+def _placeholder_sigma(q: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    return np.ones(np.broadcast(q, steps).shape)
 
 
 def _loss_model(table: LossModel | str | os.PathLike[str] | None) -> LossModel:
@@ -263,6 +269,16 @@ def _finalize(spec: DPTrainingJobSpec, shapes: list[ModelShape], result: SearchR
                                            accountant=privacy.accountant, dataset_size=n,
                                            physical_batch_size=physical)
     except PrivacyParameterError as error:
+        if training.physical_batch_size is not None:
+            safe = physical_batch_size_for(b, dataset_size=n, steps=t, delta=privacy.delta,
+                                           epsilon_budget=privacy.epsilon)
+            if training.physical_batch_size < safe:
+                raise InfeasibleBudgetError(
+                    "privacy", f"the pinned physical batch {training.physical_batch_size} "
+                    f"truncates Poisson batches of expected size {b} too often to certify "
+                    f"(ε, δ) over {t} steps; nearest feasible: physicalBatchSize >= {safe}",
+                    field="spec.training.physicalBatchSize", required=safe,
+                    available=training.physical_batch_size) from None
         raise InfeasibleBudgetError(
             "privacy", f"no noise multiplier reaches ε = {privacy.epsilon:g} in {t} steps at "
             f"q = {q:.3g} ({error})", field="spec.privacy.epsilon",

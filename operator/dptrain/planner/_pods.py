@@ -179,7 +179,10 @@ def size_pod(shape: ModelShape, accelerator: AcceleratorSpec, slices: list[Slice
     target = target_wall_seconds if deadline else DEFAULT_TARGET_WALL_SECONDS
     best: PodPlan | None = None
     for sl in slices:
-        chips = sl.chips
+        # JAX sees one CPU device per process: on CPU the data-parallel width is the host count
+        # (cores only make each host faster).
+        devices = sl.hosts if accelerator.kind == "cpu" else sl.chips
+        chips = devices
         if chips > physical_batch and best is not None:
             break  # more chips than rows: idle chips
         per_chip = max(1, math.ceil(physical_batch / chips))
@@ -196,7 +199,7 @@ def size_pod(shape: ModelShape, accelerator: AcceleratorSpec, slices: list[Slice
                                   chips=chips, shard_state=est.sharded_state)
         physical = physical_batch if physical_pinned else chips * mb * accumulation
         flops = step_flops(shape, seq_len=seq_len, physical_batch=physical) * iterations
-        wall = flops / (chips * accelerator.peak_flops * util)
+        wall = flops / (sl.chips * accelerator.peak_flops * util)
         best = _pod(accelerator, sl, mb, accumulation, physical, est, util, wall)
         if wall <= target:
             return best

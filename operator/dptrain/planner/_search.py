@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import numpy as np
 
 from dptrain.planner._loss_model import LossModel
 from dptrain.planner._presets import ModelShape
 from dptrain.planner._sigma_table import SigmaTable
+
+SigmaFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 SIGMA_MAX = 1e4  # the privacy module's calibration range
 NEAR_OPTIMAL_RTOL = 0.01
@@ -82,7 +85,7 @@ class SearchResult:
 
 
 def search(shapes: list[ModelShape], *, dataset_size: int, seq_len: int, epsilon: float,
-           table: SigmaTable, loss_model: LossModel, batches: np.ndarray, steps: np.ndarray,
+           table: SigmaTable | SigmaFn, loss_model: LossModel, batches: np.ndarray, steps: np.ndarray,
            compute_budget: float | None, sigma_pinned: float | None = None,
            max_seconds: float | None = None,
            seconds_per_flop: np.ndarray | None = None) -> SearchResult:
@@ -93,7 +96,7 @@ def search(shapes: list[ModelShape], *, dataset_size: int, seq_len: int, epsilon
         dataset_size: N sequences.
         seq_len: S tokens per sequence.
         epsilon: the privacy budget ε.
-        table: the σ table for the job's δ.
+        table: the σ table for the job's δ, or a function σ(q, T) to use instead.
         loss_model: predicts L(M, T, σ̄).
         batches: candidate expected batches.
         steps: candidate iteration counts.
@@ -119,7 +122,8 @@ def search(shapes: list[ModelShape], *, dataset_size: int, seq_len: int, epsilon
     if len(b) == 0:
         return _empty(n_compute)
     q = b / dataset_size
-    surface = table.surface(epsilon, float(q.min()), float(q.max()))
+    surface = (table.surface(epsilon, float(q.min()), float(q.max()))
+               if isinstance(table, SigmaTable) else table)
     needed = surface(q, t)
     if sigma_pinned is not None:
         feasible = needed <= sigma_pinned

@@ -61,7 +61,7 @@ def calibrate_noise_multiplier(*, epsilon: float, delta: float, sampling_rate: f
 
     # RDP is an upper bound on PLD's ε, so the RDP-calibrated σ is feasible for PLD: a cheap
     # upper end of the bracket.
-    hi = _rdp_feasible_sigma(mech, steps, target) if accountant == "pld" else SIGMA_MAX
+    hi = _rdp_feasible_sigma(mech, steps, target) if accountant == "pld" else _doubling(ok)
     if not ok(hi):
         raise CalibrationError("epsilon", f"is unreachable with noise_multiplier <= {hi:g} for "
                                f"steps={steps}, sampling_rate={sampling_rate:g}", target)
@@ -79,6 +79,14 @@ def calibrate_noise_multiplier(*, epsilon: float, delta: float, sampling_rate: f
     return hi
 
 
+def _doubling(ok: Callable[[float], bool]) -> float:
+    """The first σ in 1, 2, 4, … (capped at SIGMA_MAX) that is feasible."""
+    sigma = 1.0
+    while sigma < SIGMA_MAX and not ok(sigma):
+        sigma = min(SIGMA_MAX, 2.0 * sigma)
+    return sigma
+
+
 def _rdp_feasible_sigma(mech: Callable[[float], DpSgdMechanism], steps: int,
                         target: float) -> float:
     """A σ feasible under RDP (hence under PLD), within 2% of RDP's own calibration."""
@@ -86,11 +94,9 @@ def _rdp_feasible_sigma(mech: Callable[[float], DpSgdMechanism], steps: int,
     def rdp_ok(sigma: float) -> bool:
         return _epsilon(dataclasses.replace(mech(sigma), accountant="rdp"), steps) <= target
 
-    hi = 1.0
-    while not rdp_ok(hi):
-        hi *= 2.0
-        if hi > SIGMA_MAX:
-            return SIGMA_MAX
+    hi = _doubling(rdp_ok)
+    if not rdp_ok(hi):
+        return SIGMA_MAX
     lo = hi / 2.0
     while hi / lo - 1.0 > 0.02:
         mid = math.sqrt(lo * hi)

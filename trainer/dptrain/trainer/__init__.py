@@ -1,1 +1,136 @@
-"""The JAX DP-SGD trainer."""
+"""The JAX DP-SGD trainer: a Gemma-2-style decoder trained with Poisson-sampled DP-SGD.
+
+Modules, one concept each: ``_model`` (the decoder), ``_tokenizer`` and ``_data`` (documents to
+memory-mapped sequences), ``_sampling`` (Poisson batches), ``_dpsgd`` (the private step),
+``_ledger`` (durable steps charged, reporters), ``_checkpoint`` (orbax), ``_loop`` (training with
+the budget guard), ``_report`` (report.json and plots), ``_audit`` (memorization),
+``_distributed`` (multi-host start-up), ``_metrics`` (Prometheus), ``_config`` (resolved settings).
+"""
+
+from dptrain.trainer._audit import (
+    MatchRate,
+    MemorizationResult,
+    audit_checkpoint,
+    clopper_pearson,
+    edit_distance,
+    make_canaries,
+    memorization,
+    training_prompts,
+)
+from dptrain.trainer._checkpoint import Checkpointer, Restored
+from dptrain.trainer._config import TrainConfig, config_from_plan, shape_for
+from dptrain.trainer._data import (
+    BUILTIN_STDLIB_DOCS,
+    DataError,
+    DatasetManifest,
+    DocumentSource,
+    PreparedDataset,
+    load_dataset,
+    prepare_dataset,
+    prepare_or_reuse,
+    source_from_spec,
+    stdlib_docs_source,
+)
+from dptrain.trainer._distributed import ProcessInfo, distributed_env, initialize_from_env
+from dptrain.trainer._dpsgd import (
+    DpSgdConfig,
+    StepMetrics,
+    add_noise,
+    clip_and_sum,
+    make_dp_step,
+    make_mesh,
+    make_optimizer,
+    make_plain_step,
+    model_loss_fn,
+)
+from dptrain.trainer._ledger import (
+    BudgetExceededError,
+    DurableLedger,
+    FileReporter,
+    KubernetesReporter,
+    KubernetesTarget,
+    LedgerError,
+    LedgerFile,
+    Progress,
+    Reporter,
+    reporters_from_env,
+)
+from dptrain.trainer._loop import (
+    BUDGET_EXHAUSTED,
+    SUCCEEDED,
+    TrainingInterruptedError,
+    TrainResult,
+    mechanism_for,
+    train,
+)
+from dptrain.trainer._metrics import TrainerMetrics
+from dptrain.trainer._model import Decoder, build_model, count_params, sequence_loss
+from dptrain.trainer._report import REPORT_KEYS, write_report
+from dptrain.trainer._sampling import PoissonSampler, SampledBatch
+from dptrain.trainer._tokenizer import ByteTokenizer, Tokenizer, make_tokenizer
+
+__all__ = [
+    "BUDGET_EXHAUSTED",
+    "BUILTIN_STDLIB_DOCS",
+    "REPORT_KEYS",
+    "SUCCEEDED",
+    "BudgetExceededError",
+    "ByteTokenizer",
+    "Checkpointer",
+    "DataError",
+    "DatasetManifest",
+    "Decoder",
+    "DocumentSource",
+    "DpSgdConfig",
+    "DurableLedger",
+    "FileReporter",
+    "KubernetesReporter",
+    "KubernetesTarget",
+    "LedgerError",
+    "LedgerFile",
+    "MatchRate",
+    "MemorizationResult",
+    "PoissonSampler",
+    "PreparedDataset",
+    "ProcessInfo",
+    "Progress",
+    "Reporter",
+    "Restored",
+    "SampledBatch",
+    "StepMetrics",
+    "Tokenizer",
+    "TrainConfig",
+    "TrainResult",
+    "TrainerMetrics",
+    "TrainingInterruptedError",
+    "add_noise",
+    "audit_checkpoint",
+    "build_model",
+    "clip_and_sum",
+    "clopper_pearson",
+    "config_from_plan",
+    "count_params",
+    "distributed_env",
+    "edit_distance",
+    "initialize_from_env",
+    "load_dataset",
+    "make_canaries",
+    "make_dp_step",
+    "make_mesh",
+    "make_optimizer",
+    "make_plain_step",
+    "make_tokenizer",
+    "mechanism_for",
+    "memorization",
+    "model_loss_fn",
+    "prepare_dataset",
+    "prepare_or_reuse",
+    "reporters_from_env",
+    "sequence_loss",
+    "shape_for",
+    "source_from_spec",
+    "stdlib_docs_source",
+    "train",
+    "training_prompts",
+    "write_report",
+]

@@ -82,7 +82,7 @@ class Progress:
     end_state: str | None = None
 
     def to_status(self) -> dict[str, Any]:
-        """camelCase ``status.progress`` (the fields of ``dptrain.api.ProgressStatus``)."""
+        """CamelCase ``status.progress`` (the fields of ``dptrain.api.ProgressStatus``)."""
         out: dict[str, Any] = {"stepsCharged": self.steps_charged, "step": self.step,
                                "lastUpdate": now_iso()}
         if self.loss is not None:
@@ -335,8 +335,12 @@ class KubernetesReporter:
         except (OSError, ValueError) as error:
             log.warning("progress patch failed: %s", error)
 
+    def patch_status(self, status: dict[str, Any]) -> None:
+        """Merge-patch ``status`` (e.g. ``{"dataset": {...}}``) into the job's status."""
+        self._request("PATCH", {"status": status})
+
     def _patch(self, progress: Progress) -> None:
-        self._request("PATCH", {"status": {"progress": progress.to_status()}})
+        self.patch_status({"progress": progress.to_status()})
 
     def _request(self, method: str, body: dict[str, Any] | None) -> dict[str, Any]:
         # The projected token rotates: read it for every request.

@@ -83,7 +83,7 @@ class PoissonSampler:
 
     @property
     def sampling_rate(self) -> float:
-        """q = expected batch / N."""
+        """Q = expected batch / N."""
         return self.expected_batch_size / self.dataset_size
 
     def sample(self, step: int) -> SampledBatch:

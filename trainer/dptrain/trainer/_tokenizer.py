@@ -2,7 +2,8 @@
 
 The byte tokenizer needs no vocabulary file, so a job can run offline on any text. Its ids follow
 ByT5: ``0`` is padding (so a zero-filled array is all padding), ``1`` begins and ``2`` ends a
-document, and byte ``b`` is ``b + 3``. Its vocabulary size is :data:`dptrain.planner.BYTE_VOCAB_SIZE`.
+document, and byte ``b`` is ``b + 3``. Its vocabulary size is
+:data:`dptrain.planner.BYTE_VOCAB_SIZE`.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class SentencePieceTokenizer:
         if not path.is_file():
             raise ValueError(f"spec.data.tokenizerModel: file not found: {path}")
         try:
-            import sentencepiece  # noqa: PLC0415  (optional dependency)
+            import sentencepiece  # optional dependency
         except ImportError:
             raise ValueError(
                 "spec.data.tokenizer: 'sentencepiece' needs the Python package sentencepiece "

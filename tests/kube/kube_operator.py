@@ -11,7 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from waiting import wait_for
+from kube_waiting import wait_for
 
 _ENTRY = "import sys; from dptrain.cli import main; sys.exit(main())"
 

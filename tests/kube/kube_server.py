@@ -16,7 +16,7 @@ from typing import Any
 
 import kmock
 import yaml
-from emulator import DPTrainKubernetes
+from kube_emulator import DPTrainKubernetes
 
 
 def crd_validating_schema() -> dict[str, Any]:

@@ -1,0 +1,168 @@
+"""The trainer's resolved configuration: one job, one plan, one prepared dataset.
+
+``TrainConfig`` is what the training loop needs and nothing more; it is built from a
+``DPTrainingJob`` and its plan (``status.plan`` from the operator, or ``make_plan`` locally), so
+the loop's accounting uses exactly the plan's sampling rate, σ and physical batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+from dptrain.api import DPTrainingJob, FieldError, InvalidJobError, PlanStatus
+from dptrain.planner import ModelShape, get_preset
+from dptrain.trainer._data import PreparedDataset
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything one training run needs (public configuration; no arrays).
+
+    Attributes:
+        job_name: the DPTrainingJob's name (metrics label, checkpoint identity).
+        shape: the model.
+        data_dir: the prepared dataset's directory.
+        dataset_size: N (must equal the prepared dataset's).
+        sequence_length: tokens per sequence.
+        batch_size: expected batch q·N (divisor of the noisy gradient sum).
+        physical_batch_size: the accountant's B_max (the loop may round it up to fit devices).
+        iterations: planned steps T.
+        noise_multiplier: σ.
+        clip_norm: C.
+        learning_rate: peak learning rate.
+        warmup_steps: linear warm-up steps.
+        weight_decay: decoupled weight decay.
+        optimizer: ``adamw`` or ``sgd``.
+        microbatch_size: rows per accumulation microbatch per device (None: all at once).
+        seed: seed of initialisation, sampling and noise.
+        epsilon_budget: ε the job may spend.
+        delta: δ.
+        accountant: ``pld`` or ``rdp``.
+        checkpoint_dir: where checkpoints and ``ledger.json`` go.
+        checkpoint_interval: save every this many steps (and at the end).
+        checkpoint_keep: checkpoints to keep.
+        output_dir: where ``metrics.jsonl``, the report and plots go.
+        ledger_block: steps reserved in the ledger at a time (1: every step is recorded).
+        metrics_port: Prometheus port, or None.
+        progress: show a progress bar.
+        initial_steps_charged: a known lower bound of steps already charged (e.g. the operator's).
+    """
+
+    job_name: str
+    shape: ModelShape
+    data_dir: pathlib.Path
+    dataset_size: int
+    sequence_length: int
+    batch_size: int
+    physical_batch_size: int
+    iterations: int
+    noise_multiplier: float
+    clip_norm: float
+    learning_rate: float
+    warmup_steps: int
+    weight_decay: float
+    optimizer: str
+    microbatch_size: int | None
+    seed: int
+    epsilon_budget: float
+    delta: float
+    accountant: str
+    checkpoint_dir: pathlib.Path
+    checkpoint_interval: int
+    checkpoint_keep: int
+    output_dir: pathlib.Path
+    ledger_block: int = 1
+    metrics_port: int | None = None
+    progress: bool = True
+    initial_steps_charged: int = 0
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.sequence_length > self.shape.max_seq_len:
+            errors.append(FieldError("spec.data.sequenceLength",
+                                     f"must be at most {self.shape.max_seq_len}, the longest "
+                                     f"sequence model {self.shape.name} allows",
+                                     str(self.sequence_length)))
+        if not 1 <= self.batch_size <= self.dataset_size:
+            errors.append(FieldError("spec.training.batchSize",
+                                     f"must be in [1, N={self.dataset_size}]",
+                                     str(self.batch_size)))
+        if self.physical_batch_size < 1:
+            errors.append(FieldError("spec.training.physicalBatchSize", "must be ≥ 1",
+                                     str(self.physical_batch_size)))
+        if self.iterations < 1:
+            errors.append(FieldError("spec.training.iterations", "must be ≥ 1",
+                                     str(self.iterations)))
+        if not self.noise_multiplier > 0:
+            errors.append(FieldError("spec.training.noiseMultiplier", "must be > 0",
+                                     str(self.noise_multiplier)))
+        if self.ledger_block < 1:
+            errors.append(FieldError("ledgerBlock", "must be ≥ 1", str(self.ledger_block)))
+        if errors:
+            raise InvalidJobError(errors)
+
+    @property
+    def sampling_rate(self) -> float:
+        """Q = B / N."""
+        return self.batch_size / self.dataset_size
+
+
+def shape_for(preset: str, *, vocab_size: int) -> ModelShape:
+    """The model named by a plan, with the tokenizer's vocabulary.
+
+    Raises:
+        InvalidJobError: an unknown preset (field ``spec.model.preset``).
+    """
+    try:
+        shape = get_preset(preset)
+    except KeyError as error:
+        raise InvalidJobError([FieldError("spec.model.preset", str(error.args[0]), preset)]
+                              ) from None
+    return shape if shape.vocab_size == vocab_size else shape.with_vocab(vocab_size)
+
+
+def config_from_plan(job: DPTrainingJob, plan: PlanStatus, *, dataset: PreparedDataset,
+                     output_dir: pathlib.Path, shape: ModelShape | None = None,
+                     checkpoint_dir: pathlib.Path | None = None, metrics_port: int | None = None,
+                     progress: bool = True, ledger_block: int = 1,
+                     initial_steps_charged: int = 0) -> TrainConfig:
+    """The configuration that carries out ``plan`` for ``job`` on ``dataset``.
+
+    Raises:
+        InvalidJobError: the plan does not fit the dataset or the model (names the field).
+    """
+    spec = job.spec
+    manifest = dataset.manifest
+    if plan.dataset_size != manifest.num_sequences:
+        raise InvalidJobError([FieldError(
+            "status.plan.datasetSize", f"the plan was made for N={plan.dataset_size} sequences "
+            f"but the prepared dataset has {manifest.num_sequences}", str(plan.dataset_size))])
+    vocab = int(manifest.tokenizer["vocab_size"])
+    model = shape if shape is not None else shape_for(plan.model_preset, vocab_size=vocab)
+    if model.vocab_size != vocab:
+        model = model.with_vocab(vocab)
+    training = spec.training
+    warmup = (training.warmup_steps if training.warmup_steps is not None
+              else max(0, round(0.05 * plan.iterations)))
+    ckpt = checkpoint_dir or _resolve(output_dir, spec.checkpoint.path, "checkpoints")
+    return TrainConfig(
+        job_name=job.metadata.name, shape=model, data_dir=dataset.directory,
+        dataset_size=manifest.num_sequences, sequence_length=manifest.sequence_length,
+        batch_size=plan.batch_size, physical_batch_size=plan.physical_batch_size,
+        iterations=plan.iterations, noise_multiplier=plan.noise_multiplier,
+        clip_norm=plan.clip_norm, learning_rate=plan.learning_rate, warmup_steps=warmup,
+        weight_decay=training.weight_decay, optimizer=training.optimizer,
+        microbatch_size=plan.microbatch_size or training.microbatch_size, seed=training.seed,
+        epsilon_budget=spec.privacy.epsilon, delta=spec.privacy.delta,
+        accountant=plan.accountant, checkpoint_dir=ckpt,
+        checkpoint_interval=spec.checkpoint.interval_steps, checkpoint_keep=spec.checkpoint.keep,
+        output_dir=output_dir, ledger_block=ledger_block, metrics_port=metrics_port,
+        progress=progress, initial_steps_charged=initial_steps_charged)
+
+
+def _resolve(base: pathlib.Path, path: str | None, default: str) -> pathlib.Path:
+    if path is None:
+        return base / default
+    candidate = pathlib.Path(path)
+    return candidate if candidate.is_absolute() else base / candidate

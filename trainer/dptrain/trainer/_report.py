@@ -1,0 +1,85 @@
+"""The run's report: ``report.json`` and PNG plots of the loss and ε over steps.
+
+``report.json`` always has ``epsilon_spent``, ``epsilon_budget``, ``delta``, ``steps``,
+``initial_loss``, ``final_loss``, ``tokens_per_second`` and ``end_state``, plus context (steps
+charged, plan, where the checkpoints are). Plots are drawn with matplotlib's Agg canvas directly
+(no global backend switch), so they work headless and in any thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from dptrain.trainer._loop import TrainResult
+
+REPORT_FILE = "report.json"
+LOSS_PLOT = "loss.png"
+EPSILON_PLOT = "epsilon.png"
+REPORT_KEYS = ("epsilon_spent", "epsilon_budget", "delta", "steps", "initial_loss", "final_loss",
+               "tokens_per_second", "end_state")
+
+
+def report_dict(result: TrainResult, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report's content."""
+    report: dict[str, Any] = {
+        "epsilon_spent": result.epsilon_spent,
+        "epsilon_budget": result.epsilon_budget,
+        "delta": result.delta,
+        "steps": result.step,
+        "initial_loss": result.initial_loss,
+        "final_loss": result.final_loss,
+        "tokens_per_second": result.tokens_per_second,
+        "end_state": result.end_state,
+        "steps_charged": result.steps_charged,
+        "checkpoint_dir": str(result.checkpoint_dir),
+    }
+    if extra:
+        report.update(extra)
+    return report
+
+
+def _plot(path: pathlib.Path, xs: Sequence[float], ys: Sequence[float], *, title: str,
+          ylabel: str, hline: float | None = None, step: bool = False) -> None:
+    figure = Figure(figsize=(6, 3.6), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    if step:
+        axes.step(xs, ys, where="post", color="tab:orange", label=ylabel)
+    else:
+        axes.plot(xs, ys, color="tab:blue", linewidth=1, label=ylabel)
+    if hline is not None:
+        axes.axhline(hline, color="tab:red", linestyle="--", label="budget")
+    axes.set_xlabel("step")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="best")
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def write_report(result: TrainResult, output_dir: str | os.PathLike[str],
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``report.json``, ``loss.png`` and ``epsilon.png`` into ``output_dir``."""
+    out = pathlib.Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = report_dict(result, extra)
+    steps = [h["step"] for h in result.history]
+    if steps:
+        _plot(out / LOSS_PLOT, steps, [h["loss"] for h in result.history],
+              title="training loss (sampled batches)", ylabel="loss (nats/token)")
+        _plot(out / EPSILON_PLOT, [0, *steps], [0.0, *(h["epsilon"] for h in result.history)],
+              title=f"privacy spent (δ = {result.delta:g})", ylabel="ε",
+              hline=result.epsilon_budget, step=True)
+        report["plots"] = [str(out / LOSS_PLOT), str(out / EPSILON_PLOT)]
+    tmp = out / f".{REPORT_FILE}.tmp"
+    tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out / REPORT_FILE)
+    return report
