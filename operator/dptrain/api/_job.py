@@ -81,6 +81,9 @@ class _Model(BaseModel):
         frozen=True,
         allow_inf_nan=False,
         use_attribute_docstrings=True,
+        # Strict: `true` is not 1.0 and "2" is not 2. The API server sees JSON numbers; a
+        # manifest with a string or a boolean where a number belongs is a mistake to report.
+        strict=True,
     )
 
 
@@ -165,7 +168,7 @@ class ComputeSpec(_Model):
     """Upper limit on accelerators per host (default: the accelerator's usual host)."""
     utilization: float | None = Field(default=None, gt=0, le=1)
     """Assumed model-FLOP utilisation for wall-time estimates (default per accelerator)."""
-    deadline: dt.datetime | None = None
+    deadline: Annotated[dt.datetime | None, Field(strict=False)] = None
     """Optional wall-clock deadline; plans that would finish later are rejected."""
 
 
@@ -352,7 +355,7 @@ class DPTrainingJob(BaseModel):
     """A differentially private training job."""
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid",
-                              frozen=True, allow_inf_nan=False)
+                              frozen=True, allow_inf_nan=False, strict=True)
 
     api_version: Literal["dptrain.io/v1alpha1"] = "dptrain.io/v1alpha1"
     kind: Literal["DPTrainingJob"] = "DPTrainingJob"

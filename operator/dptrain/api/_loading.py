@@ -81,6 +81,16 @@ def _rule(error: Mapping[str, Any]) -> str:
               "less_than_equal": "<="}[kind]
         bound = next(iter(ctx.values()), "?")
         return f"must be {op} {bound}"
+    if kind in {"float_type", "float_parsing"}:
+        return "must be a number"
+    if kind in {"int_type", "int_parsing", "int_from_float"}:
+        return "must be an integer"
+    if kind in {"bool_type", "bool_parsing"}:
+        return "must be a boolean"
+    if kind in {"string_type"}:
+        return "must be a string"
+    if kind in {"model_type", "dict_type", "model_attributes_type"}:
+        return "must be an object"
     if kind == "finite_number":
         return "must be a finite number (no NaN or infinity)"
     if kind == "string_pattern_mismatch":
