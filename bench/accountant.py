@@ -16,7 +16,7 @@ from dptrain.privacy import (
     calibrate_noise_multiplier,
     epsilon,
 )
-from dptrain.privacy._mechanism import base_pld
+from dptrain.privacy._mechanism import _rdp_one_step, base_pld
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, clear: Callable[[], None]) -> float:
@@ -33,7 +33,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    clear = base_pld.cache_clear
+    def clear() -> None:  # time cold computations: no cached PLD or RDP of one step
+        base_pld.cache_clear()
+        _rdp_one_step.cache_clear()
+
     print(f"{'what':<44} {'median':>12}")
     for steps in (1_000, 10_000, 100_000):
         for accountant in ("pld", "rdp"):
