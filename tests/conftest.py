@@ -57,3 +57,58 @@ def start_operator(kube_api, tmp_path: _Path, planner_cache_dir: _Path):
     finally:
         for process in started:
             process.stop()
+
+
+# --- trainer test fixtures (owned by the trainer work) -------------------------------------------
+# JAX is imported inside the fixtures so that collecting other areas' tests stays fast.
+
+MICRO_SEQUENCE_LENGTH = 16
+
+
+@_pytest.fixture(scope="session")
+def micro_shape():
+    """A one-layer decoder small enough to compile in seconds (all trainer tests share it)."""
+    from dptrain.planner import BYTE_VOCAB_SIZE, ModelShape
+
+    return ModelShape(name="micro", vocab_size=BYTE_VOCAB_SIZE, d_model=16, n_layers=1,
+                      n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32,
+                      max_seq_len=MICRO_SEQUENCE_LENGTH)
+
+
+@_pytest.fixture(scope="session")
+def micro_dataset(tmp_path_factory: _pytest.TempPathFactory):
+    """~300 sequences of 16 byte tokens from a small, repetitive JSONL corpus."""
+    import json
+
+    from dptrain.trainer import ByteTokenizer, prepare_dataset, source_from_spec
+
+    root = tmp_path_factory.mktemp("micro-data")
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    lines = [json.dumps({"text": " ".join(words[(i + j) % 8] for j in range(6))})
+             for i in range(120)]
+    (root / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    source = source_from_spec(path=str(root / "docs.jsonl"), builtin=None, fmt="jsonl",
+                              text_field="text")
+    return prepare_dataset(source, ByteTokenizer(), sequence_length=MICRO_SEQUENCE_LENGTH,
+                           out_dir=root / "prepared", progress=False)
+
+
+@_pytest.fixture()
+def micro_config(micro_shape, micro_dataset, tmp_path: _Path):
+    """Factory of TrainConfigs for the micro model; every test uses the same compiled step
+    unless it overrides a compile-time field (optimizer settings, clip norm, batch size)."""
+    from dptrain.trainer import TrainConfig
+
+    def make(**overrides):
+        values = dict(
+            job_name="micro", shape=micro_shape, data_dir=micro_dataset.directory,
+            dataset_size=micro_dataset.num_sequences, sequence_length=MICRO_SEQUENCE_LENGTH,
+            batch_size=8, physical_batch_size=32, iterations=12, noise_multiplier=1.0,
+            clip_norm=1.0, learning_rate=1e-2, warmup_steps=2, weight_decay=0.0,
+            optimizer="adamw", microbatch_size=None, seed=0, epsilon_budget=50.0, delta=1e-5,
+            accountant="rdp", checkpoint_dir=tmp_path / "ckpt", checkpoint_interval=4,
+            checkpoint_keep=5, output_dir=tmp_path / "out", progress=False)
+        values.update(overrides)
+        return TrainConfig(**values)
+
+    return make

@@ -7,8 +7,8 @@ import math
 import pytest
 
 from dptrain.planner import (
-    MemoryEstimate,
     InfeasibleBudgetError,
+    MemoryEstimate,
     candidate_slices,
     get_accelerator,
     get_preset,

@@ -1,4 +1,4 @@
-"""`dptrain plan` (the scaling-law planner) and `dptrain sweep` (measure a loss table)."""
+"""`dptrain plan`: the scaling-law planner from the command line (`sweep` is still to come)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ DEFAULT_PLOT_EPSILONS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """Add `plan` and `sweep`."""
+    """Add `plan`."""
     plan = subparsers.add_parser(
         "plan", parents=[common], help="choose model, batch, steps and noise for a job",
         description="Read a DPTrainingJob manifest and choose the model size, batch, number of "
@@ -29,10 +29,6 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     plan.add_argument("--plot", metavar="PNG",
                       help="write the privacy–utility–compute frontier to this PNG")
     plan.set_defaults(handler=_plan)
-
-    from dptrain.cli import _sweep
-
-    _sweep.register(subparsers, common)
 
 
 def _plan(args: argparse.Namespace) -> int:

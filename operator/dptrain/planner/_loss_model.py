@@ -234,7 +234,7 @@ class TableLossModel:
         # Extrapolation in T with a power law plus the model's σ̄ → 0 asymptote.
         tail = slice(n_nodes // 2, n_nodes)
         ext = [math.log(t_hi) + math.log(2.0) * j
-               for j in range(1, int(math.ceil(math.log2(EXTRAPOLATE_T_TO / t_hi))) + 1)]
+               for j in range(1, math.ceil(math.log2(EXTRAPOLATE_T_TO / t_hi)) + 1)]
         ext_nodes = np.array(ext)
         full = np.concatenate([log_nodes, ext_nodes])
         extended = np.empty((len(models), len(full), len(ratios)))
@@ -299,7 +299,8 @@ class TableLossModel:
             slope = np.maximum(0.0, (top - prev) / (r_top - r_prev))
             base[above] = top + slope * (r.ravel()[above] - r_top)
         base = np.minimum(base, math.log(self.loss_ceiling))
-        return np.exp(base).reshape(m.shape)
+        out: np.ndarray = np.exp(base).reshape(m.shape)
+        return out
 
     def extrapolation(self, model_params: float, steps: float,
                       noise_batch_ratio: float) -> list[str]:

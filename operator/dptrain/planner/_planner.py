@@ -178,9 +178,9 @@ def _check_pins(spec: DPTrainingJobSpec, n: int, model: ModelShape | None,
                                      + ", ".join(PRESETS) + ", or scaled-L1 … scaled-L"
                                      + str(MAX_SCALED_LAYERS) + ")", repr(spec.model.preset)))
     else:
-        vocab = BYTE_VOCAB_SIZE
-        named = [PRESETS[p] for p in SEARCHED_PRESETS if PRESETS[p].max_seq_len >= data.sequence_length]
-        family = [family_shape(k, vocab_size=vocab, max_seq_len=max(4096, data.sequence_length))
+        seq = data.sequence_length
+        named = [PRESETS[p] for p in SEARCHED_PRESETS if PRESETS[p].max_seq_len >= seq]
+        family = [family_shape(k, vocab_size=BYTE_VOCAB_SIZE, max_seq_len=max(4096, seq))
                   for k in range(1, MAX_SCALED_LAYERS + 1)]
         shapes = sorted(named + family, key=lambda s: (s.param_count, s.name))
     if shapes and shapes[0].max_seq_len < data.sequence_length and len(shapes) == 1:
@@ -231,17 +231,20 @@ def _compute_budget(spec: DPTrainingJobSpec, accelerator: AcceleratorSpec,
 def _deadline_seconds(deadline: dt.datetime | None, now: dt.datetime | None) -> float | None:
     if deadline is None:
         return None
-    current = now or dt.datetime.now(dt.timezone.utc)
+    current = now or dt.datetime.now(dt.UTC)
     if deadline.tzinfo is None:
-        deadline = deadline.replace(tzinfo=dt.timezone.utc)
+        deadline = deadline.replace(tzinfo=dt.UTC)
     if current.tzinfo is None:
-        current = current.replace(tzinfo=dt.timezone.utc)
+        current = current.replace(tzinfo=dt.UTC)
     return max(0.0, (deadline - current).total_seconds())
 
 
 def _preference(result: SearchResult, bounded: bool) -> np.ndarray:
-    """Indices in the order to try: best loss first; without a compute budget, the cheapest
-    configuration within 1% of the best loss first (more compute buys < 1%)."""
+    """Indices in the order to try.
+
+    Best loss first; without a compute budget, the cheapest configuration within 1% of the best
+    loss first (more compute buys < 1%).
+    """
     if bounded:
         return np.arange(len(result))
     near = result.loss <= result.loss[0] * (1 + NEAR_OPTIMAL_RTOL)
@@ -305,6 +308,10 @@ def _finalize(spec: DPTrainingJobSpec, shapes: list[ModelShape], result: SearchR
                                          np.array(ratio)))
     warnings += [f"loss model: {w}" for w in
                  loss_model.extrapolation(shape.param_count, max_steps, ratio)]
+    provenance = loss_model.describe().get("metadata") or {}
+    if provenance.get("measured") is False:
+        warnings.append(f"loss model: the table is {provenance.get('kind', 'not measured')} "
+                        f"(not measured); predicted losses are indicative only")
     if budget is None and training.iterations is None:
         warnings.append("no compute budget: chose the cheapest configuration within 1% of the "
                         "best predicted loss")
@@ -323,7 +330,8 @@ def _finalize(spec: DPTrainingJobSpec, shapes: list[ModelShape], result: SearchR
         loss_model=loss_model.describe())
 
 
-def _runners_up(result: SearchResult, chosen: int, shapes: list[ModelShape]) -> tuple[Candidate, ...]:
+def _runners_up(result: SearchResult, chosen: int,
+                shapes: list[ModelShape]) -> tuple[Candidate, ...]:
     """Configurations within 1% of the best loss, best first, one per (model, batch)."""
     limit = result.loss[0] * (1 + NEAR_OPTIMAL_RTOL)
     seen = {(int(result.model_index[chosen]), int(result.batch[chosen]))}
@@ -346,8 +354,11 @@ def _runners_up(result: SearchResult, chosen: int, shapes: list[ModelShape]) -> 
 
 def _bound(result: SearchResult, idx: int, b: int, t: int, n: int, budget: float | None,
            spec: DPTrainingJobSpec) -> Bound:
-    """Why the search stopped here: the next grid step in T would break the compute budget
-    (compute), the batch is the whole dataset (data), or else the noise the ε budget forces."""
+    """Why the search stopped where it did.
+
+    ``compute``: the next grid step in T would break the compute budget; ``data``: the batch is
+    the whole dataset; else ``privacy``: the noise the ε budget forces.
+    """
     step = 2.0 ** (1.0 / SearchSpace().grid_per_octave)
     if budget is not None and result.flops[idx] * step > budget:
         return "compute"
@@ -393,7 +404,7 @@ def _raise_privacy(shapes: list[ModelShape], n: int, seq_len: int, eps: float,
 
 
 def _round_up(x: float) -> float:
-    """x rounded up to two significant digits."""
+    """X rounded up to two significant digits."""
     if x <= 0 or not math.isfinite(x):
         return x
     scale = 10.0 ** (math.floor(math.log10(x)) - 1)
@@ -401,7 +412,7 @@ def _round_up(x: float) -> float:
 
 
 def _round_down(x: float) -> float:
-    """x rounded down to one significant digit."""
+    """X rounded down to one significant digit."""
     scale = 10.0 ** math.floor(math.log10(x))
     return math.floor(x / scale + 1e-9) * scale
 

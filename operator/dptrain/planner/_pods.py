@@ -176,7 +176,8 @@ def size_pod(shape: ModelShape, accelerator: AcceleratorSpec, slices: list[Slice
     """
     util = utilization if utilization is not None else accelerator.default_utilization
     deadline = target_wall_seconds is not None
-    target = target_wall_seconds if deadline else DEFAULT_TARGET_WALL_SECONDS
+    target = (target_wall_seconds if target_wall_seconds is not None
+              else DEFAULT_TARGET_WALL_SECONDS)
     best: PodPlan | None = None
     for sl in slices:
         # JAX sees one CPU device per process: on CPU the data-parallel width is the host count

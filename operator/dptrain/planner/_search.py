@@ -85,7 +85,8 @@ class SearchResult:
 
 
 def search(shapes: list[ModelShape], *, dataset_size: int, seq_len: int, epsilon: float,
-           table: SigmaTable | SigmaFn, loss_model: LossModel, batches: np.ndarray, steps: np.ndarray,
+           table: SigmaTable | SigmaFn, loss_model: LossModel, batches: np.ndarray,
+           steps: np.ndarray,
            compute_budget: float | None, sigma_pinned: float | None = None,
            max_seconds: float | None = None,
            seconds_per_flop: np.ndarray | None = None) -> SearchResult:
@@ -106,9 +107,9 @@ def search(shapes: list[ModelShape], *, dataset_size: int, seq_len: int, epsilon
         seconds_per_flop: wall seconds per 6·M·B·S·T FLOP on the fastest allowed slice.
     """
     params = np.array([s.param_count for s in shapes], float)
-    mi, bi, ti = np.meshgrid(np.arange(len(shapes)), np.arange(len(batches)),
-                             np.arange(len(steps)), indexing="ij")
-    mi, bi, ti = mi.ravel(), bi.ravel(), ti.ravel()
+    grids = np.meshgrid(np.arange(len(shapes)), np.arange(len(batches)),
+                        np.arange(len(steps)), indexing="ij")
+    mi, bi, ti = (g.ravel() for g in grids)
     b = batches[bi].astype(float)
     t = steps[ti].astype(float)
     flops = 6.0 * params[mi] * b * seq_len * t
@@ -131,7 +132,8 @@ def search(shapes: list[ModelShape], *, dataset_size: int, seq_len: int, epsilon
     else:
         feasible = np.isfinite(needed) & (needed <= SIGMA_MAX)
         sigma = needed
-    mi, b, t, flops, sigma = mi[feasible], b[feasible], t[feasible], flops[feasible], sigma[feasible]
+    mi, b, t = mi[feasible], b[feasible], t[feasible]
+    flops, sigma = flops[feasible], sigma[feasible]
     if len(b) == 0:
         return _empty(n_compute)
     ratio = sigma / b

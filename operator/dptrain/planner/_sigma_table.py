@@ -34,7 +34,7 @@ from scipy.interpolate import RegularGridInterpolator
 
 from dptrain.privacy import TRUNCATION_DELTA_SHARE, DpSgdMechanism, epsilon
 
-TABLE_VERSION = 1
+TABLE_VERSION = 2
 LOG2_Q_STEP = 2.0  # q = 4^-i
 LOG2_SIGMA = np.arange(-4, 29) / 2.0  # σ = 2^(k/2): 0.25 … 16384
 LOG2_STEPS = np.arange(0, 49) / 2.0  # T = 2^(j/2): 1 … 16.8M
@@ -174,7 +174,10 @@ class SigmaTable:
             row = np.array([epsilon(mechanism, int(t)) for t in self.steps])
             log_eps[k] = np.log(np.maximum(row, 1e-12))
             if row[-1] < EPSILON_FLOOR:
-                break  # more noise only lowers ε further: leave the floor in the rest
+                # More noise is not evaluated: repeat this row (as if more noise bought no
+                # less ε), so budgets below the floor read as infeasible, never as cheap.
+                log_eps[k + 1:] = log_eps[k]
+                break
         self.slices_computed += 1
         return log_eps
 
@@ -194,7 +197,7 @@ class SigmaTable:
             self._save()
 
     def log_epsilon(self, index: int) -> np.ndarray:
-        """log ε over (σ, T) of one slice."""
+        """Log ε over (σ, T) of one slice."""
         self.ensure([index])
         return self._slices[index]
 

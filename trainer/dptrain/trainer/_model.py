@@ -39,7 +39,8 @@ class RMSNorm(eqx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalise the last axis."""
         mean_square = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
-        return x * jax.lax.rsqrt(mean_square + _NORM_EPS) * (1.0 + self.scale)
+        gain = (1.0 + self.scale).reshape((1,) * (x.ndim - 1) + (-1,))
+        return x * jax.lax.rsqrt(mean_square + _NORM_EPS) * gain
 
 
 def apply_rope(x: jax.Array, positions: jax.Array) -> jax.Array:

@@ -1,0 +1,104 @@
+"""The table loss model: smoothing (isotonic, min over learning rates), interpolation and
+extrapolation reporting. Tables here are synthetic test inputs, written by the tests."""
+
+from __future__ import annotations
+
+import csv
+import math
+import pathlib
+
+import numpy as np
+import pytest
+
+from dptrain.planner import TableLossModel, default_loss_model
+
+MODELS = (1e5, 1e6, 1e7)
+RATIOS = tuple(2.0**-k for k in (4, 8, 12))
+STEPS = tuple(round(10**x) for x in np.arange(2.0, 4.01, 0.25))
+
+
+def _truth(m: float, t: float, r: float) -> float:
+    return 1.0 + 17.8 * m**-0.25 + 30 * t**-0.5 + 2.0 * math.sqrt(r) * m**0.15 / t**0.05
+
+
+def _write(path: pathlib.Path, *, noise: float = 0.0, lrs: tuple[float, ...] = (1e-3,),
+           skip: tuple[float, float] | None = None,
+           steps: tuple[int, ...] = STEPS) -> pathlib.Path:
+    rng = np.random.default_rng(0)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["model_params", "noise_batch_ratio", "learning_rate", "step", "loss",
+                         "seed"])
+        for m in MODELS:
+            for r in RATIOS:
+                if skip == (m, r):
+                    continue
+                for lr in lrs:
+                    for t in steps:
+                        penalty = 0.0 if lr == lrs[-1] else 0.3
+                        loss = _truth(m, t, r) + penalty + noise * rng.standard_normal()
+                        writer.writerow([m, r, lr, t, loss, 0])
+    return path
+
+
+def test_interpolation_reproduces_the_table_at_its_nodes(tmp_path: pathlib.Path) -> None:
+    model = TableLossModel.from_csv(_write(tmp_path / "t.csv"))
+    for m in MODELS:
+        for r in RATIOS:
+            got = float(model.predict(np.array(m), np.array(5623.0), np.array(r)))
+            assert got == pytest.approx(_truth(m, 5623, r), rel=0.01)
+
+
+def test_minimum_over_learning_rates_and_best_learning_rate(tmp_path: pathlib.Path) -> None:
+    model = TableLossModel.from_csv(_write(tmp_path / "t.csv", lrs=(1e-3, 3e-3)))
+    got = float(model.predict(np.array(1e6), np.array(5623.0), np.array(RATIOS[1])))
+    assert got == pytest.approx(_truth(1e6, 5623, RATIOS[1]), rel=0.01)  # not +0.3
+    assert model.learning_rate(1e6, RATIOS[1]) == 3e-3
+
+
+def test_smoothing_makes_noisy_tables_monotone_in_steps_and_noise(tmp_path: pathlib.Path) -> None:
+    model = TableLossModel.from_csv(_write(tmp_path / "t.csv", noise=0.05))
+    t = np.geomspace(100, 1e7, 60)
+    r = np.geomspace(1e-5, 1.0, 60)
+    for m in (1e5, 3e6, 1e7):
+        along_t = model.predict(np.full_like(t, m), t, np.full_like(t, 1e-3))
+        assert np.all(np.diff(along_t) <= 1e-12)
+        along_r = model.predict(np.full_like(r, m), np.full_like(r, 3000.0), r)
+        assert np.all(np.diff(along_r) >= -1e-12)
+
+
+def test_extrapolation_is_reported_outside_the_domain(tmp_path: pathlib.Path) -> None:
+    model = TableLossModel.from_csv(_write(tmp_path / "t.csv"))
+    assert model.extrapolation(1e6, 3000, 1e-3) == []
+    notes = " ".join(model.extrapolation(1e9, 1e6, 0.5))
+    assert "model size" in notes and "power-law" in notes and "noise-batch ratio" in notes
+    # T beyond the table follows the fitted power law: below the last measured loss.
+    last = float(model.predict(np.array(1e6), np.array(1e4), np.array(1e-3)))
+    far = float(model.predict(np.array(1e6), np.array(1e6), np.array(1e-3)))
+    assert far < last
+
+
+def test_short_curves_keep_early_steps_and_say_so(tmp_path: pathlib.Path) -> None:
+    model = TableLossModel.from_csv(_write(tmp_path / "t.csv", steps=(50, 100, 200, 400, 800)))
+    assert "first" in model.describe()["dropped"]  # no point at T >= 1000
+    assert model.measured_steps[0] <= 100
+    paper = TableLossModel.from_csv(_write(tmp_path / "p.csv"))
+    assert paper.describe()["dropped"] == "T < 1000"
+    assert paper.measured_steps[0] == 1000
+
+
+def test_bad_tables_are_rejected_with_the_reason(tmp_path: pathlib.Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("model_params,step,loss\n1,2,3\n")
+    with pytest.raises(ValueError, match="missing column"):
+        TableLossModel.from_csv(bad)
+    with pytest.raises(ValueError, match="not a full grid"):
+        TableLossModel.from_csv(_write(tmp_path / "holes.csv", skip=(1e6, RATIOS[0])))
+
+
+def test_the_shipped_table_loads_with_provenance() -> None:
+    model = default_loss_model()
+    info = model.describe()
+    assert info["metadata"], "the shipped table needs a provenance file"
+    assert "measured" in info["metadata"]
+    assert float(model.predict(np.array(1e6), np.array(1000.0), np.array(1e-3))) > 0

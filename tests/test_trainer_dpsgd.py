@@ -1,0 +1,177 @@
+"""Reduction and statistical tests of the DP-SGD step (dptrain.trainer._dpsgd guarantees)."""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dptrain.trainer import (
+    DpSgdConfig,
+    add_noise,
+    build_model,
+    clip_and_sum,
+    make_dp_step,
+    make_mesh,
+    make_plain_step,
+    model_loss_fn,
+)
+from dptrain.trainer._dpsgd import global_norms, replicate, shard_batch
+
+ROWS, LENGTH = 8, 16
+NO_CLIP = 1e9  # C/max(‖g‖, C) is exactly 1 for every realistic gradient
+
+
+@pytest.fixture(scope="module")
+def setup(micro_shape):
+    jax.config.update("jax_numpy_rank_promotion", "raise")
+    model = build_model(micro_shape, key=jax.random.key(1))
+    params, static = eqx.partition(model, eqx.is_array)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, 259, size=(ROWS, LENGTH)).astype(np.int32)
+    yield params, static, tokens, make_mesh(jax.devices()[:1])
+    jax.config.update("jax_numpy_rank_promotion", "allow")
+
+
+@pytest.fixture(scope="module")
+def sgd_step(setup):
+    """One compiled DP step with SGD(lr=1) and no clipping: the update is -(noisy sum)/B."""
+    params, static, _, mesh = setup
+    config = DpSgdConfig(clip_norm=NO_CLIP, expected_batch_size=ROWS)
+    return make_dp_step(model_loss_fn(static), optax.sgd(1.0), config, mesh)
+
+
+def run(step, setup, tokens, mask, sigma=0.0, optimizer=None, step_index=0):
+    params, _, _, mesh = setup
+    optimizer = optimizer or optax.sgd(1.0)
+    p = replicate(mesh, params)
+    state = replicate(mesh, optimizer.init(params))
+    t, m = shard_batch(mesh, tokens, mask)
+    root = np.asarray(jax.random.key_data(jax.random.key(7)))
+    new, _, metrics = step(p, state, t, m, root, np.int32(step_index), np.float32(sigma))
+    update = jax.tree_util.tree_map(lambda a, b: np.asarray(a) - np.asarray(b), new, params)
+    return update, metrics
+
+
+def flat(tree):
+    return np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(tree)])
+
+
+def test_no_clipping_no_noise_equals_sgd_on_the_mean_gradient(setup, sgd_step):
+    params, static, tokens, mesh = setup
+    update, _ = run(sgd_step, setup, tokens, np.ones(ROWS, bool))
+    loss = model_loss_fn(static)
+    mean_grad = jax.grad(lambda p: jnp.mean(jax.vmap(loss, in_axes=(None, 0))(p, tokens)))(params)
+    expected = -flat(mean_grad)
+    got = flat(update)
+    scale = np.max(np.abs(expected))
+    assert scale > 1e-4
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * scale)
+
+
+def test_plain_step_matches_dp_step_without_clipping_or_noise(setup, sgd_step):
+    params, static, tokens, mesh = setup
+    plain = make_plain_step(model_loss_fn(static), optax.sgd(1.0), mesh)
+    dp_update, _ = run(sgd_step, setup, tokens, np.ones(ROWS, bool))
+    plain_update, _ = run(plain, setup, tokens, np.ones(ROWS, bool))
+    scale = np.max(np.abs(flat(plain_update)))
+    np.testing.assert_allclose(flat(dp_update), flat(plain_update), atol=1e-5 * scale)
+
+
+def test_clipped_per_example_gradients_have_norm_at_most_c(setup):
+    params, static, tokens, _ = setup
+    grads = jax.vmap(jax.grad(model_loss_fn(static)), in_axes=(None, 0))(params, tokens)
+    norms = np.asarray(global_norms(grads))
+    clip = float(np.median(norms))  # half the examples are clipped
+    for i in range(ROWS):
+        one = jax.tree_util.tree_map(lambda g, i=i: g[i:i + 1], grads)
+        summed, _ = clip_and_sum(one, jnp.ones(1, bool), clip)
+        norm = float(np.linalg.norm(flat(summed)))
+        assert norm <= clip * (1 + 1e-5)
+        if norms[i] <= clip:  # small gradients pass unchanged
+            np.testing.assert_allclose(flat(summed), flat(one), rtol=1e-6, atol=1e-9)
+        else:  # large ones are scaled to exactly C
+            assert norm == pytest.approx(clip, rel=1e-5)
+
+
+def test_padding_rows_change_nothing(setup, sgd_step):
+    _, _, tokens, _ = setup
+    mask = np.array([True] * 5 + [False] * 3)
+    garbage = tokens.copy()
+    garbage[5:] = np.random.default_rng(1).integers(3, 259, size=(3, LENGTH))
+    a, metrics = run(sgd_step, setup, tokens, mask)
+    b, _ = run(sgd_step, setup, garbage, mask)
+    assert np.array_equal(flat(a), flat(b))  # bit-for-bit: padding adds exact zeros
+    assert float(metrics.real_rows) == 5
+
+
+def test_noisy_sum_is_divided_by_the_expected_batch_size(setup):
+    params, static, tokens, mesh = setup
+    mask = np.array([True] * 4 + [False] * 4)  # realised batch 4
+    updates = []
+    for expected in (4.0, 16.0):
+        step = make_dp_step(model_loss_fn(static), optax.sgd(1.0),
+                            DpSgdConfig(clip_norm=NO_CLIP, expected_batch_size=expected), mesh)
+        updates.append(flat(run(step, setup, tokens, mask)[0]))
+    # Same realised rows, expected batch 4× larger: the update is 4× smaller, not unchanged.
+    np.testing.assert_allclose(updates[1] * 4, updates[0], rtol=1e-5,
+                               atol=1e-7 * np.max(np.abs(updates[0])))
+
+
+def test_microbatch_size_does_not_change_the_step(setup, sgd_step):
+    params, static, tokens, mesh = setup
+    step = make_dp_step(model_loss_fn(static), optax.sgd(1.0),
+                        DpSgdConfig(clip_norm=NO_CLIP, expected_batch_size=ROWS,
+                                    microbatch_size=2), mesh)
+    whole, _ = run(sgd_step, setup, tokens, np.ones(ROWS, bool))
+    micro, _ = run(step, setup, tokens, np.ones(ROWS, bool))
+    np.testing.assert_allclose(flat(micro), flat(whole),
+                               atol=1e-6 * np.max(np.abs(flat(whole))))
+
+
+def _variance_z(samples: np.ndarray, std: float) -> float:
+    """z-score of the sample variance against std² (Var of s² is 2σ⁴/n for Gaussian data)."""
+    n = samples.size
+    return (np.mean(samples**2) / std**2 - 1.0) / math.sqrt(2.0 / n)
+
+
+def test_add_noise_has_the_requested_scale_and_a_wrong_scale_is_rejected():
+    std = 0.37
+    zeros = {"a": jnp.zeros((300, 200)), "b": jnp.zeros((40_000,))}
+    noisy = flat(add_noise(zeros, jax.random.key(3), std))
+    assert abs(np.mean(noisy)) < 5 * std / math.sqrt(noisy.size)
+    assert abs(_variance_z(noisy, std)) < 5
+    # Power check: the same statistic rejects a scale only 5% off (z ≈ 0.1/0.0045 ≈ 22).
+    assert abs(_variance_z(noisy, std * 1.05)) > 5
+    assert abs(_variance_z(noisy, std / 1.05)) > 5
+
+
+def test_dp_step_noise_is_sigma_c_over_expected_batch(setup):
+    """The privatised update minus the noiseless one is N(0, (σC/B)²) per coordinate."""
+    params, static, tokens, mesh = setup
+    clip, sigma = 0.5, 2.0
+    step = make_dp_step(model_loss_fn(static), optax.sgd(1.0),
+                        DpSgdConfig(clip_norm=clip, expected_batch_size=ROWS), mesh)
+    clean, _ = run(step, setup, tokens, np.ones(ROWS, bool), sigma=0.0)
+    noisy, _ = run(step, setup, tokens, np.ones(ROWS, bool), sigma=sigma)
+    noise = flat(noisy) - flat(clean)
+    expected_std = sigma * clip / ROWS
+    assert noise.size > 5000
+    assert abs(_variance_z(noise, expected_std)) < 5
+    # A noise that was divided by the realised batch, or not multiplied by C, would fail:
+    assert abs(_variance_z(noise, sigma / ROWS)) > 5
+    assert abs(_variance_z(noise, expected_std * 1.1)) > 5
+
+
+def test_noise_is_a_function_of_the_step(setup):
+    params, static, tokens, mesh = setup
+    step = make_dp_step(model_loss_fn(static), optax.sgd(1.0),
+                        DpSgdConfig(clip_norm=1.0, expected_batch_size=ROWS), mesh)
+    a, _ = run(step, setup, tokens, np.ones(ROWS, bool), sigma=1.0, step_index=3)
+    b, _ = run(step, setup, tokens, np.ones(ROWS, bool), sigma=1.0, step_index=3)
+    c, _ = run(step, setup, tokens, np.ones(ROWS, bool), sigma=1.0, step_index=4)
+    assert np.array_equal(flat(a), flat(b))
+    assert not np.allclose(flat(a), flat(c))
