@@ -63,6 +63,9 @@ def start_operator(kube_api, tmp_path: _Path, planner_cache_dir: _Path):
 # JAX is imported inside the fixtures so that collecting other areas' tests stays fast.
 
 MICRO_SEQUENCE_LENGTH = 16
+# The trainer tests compile many tiny programs: skipping LLVM's optimisations halves compile time,
+# and tiny programs run fast either way. (Only JAX reads XLA_FLAGS; an explicit setting wins.)
+_os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 
 @_pytest.fixture(scope="session")

@@ -64,7 +64,11 @@ def merged(old_status, decision):
     return status
 
 
-def run(b, observed=Observed(), now=NOW, tools=None, settings=Settings()):
+NOTHING = Observed()
+DEFAULTS = Settings()
+
+
+def run(b, observed=NOTHING, now=NOW, tools=None, settings=DEFAULTS):
     return decide(b, observed, now, tools=tools or FakeTools(), settings=settings)
 
 

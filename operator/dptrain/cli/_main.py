@@ -11,12 +11,13 @@ from dptrain.cli import (
     _operator_commands,
     _planner_commands,
     _privacy_commands,
+    _sweep_commands,
     _trainer_commands,
 )
 from dptrain.cli._output import EXIT_USAGE, CliError, json_parent
 
-_GROUPS = (_privacy_commands, _api_commands, _planner_commands, _trainer_commands,
-           _operator_commands)
+_GROUPS = (_privacy_commands, _api_commands, _planner_commands, _sweep_commands,
+           _trainer_commands, _operator_commands)
 
 
 class _Parser(argparse.ArgumentParser):

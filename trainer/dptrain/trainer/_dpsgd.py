@@ -147,17 +147,28 @@ def local_clipped_sum(loss_fn: LossFn, params: Params, tokens: jax.Array, mask: 
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     scalar = jnp.zeros((), jnp.float32)
-    (grad_sum, loss_sum, norm_sum, clipped), _ = jax.lax.scan(
-        accumulate, (zeros, scalar, scalar, scalar), (token_mb, mask_mb))
+    init = (zeros, scalar, scalar, scalar)
+    if token_mb.shape[0] == 1:  # one microbatch: no loop (compiles faster)
+        return accumulate(init, (token_mb[0], mask_mb[0]))[0]
+    (grad_sum, loss_sum, norm_sum, clipped), _ = jax.lax.scan(accumulate, init,
+                                                              (token_mb, mask_mb))
     return grad_sum, loss_sum, norm_sum, clipped
 
 
 def add_noise(grad_sum: Params, key: jax.Array, std: jax.Array | float) -> Params:
-    """``grad_sum`` plus i.i.d. ``N(0, std²)`` on every coordinate (one key split per leaf)."""
+    """``grad_sum`` plus i.i.d. ``N(0, std²)`` on every coordinate.
+
+    One draw of the total size is cut into the leaves: a single PRNG computation compiles much
+    faster than one per leaf, and the coordinates are i.i.d. either way.
+    """
     leaves, treedef = jax.tree_util.tree_flatten(grad_sum)
-    keys = jax.random.split(key, len(leaves))
-    noisy = [leaf + std * jax.random.normal(k, leaf.shape, leaf.dtype)
-             for leaf, k in zip(leaves, keys, strict=True)]
+    sizes = [leaf.size for leaf in leaves]
+    draw = jax.random.normal(key, (sum(sizes),), jnp.float32)
+    noisy, offset = [], 0
+    for leaf, size in zip(leaves, sizes, strict=True):
+        chunk = jax.lax.dynamic_slice_in_dim(draw, offset, size).reshape(leaf.shape)
+        noisy.append(leaf + (std * chunk).astype(leaf.dtype))
+        offset += size
     return jax.tree_util.tree_unflatten(treedef, noisy)
 
 
@@ -236,9 +247,11 @@ def make_plain_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
             value, grads = jax.value_and_grad(summed_loss)(params, *batch)
             return (jax.tree_util.tree_map(jnp.add, grad_sum, grads), loss_sum + value), None
 
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-        (grad_sum, loss_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)),
-                                               (token_mb, mask_mb))
+        init = (jax.tree_util.tree_map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
+        if token_mb.shape[0] == 1:
+            grad_sum, loss_sum = accumulate(init, (token_mb[0], mask_mb[0]))[0]
+        else:
+            (grad_sum, loss_sum), _ = jax.lax.scan(accumulate, init, (token_mb, mask_mb))
         real = jnp.sum(mask.astype(jnp.float32))
         return jax.lax.psum((grad_sum, loss_sum, real), DATA_AXIS)
 

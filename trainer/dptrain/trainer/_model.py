@@ -17,6 +17,7 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dptrain.planner import ModelShape
 
@@ -24,8 +25,20 @@ _ROPE_BASE = 10_000.0
 _NORM_EPS = 1e-6
 
 
-def _normal(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
-    return jax.random.normal(key, shape, jnp.float32) / math.sqrt(fan_in)
+def host_rng(key: jax.Array) -> np.random.Generator:
+    """A numpy stream determined by a JAX key, for initialisation.
+
+    Initialising on the host avoids compiling a PRNG program per weight shape (seconds each on
+    CPU) while staying a pure function of the key.
+    """
+    words = np.asarray(jax.random.key_data(key), dtype=np.uint64).ravel()
+    return np.random.Generator(np.random.Philox(key=int(words[0]) << 32 | int(words[-1])))
+
+
+def _normal(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int,
+            scale: float = 1.0) -> jax.Array:
+    values = rng.standard_normal(shape, dtype=np.float32) * np.float32(scale / math.sqrt(fan_in))
+    return jnp.asarray(values)
 
 
 class RMSNorm(eqx.Module):
@@ -62,13 +75,12 @@ class Attention(eqx.Module):
     wv: jax.Array  # [d_model, n_kv_heads, head_dim]
     wo: jax.Array  # [n_heads, head_dim, d_model]
 
-    def __init__(self, shape: ModelShape, *, key: jax.Array) -> None:
-        kq, kk, kv, ko = jax.random.split(key, 4)
+    def __init__(self, shape: ModelShape, *, rng: np.random.Generator) -> None:
         d, h, g, k = shape.d_model, shape.n_heads, shape.n_kv_heads, shape.head_dim
-        self.wq = _normal(kq, (d, h, k), d)
-        self.wk = _normal(kk, (d, g, k), d)
-        self.wv = _normal(kv, (d, g, k), d)
-        self.wo = _normal(ko, (h, k, d), h * k)
+        self.wq = _normal(rng, (d, h, k), d)
+        self.wk = _normal(rng, (d, g, k), d)
+        self.wv = _normal(rng, (d, g, k), d)
+        self.wo = _normal(rng, (h, k, d), h * k)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Attend over ``x`` (``[L, d_model]``), each position seeing itself and the past."""
@@ -97,11 +109,10 @@ class GeGLU(eqx.Module):
     w_up: jax.Array  # [d_model, d_ff]
     w_down: jax.Array  # [d_ff, d_model]
 
-    def __init__(self, shape: ModelShape, *, key: jax.Array) -> None:
-        kg, ku, kd = jax.random.split(key, 3)
-        self.w_gate = _normal(kg, (shape.d_model, shape.d_ff), shape.d_model)
-        self.w_up = _normal(ku, (shape.d_model, shape.d_ff), shape.d_model)
-        self.w_down = _normal(kd, (shape.d_ff, shape.d_model), shape.d_ff)
+    def __init__(self, shape: ModelShape, *, rng: np.random.Generator) -> None:
+        self.w_gate = _normal(rng, (shape.d_model, shape.d_ff), shape.d_model)
+        self.w_up = _normal(rng, (shape.d_model, shape.d_ff), shape.d_model)
+        self.w_down = _normal(rng, (shape.d_ff, shape.d_model), shape.d_ff)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the MLP position-wise to ``x`` (``[L, d_model]``)."""
@@ -116,12 +127,11 @@ class Block(eqx.Module):
     mlp_norm: RMSNorm
     mlp: GeGLU
 
-    def __init__(self, shape: ModelShape, *, key: jax.Array) -> None:
-        ka, km = jax.random.split(key)
+    def __init__(self, shape: ModelShape, *, rng: np.random.Generator) -> None:
         self.attn_norm = RMSNorm(shape.d_model)
-        self.attn = Attention(shape, key=ka)
+        self.attn = Attention(shape, rng=rng)
         self.mlp_norm = RMSNorm(shape.d_model)
-        self.mlp = GeGLU(shape, key=km)
+        self.mlp = GeGLU(shape, rng=rng)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """The block's residual update of ``x`` (``[L, d_model]``)."""
@@ -138,12 +148,12 @@ class Decoder(eqx.Module):
     max_seq_len: int = eqx.field(static=True)
 
     def __init__(self, shape: ModelShape, *, key: jax.Array) -> None:
-        ke, kb = jax.random.split(key)
+        rng = host_rng(key)
         # A small fixed scale (GPT-2's 0.02) keeps initial logits near uniform at every width, so
         # the initial loss starts near ln(vocab) instead of above it.
-        self.embedding = 0.02 * jax.random.normal(ke, (shape.vocab_size, shape.d_model))
-        block_keys = jax.random.split(kb, shape.n_layers)
-        self.blocks = eqx.filter_vmap(lambda k: Block(shape, key=k))(block_keys)
+        self.embedding = _normal(rng, (shape.vocab_size, shape.d_model), 1, scale=0.02)
+        blocks = [Block(shape, rng=rng) for _ in range(shape.n_layers)]
+        self.blocks = jax.tree_util.tree_map(lambda *layers: jnp.stack(layers), *blocks)
         self.final_norm = RMSNorm(shape.d_model)
         self.max_seq_len = shape.max_seq_len
 

@@ -1,0 +1,493 @@
+"""`dptrain sweep`: measure a loss table for the planner with the real DP-SGD step.
+
+The sweep trains every (model preset, noise-batch ratio σ̄, learning rate) of a grid for the same
+number of steps on the same data and logs the training loss every ``--log-every`` steps. The rows
+(``model_params, noise_batch_ratio, learning_rate, step, loss`` plus metadata columns) are the
+results table :class:`dptrain.planner.TableLossModel` reads; a provenance JSON next to it records
+the grid, the settings, the data and the environment (``"measured": true``).
+
+Each run is the trainer's DP-SGD step (:func:`dptrain.trainer.make_dp_step`: per-example clipping,
+one Gaussian draw per step, normalisation by the expected batch) on Poisson batches from the
+trainer's sampler, with the trainer's optimizer and schedule, at σ = σ̄·B. The privacy ledger and
+budget guard of ``dptrain train`` are *not* used: these runs measure loss, not privacy — tiny σ̄
+values have astronomically large ε — and no privacy guarantee is claimed for them.
+
+Runs are ordered preset → learning rate → σ̄, so that one compiled step (σ is an argument) serves
+all σ̄ of a (preset, learning rate), and every run shares the seed (initialisation, batches and the
+noise direction), so that differences between σ̄ are not sampling luck. The table is rewritten
+after every run, so ``--resume`` can continue an interrupted sweep (e.g. a long one on GPUs).
+JAX and the trainer are imported inside the handler only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime as dt
+import importlib.metadata
+import json
+import math
+import os
+import pathlib
+import platform
+import shlex
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from dptrain.api import InvalidJobError
+from dptrain.cli._output import EXIT_ERROR, EXIT_INVALID, emit, fail
+
+DEFAULT_PRESETS = "tiny,small"
+DEFAULT_RATIOS = "2^-14,2^-10,2^-6,2^-2"
+DEFAULT_LEARNING_RATES = "3e-3,1e-2"
+PHYSICAL_STD_DEVS = 3.0
+"""Physical batch = B + 3·std of the Poisson batch size: truncation (rare, a few rows) changes the
+measured loss negligibly, and every padding row costs compute. Training jobs use the accountant's
+truncation-safe size instead; the sweep claims no privacy."""
+METADATA_COLUMNS = ("preset", "noise_multiplier", "batch_size", "sequence_length", "seed")
+PRIVACY_NOTE = ("ε is not accounted in a sweep: runs measure loss only (σ = σ̄·B, no budget, no "
+                "ledger) and claim no privacy guarantee")
+LOSS_NOTE = ("training loss: the mean over the Poisson-sampled sequences of the log_every steps "
+             "ending at `step` of each sequence's mean next-token cross-entropy (nats/token), "
+             "each computed before its step's update")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    preset: str
+    ratio: float
+    learning_rate: float
+
+    @property
+    def key(self) -> tuple[str, float, float]:
+        return (self.preset, self.ratio, self.learning_rate)
+
+
+def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add `sweep`."""
+    sweep = subparsers.add_parser(
+        "sweep", parents=[common], help="measure a loss table for the planner",
+        description="Train a grid of model presets × noise-batch ratios σ̄ × learning rates with "
+                    "the DP-SGD step (σ = σ̄·B) and write the results table the planner reads "
+                    "(CSV: model_params, noise_batch_ratio, learning_rate, step, loss) plus a "
+                    "provenance JSON. " + PRIVACY_NOTE + ". Defaults are those of the table "
+                    "shipped with dptrain (2 CPU cores); on GPUs raise --presets, --steps and "
+                    "--batch-size.")
+    sweep.add_argument("--presets", default=DEFAULT_PRESETS, metavar="LIST",
+                       help=f"comma-separated model presets (default {DEFAULT_PRESETS}; any of "
+                            "tiny … vaultgemma-1b or scaled-L<n>)")
+    sweep.add_argument("--noise-batch-ratios", default=DEFAULT_RATIOS, metavar="LIST",
+                       help="comma-separated σ̄ = σ/B values, numbers or 2^k "
+                            f"(default {DEFAULT_RATIOS}; 0 trains without noise, which the "
+                            "planner's table model ignores)")
+    sweep.add_argument("--learning-rates", default=DEFAULT_LEARNING_RATES, metavar="LIST",
+                       help=f"comma-separated peak learning rates (default "
+                            f"{DEFAULT_LEARNING_RATES}; the planner takes the minimum loss)")
+    sweep.add_argument("--steps", type=int, default=200, help="steps per run (default 200)")
+    sweep.add_argument("--batch-size", type=int, default=16,
+                       help="expected batch B in sequences (default 16)")
+    sweep.add_argument("--sequence-length", type=int, default=64,
+                       help="tokens per sequence (default 64)")
+    sweep.add_argument("--log-every", type=int, default=10, metavar="K",
+                       help="log the mean loss of every K steps (default 10)")
+    sweep.add_argument("--physical-batch-size", type=int, default=None,
+                       help="rows per step (default: B + 3 std of the Poisson batch size)")
+    sweep.add_argument("--microbatch-size", type=int, default=None,
+                       help="rows per accumulation microbatch per device (memory, not results)")
+    sweep.add_argument("--clip-norm", type=float, default=1.0, help="clip norm C (default 1)")
+    sweep.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    sweep.add_argument("--weight-decay", type=float, default=0.0)
+    sweep.add_argument("--warmup-fraction", type=float, default=0.05,
+                       help="warm-up steps as a fraction of --steps (default 0.05, as jobs)")
+    sweep.add_argument("--seed", type=int, default=0, help="seed shared by every run")
+    data = sweep.add_mutually_exclusive_group()
+    data.add_argument("--builtin", choices=["stdlib-docs"], default=None,
+                      help="built-in corpus (default: stdlib-docs)")
+    data.add_argument("--input", type=pathlib.Path, default=None,
+                      help="file or directory of documents instead of a built-in corpus")
+    sweep.add_argument("--format", choices=["jsonl", "text"], default="jsonl",
+                       help="format of --input (default jsonl)")
+    sweep.add_argument("--text-field", default="text", help="JSONL key of the text")
+    sweep.add_argument("--tokenizer", choices=["byte", "sentencepiece"], default="byte")
+    sweep.add_argument("--tokenizer-model", type=pathlib.Path, default=None)
+    sweep.add_argument("--data-dir", type=pathlib.Path, default=None,
+                       help="where the prepared dataset is kept (default: under the cache dir)")
+    sweep.add_argument("--output", type=pathlib.Path, default=pathlib.Path("loss_table.csv"),
+                       metavar="CSV", help="results table to write (default loss_table.csv)")
+    sweep.add_argument("--provenance", type=pathlib.Path, default=None, metavar="JSON",
+                       help="provenance file (default: the CSV path with .json)")
+    sweep.add_argument("--resume", action="store_true",
+                       help="keep the runs already in --output (same settings) and do the rest")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sweep.set_defaults(handler=_sweep)
+
+
+# ------------------------------------------------------------------------------ argument checks
+
+
+def parse_number(text: str) -> float:
+    """A number written as ``1e-3``, ``0.25`` or ``2^-10``."""
+    text = text.strip()
+    if "^" in text:
+        base, _, power = text.partition("^")
+        return float(base) ** float(power)
+    return float(text)
+
+
+def _list(args: argparse.Namespace, option: str, *, allow_zero: bool = False) -> list[float]:
+    raw = getattr(args, option.lstrip("-").replace("-", "_"))
+    try:
+        values = [parse_number(v) for v in raw.split(",") if v.strip()]
+    except ValueError:
+        fail(f"{option}: must be comma-separated numbers (or 2^k), got {raw!r}", EXIT_INVALID)
+    bad = [v for v in values if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero)]
+    if not values or bad:
+        rule = ">= 0" if allow_zero else "> 0"
+        fail(f"{option}: every value must be finite and {rule}, got {raw!r}", EXIT_INVALID)
+    return sorted(set(values))
+
+
+def _check_args(args: argparse.Namespace) -> tuple[list[str], list[float], list[float]]:
+    presets = list(dict.fromkeys(p.strip() for p in args.presets.split(",") if p.strip()))
+    if not presets:
+        fail("--presets: name at least one model preset", EXIT_INVALID)
+    ratios = _list(args, "--noise-batch-ratios", allow_zero=True)
+    rates = _list(args, "--learning-rates")
+    for option, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
+                               ("--sequence-length", args.sequence_length, 2),
+                               ("--log-every", args.log_every, 1)):
+        if value < low:
+            fail(f"{option}: must be >= {low}, got {value}", EXIT_INVALID)
+    if args.log_every > args.steps:
+        fail(f"--log-every: must be <= --steps ({args.steps}), got {args.log_every}",
+             EXIT_INVALID)
+    if not 0 <= args.warmup_fraction < 1:
+        fail(f"--warmup-fraction: must be in [0, 1), got {args.warmup_fraction}", EXIT_INVALID)
+    if not args.clip_norm > 0:
+        fail(f"--clip-norm: must be > 0, got {args.clip_norm}", EXIT_INVALID)
+    for option, value in (("--physical-batch-size", args.physical_batch_size),
+                          ("--microbatch-size", args.microbatch_size)):
+        if value is not None and value < 1:
+            fail(f"{option}: must be >= 1, got {value}", EXIT_INVALID)
+    return presets, ratios, rates
+
+
+# -------------------------------------------------------------------------------------- sweep
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    presets, ratios, rates = _check_args(args)
+    import jax
+    from tqdm import tqdm
+
+    from dptrain.planner import default_cache_dir
+    from dptrain.trainer import (
+        DataError,
+        make_tokenizer,
+        prepare_or_reuse,
+        shape_for,
+        source_from_spec,
+    )
+
+    progress = not args.no_progress and not args.json
+    try:
+        tokenizer = make_tokenizer(args.tokenizer, args.tokenizer_model)
+        source = source_from_spec(path=None if args.input is None else str(args.input),
+                                  builtin=None if args.input else (args.builtin or "stdlib-docs"),
+                                  fmt=args.format, text_field=args.text_field)
+        shapes = {p: shape_for(p, vocab_size=tokenizer.vocab_size) for p in presets}
+    except (DataError, ValueError) as error:
+        fail(str(error), EXIT_INVALID)
+    except InvalidJobError as error:  # an unknown preset
+        fail(f"--presets: {'; '.join(error.lines)}", EXIT_INVALID)
+    too_long = [p for p, s in shapes.items() if s.max_seq_len < args.sequence_length]
+    if too_long:
+        fail(f"--sequence-length: {args.sequence_length} is longer than preset(s) "
+             f"{', '.join(too_long)} allow (" + ", ".join(
+                 f"{p}: {shapes[p].max_seq_len}" for p in too_long) + ")", EXIT_INVALID)
+    data_dir = args.data_dir or (default_cache_dir() / "sweep-data"
+                                 / f"{source.name.replace('/', '_')}-L{args.sequence_length}")
+    try:
+        dataset = prepare_or_reuse(source, tokenizer, sequence_length=args.sequence_length,
+                                   out_dir=data_dir, progress=progress)
+    except (DataError, ValueError) as error:
+        fail(str(error), EXIT_INVALID)
+    n = dataset.num_sequences
+    if args.batch_size > n:
+        fail(f"--batch-size: must be <= the dataset's {n} sequences, got {args.batch_size}",
+             EXIT_INVALID)
+
+    devices = jax.device_count()
+    unit = devices * (args.microbatch_size or 1)
+    q = args.batch_size / n
+    physical = args.physical_batch_size or math.ceil(
+        args.batch_size + PHYSICAL_STD_DEVS * math.sqrt(args.batch_size * (1 - q)))
+    physical = -(-physical // unit) * unit
+    settings = {
+        "steps": args.steps, "batch_size": args.batch_size, "physical_batch_size": physical,
+        "sequence_length": args.sequence_length, "log_every": args.log_every,
+        "clip_norm": args.clip_norm, "optimizer": args.optimizer,
+        "weight_decay": args.weight_decay,
+        "warmup_steps": max(0, round(args.warmup_fraction * args.steps)),
+        "schedule": "linear warm-up, cosine decay to 10% of the peak over --steps (as jobs)",
+        "seed": args.seed, "dataset_checksum": dataset.manifest.source_checksum,
+        "tokenizer": dataset.manifest.tokenizer, "microbatch_size": args.microbatch_size}
+    provenance_path = args.provenance or args.output.with_suffix(".json")
+    rows, done = _resume(args, provenance_path, settings) if args.resume else ([], {})
+
+    runs = [_Run(p, r, lr) for p in presets for lr in rates for r in ratios]
+    todo = [run for run in runs if run.key not in done]
+    provenance: dict[str, Any] = {
+        "kind": "dptrain-sweep", "measured": True, "complete": False, "privacy": PRIVACY_NOTE,
+        "command": shlex.join(["dptrain", "sweep", *_argv(args)]),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "grid": {"presets": presets,
+                 "model_params": {p: shapes[p].param_count for p in presets},
+                 "noise_batch_ratios": ratios, "learning_rates": rates},
+        "settings": settings, "loss": LOSS_NOTE,
+        "dataset": {"name": source.name, "num_sequences": n,
+                    "num_tokens": dataset.manifest.num_tokens,
+                    "checksum": dataset.manifest.source_checksum,
+                    "tokens_per_run": args.steps * args.batch_size * (args.sequence_length - 1),
+                    "epochs_per_run": args.steps * args.batch_size / n},
+        "environment": _environment(jax),
+        "columns": ["model_params", "noise_batch_ratio", "learning_rate", "step", "loss",
+                    *METADATA_COLUMNS],
+        "runs": list(done.values()),
+    }
+    bar = tqdm(total=len(runs), initial=len(runs) - len(todo), unit="run", disable=not progress,
+               desc="sweep", dynamic_ncols=True)
+    trainer = _Trainer(dataset, args, physical)
+    try:
+        for run in todo:
+            bar.set_postfix_str(f"{run.preset} σ̄={run.ratio:.3g} lr={run.learning_rate:g}")
+            record, curve = trainer.run(shapes[run.preset], run)
+            done[run.key] = record
+            rows += [_row(shapes[run.preset].param_count, run, step, loss, args)
+                     for step, loss in curve]
+            provenance["runs"] = list(done.values())
+            provenance["wall_seconds"] = round(time.perf_counter() - started, 1)
+            _write(args.output, provenance_path, rows, provenance)
+            bar.update(1)
+    finally:
+        bar.close()
+    provenance["complete"] = True
+    provenance["wall_seconds"] = round(time.perf_counter() - started, 1)
+    _write(args.output, provenance_path, rows, provenance)
+    return _report(args, provenance, provenance_path, rows)
+
+
+class _Trainer:
+    """One DP-SGD run per call; compiled steps are kept per (preset, learning rate)."""
+
+    def __init__(self, dataset: Any, args: argparse.Namespace, physical: int) -> None:
+        self.dataset, self.args, self.physical = dataset, args, physical
+        self.steps: dict[tuple[str, float], tuple[Any, Any, Any]] = {}
+
+    def _compiled(self, shape: Any, lr: float) -> tuple[Any, Any, Any]:
+        import equinox as eqx
+        import jax
+
+        from dptrain.trainer import (
+            DpSgdConfig,
+            build_model,
+            make_dp_step,
+            make_mesh,
+            make_optimizer,
+            model_loss_fn,
+        )
+        key = (shape.name, lr)
+        if key not in self.steps:
+            args, pad = self.args, self.dataset.tokenizer.pad_id
+            optimizer = make_optimizer(args.optimizer, learning_rate=lr, total_steps=args.steps,
+                                       warmup_steps=round(args.warmup_fraction * args.steps),
+                                       weight_decay=args.weight_decay)
+            _, static = eqx.partition(build_model(shape, key=jax.random.key(0)), eqx.is_array)
+            mesh = make_mesh()
+            step = make_dp_step(model_loss_fn(static, pad), optimizer,
+                                DpSgdConfig(clip_norm=args.clip_norm,
+                                            expected_batch_size=float(args.batch_size),
+                                            microbatch_size=args.microbatch_size, pad_id=pad),
+                                mesh)
+            self.steps = {key: (step, optimizer, mesh)}  # one (preset, lr) at a time
+        return self.steps[key]
+
+    def run(self, shape: Any, run: _Run) -> tuple[dict[str, Any], list[tuple[int, float]]]:
+        """Train one grid point; returns its record and its (step, mean loss) curve."""
+        import equinox as eqx
+        import jax
+        import numpy as np
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from dptrain.trainer import PoissonSampler, build_model
+
+        args, dataset = self.args, self.dataset
+        started = time.perf_counter()
+        step_fn, optimizer, mesh = self._compiled(shape, run.learning_rate)
+        replicated = NamedSharding(mesh, P())
+        rows_sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
+        # The trainer's seeding: the model from fold_in(seed, 0), noise from the raw seed key.
+        seed_key = jax.random.key(args.seed)
+        root_key = np.asarray(jax.random.key_data(seed_key))
+        params, _ = eqx.partition(build_model(shape, key=jax.random.fold_in(seed_key, 0)),
+                                  eqx.is_array)
+        params = jax.device_put(params, replicated)
+        opt_state = jax.device_put(optimizer.init(params), replicated)
+        sampler = PoissonSampler(dataset_size=dataset.num_sequences,
+                                 expected_batch_size=args.batch_size,
+                                 physical_batch_size=self.physical, seed=args.seed)
+        sigma = np.float32(run.ratio * args.batch_size)
+        pad = dataset.tokenizer.pad_id
+        curve: list[tuple[int, float]] = []
+        window: list[Any] = []  # device scalars: no host sync until the window is logged
+        diverged = False
+        for step in range(args.steps):
+            batch = sampler.sample(step)
+            tokens = jax.device_put(dataset.gather(batch.indices, pad), rows_sharding)
+            mask = jax.device_put(batch.mask, rows_sharding)
+            params, opt_state, out = step_fn(params, opt_state, tokens, mask, root_key,
+                                             np.int32(step), sigma)
+            window.append((out.loss, out.real_rows))
+            if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+                # Weighted by real rows: a (rare) empty Poisson batch reports loss 0.
+                losses, real = np.asarray(jax.device_get(window), dtype=np.float64).T
+                loss = float(np.sum(losses * real) / real.sum()) if real.sum() else math.nan
+                window = []
+                if not math.isfinite(loss):
+                    diverged = True
+                    break
+                curve.append((step + 1, loss))
+        record = {"preset": shape.name, "model_params": shape.param_count,
+                  "noise_batch_ratio": run.ratio, "learning_rate": run.learning_rate,
+                  "noise_multiplier": float(sigma), "steps": curve[-1][0] if curve else 0,
+                  "final_loss": curve[-1][1] if curve else None, "diverged": diverged,
+                  "seconds": round(time.perf_counter() - started, 2)}
+        # A diverged run leaves no rows: the planner takes the minimum over learning rates.
+        return record, ([] if diverged else curve)
+
+
+def _row(params: int, run: _Run, step: int, loss: float,
+         args: argparse.Namespace) -> dict[str, Any]:
+    return {"model_params": params, "noise_batch_ratio": repr(run.ratio),
+            "learning_rate": repr(run.learning_rate), "step": step, "loss": f"{loss:.6f}",
+            "preset": run.preset, "noise_multiplier": f"{run.ratio * args.batch_size:.6g}",
+            "batch_size": args.batch_size, "sequence_length": args.sequence_length,
+            "seed": args.seed}
+
+
+def _write(csv_path: pathlib.Path, json_path: pathlib.Path, rows: list[dict[str, Any]],
+           provenance: dict[str, Any]) -> None:
+    """Rewrite the table and its provenance atomically (a reader never sees half a file)."""
+    for path in (csv_path, json_path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = csv_path.with_name(csv_path.name + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=provenance["columns"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, csv_path)
+    tmp = json_path.with_name(json_path.name + ".tmp")
+    tmp.write_text(json.dumps(provenance, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, json_path)
+
+
+def _resume(args: argparse.Namespace, json_path: pathlib.Path,
+            settings: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[Any, dict[str, Any]]]:
+    """Rows and finished runs of an earlier sweep with the same settings."""
+    if not args.output.is_file() or not json_path.is_file():
+        return [], {}
+    try:
+        old = json.loads(json_path.read_text(encoding="utf-8"))
+        with args.output.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, ValueError) as error:
+        fail(f"--resume: cannot read the earlier sweep ({error})", EXIT_INVALID)
+    if old.get("settings") != settings:
+        changed = sorted(k for k in settings if old.get("settings", {}).get(k) != settings[k])
+        fail(f"--resume: {args.output} was measured with other settings ({', '.join(changed)}); "
+             "use another --output", EXIT_INVALID)
+    done = {(r["preset"], float(r["noise_batch_ratio"]), float(r["learning_rate"])): r
+            for r in old.get("runs", [])}
+    keys = {(r["preset"], float(r["noise_batch_ratio"]), float(r["learning_rate"]))
+            for r in rows}
+    # Keep the rows of finished runs only (a run is written whole, but be strict).
+    done = {k: r for k, r in done.items() if k in keys or r.get("diverged")}
+    rows = [r for r in rows
+            if (r["preset"], float(r["noise_batch_ratio"]), float(r["learning_rate"])) in done]
+    return rows, done
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    """The options that reproduce the sweep (defaults included), however it was invoked."""
+    out = []
+    for key, value in sorted(vars(args).items()):
+        if key in {"handler", "command", "json", "no_progress", "resume"} or value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        out += [flag, str(value)]
+    return out
+
+
+def _environment(jax: Any) -> dict[str, Any]:
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+    return {"dptrain": version("dptrain"), "jax": jax.__version__, "jaxlib": version("jaxlib"),
+            "equinox": version("equinox"), "optax": version("optax"),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "backend": jax.default_backend(), "device_count": jax.device_count(),
+            "devices": sorted({str(d.device_kind) for d in jax.devices()})}
+
+
+def _report(args: argparse.Namespace, provenance: dict[str, Any], json_path: pathlib.Path,
+            rows: Sequence[dict[str, Any]]) -> int:
+    from dptrain.planner import TableLossModel
+
+    runs = provenance["runs"]
+    best: dict[tuple[str, float], float] = {}
+    for r in runs:
+        if r["final_loss"] is not None and not r["diverged"]:
+            key = (r["preset"], r["noise_batch_ratio"])
+            best[key] = min(best.get(key, math.inf), r["final_loss"])
+    grid = provenance["grid"]
+    missing = [(p, s) for p in grid["presets"] for s in grid["noise_batch_ratios"]
+               if (p, s) not in best]
+    warnings = [f"every learning rate diverged at {p}, σ̄={s:g}: the table has a hole"
+                for p, s in missing]
+    loss_model: dict[str, Any] | None = None
+    try:
+        described = TableLossModel.from_csv(args.output).describe()
+        loss_model = {k: described[k] for k in ("model_params", "noise_batch_ratios",
+                                                  "measured_steps", "dropped")}
+    except ValueError as error:
+        warnings.append(f"the planner cannot use this table: {error}")
+    result = {"output": str(args.output), "provenance": str(json_path), "rows": len(rows),
+              "runs": len(runs), "diverged": sum(bool(r["diverged"]) for r in runs),
+              "wall_seconds": provenance["wall_seconds"], "privacy": PRIVACY_NOTE,
+              "final_losses": [{"preset": p, "model_params": grid["model_params"][p],
+                                "noise_batch_ratio": s, "loss": best.get((p, s))}
+                               for p in grid["presets"] for s in grid["noise_batch_ratios"]],
+              "loss_model": loss_model, "warnings": warnings}
+    emit(args, result, _human)
+    return EXIT_ERROR if missing else 0
+
+
+def _human(r: dict[str, Any]) -> str:
+    lines = [f"Measured {r['runs']} runs in {r['wall_seconds']:.0f} s: {r['rows']} rows → "
+             f"{r['output']} (provenance {r['provenance']})",
+             f"note: {r['privacy']}", "",
+             "Final loss (min over learning rates):",
+             f"  {'preset':<16}{'params':>10}{'σ̄':>12}{'loss':>10}"]
+    for f in r["final_losses"]:
+        loss = "diverged" if f["loss"] is None else f"{f['loss']:.4f}"
+        lines.append(f"  {f['preset']:<16}{f['model_params']:>10.3g}"
+                     f"{f['noise_batch_ratio']:>12.3g}{loss:>10}")
+    lines += [f"warning: {w}" for w in r["warnings"]]
+    return "\n".join(lines)

@@ -1,0 +1,222 @@
+"""`dptrain sweep` writes a results table the planner reads; the shipped table is measured.
+
+The sweep test trains for real (the DP-SGD step on a tiny model): one preset, two noise-batch
+ratios, one learning rate, ten steps of four sequences of 32 tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import pathlib
+from typing import Any
+
+import numpy as np
+import pytest
+
+from dptrain.api import DPTrainingJobSpec
+from dptrain.cli import main
+from dptrain.planner import (
+    DEFAULT_TABLE,
+    TableLossModel,
+    default_loss_model,
+    default_provenance,
+    get_preset,
+    make_plan,
+    read_results_csv,
+)
+
+RATIOS = (1e-3, 0.5)
+STEPS, LOG_EVERY = 10, 2
+
+
+def _corpus(directory: pathlib.Path) -> pathlib.Path:
+    """A small deterministic text corpus (faster to prepare than the built-in one)."""
+    rng = np.random.default_rng(0)
+    words = ["private", "gradient", "noise", "batch", "model", "token", "loss", "budget",
+             "the", "a", "of", "and", "is", "clip", "step", "data"]
+    directory.mkdir()
+    for i in range(40):
+        text = " ".join(rng.choice(words, size=120)) + ".\n"
+        (directory / f"doc{i:02d}.txt").write_text(text)
+    return directory
+
+
+def _sweep_args(tmp: pathlib.Path, *extra: str) -> list[str]:
+    return ["sweep", "--presets", "tiny", "--noise-batch-ratios", ",".join(map(str, RATIOS)),
+            "--learning-rates", "3e-3", "--steps", str(STEPS), "--batch-size", "4",
+            "--sequence-length", "32", "--log-every", str(LOG_EVERY), "--input",
+            str(tmp / "corpus"), "--format", "text", "--data-dir", str(tmp / "data"),
+            "--output", str(tmp / "out" / "table.csv"), "--json", *extra]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("sweep")
+    _corpus(tmp / "corpus")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(_sweep_args(tmp))
+    return {"tmp": tmp, "code": code, "result": json.loads(out.getvalue())}
+
+
+@pytest.mark.slow
+def test_a_tiny_sweep_writes_a_table_the_planner_reads(swept: dict[str, Any]) -> None:
+    tmp, result = swept["tmp"], swept["result"]
+    assert swept["code"] == 0
+    table = tmp / "out" / "table.csv"
+    rows = read_results_csv(table)
+    expected_steps = list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
+    assert len(rows) == len(RATIOS) * len(expected_steps)
+    params = get_preset("tiny").param_count
+    for ratio in RATIOS:
+        curve = [r for r in rows if math.isclose(r["noise_batch_ratio"], ratio)]
+        assert [int(r["step"]) for r in curve] == expected_steps
+        assert {r["model_params"] for r in curve} == {params}
+        assert {r["learning_rate"] for r in curve} == {3e-3}
+        losses = [r["loss"] for r in curve]
+        # Byte-level cross-entropy of an untrained model is about ln(259) = 5.56 nats/token;
+        # ten steps cannot take it below 2 or above 7.
+        assert all(math.isfinite(x) and 2.0 < x < 7.0 for x in losses)
+    with table.open() as handle:
+        header = next(csv.reader(handle))
+    assert header[:5] == ["model_params", "noise_batch_ratio", "learning_rate", "step", "loss"]
+    assert {"preset", "noise_multiplier", "batch_size"} <= set(header)
+
+    model = TableLossModel.from_csv(table)
+    assert model.describe()["noise_batch_ratios"] == pytest.approx(list(RATIOS))
+    assert model.describe()["model_params"] == [params]
+    assert result["loss_model"]["noise_batch_ratios"] == pytest.approx(list(RATIOS))
+    assert result["rows"] == len(rows) and result["runs"] == len(RATIOS)
+    assert "no privacy guarantee" in result["privacy"]
+
+
+@pytest.mark.slow
+def test_the_sweep_records_its_provenance(swept: dict[str, Any]) -> None:
+    info = json.loads((swept["tmp"] / "out" / "table.json").read_text())
+    assert info["measured"] is True and info["complete"] is True
+    assert info["kind"] == "dptrain-sweep"
+    assert "no privacy guarantee" in info["privacy"]
+    assert info["grid"]["presets"] == ["tiny"]
+    assert info["grid"]["noise_batch_ratios"] == pytest.approx(list(RATIOS))
+    assert info["settings"]["steps"] == STEPS and info["settings"]["batch_size"] == 4
+    assert info["settings"]["physical_batch_size"] >= 4
+    assert info["settings"]["sequence_length"] == 32
+    assert info["command"].startswith("dptrain sweep ") and "--steps 10" in info["command"]
+    env = info["environment"]
+    assert env["jax"] and env["dptrain"] and env["cpu_count"] >= 1 and env["devices"]
+    assert info["wall_seconds"] > 0 and info["date"]
+    assert len(info["runs"]) == len(RATIOS)
+    for run in info["runs"]:
+        assert run["noise_multiplier"] == pytest.approx(run["noise_batch_ratio"] * 4)
+        assert not run["diverged"] and run["steps"] == STEPS
+
+
+@pytest.mark.slow
+def test_resume_keeps_finished_runs_and_refuses_other_settings(
+        swept: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    tmp = swept["tmp"]
+    table = tmp / "out" / "table.csv"
+    before = table.read_text()
+    assert main(_sweep_args(tmp, "--resume")) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["rows"] == swept["result"]["rows"]
+    assert table.read_text() == before  # nothing retrained
+    assert main([*_sweep_args(tmp, "--resume")[:-2], "--steps", "12", "--json", "--resume"]) == 3
+    err = capsys.readouterr().err
+    assert "--resume" in err and "steps" in err
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--noise-batch-ratios", "0.1,-1", "--noise-batch-ratios"),
+    ("--noise-batch-ratios", "abc", "--noise-batch-ratios"),
+    ("--learning-rates", "0", "--learning-rates"),
+    ("--steps", "0", "--steps"),
+    ("--log-every", "50", "--log-every"),
+])
+def test_bad_options_exit_3_naming_the_option(option: str, value: str, message: str,
+                                              tmp_path: pathlib.Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    # The last occurrence of an option wins: "--steps 20" first, the bad value after it.
+    assert main(["sweep", "--steps", "20", option, value, "--output",
+                 str(tmp_path / "t.csv")]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "t.csv").exists()
+
+
+def test_too_long_sequences_and_unknown_presets_are_refused(
+        tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(tmp_path / "t.csv")
+    assert main(["sweep", "--presets", "tiny", "--sequence-length", "4096",
+                 "--output", out]) == 3
+    assert "--sequence-length" in capsys.readouterr().err
+    assert main(["sweep", "--presets", "tiny,nope", "--output", out]) == 3
+    assert "nope" in capsys.readouterr().err
+
+
+def test_parse_number_accepts_powers_of_two() -> None:
+    from dptrain.cli._sweep_commands import parse_number
+
+    assert parse_number("2^-10") == 2.0**-10
+    assert parse_number(" 1e-3 ") == 1e-3
+
+
+# ------------------------------------------------------------------------ the shipped table
+
+
+def _final_losses() -> dict[tuple[float, float], float]:
+    """Raw final loss per (model, σ̄), minimum over learning rates."""
+    rows = read_results_csv(DEFAULT_TABLE)
+    last = max(r["step"] for r in rows)
+    best: dict[tuple[float, float], float] = {}
+    for r in rows:
+        if r["step"] == last:
+            key = (r["model_params"], r["noise_batch_ratio"])
+            best[key] = min(best.get(key, math.inf), r["loss"])
+    return best
+
+
+def test_the_shipped_table_is_measured_with_provenance() -> None:
+    info = default_provenance()
+    assert info["measured"] is True and info["complete"] is True
+    assert info["kind"] == "dptrain-sweep"
+    assert info["command"].startswith("dptrain sweep")
+    assert info["environment"]["jax"] and info["dataset"]["name"] == "stdlib-docs"
+    assert not any(run["diverged"] for run in info["runs"])
+    models = sorted(info["grid"]["model_params"].values())
+    assert default_loss_model().describe()["model_params"] == pytest.approx(models)
+
+
+def test_more_noise_means_higher_loss_in_the_shipped_table() -> None:
+    final = _final_losses()
+    models = sorted({m for m, _ in final})
+    ratios = sorted({r for _, r in final})
+    for m in models:
+        # Raw data: the noisiest runs end clearly worse than the least noisy ones.
+        assert final[(m, ratios[-1])] > final[(m, ratios[0])] + 0.2
+    model = default_loss_model()
+    lo, hi = model.measured_steps
+    grid = np.geomspace(ratios[0], ratios[-1], 25)
+    for m in models:
+        for t in (lo, math.sqrt(lo * hi), hi):
+            losses = model.predict(np.full_like(grid, m), np.full_like(grid, t), grid)
+            assert np.all(np.diff(losses) >= -1e-12)  # isotonic in σ̄
+        at_end = model.predict(np.full(2, m), np.full(2, hi), np.array(ratios[::len(ratios) - 1]))
+        assert at_end[1] > at_end[0] + 0.2
+
+
+def test_plans_with_the_measured_table_warn_about_extrapolation_not_placeholders(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    spec = DPTrainingJobSpec.model_validate({
+        "privacy": {"epsilon": 4.0, "delta": 1e-7, "accountant": "rdp"},
+        "data": {"builtin": "stdlib-docs", "sequenceLength": 512},
+        "compute": {"flops": 1e19}})
+    plan = make_plan(spec, dataset_size=1_000_000,
+                     cache_dir=tmp_path_factory.getbasetemp() / "planner-cache")
+    text = " ".join(plan.warnings)
+    assert "not measured" not in text
+    assert "loss model:" in text  # far outside a CPU-measured table: says it extrapolates
