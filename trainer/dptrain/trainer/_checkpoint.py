@@ -95,6 +95,13 @@ class Checkpointer:
                         opt_state=restored["opt_state"] if opt_state_template is not None
                         else None, meta=dict(restored["meta"]))
 
+    def restore_raw(self, step: int | None = None) -> Any:
+        """The saved parameters as plain arrays, without a template (for inspection and tests)."""
+        step = self._resolve(step)
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore()))
+        return restored["params"]
+
     def close(self) -> None:
         """Release the manager's resources."""
         self._manager.close()

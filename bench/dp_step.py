@@ -1,0 +1,122 @@
+"""DP-SGD step against the non-private step, same model and batch, in one run.
+
+For each preset: compile both steps, time ``--repeats`` executions of each (after a warm-up) and
+print medians: seconds per step, examples/s, tokens/s, the ratio DP/non-DP, and the compiled
+programs' memory (XLA's memory analysis: arguments + outputs + temporaries) plus the process's peak
+RSS. The non-private step is the gradient of the mean loss; the DP step adds per-example gradients
+(``vmap(grad)``), their norms and clipping, and one Gaussian draw.
+
+    python bench/dp_step.py --presets tiny small --batch 64 --seq-len 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import equinox as eqx
+import jax
+import numpy as np
+
+from dptrain.planner import get_preset
+from dptrain.trainer import (
+    DpSgdConfig,
+    build_model,
+    make_dp_step,
+    make_mesh,
+    make_optimizer,
+    make_plain_step,
+    model_loss_fn,
+)
+from dptrain.trainer._dpsgd import replicate, shard_batch
+
+
+def _memory_mb(compiled) -> float | None:
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return None
+    total = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+             + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+    return total / 2**20
+
+
+def bench_preset(name: str, *, batch: int, seq_len: int, repeats: int,
+                 microbatch: int | None) -> dict:
+    shape = get_preset(name)
+    seq_len = min(seq_len, shape.max_seq_len)
+    mesh = make_mesh()
+    params, static = eqx.partition(build_model(shape, key=jax.random.key(0)), eqx.is_array)
+    loss = model_loss_fn(static)
+    optimizer = make_optimizer("adamw", learning_rate=1e-3, total_steps=1000)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, shape.vocab_size, size=(batch, seq_len)).astype(np.int32)
+    mask = np.ones(batch, bool)
+    sharded = shard_batch(mesh, tokens, mask)
+    root = np.asarray(jax.random.key_data(jax.random.key(0)))
+    steps = {
+        "dp": make_dp_step(loss, optimizer, DpSgdConfig(
+            clip_norm=1.0, expected_batch_size=batch, microbatch_size=microbatch), mesh),
+        "non_dp": make_plain_step(loss, optimizer, mesh, microbatch),
+    }
+    result: dict = {"preset": name, "params": shape.param_count, "batch": batch,
+                    "seq_len": seq_len, "devices": mesh.devices.size,
+                    "microbatch": microbatch}
+    for label, step in steps.items():
+        p = replicate(mesh, params)
+        s = replicate(mesh, optimizer.init(params))
+        args = (p, s, *sharded, root, np.int32(0), np.float32(1.0))
+        started = time.perf_counter()
+        compiled = step.lower(*args).compile()
+        compile_s = time.perf_counter() - started
+        p, s, out = compiled(*args)  # warm-up
+        jax.block_until_ready(p)
+        times = []
+        for i in range(repeats):
+            started = time.perf_counter()
+            p, s, out = compiled(p, s, *sharded, root, np.int32(i + 1), np.float32(1.0))
+            jax.block_until_ready(p)
+            times.append(time.perf_counter() - started)
+        median = statistics.median(times)
+        result[label] = {"compile_s": compile_s, "step_s": median,
+                         "examples_per_s": batch / median,
+                         "tokens_per_s": batch * (seq_len - 1) / median,
+                         "memory_mb": _memory_mb(compiled)}
+    result["ratio_dp_over_non_dp"] = result["dp"]["step_s"] / result["non_dp"]["step_s"]
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--batch", type=int, default=64, help="physical batch (rows)")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--microbatch", type=int, default=None)
+    parser.add_argument("--json", action="store_true", help="print JSON only")
+    args = parser.parse_args()
+    results = [bench_preset(p, batch=args.batch, seq_len=args.seq_len, repeats=args.repeats,
+                            microbatch=args.microbatch) for p in args.presets]
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(f"{'preset':<8}{'params':>9}{'step':>8}{'s/step':>9}{'ex/s':>9}{'tok/s':>10}"
+          f"{'mem MB':>9}{'compile s':>11}")
+    for r in results:
+        for label in ("non_dp", "dp"):
+            m = r[label]
+            mem = f"{m['memory_mb']:.1f}" if m["memory_mb"] is not None else "n/a"
+            print(f"{r['preset']:<8}{r['params']:>9,}{label:>8}{m['step_s']:>9.4f}"
+                  f"{m['examples_per_s']:>9.1f}{m['tokens_per_s']:>10,.0f}{mem:>9}"
+                  f"{m['compile_s']:>11.1f}")
+        target = "ok" if r["ratio_dp_over_non_dp"] <= 2.0 else "ABOVE TARGET 2.0"
+        print(f"{r['preset']:<8} DP/non-DP = {r['ratio_dp_over_non_dp']:.2f} ({target}); "
+              f"batch {r['batch']}×{r['seq_len']}, {r['devices']} device(s), "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
