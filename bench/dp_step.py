@@ -71,12 +71,12 @@ def bench_preset(name: str, *, batch: int, seq_len: int, repeats: int,
         started = time.perf_counter()
         compiled = step.lower(*args).compile()
         compile_s = time.perf_counter() - started
-        p, s, out = compiled(*args)  # warm-up
+        p, s, _ = compiled(*args)  # warm-up
         jax.block_until_ready(p)
         times = []
         for i in range(repeats):
             started = time.perf_counter()
-            p, s, out = compiled(p, s, *sharded, root, np.int32(i + 1), np.float32(1.0))
+            p, s, _out = compiled(p, s, *sharded, root, np.int32(i + 1), np.float32(1.0))
             jax.block_until_ready(p)
             times.append(time.perf_counter() - started)
         median = statistics.median(times)

@@ -45,7 +45,7 @@ from dptrain.privacy import DpSgdMechanism, epsilon
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SEED = 20240607
-KILLS = 5
+KILLS = 4
 NAME = "killme"
 WORKLOAD = f"{NAME}-train"
 BUDGET = 1.6

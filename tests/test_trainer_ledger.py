@@ -48,6 +48,9 @@ def test_reserve_refuses_to_pass_the_budget_and_writes_nothing(tmp_path):
         ledger.reserve(1, Progress(steps_charged=50, step=50))
     assert json.loads((tmp_path / "ledger.json").read_text())["steps_charged"] == 50
     assert ledger.affordable(1000) == 0
+    # What it reports is an upper bound of the exact ε that never shows more than the budget
+    # for steps the exact bound allowed (the grid look-up alone could).
+    assert epsilon(MECHANISM, 50) <= ledger.epsilon_spent() <= budget
 
 
 def test_the_ledger_file_never_decreases(tmp_path):
@@ -174,3 +177,28 @@ def test_reporters_from_env(tmp_path):
     assert reporters[0].target.status_url.endswith("/namespaces/b/dptrainingjobs/a/status")
     with pytest.raises(ValueError, match="DPTRAIN_JOB_NAME"):
         reporters_from_env(tmp_path, {"DPTRAIN_REPORT": "kubernetes"})
+
+
+def test_trainer_metrics_are_served_with_the_agreed_names():
+    import socket
+    import urllib.request
+
+    from dptrain.trainer import TrainerMetrics
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    metrics = TrainerMetrics("job-a", port=port, addr="127.0.0.1")
+    try:
+        metrics.update(step=3, loss=2.5, epsilon_spent=1.25, epsilon_budget=8.0,
+                       tokens_per_second=1000.0, new_steps=3)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    finally:
+        metrics.close()
+    body = text.decode()
+    for line in ('dptrain_trainer_step{job="job-a"} 3.0', 'dptrain_trainer_loss{job="job-a"} 2.5',
+                 'dptrain_trainer_epsilon_spent{job="job-a"} 1.25',
+                 'dptrain_trainer_epsilon_budget{job="job-a"} 8.0',
+                 'dptrain_trainer_tokens_per_second{job="job-a"} 1000.0',
+                 'dptrain_trainer_steps_total{job="job-a"} 3.0'):
+        assert line in body

@@ -83,15 +83,21 @@ def _finish(proc, out, timeout=240):
 ATOL = 2e-6
 
 
-def test_two_local_devices_give_the_same_step_as_one(tmp_path):
+@pytest.fixture(scope="module")
+def local_result(tmp_path_factory):
+    """One subprocess with two CPU devices computes the step on a 1- and a 2-device mesh."""
+    tmp_path = tmp_path_factory.mktemp("parallel")
     flags = "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
     proc, out = _run(tmp_path, "local", "local", _env(XLA_FLAGS=flags))
-    result = _finish(proc, out)
-    assert result["devices"] == 2
-    one, two = np.array(result["1"][0]), np.array(result["2"][0])
+    return _finish(proc, out)
+
+
+def test_two_local_devices_give_the_same_step_as_one(local_result):
+    assert local_result["devices"] == 2
+    one, two = np.array(local_result["1"][0]), np.array(local_result["2"][0])
     # Noise drawn per device (and summed) would differ by O(σC/B) ≈ 0.08 per coordinate.
     np.testing.assert_allclose(two, one, rtol=0, atol=ATOL)
-    assert result["1"][1] == pytest.approx(result["2"][1], rel=1e-5)
+    assert local_result["1"][1] == pytest.approx(local_result["2"][1], rel=1e-5)
 
 
 def _free_port():
@@ -101,19 +107,15 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_same_step_as_one(tmp_path):
-    flags = "--xla_backend_optimization_level=0"
-    reference_proc, reference_out = _run(tmp_path, "local", "reference",
-                                         _env(XLA_FLAGS=flags + " "
-                                              "--xla_force_host_platform_device_count=1"))
+def test_two_processes_give_the_same_step_as_one(tmp_path, local_result):
     port = _free_port()
     workers = [
         _run(tmp_path, "distributed", f"worker{i}",
-             _env(XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
+             _env(XLA_FLAGS="--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu",
                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                   JAX_PROCESS_ID=str(i)))
         for i in range(2)]
-    reference = np.array(_finish(reference_proc, reference_out)["1"][0])
+    reference = np.array(local_result["1"][0])  # one process, one device
     for proc, out in workers:
         result = _finish(proc, out)
         assert result["devices"] == 2  # one CPU device in each of two processes

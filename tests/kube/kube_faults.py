@@ -122,7 +122,8 @@ class FaultyKubernetes(DPTrainKubernetes):
 
     faults: list[Fault] = attrs.field(factory=list)
     seed: int = 0
-    #: Every request seen: (method, resource plural, name, subresource, watch, agent, outcome).
+    #: Every request seen: (method, resource plural, name, subresource, watch, agent, outcome);
+    #: the outcome ends with the HTTP status answered (e.g. ``served 201``, ``failed 500``).
     journal: list[tuple[str, str | None, str | None, str | None, bool, str, str]] = attrs.field(
         factory=list)
 
@@ -157,11 +158,16 @@ class FaultyKubernetes(DPTrainKubernetes):
             if fault.drop_after is not None and request.action == enums.action.WATCH:
                 drop = (fault.drop_after, fault.drop_mode)
                 outcome = f"watch dropped after {fault.drop_after:g}s ({fault.drop_mode})"
-        self._log(request, outcome)
         if drop is not None:
             request_drop = self._register_drop(request)
             asyncio.get_running_loop().call_later(drop[0], self._fire, request_drop, drop[1])
-        return await super()._handle(request)
+        try:
+            response = await super()._handle(request)
+        except kmock.KubernetesError as error:
+            self._log(request, f"{outcome} {error.status}")
+            raise
+        self._log(request, f"{outcome} {response.status}")
+        return response
 
     # ----------------------------------------------------------------------- dropping watches
 
@@ -194,6 +200,7 @@ class FaultyKubernetes(DPTrainKubernetes):
         switch, modes = self._drops[key]
         stream = super()._serve_watch(request)
         dropper = asyncio.ensure_future(switch.wait())
+        step: asyncio.Future[Any] | None = None
         try:
             while True:
                 step = asyncio.ensure_future(stream.__anext__())
@@ -206,9 +213,6 @@ class FaultyKubernetes(DPTrainKubernetes):
                         return
                     yield item
                     continue
-                step.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await step
                 if modes and modes[-1] == "gone":
                     yield {"type": "ERROR", "object": {
                         "apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
@@ -216,9 +220,16 @@ class FaultyKubernetes(DPTrainKubernetes):
                         "message": "injected fault: too old resource version"}}
                 return
         finally:
+            # Also on the client's disconnect (this generator cancelled): stop the inner stream's
+            # pending read before closing it, or it is "already running".
             dropper.cancel()
+            if step is not None and not step.done():
+                step.cancel()
+                with contextlib.suppress(BaseException):
+                    await step
             self._drops.pop(key, None)
-            await stream.aclose()
+            with contextlib.suppress(RuntimeError):
+                await stream.aclose()
 
     def open_watches(self) -> int:
         """How many watch streams are open now (call on the emulator's loop)."""

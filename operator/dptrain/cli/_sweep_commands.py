@@ -4,33 +4,22 @@ The sweep trains every (model preset, noise-batch ratio σ̄, learning rate) of 
 number of steps on the same data and logs the training loss every ``--log-every`` steps. The rows
 (``model_params, noise_batch_ratio, learning_rate, step, loss`` plus metadata columns) are the
 results table :class:`dptrain.planner.TableLossModel` reads; a provenance JSON next to it records
-the grid, the settings, the data and the environment (``"measured": true``).
-
-Each run is the trainer's DP-SGD step (:func:`dptrain.trainer.make_dp_step`: per-example clipping,
-one Gaussian draw per step, normalisation by the expected batch) on Poisson batches from the
-trainer's sampler, with the trainer's optimizer and schedule, at σ = σ̄·B. The privacy ledger and
-budget guard of ``dptrain train`` are *not* used: these runs measure loss, not privacy — tiny σ̄
-values have astronomically large ε — and no privacy guarantee is claimed for them.
+the grid, the settings, the data and the environment (``"measured": true``). How one run trains is
+in ``_sweep_runs``; no privacy is accounted or claimed (see ``PRIVACY_NOTE``).
 
 Runs are ordered preset → learning rate → σ̄, so that one compiled step (σ is an argument) serves
 all σ̄ of a (preset, learning rate), and every run shares the seed (initialisation, batches and the
 noise direction), so that differences between σ̄ are not sampling luck. The table is rewritten
-after every run, so ``--resume`` can continue an interrupted sweep (e.g. a long one on GPUs).
-JAX and the trainer are imported inside the handler only.
+after every run, so ``--resume`` can continue an interrupted sweep, or extend its grid (e.g. a long
+one on GPUs). JAX and the trainer are imported inside the handler only.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import dataclasses
 import datetime as dt
-import importlib.metadata
-import json
 import math
-import os
 import pathlib
-import platform
 import shlex
 import time
 from collections.abc import Sequence
@@ -38,31 +27,24 @@ from typing import Any
 
 from dptrain.api import InvalidJobError
 from dptrain.cli._output import EXIT_ERROR, EXIT_INVALID, emit, fail
+from dptrain.cli._sweep_runs import (
+    LOSS_NOTE,
+    TABLE_COLUMNS,
+    SweepRun,
+    SweepSettings,
+    SweepTrainer,
+    environment,
+    finished_runs,
+    physical_batch_size,
+    table_rows,
+    write_table,
+)
 
 DEFAULT_PRESETS = "tiny,small"
 DEFAULT_RATIOS = "2^-14,2^-10,2^-6,2^-2"
 DEFAULT_LEARNING_RATES = "3e-3,1e-2"
-PHYSICAL_STD_DEVS = 3.0
-"""Physical batch = B + 3·std of the Poisson batch size: truncation (rare, a few rows) changes the
-measured loss negligibly, and every padding row costs compute. Training jobs use the accountant's
-truncation-safe size instead; the sweep claims no privacy."""
-METADATA_COLUMNS = ("preset", "noise_multiplier", "batch_size", "sequence_length", "seed")
 PRIVACY_NOTE = ("ε is not accounted in a sweep: runs measure loss only (σ = σ̄·B, no budget, no "
                 "ledger) and claim no privacy guarantee")
-LOSS_NOTE = ("training loss: the mean over the Poisson-sampled sequences of the log_every steps "
-             "ending at `step` of each sequence's mean next-token cross-entropy (nats/token), "
-             "each computed before its step's update")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Run:
-    preset: str
-    ratio: float
-    learning_rate: float
-
-    @property
-    def key(self) -> tuple[str, float, float]:
-        return (self.preset, self.ratio, self.learning_rate)
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -199,10 +181,10 @@ def _sweep(args: argparse.Namespace) -> int:
                                   builtin=None if args.input else (args.builtin or "stdlib-docs"),
                                   fmt=args.format, text_field=args.text_field)
         shapes = {p: shape_for(p, vocab_size=tokenizer.vocab_size) for p in presets}
+    except InvalidJobError as error:  # an unknown preset (a ValueError too: caught first)
+        fail(f"--presets: {'; '.join(error.lines)}", EXIT_INVALID)
     except (DataError, ValueError) as error:
         fail(str(error), EXIT_INVALID)
-    except InvalidJobError as error:  # an unknown preset
-        fail(f"--presets: {'; '.join(error.lines)}", EXIT_INVALID)
     too_long = [p for p, s in shapes.items() if s.max_seq_len < args.sequence_length]
     if too_long:
         fail(f"--sequence-length: {args.sequence_length} is longer than preset(s) "
@@ -220,25 +202,24 @@ def _sweep(args: argparse.Namespace) -> int:
         fail(f"--batch-size: must be <= the dataset's {n} sequences, got {args.batch_size}",
              EXIT_INVALID)
 
-    devices = jax.device_count()
-    unit = devices * (args.microbatch_size or 1)
-    q = args.batch_size / n
-    physical = args.physical_batch_size or math.ceil(
-        args.batch_size + PHYSICAL_STD_DEVS * math.sqrt(args.batch_size * (1 - q)))
-    physical = -(-physical // unit) * unit
-    settings = {
-        "steps": args.steps, "batch_size": args.batch_size, "physical_batch_size": physical,
-        "sequence_length": args.sequence_length, "log_every": args.log_every,
-        "clip_norm": args.clip_norm, "optimizer": args.optimizer,
-        "weight_decay": args.weight_decay,
-        "warmup_steps": max(0, round(args.warmup_fraction * args.steps)),
-        "schedule": "linear warm-up, cosine decay to 10% of the peak over --steps (as jobs)",
-        "seed": args.seed, "dataset_checksum": dataset.manifest.source_checksum,
-        "tokenizer": dataset.manifest.tokenizer, "microbatch_size": args.microbatch_size}
+    settings = SweepSettings(
+        steps=args.steps, batch_size=args.batch_size, sequence_length=args.sequence_length,
+        physical_batch_size=physical_batch_size(
+            args.batch_size, n, devices=jax.device_count(), microbatch=args.microbatch_size,
+            override=args.physical_batch_size),
+        log_every=args.log_every, clip_norm=args.clip_norm, optimizer=args.optimizer,
+        weight_decay=args.weight_decay, warmup_steps=round(args.warmup_fraction * args.steps),
+        microbatch_size=args.microbatch_size, seed=args.seed)
     provenance_path = args.provenance or args.output.with_suffix(".json")
-    rows, done = _resume(args, provenance_path, settings) if args.resume else ([], {})
-
-    runs = [_Run(p, r, lr) for p in presets for lr in rates for r in ratios]
+    runs = [SweepRun(p, r, lr) for p in presets for lr in rates for r in ratios]
+    rows: list[dict[str, Any]] = []
+    done: dict[tuple[str, float, float], dict[str, Any]] = {}
+    if args.resume:
+        try:
+            rows, done = finished_runs(args.output, provenance_path,
+                                       settings.to_dict(dataset), runs)
+        except (OSError, ValueError, KeyError) as error:
+            fail(f"--resume: {error}; use another --output", EXIT_INVALID)
     todo = [run for run in runs if run.key not in done]
     provenance: dict[str, Any] = {
         "kind": "dptrain-sweep", "measured": True, "complete": False, "privacy": PRIVACY_NOTE,
@@ -247,178 +228,35 @@ def _sweep(args: argparse.Namespace) -> int:
         "grid": {"presets": presets,
                  "model_params": {p: shapes[p].param_count for p in presets},
                  "noise_batch_ratios": ratios, "learning_rates": rates},
-        "settings": settings, "loss": LOSS_NOTE,
+        "settings": settings.to_dict(dataset), "loss": LOSS_NOTE,
         "dataset": {"name": source.name, "num_sequences": n,
                     "num_tokens": dataset.manifest.num_tokens,
                     "checksum": dataset.manifest.source_checksum,
                     "tokens_per_run": args.steps * args.batch_size * (args.sequence_length - 1),
                     "epochs_per_run": args.steps * args.batch_size / n},
-        "environment": _environment(jax),
-        "columns": ["model_params", "noise_batch_ratio", "learning_rate", "step", "loss",
-                    *METADATA_COLUMNS],
-        "runs": list(done.values()),
+        "environment": environment(),
+        "columns": list(TABLE_COLUMNS),
+        "runs": [done[run.key] for run in runs if run.key in done],
     }
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), unit="run", disable=not progress,
                desc="sweep", dynamic_ncols=True)
-    trainer = _Trainer(dataset, args, physical)
+    trainer = SweepTrainer(dataset, settings)
     try:
         for run in todo:
             bar.set_postfix_str(f"{run.preset} σ̄={run.ratio:.3g} lr={run.learning_rate:g}")
             record, curve = trainer.run(shapes[run.preset], run)
             done[run.key] = record
-            rows += [_row(shapes[run.preset].param_count, run, step, loss, args)
-                     for step, loss in curve]
-            provenance["runs"] = list(done.values())
+            rows += table_rows(shapes[run.preset].param_count, run, curve, settings)
+            provenance["runs"] = [done[r.key] for r in runs if r.key in done]
             provenance["wall_seconds"] = round(time.perf_counter() - started, 1)
-            _write(args.output, provenance_path, rows, provenance)
+            write_table(args.output, provenance_path, rows, provenance)
             bar.update(1)
     finally:
         bar.close()
     provenance["complete"] = True
     provenance["wall_seconds"] = round(time.perf_counter() - started, 1)
-    _write(args.output, provenance_path, rows, provenance)
+    write_table(args.output, provenance_path, rows, provenance)
     return _report(args, provenance, provenance_path, rows)
-
-
-class _Trainer:
-    """One DP-SGD run per call; compiled steps are kept per (preset, learning rate)."""
-
-    def __init__(self, dataset: Any, args: argparse.Namespace, physical: int) -> None:
-        self.dataset, self.args, self.physical = dataset, args, physical
-        self.steps: dict[tuple[str, float], tuple[Any, Any, Any]] = {}
-
-    def _compiled(self, shape: Any, lr: float) -> tuple[Any, Any, Any]:
-        import equinox as eqx
-        import jax
-
-        from dptrain.trainer import (
-            DpSgdConfig,
-            build_model,
-            make_dp_step,
-            make_mesh,
-            make_optimizer,
-            model_loss_fn,
-        )
-        key = (shape.name, lr)
-        if key not in self.steps:
-            args, pad = self.args, self.dataset.tokenizer.pad_id
-            optimizer = make_optimizer(args.optimizer, learning_rate=lr, total_steps=args.steps,
-                                       warmup_steps=round(args.warmup_fraction * args.steps),
-                                       weight_decay=args.weight_decay)
-            _, static = eqx.partition(build_model(shape, key=jax.random.key(0)), eqx.is_array)
-            mesh = make_mesh()
-            step = make_dp_step(model_loss_fn(static, pad), optimizer,
-                                DpSgdConfig(clip_norm=args.clip_norm,
-                                            expected_batch_size=float(args.batch_size),
-                                            microbatch_size=args.microbatch_size, pad_id=pad),
-                                mesh)
-            self.steps = {key: (step, optimizer, mesh)}  # one (preset, lr) at a time
-        return self.steps[key]
-
-    def run(self, shape: Any, run: _Run) -> tuple[dict[str, Any], list[tuple[int, float]]]:
-        """Train one grid point; returns its record and its (step, mean loss) curve."""
-        import equinox as eqx
-        import jax
-        import numpy as np
-        from jax.sharding import NamedSharding
-        from jax.sharding import PartitionSpec as P
-
-        from dptrain.trainer import PoissonSampler, build_model
-
-        args, dataset = self.args, self.dataset
-        started = time.perf_counter()
-        step_fn, optimizer, mesh = self._compiled(shape, run.learning_rate)
-        replicated = NamedSharding(mesh, P())
-        rows_sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
-        # The trainer's seeding: the model from fold_in(seed, 0), noise from the raw seed key.
-        seed_key = jax.random.key(args.seed)
-        root_key = np.asarray(jax.random.key_data(seed_key))
-        params, _ = eqx.partition(build_model(shape, key=jax.random.fold_in(seed_key, 0)),
-                                  eqx.is_array)
-        params = jax.device_put(params, replicated)
-        opt_state = jax.device_put(optimizer.init(params), replicated)
-        sampler = PoissonSampler(dataset_size=dataset.num_sequences,
-                                 expected_batch_size=args.batch_size,
-                                 physical_batch_size=self.physical, seed=args.seed)
-        sigma = np.float32(run.ratio * args.batch_size)
-        pad = dataset.tokenizer.pad_id
-        curve: list[tuple[int, float]] = []
-        window: list[Any] = []  # device scalars: no host sync until the window is logged
-        diverged = False
-        for step in range(args.steps):
-            batch = sampler.sample(step)
-            tokens = jax.device_put(dataset.gather(batch.indices, pad), rows_sharding)
-            mask = jax.device_put(batch.mask, rows_sharding)
-            params, opt_state, out = step_fn(params, opt_state, tokens, mask, root_key,
-                                             np.int32(step), sigma)
-            window.append((out.loss, out.real_rows))
-            if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
-                # Weighted by real rows: a (rare) empty Poisson batch reports loss 0.
-                losses, real = np.asarray(jax.device_get(window), dtype=np.float64).T
-                loss = float(np.sum(losses * real) / real.sum()) if real.sum() else math.nan
-                window = []
-                if not math.isfinite(loss):
-                    diverged = True
-                    break
-                curve.append((step + 1, loss))
-        record = {"preset": shape.name, "model_params": shape.param_count,
-                  "noise_batch_ratio": run.ratio, "learning_rate": run.learning_rate,
-                  "noise_multiplier": float(sigma), "steps": curve[-1][0] if curve else 0,
-                  "final_loss": curve[-1][1] if curve else None, "diverged": diverged,
-                  "seconds": round(time.perf_counter() - started, 2)}
-        # A diverged run leaves no rows: the planner takes the minimum over learning rates.
-        return record, ([] if diverged else curve)
-
-
-def _row(params: int, run: _Run, step: int, loss: float,
-         args: argparse.Namespace) -> dict[str, Any]:
-    return {"model_params": params, "noise_batch_ratio": repr(run.ratio),
-            "learning_rate": repr(run.learning_rate), "step": step, "loss": f"{loss:.6f}",
-            "preset": run.preset, "noise_multiplier": f"{run.ratio * args.batch_size:.6g}",
-            "batch_size": args.batch_size, "sequence_length": args.sequence_length,
-            "seed": args.seed}
-
-
-def _write(csv_path: pathlib.Path, json_path: pathlib.Path, rows: list[dict[str, Any]],
-           provenance: dict[str, Any]) -> None:
-    """Rewrite the table and its provenance atomically (a reader never sees half a file)."""
-    for path in (csv_path, json_path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = csv_path.with_name(csv_path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=provenance["columns"], lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, csv_path)
-    tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(json.dumps(provenance, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, json_path)
-
-
-def _resume(args: argparse.Namespace, json_path: pathlib.Path,
-            settings: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[Any, dict[str, Any]]]:
-    """Rows and finished runs of an earlier sweep with the same settings."""
-    if not args.output.is_file() or not json_path.is_file():
-        return [], {}
-    try:
-        old = json.loads(json_path.read_text(encoding="utf-8"))
-        with args.output.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-    except (OSError, ValueError) as error:
-        fail(f"--resume: cannot read the earlier sweep ({error})", EXIT_INVALID)
-    if old.get("settings") != settings:
-        changed = sorted(k for k in settings if old.get("settings", {}).get(k) != settings[k])
-        fail(f"--resume: {args.output} was measured with other settings ({', '.join(changed)}); "
-             "use another --output", EXIT_INVALID)
-    done = {(r["preset"], float(r["noise_batch_ratio"]), float(r["learning_rate"])): r
-            for r in old.get("runs", [])}
-    keys = {(r["preset"], float(r["noise_batch_ratio"]), float(r["learning_rate"]))
-            for r in rows}
-    # Keep the rows of finished runs only (a run is written whole, but be strict).
-    done = {k: r for k, r in done.items() if k in keys or r.get("diverged")}
-    rows = [r for r in rows
-            if (r["preset"], float(r["noise_batch_ratio"]), float(r["learning_rate"])) in done]
-    return rows, done
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
@@ -430,20 +268,6 @@ def _argv(args: argparse.Namespace) -> list[str]:
         flag = "--" + key.replace("_", "-")
         out += [flag, str(value)]
     return out
-
-
-def _environment(jax: Any) -> dict[str, Any]:
-    def version(name: str) -> str | None:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-    return {"dptrain": version("dptrain"), "jax": jax.__version__, "jaxlib": version("jaxlib"),
-            "equinox": version("equinox"), "optax": version("optax"),
-            "python": platform.python_version(), "platform": platform.platform(),
-            "machine": platform.machine(), "cpu_count": os.cpu_count(),
-            "backend": jax.default_backend(), "device_count": jax.device_count(),
-            "devices": sorted({str(d.device_kind) for d in jax.devices()})}
 
 
 def _report(args: argparse.Namespace, provenance: dict[str, Any], json_path: pathlib.Path,

@@ -170,6 +170,7 @@ class DurableLedger:
         self._file = ledger_file
         self._reporters = tuple(reporters)
         self._writer = writer  # only one process of a multi-host job writes
+        self._max_within: int | None = None
 
     @property
     def state(self) -> PrivacyLedger:
@@ -182,8 +183,25 @@ class DurableLedger:
         return self._ledger.steps_charged
 
     def epsilon_spent(self) -> float:
-        """ε of the steps charged (the curve's conservative value)."""
-        return self._ledger.epsilon_spent(self._curve)
+        """ε of the steps charged (see :meth:`epsilon_at`)."""
+        return self.epsilon_at(self._ledger.steps_charged)
+
+    def epsilon_at(self, steps: int) -> float:
+        """An upper bound on ε after ``steps``, fast.
+
+        The curve's look-up, capped at the budget for counts the exact bound already certified
+        (``max_steps_within`` is exact): between grid points the look-up can exceed a budget
+        that the exact ε meets.
+        """
+        value = self._curve.epsilon_at(steps)
+        if steps <= self._ceiling():
+            value = min(value, self._ledger.epsilon_budget)
+        return value
+
+    def _ceiling(self) -> int:
+        if self._max_within is None:
+            self._max_within = self._curve.max_steps_within(self._ledger.epsilon_budget)
+        return self._max_within
 
     def resume(self, *records: int) -> int:
         """Start from the largest of the file, the reporters and ``records``; returns it."""
@@ -194,8 +212,7 @@ class DurableLedger:
 
     def affordable(self, limit: int) -> int:
         """How many more steps (at most ``limit``) the budget allows."""
-        ceiling = self._curve.max_steps_within(self._ledger.epsilon_budget)
-        return max(0, min(limit, ceiling - self._ledger.steps_charged))
+        return max(0, min(limit, self._ceiling() - self._ledger.steps_charged))
 
     def reserve(self, steps: int, progress: Progress) -> None:
         """Charge ``steps`` more and record the count durably before they run.
@@ -204,13 +221,16 @@ class DurableLedger:
             BudgetExceededError: the new count's ε would pass the budget (nothing written).
             LedgerError: a record could not be written.
         """
-        if not self._ledger.can_charge(steps, self._curve):
+        # The same exact bound as :meth:`affordable` (``max_steps_within`` is exact): the
+        # curve's conservative look-up between grid points could refuse a step that
+        # ``affordable`` granted, and the loop would crash instead of ending BudgetExhausted.
+        if steps > 0 and self.affordable(steps) < steps:
             raise BudgetExceededError(
                 f"charging {steps} more step(s) after {self._ledger.steps_charged} would exceed "
                 f"ε budget {self._ledger.epsilon_budget}")
         new = self._ledger.charge(steps)
         if self._writer:
-            eps = new.epsilon_spent(self._curve)
+            eps = self.epsilon_at(new.steps_charged)
             self._file.write(new, eps)
             record = dataclasses.replace(progress, steps_charged=new.steps_charged,
                                          epsilon_spent=eps)

@@ -289,7 +289,8 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
                 real_rows += float(host.real_rows)
                 record = {"step": step, "steps_charged": ledger.steps_charged - block
                           + len(losses), "loss": float(host.loss),
-                          "epsilon": curve.epsilon_at(ledger.steps_charged - block + len(losses)),
+                          "epsilon": ledger.epsilon_at(ledger.steps_charged - block
+                                                       + len(losses)),
                           "real_rows": int(host.real_rows),
                           "clipped_fraction": float(host.clipped_fraction)}
                 history.append(record)
