@@ -16,7 +16,9 @@ linearly in log L over (log M, log T, log σ̄). Smoothing, in order:
    pass makes both hold exactly (a running min over T keeps monotonicity in σ̄).
 6. Extrapolation in T: each curve's tail (last half of the nodes) is fitted with
    L = exp(m·log T + b) + E*, E* being the fitted asymptote of that model's least-noise curve
-   (the σ̄ → 0 limit), and extended on nodes up to T = 2^24.
+   (the σ̄ → 0 limit), and extended on nodes up to T = 2^24. A curve's slope m is held to at
+   least that of the next less noisy curve (noise does not stop mattering beyond the data; short
+   noisy curves, falling steeply from a high start, would otherwise cross the clean ones).
 
 Outside the table's domain: M and small σ̄ are clamped to the nearest table value (for σ̄ this is
 pessimistic: less noise never hurts), large σ̄ is extrapolated linearly in log-log with the last
@@ -242,9 +244,18 @@ class TableLossModel:
         for i, m in enumerate(models):
             e_star = _fit_asymptote(log_nodes[tail], np.exp(log_loss[i, tail, 0]))
             self.asymptotes[m] = e_star
+            floor = -math.inf
             for k in range(len(ratios)):
                 slope, intercept = _power_law_tail(log_nodes[tail], np.exp(log_loss[i, tail, k]),
                                                    e_star)
+                if slope < floor:
+                    # A noisier curve may not decay faster than a less noisy one: short noisy
+                    # curves fall steeply from a high start, and extended freely they would
+                    # cross below the clean ones (noise would stop mattering at large T).
+                    slope = floor
+                    intercept = math.log(max(math.exp(log_loss[i, -1, k]) - e_star, 1e-6)) \
+                        - slope * log_nodes[-1]
+                floor = slope
                 tail_fit = np.log(np.exp(slope * ext_nodes + intercept) + e_star)
                 # Continue from the last measured node (no jump at the seam).
                 seam = log_loss[i, -1, k] - math.log(math.exp(slope * log_nodes[-1] + intercept)
