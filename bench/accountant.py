@@ -52,7 +52,8 @@ def main() -> None:
     m = DpSgdMechanism(sampling_rate=5.3e-5, noise_multiplier=0.614, delta=1.1e-10)
     started = time.perf_counter()
     curve = EpsilonCurve.build(m, 100_000)
-    print(f"{'build eps-curve PLD T=100,000 (%d points)' % len(curve.steps):<44} "
+    label = f"build eps-curve PLD T=100,000 ({len(curve.steps)} points)"
+    print(f"{label:<44} "
           f"{time.perf_counter() - started:>10.3f} s")
     per_lookup = []
     for _ in range(args.repeats):

@@ -59,9 +59,9 @@ def test_reports_lower_than_the_ledger_are_ignored_and_the_ledger_only_grows(kub
             report(kube, "liar", stepsCharged=value, step=max(0, value), loss=3.0)
             high = max(high, value)
             want = high
-            privacy = wait_for(lambda: (p := privacy_of(kube, "liar")).get("stepsCharged") == want
-                               and (status_of(kube, "liar").get("progress") or {}).get(
-                                   "stepsCharged") == value and p,
+            privacy = wait_for(lambda w=want, v=value: (
+                p := privacy_of(kube, "liar")).get("stepsCharged") == w and (
+                    status_of(kube, "liar").get("progress") or {}).get("stepsCharged") == v and p,
                                what=f"the ledger at {want} after a report of {value}",
                                describe=lambda: json.dumps(status_of(kube, "liar")))
             # ε is the operator's, from the plan and the ledger (never below the exact value).
@@ -149,8 +149,8 @@ def test_a_report_far_beyond_the_budget_halts_the_job_and_the_operator_keeps_ser
     # The operator still serves: a new job is planned and gets its workload.
     kube.create_job(job_manifest(f"after-{accountant}"))
     wait_phase(kube, f"after-{accountant}", "Running")
-    assert 'dptrain_job_phase{name="%s",namespace="default",phase="BudgetExhausted"} 1.0' % name \
-        in operator.metrics()
+    series = f'dptrain_job_phase{{name="{name}",namespace="default",phase="BudgetExhausted"}} 1.0'
+    assert series in operator.metrics()
 
 
 def test_a_trainer_that_never_reports_is_marked_stalled(kube, start_operator):

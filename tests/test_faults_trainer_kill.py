@@ -48,7 +48,7 @@ SEED = 20240607
 KILLS = 4
 NAME = "killme"
 WORKLOAD = f"{NAME}-train"
-BUDGET = 1.6
+BUDGET = 1.45
 ITERATIONS = 60
 INTERVAL = 4
 
@@ -114,7 +114,7 @@ def test_sigkilled_trainer_never_undercounts_and_finishes_within_budget(
     with LedgerWatch(kube, [NAME]) as watch:
         try:
             for attempt in range(KILLS + 3):
-                def next_workload() -> dict | None:
+                def next_workload(last_uid: str | None = last_uid) -> dict | None:
                     status = status_of(kube, NAME)
                     if status.get("phase") in TERMINAL:
                         return {"terminal": status["phase"]}
@@ -132,7 +132,7 @@ def test_sigkilled_trainer_never_undercounts_and_finishes_within_budget(
                 if attempt == 0:
                     plan = status_of(kube, NAME)["plan"]
                     # The budget binds before the plan does, leaving room for the kills.
-                    assert 30 <= plan["maxSteps"] < ITERATIONS, plan
+                    assert 28 <= plan["maxSteps"] < ITERATIONS, plan
                 kind, where = schedule[attempt] if attempt < len(schedule) else ("none", 0)
                 env = {"DPTRAIN_TEST_FAULT": f"{kind}:{int(where)}"} if kind in (
                     "step", "save", "report") else {}
@@ -140,7 +140,7 @@ def test_sigkilled_trainer_never_undercounts_and_finishes_within_budget(
                 pod = kubelet.run(WORKLOAD, env=env,
                                   extra_args=("--metrics-port", "0", "--no-progress"))
                 if kind == "external":
-                    wait_for(lambda: pod.returncode is not None or int(
+                    wait_for(lambda pod=pod, before=before: pod.returncode is not None or int(
                         (status_of(kube, NAME).get("progress") or {}).get("step") or 0) > before,
                         timeout=120, interval=0.02, what="the trainer's first step",
                         describe=describe)

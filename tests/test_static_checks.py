@@ -63,7 +63,7 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
     blocks = readme.split("```")
-    commands = [line.strip() for line in blocks[1].splitlines()
+    commands = [line.strip() for line in blocks[1].splitlines()[1:]  # after the ```bash tag
                 if line.strip() and not line.startswith("#")]
     assert len(commands) == 2, commands
     assert "dptrain run manifests/samples/tiny-cpu.yaml" in commands[0]

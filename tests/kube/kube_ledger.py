@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -122,4 +123,4 @@ class LedgerWatch:
     def decreases(self) -> dict[str, list[int]]:
         """Jobs whose recorded ledger ever went down, with their sequence."""
         return {name: values for name, values in self.seen.items()
-                if any(b < a for a, b in zip(values, values[1:], strict=False))}
+                if any(b < a for a, b in itertools.pairwise(values))}

@@ -114,7 +114,7 @@ def parse_number(text: str) -> float:
     text = text.strip()
     if "^" in text:
         base, _, power = text.partition("^")
-        return float(base) ** float(power)
+        return float(float(base) ** float(power))
     return float(text)
 
 
@@ -122,7 +122,7 @@ def _list(args: argparse.Namespace, option: str, *, allow_zero: bool = False) ->
     raw = getattr(args, option.lstrip("-").replace("-", "_"))
     try:
         values = [parse_number(v) for v in raw.split(",") if v.strip()]
-    except ValueError:
+    except (ValueError, TypeError, ArithmeticError):  # "abc", (-2)^0.5 (complex), 2^1e6
         fail(f"{option}: must be comma-separated numbers (or 2^k), got {raw!r}", EXIT_INVALID)
     bad = [v for v in values if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero)]
     if not values or bad:

@@ -16,15 +16,17 @@ linearly in log L over (log M, log T, log σ̄). Smoothing, in order:
    pass makes both hold exactly (a running min over T keeps monotonicity in σ̄).
 6. Extrapolation in T: each curve's tail (last half of the nodes) is fitted with
    L = exp(m·log T + b) + E*, E* being the fitted asymptote of that model's least-noise curve
-   (the σ̄ → 0 limit), and extended on nodes up to T = 2^24. A curve's slope m is held to at
-   least that of the next less noisy curve (noise does not stop mattering beyond the data; short
-   noisy curves, falling steeply from a high start, would otherwise cross the clean ones).
+   (the σ̄ → 0 limit), and extended on nodes up to T = 2^24 but at most ``MAX_T_EXTRAPOLATION``
+   (2^7) times the longest measured curve; beyond, the loss is held flat (no gain is predicted
+   from steps far outside the data). A curve's slope m is held to at least that of the next less
+   noisy curve (noise does not stop mattering beyond the data; short noisy curves, falling
+   steeply from a high start, would otherwise cross the clean ones).
 
 Outside the table's domain: M and small σ̄ are clamped to the nearest table value (for σ̄ this is
 pessimistic: less noise never hurts), large σ̄ is extrapolated linearly in log-log with the last
 segment's (non-negative) slope, capped at the table's largest loss; T beyond the measured range
-uses the power-law extension and T below it is clamped. :meth:`TableLossModel.extrapolation` says
-which of these applied.
+uses the power-law extension (held flat past 2^7 × the measured range) and T below it is
+clamped. :meth:`TableLossModel.extrapolation` says which of these applied.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ SHORT_CURVE_DROP_FRACTION = 0.1
 ROLLING_WINDOW = 3
 MAX_T_NODES = 16
 EXTRAPOLATE_T_TO = 2.0**24
+MAX_T_EXTRAPOLATION = 2.0**7
+"""Farthest the power law is followed, as a multiple of the measured steps (the paper's 128K-step
+curves reach 2^24; a CPU table of a few hundred steps is not followed for five decades)."""
 
 
 @runtime_checkable
@@ -235,8 +240,9 @@ class TableLossModel:
         log_loss = self._isotonic(log_loss)
         # Extrapolation in T with a power law plus the model's σ̄ → 0 asymptote.
         tail = slice(n_nodes // 2, n_nodes)
+        t_end = min(EXTRAPOLATE_T_TO, MAX_T_EXTRAPOLATION * t_hi)
         ext = [math.log(t_hi) + math.log(2.0) * j
-               for j in range(1, math.ceil(math.log2(EXTRAPOLATE_T_TO / t_hi)) + 1)]
+               for j in range(1, math.ceil(math.log2(t_end / t_hi) - 1e-9) + 1)]
         ext_nodes = np.array(ext)
         full = np.concatenate([log_nodes, ext_nodes])
         extended = np.empty((len(models), len(full), len(ratios)))
@@ -322,7 +328,12 @@ class TableLossModel:
             notes.append(f"model size {model_params:.3g} outside the table's "
                          f"[{m_lo:.3g}, {m_hi:.3g}] parameters: clamped to the nearest")
         t_lo, t_hi = self.measured_steps
-        if steps > t_hi * 1.001:
+        t_end = float(np.exp(self.log_steps[-1]))
+        if steps > t_end * 1.001:
+            notes.append(f"{steps:.3g} steps beyond the measured {t_hi:.3g}: power-law "
+                         f"extrapolation L = exp(m·log T + b) + E* up to {t_end:.3g} steps, "
+                         f"held flat beyond (no further gain assumed)")
+        elif steps > t_hi * 1.001:
             notes.append(f"{steps:.3g} steps beyond the measured {t_hi:.3g}: power-law "
                          f"extrapolation L = exp(m·log T + b) + E*")
         elif steps < t_lo * 0.999:
