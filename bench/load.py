@@ -26,9 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kube"))
 
 from kube_client import ApiError, KubeHTTP
+from kube_faults import FaultyEmulatorServer
 from kube_operator import OperatorProcess
 from kube_samples import job_manifest
-from kube_server import EmulatorServer
 
 CHILDREN = ("v1/configmaps", "v1/serviceaccounts", "rbac.authorization.k8s.io/v1/roles",
             "rbac.authorization.k8s.io/v1/rolebindings", "v1/services", "batch/v1/jobs")
@@ -72,7 +72,9 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="dptrain-load-"))
     names = [f"load-{i:04d}" for i in range(args.jobs)]
     result: dict[str, object] = {"jobs": args.jobs}
-    with EmulatorServer() as api:
+    # The fault-injecting emulator with no faults: it bounds kmock's request history, whose
+    # full scan on every read makes stock kmock quadratic (seconds per request at 500 jobs).
+    with FaultyEmulatorServer() as api:
         kube = KubeHTTP(api.url)
         operator = OperatorProcess(api.write_kubeconfig(tmp / "kubeconfig"), tmp / "operator.log",
                                    extra_args=("--cache-dir", str(tmp / "cache"),

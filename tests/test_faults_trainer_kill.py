@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import pytest
+from kube_faults import FaultyEmulatorServer
 from kube_kubelet import Kubelet, Pod, finish_job
 from kube_ledger import (
     TERMINAL,
@@ -51,6 +52,17 @@ WORKLOAD = f"{NAME}-train"
 BUDGET = 1.45
 ITERATIONS = 60
 INTERVAL = 4
+
+
+@pytest.fixture()
+def kube_api():
+    """The emulator without faults, but with kmock's request history bounded: thousands of
+    progress reports otherwise make every read scan the whole history (quadratic)."""
+    server = FaultyEmulatorServer(seed=SEED).start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def fault_schedule(rng: random.Random) -> list[tuple[str, float]]:

@@ -16,10 +16,20 @@ Formal guarantees:
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 
 from dptrain.api import PlanStatus
 from dptrain.privacy import DpSgdMechanism, EpsilonCurve, epsilon, largest_steps_within
+
+
+def json_safe(value: float) -> float:
+    """ε as a finite number: +inf (nothing certifiable) becomes the largest double.
+
+    Kubernetes objects are JSON, which has no infinity; the largest double still exceeds every
+    budget, so every comparison decides as +inf would.
+    """
+    return min(value, sys.float_info.max)
 
 
 def mechanism_of(plan: PlanStatus, delta: float) -> DpSgdMechanism:
@@ -56,11 +66,11 @@ class Accountant:
         """ε after ``steps`` steps of the plan (conservative; exact at ``plan.max_steps``)."""
         if steps <= 0:
             return 0.0
-        return self.curve(plan, delta).epsilon_at(steps)
+        return json_safe(self.curve(plan, delta).epsilon_at(steps))
 
     def epsilon_exact(self, plan: PlanStatus, delta: float, steps: int) -> float:
         """The exact ε of ``steps`` steps of the plan's mechanism (slow: one composition)."""
-        return epsilon(mechanism_of(plan, delta), steps) if steps > 0 else 0.0
+        return json_safe(epsilon(mechanism_of(plan, delta), steps)) if steps > 0 else 0.0
 
     def enforce(self, plan: PlanStatus, budget: float, delta: float, *,
                 iterations: int | None = None) -> PlanStatus:

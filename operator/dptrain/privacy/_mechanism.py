@@ -22,6 +22,9 @@ Formal guarantees:
     2. With truncation, ``epsilon(m, T)`` is computed at δ₀ = (1 − ρ)·δ and is returned only if
        e^ε·η ≤ ρ·δ, so δ₀ + e^ε·η ≤ δ; otherwise it is +inf (nothing can be certified).
     3. ``epsilon(m, 0) == 0`` and ``epsilon`` is non-decreasing in T.
+    4. Cost is bounded for any T: when the RDP bound already exceeds ``PLD_EPSILON_CEILING`` (above
+       every budget the API accepts), the RDP bound is returned instead of composing a PLD whose
+       support — and memory — grows with T. Both are upper bounds, so no decision changes.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ ACCOUNTANTS: tuple[AccountantName, ...] = ("pld", "rdp")
 DEFAULT_VALUE_DISCRETIZATION = 1e-4
 """PLD discretisation used for every reported or enforced ε (see accounting notes: 1e-3 can be
 very pessimistic at T ≈ 1e5; 1e-4 moves ε by about ±0.03 there, always upwards)."""
+
+PLD_EPSILON_CEILING = 100.0
+"""Above this ε (the API's largest budget) PLD is not composed: the cheap RDP bound is reported."""
 
 TRUNCATION_DELTA_SHARE = 0.01
 """ρ: the share of δ reserved for the truncation term e^ε·η when batches can overflow."""
@@ -181,6 +187,12 @@ def accountant_epsilon(mechanism: DpSgdMechanism, steps: int, delta: float) -> f
     if steps == 0:
         return 0.0
     if mechanism.accountant == "pld":
+        # A lying progress report or an absurd spec can ask for ε after 1e10 steps; composing a
+        # PLD that far exhausts memory, while the RDP bound costs microseconds and already shows
+        # that no budget is met.
+        rdp_bound = _rdp_epsilon(mechanism, steps, delta)
+        if rdp_bound > PLD_EPSILON_CEILING:
+            return rdp_bound
         return _pld_epsilon(mechanism, steps, delta)
     return _rdp_epsilon(mechanism, steps, delta)
 
