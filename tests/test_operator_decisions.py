@@ -270,3 +270,19 @@ def test_decide_is_idempotent():
     second = run(b, Observed(workload=ChildState(name="job-train", created=NOW)))
     assert second.status == {} and second.create == [] and second.events == []
     assert spec_json is not None
+
+
+@pytest.mark.parametrize(("trained", "phase"), [(10, "Succeeded"), (7, "BudgetExhausted")])
+def test_a_ledger_at_the_iterations_is_success_only_if_the_model_trained_them(trained, phase):
+    # Restarts charge repeated steps again, so the ledger can reach the plan's iterations
+    # before the model has done them: that job may not run more, but it did not finish.
+    status, applied = running_status(steps=9, budget=5.0, iterations=10)
+    status["progress"] = {"stepsCharged": 10, "step": trained}
+    work = Observed(workload=ChildState(name="job-train", created=NOW))
+    decision = run(body(status=status, applied=applied, privacy={"epsilon": 5.0},
+                        training={"iterations": 10}), work)
+    assert decision.phase == phase
+    assert decision.delete == ["workload"]
+    if phase == "BudgetExhausted":
+        assert conditions(merged(status, decision))["BudgetExhausted"]["reason"] == \
+            "MaxStepsReached"

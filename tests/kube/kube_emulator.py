@@ -139,6 +139,8 @@ class DPTrainKubernetes(kmock.KubernetesEmulator):
     with_jobset: bool = False
     #: Hook for fault injection: called with each parsed request; may raise a KubernetesError.
     fault: Callable[[rendering.Request], None] | None = None
+    #: How many past requests kmock keeps (0: all, as stock kmock does).
+    request_history: int = 512
 
     _rv: Iterable[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _last_rv: int = attrs.field(default=0, init=False)
@@ -205,6 +207,12 @@ class DPTrainKubernetes(kmock.KubernetesEmulator):
     # ----------------------------------------------------------------------- request handling
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        # kmock 0.8 matches every read against its whole request history (``request in
+        # payload._source`` scans all past requests through the filters): quadratic, ~0.3 s
+        # per GET after a few thousand requests. Only requests still being served need to be
+        # there, so keep a bounded tail (this request is the last one).
+        if self.request_history and len(self._requests) > self.request_history:
+            del self._requests[:len(self._requests) - self.request_history]
         if self.fault is not None:
             self.fault(request)
         if request.resource is None:

@@ -122,8 +122,6 @@ class FaultyKubernetes(DPTrainKubernetes):
 
     faults: list[Fault] = attrs.field(factory=list)
     seed: int = 0
-    #: How many past requests kmock keeps (0: all, as stock kmock does).
-    request_history: int = 512
     #: Every request seen: (method, resource plural, name, subresource, watch, agent, outcome);
     #: the outcome ends with the HTTP status answered (e.g. ``served 201``, ``failed 500``).
     journal: list[tuple[str, str | None, str | None, str | None, bool, str, str]] = attrs.field(
@@ -145,12 +143,6 @@ class FaultyKubernetes(DPTrainKubernetes):
                              request.headers.get("User-Agent", ""), outcome))
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
-        # kmock 0.8 matches every read against its whole request history (``request in
-        # payload._source`` scans all past requests through the filters): quadratic, ~0.3 s
-        # per GET after a few thousand requests. Only requests still being served need to be
-        # there, so keep a bounded tail (this request is the last one).
-        if self.request_history and len(self._requests) > self.request_history:
-            del self._requests[:len(self._requests) - self.request_history]
         drop: tuple[float, str] | None = None
         outcome = "served"
         for fault in list(self.faults):

@@ -408,7 +408,8 @@ def decide(body: Mapping[str, Any], observed: Observed, now: dt.datetime, *, too
     d.privacy = ledger
 
     if ledger.steps_charged >= plan.max_steps or ledger.epsilon_spent >= ledger.epsilon_budget:
-        _halt(d, out, observed, plan, ledger)
+        trained = status.progress.step if status.progress is not None else 0
+        _halt(d, out, observed, plan, ledger, trained_steps=trained)
         return d.finish()
     if reopened and d.phase == "BudgetExhausted":
         d.condition("BudgetExhausted", "False", "BudgetRaised",
@@ -558,14 +559,21 @@ def _charge(d: _Draft, plan: PlanStatus, ledger: PrivacyLedgerStatus,
 
 
 def _halt(d: _Draft, out: Decision, observed: Observed, plan: PlanStatus,
-          ledger: PrivacyLedgerStatus) -> None:
-    """Stop for good: the budget (or the plan) is used up."""
+          ledger: PrivacyLedgerStatus, *, trained_steps: int) -> None:
+    """Stop for good: the budget (or the plan) is used up.
+
+    ``Succeeded`` needs the model to have done all its iterations (the trainer's own step count),
+    not just the ledger to reach them: restarts charge repeated steps again, so the ledger can
+    reach ``iterations`` before the model does. Such a job is ``BudgetExhausted``
+    (``MaxStepsReached``): it may not run another step, but it did not finish.
+    """
     _delete_existing(out, observed)
     d.workload = None
     message = (f"ε spent {ledger.epsilon_spent:.4g} of {ledger.epsilon_budget:g} after "
                f"{ledger.steps_charged} steps (plan maximum {plan.max_steps})")
     d.condition("Running", "False", "Halted", message)
-    if ledger.steps_charged >= plan.iterations and plan.max_steps >= plan.iterations:
+    if (ledger.steps_charged >= plan.iterations and plan.max_steps >= plan.iterations
+            and trained_steps >= plan.iterations):
         d.condition("Succeeded", "True", "Completed", message)
         d.set_phase("Succeeded", "Completed", message)
         return
