@@ -71,6 +71,10 @@ def main() -> int:
             result["latency_jobs"] = args.latency_jobs
             result["create_to_workload_median_s"] = statistics.median(latencies)
             result["create_to_workload_p95_s"] = percentile(latencies, 0.95)
+            if not args.json:  # the load phase takes minutes: show this part now
+                print(f"latency over {args.latency_jobs} jobs: median "
+                      f"{result['create_to_workload_median_s'] * 1000:.0f} ms, p95 "
+                      f"{result['create_to_workload_p95_s'] * 1000:.0f} ms", flush=True)
 
             started = time.perf_counter()
             for i in range(args.load_jobs):
