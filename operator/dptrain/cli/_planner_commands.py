@@ -1,4 +1,4 @@
-"""`dptrain plan`: the scaling-law planner from the command line (`sweep` lives in _sweep_commands)."""
+"""`dptrain plan`: the scaling-law planner from the command line (sweep: _sweep_commands)."""
 
 from __future__ import annotations
 
