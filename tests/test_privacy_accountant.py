@@ -113,13 +113,13 @@ def test_physical_batch_requires_dataset_size():
     assert info.value.parameter == "dataset_size"
 
 
-def test_epsilon_of_an_absurd_step_count_is_cheap_and_above_every_budget():
-    import time
+def test_epsilon_of_an_absurd_step_count_uses_the_rdp_bound_above_every_budget():
+    import dataclasses
 
     from dptrain.privacy._mechanism import PLD_EPSILON_CEILING
 
     m = DpSgdMechanism(sampling_rate=0.01, noise_multiplier=1.0, delta=1e-5)
-    started = time.perf_counter()
     value = epsilon(m, 10**10)  # a lying progress report; composing a PLD this far would OOM
-    assert time.perf_counter() - started < 5.0
     assert value > PLD_EPSILON_CEILING
+    # The cheap RDP bound is what comes back: no PLD was composed.
+    assert value == epsilon(dataclasses.replace(m, accountant="rdp"), 10**10)

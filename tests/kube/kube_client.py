@@ -7,6 +7,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from dptrain.operator._kube import resource_path
+
 GROUP_PATH = "/apis/dptrain.io/v1alpha1"
 
 
@@ -21,17 +23,7 @@ def path_of(resource: str, namespace: str | None = None, name: str | None = None
             subresource: str | None = None) -> str:
     """``batch/v1/jobs`` → ``/apis/batch/v1/namespaces/NS/jobs/NAME``."""
     *group_version, plural = resource.split("/")
-    gv = "/".join(group_version)
-    root = f"/api/{gv}" if "/" not in gv else f"/apis/{gv}"
-    parts = [root]
-    if namespace is not None:
-        parts.append(f"namespaces/{namespace}")
-    parts.append(plural)
-    if name is not None:
-        parts.append(name)
-    if subresource is not None:
-        parts.append(subresource)
-    return "/".join(parts)
+    return resource_path("/".join(group_version), plural, namespace, name, subresource)
 
 
 class KubeHTTP:
