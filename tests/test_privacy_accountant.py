@@ -60,7 +60,7 @@ def test_truncation_with_a_safe_physical_batch_costs_almost_nothing():
     eps_plain, eps_truncated = epsilon(plain, steps), epsilon(truncated, steps)
     # Reserving ρ = 1% of δ for truncation costs a little ε, never less than untruncated.
     assert eps_plain <= eps_truncated <= eps_plain + 0.02
-    assert math.exp(eps_truncated) * truncated.overflow_probability(steps) \
+    assert (1 + math.exp(eps_truncated)) * truncated.overflow_probability(steps) \
         <= TRUNCATION_DELTA_SHARE * delta
 
 
@@ -71,9 +71,10 @@ def test_truncation_to_the_expected_batch_cannot_be_certified():
     assert epsilon(m, 100) == math.inf
 
 
-def test_physical_batch_at_least_the_dataset_never_truncates():
+def test_physical_batch_above_the_dataset_never_truncates():
+    # N + 1 rows: even the larger neighbouring dataset fits.
     m = DpSgdMechanism(sampling_rate=0.5, noise_multiplier=1.0, delta=1e-3, dataset_size=100,
-                       physical_batch_size=100, accountant="rdp")
+                       physical_batch_size=101, accountant="rdp")
     assert not m.can_truncate
     assert m.accountant_delta == m.delta
 

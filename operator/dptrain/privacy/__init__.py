@@ -2,7 +2,7 @@
 
 Built on dp-accounting's events and accountants (PLD by default, RDP optional). The pieces are
 kept apart, as in jax_privacy: the mechanism and its ε (``_mechanism``), calibration
-(``_calibration``), a precomputed ε-curve for fast conservative look-ups (``_curve``) and the
+(``_calibration``), rounding σ to float32 without lowering it (``_float32``), a precomputed ε-curve for fast conservative look-ups (``_curve``) and the
 ledger of steps charged (``_ledger``).
 """
 
@@ -14,6 +14,7 @@ from dptrain.privacy._calibration import (
 )
 from dptrain.privacy._curve import EpsilonCurve
 from dptrain.privacy._errors import PrivacyParameterError
+from dptrain.privacy._float32 import round_up_to_float32
 from dptrain.privacy._ledger import PrivacyLedger
 from dptrain.privacy._mechanism import (
     ACCOUNTANTS,
@@ -23,6 +24,7 @@ from dptrain.privacy._mechanism import (
     DpSgdMechanism,
     epsilon,
     physical_batch_size_for,
+    truncation_certified,
 )
 
 __all__ = [
@@ -40,4 +42,6 @@ __all__ = [
     "epsilon",
     "largest_steps_within",
     "physical_batch_size_for",
+    "round_up_to_float32",
+    "truncation_certified",
 ]

@@ -7,9 +7,13 @@ dp-accounting's events and its PLD (default, tight) or RDP (faster, looser) acco
 add/remove adjacency of one sequence (the privacy unit).
 
 Truncated Poisson ("Scalable DP-SGD"): a fixed physical batch B_max pads short batches and
-truncates long ones. We account for truncation with the δ-adjustment of Chua et al. 2024
-(arXiv 2411.04205): if the untruncated mechanism is (ε, δ₀)-DP and η is the probability that
-any of the T batches overflows B_max, the truncated mechanism is (ε, δ₀ + e^ε·η)-DP. We chose
+truncates long ones. We account for truncation with the coupling argument of Chua et al. 2024
+(arXiv 2411.04205): if the untruncated mechanism is (ε, δ₀)-DP and η(D) is the probability that
+any of the T batches drawn from dataset D overflows B_max, then for neighbours D, D′
+P[M(D) ∈ S] ≤ e^ε·P[M(D′) ∈ S] + δ₀ + η(D) + e^ε·η(D′): the truncated run differs from the
+untruncated one on D with probability η(D) and on D′ with probability η(D′). Under add/remove
+adjacency the larger dataset of a pair around our N has N + 1 rows, and η grows with the row
+count, so we bound both terms by η(N + 1) and require (1 + e^ε)·η(N + 1) ≤ ρ·δ. We chose
 it over dp-accounting's exact ``TruncatedSubsampledGaussianDpEvent`` because it works with both
 accountants, costs one binomial tail instead of a PLD 3–4× slower to build, and with a physical
 batch sized by :func:`physical_batch_size_for` the adjustment is negligible. We reserve a fixed
@@ -20,7 +24,10 @@ Formal guarantees:
        PLD uses pessimistic discretisation (an upper bound for any discretisation interval) and
        RDP conversion is an upper bound by construction.
     2. With truncation, ``epsilon(m, T)`` is computed at δ₀ = (1 − ρ)·δ and is returned only if
-       e^ε·η ≤ ρ·δ, so δ₀ + e^ε·η ≤ δ; otherwise it is +inf (nothing can be certified).
+       (1 + e^ε)·η(N + 1) ≤ ρ·δ, so δ₀ + η(D) + e^ε·η(D′) ≤ δ for every neighbouring pair
+       (D, D′) with at most N + 1 rows; otherwise it is +inf (nothing can be certified).
+    5. ``physical_batch_size_for`` returns a B_max with (1 + e^ε)·η(N + 1) ≤ ρ·δ at the given
+       budget, so the plan it sizes can always be certified at that budget.
     3. ``epsilon(m, 0) == 0`` and ``epsilon`` is non-decreasing in T.
     4. Cost is bounded for any T: when the RDP bound already exceeds ``PLD_EPSILON_CEILING`` (above
        every budget the API accepts), the RDP bound is returned instead of composing a PLD whose
@@ -116,21 +123,25 @@ class DpSgdMechanism:
 
     @property
     def can_truncate(self) -> bool:
-        """Whether a Poisson batch can exceed the physical batch."""
+        """Whether a Poisson batch of a neighbouring dataset (N + 1 rows) can exceed B_max."""
         return (self.physical_batch_size is not None and self.dataset_size is not None
-                and self.physical_batch_size < self.dataset_size)
+                and self.physical_batch_size < self.dataset_size + 1)
 
     @property
     def step_overflow_probability(self) -> float:
-        """P[Binomial(N, q) > B_max]: one step's batch is truncated."""
+        """P[Binomial(N + 1, q) > B_max]: one step's batch of the larger neighbour is truncated.
+
+        N + 1, not N: the adversary's neighbouring dataset may hold one row more than ours, and
+        its overflow probability enters the coupling bound too (see the module docstring).
+        """
         if not self.can_truncate:
             return 0.0
         assert self.dataset_size is not None and self.physical_batch_size is not None
-        return float(stats.binom.sf(self.physical_batch_size, self.dataset_size,
+        return float(stats.binom.sf(self.physical_batch_size, self.dataset_size + 1,
                                     self.sampling_rate))
 
     def overflow_probability(self, steps: int) -> float:
-        """η = P[any of ``steps`` batches is truncated] = 1 − (1 − p)^T."""
+        """η(N + 1) = P[any of ``steps`` batches is truncated] = 1 − (1 − p)^T."""
         p = self.step_overflow_probability
         if p <= 0.0:
             return 0.0
@@ -212,10 +223,18 @@ def epsilon(mechanism: DpSgdMechanism, steps: int) -> float:
         return 0.0
     eps = accountant_epsilon(mechanism, steps, mechanism.accountant_delta)
     eta = mechanism.overflow_probability(steps)
-    if eta > 0.0 and (eps > 700 or math.exp(eps) * eta > TRUNCATION_DELTA_SHARE
-                      * mechanism.delta):
+    if eta > 0.0 and not truncation_certified(eps, eta, mechanism.delta):
         return math.inf
     return eps
+
+
+def truncation_certified(eps: float, eta: float, delta: float) -> bool:
+    """Whether (1 + e^ε)·η ≤ ρ·δ: the whole truncation term fits the δ share reserved for it."""
+    if eta <= 0.0:
+        return True
+    if eps > 700:
+        return False
+    return (1.0 + math.exp(eps)) * eta <= TRUNCATION_DELTA_SHARE * delta
 
 
 def physical_batch_size_for(expected_batch: float, *, dataset_size: int, steps: int,
@@ -224,8 +243,9 @@ def physical_batch_size_for(expected_batch: float, *, dataset_size: int, steps: 
     """The smallest physical batch that keeps truncation negligible.
 
     At least ``min_std_devs`` standard deviations of Binomial(N, q) above the expected batch,
-    and large enough that e^ε·η ≤ ρ·δ over ``steps`` steps at ``epsilon_budget`` (so the
-    δ share reserved for truncation suffices). Never more than N.
+    and large enough that (1 + e^ε)·η(N + 1) ≤ ρ·δ over ``steps`` steps at ``epsilon_budget``
+    (so the δ share reserved for truncation suffices, for the neighbouring dataset of N + 1 rows
+    too). Never more than N + 1 (which cannot overflow for any neighbour).
     """
     dataset_size = check_positive_int(dataset_size, "dataset_size")
     steps = check_steps(steps)
@@ -233,8 +253,17 @@ def physical_batch_size_for(expected_batch: float, *, dataset_size: int, steps: 
     q = check_sampling_rate(expected_batch / dataset_size, "expected_batch / dataset_size")
     mean = q * dataset_size
     std = math.sqrt(dataset_size * q * (1.0 - q))
-    b_max = min(dataset_size, math.ceil(mean + min_std_devs * std))
-    target_step = TRUNCATION_DELTA_SHARE * delta / (math.exp(min(epsilon_budget, 700)) * steps)
-    while b_max < dataset_size and stats.binom.sf(b_max, dataset_size, q) > target_step:
-        b_max = min(dataset_size, math.ceil(b_max + max(1.0, 0.5 * std)))
+    ceiling = dataset_size + 1
+    b_max = min(ceiling, math.ceil(mean + min_std_devs * std))
+    budget = min(epsilon_budget, 700)
+
+    def certified(b: int) -> bool:
+        if b >= ceiling:
+            return True
+        p = float(stats.binom.sf(b, ceiling, q))
+        eta = -math.expm1(steps * math.log1p(-p)) if p < 1.0 else 1.0
+        return truncation_certified(budget, eta, delta)
+
+    while not certified(b_max):
+        b_max = min(ceiling, math.ceil(b_max + max(1.0, 0.5 * std)))
     return int(b_max)
