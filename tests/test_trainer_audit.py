@@ -65,7 +65,7 @@ def test_non_private_twin_memorizes_canaries_and_the_dp_model_does_not(tmp_path)
     step = make_dp_step(model_loss_fn(static), optimizer,
                         DpSgdConfig(clip_norm=1.0, expected_batch_size=expected), mesh)
     sampler = PoissonSampler(dataset_size=dataset.num_sequences, expected_batch_size=expected,
-                             physical_batch_size=24, seed=0)
+                             physical_batch_size=24, key=bytes(32))
     root = np.asarray(jax.random.key_data(jax.random.key(0)))
 
     def trained(sigma):

@@ -13,7 +13,7 @@ N, EXPECTED, STEPS = 400, 20.0, 2000
 @pytest.fixture(scope="module")
 def batches():
     sampler = PoissonSampler(dataset_size=N, expected_batch_size=EXPECTED,
-                             physical_batch_size=60, seed=3)
+                             physical_batch_size=60, key=bytes([3]) * 32)
     return [sampler.sample(t) for t in range(STEPS)]
 
 
@@ -57,7 +57,7 @@ def test_padding_rows_have_index_minus_one_and_mask_false(batches):
 
 def test_truncation_keeps_a_uniform_subset_of_exactly_the_physical_batch():
     sampler = PoissonSampler(dataset_size=100, expected_batch_size=50, physical_batch_size=30,
-                             seed=0)
+                             key=bytes([0]) * 32)
     counts = np.zeros(100)
     for t in range(400):
         batch = sampler.sample(t)
@@ -68,15 +68,20 @@ def test_truncation_keeps_a_uniform_subset_of_exactly_the_physical_batch():
     assert np.all(np.abs(counts - 120) < 6 * math.sqrt(120))
 
 
-def test_the_batch_is_a_function_of_seed_and_step():
+def test_the_batch_is_a_function_of_the_secret_key_and_the_execution():
     a = PoissonSampler(dataset_size=N, expected_batch_size=EXPECTED, physical_batch_size=60,
-                       seed=1)
+                       key=bytes([1]) * 32)
     b = PoissonSampler(dataset_size=N, expected_batch_size=EXPECTED, physical_batch_size=60,
-                       seed=1)
+                       key=bytes([1]) * 32)
+    other = PoissonSampler(dataset_size=N, expected_batch_size=EXPECTED, physical_batch_size=60,
+                           key=bytes([2]) * 32)
     assert np.array_equal(a.sample(17).indices, b.sample(17).indices)
     assert not np.array_equal(a.sample(17).indices, a.sample(18).indices)
+    assert not np.array_equal(a.sample(17).indices, other.sample(17).indices)
+    assert "key" not in repr(a).replace("PoissonSampler", "")  # never printed
 
 
 def test_bad_parameters_name_the_field():
     with pytest.raises(ValueError, match="batchSize"):
-        PoissonSampler(dataset_size=10, expected_batch_size=20, physical_batch_size=30, seed=0)
+        PoissonSampler(dataset_size=10, expected_batch_size=20, physical_batch_size=30,
+                       key=bytes(32))

@@ -139,7 +139,8 @@ _PRINTER_COLUMNS: list[JsonObject] = [
     {"name": "Steps", "type": "integer", "jsonPath": ".status.privacy.stepsCharged",
      "description": "DP-SGD steps charged to the ledger"},
     {"name": "Model", "type": "string", "jsonPath": ".status.plan.modelPreset", "priority": 1},
-    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "priority": 1},
+    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "priority": 1,
+     "description": "DP estimate of the training loss (released under the job's ε)"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

@@ -203,7 +203,16 @@ class TrainingSpec(_Model):
     microbatch_size: int | None = Field(default=None, ge=1, le=10**6)
     """Examples per accumulation microbatch (memory knob, no effect on results)."""
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    """Seed of initialisation, sampling and noise."""
+    """Seed of the model's initialisation only (public). Batch sampling and noise come from a
+    secret per-job key, never from this seed."""
+
+
+class MonitoringSpec(_Model):
+    """What the job publishes about its training data besides the DP loss estimate."""
+
+    release_raw_statistics: bool = False
+    """Also publish raw per-step statistics of the sampled rows (loss, realised batch, clipped
+    fraction, gradient norms). An unaccounted release: they are not covered by the job's ε."""
 
 
 class CheckpointSpec(_Model):
@@ -234,6 +243,8 @@ class DPTrainingJobSpec(_Model):
     """Optional training pins and optimiser settings."""
     checkpoint: CheckpointSpec = CheckpointSpec()
     """Checkpoint location and cadence."""
+    monitoring: MonitoringSpec = MonitoringSpec()
+    """What the job publishes beyond its DP loss estimate."""
     image: Annotated[str, StringConstraints(min_length=1, max_length=512,
                                             pattern=r"^[^\s]+$")] = DEFAULT_TRAINER_IMAGE
     """Trainer container image."""
@@ -304,9 +315,16 @@ class ProgressStatus(_Status):
     steps_charged: int = 0
     step: int = 0
     loss: float | None = None
+    """DP estimate of the training loss (released under the job's ε)."""
     tokens_per_second: float | None = None
+    """Throughput of the physical batch (public: padding rows included)."""
     last_update: str | None = None
     end_state: str | None = None
+    raw_loss: float | None = None
+    """Raw loss of the sampled rows: only with spec.monitoring.releaseRawStatistics, an
+    unaccounted release (not covered by ε)."""
+    unaccounted_release: str | None = None
+    """Set when raw statistics of the training data are published outside ε."""
 
 
 class WorkloadRef(_Status):

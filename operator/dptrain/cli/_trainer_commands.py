@@ -28,8 +28,10 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     run = subparsers.add_parser(
         "run", parents=[common], help="run a DPTrainingJob on this machine",
         description="Prepare the data, plan, train with DP-SGD under the ε budget and write "
-                    "report.json plus loss/ε plots. Exit 0 when the plan completes, 4 when the "
-                    "budget stopped training early, 3 on bad input, 1 on other errors.")
+                    "report.json plus loss/ε plots. The job's secret key (batch sampling and "
+                    "noise) is created once in OUTPUT/job.key (mode 0600) and reused on resume; "
+                    "keep it private and keep it with the run. Exit 0 when the plan completes, 4 "
+                    "when the budget stopped training early, 3 on bad input, 1 on other errors.")
     run.add_argument("file", type=pathlib.Path, metavar="FILE", help="DPTrainingJob manifest")
     run.add_argument("--output", type=pathlib.Path, default=None,
                      help="output directory (default: runs/<job name>)")
@@ -46,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                        help="DPTrainingJob manifest (JSON or YAML)")
     train.add_argument("--output", type=pathlib.Path, default=None,
                        help="output directory (default: the checkpoint path)")
+    train.add_argument("--key-file", type=pathlib.Path, default=None, metavar="FILE",
+                       help="the job's secret key, mounted from its Secret by the operator (must "
+                            "exist); default: OUTPUT/job.key, created on a fresh run")
     _training_options(train)
     train.set_defaults(handler=_train)
 
@@ -180,7 +185,8 @@ def _human(result: dict[str, Any]) -> str:
 
 def _train_and_report(job: DPTrainingJob, plan: PlanStatus, shape: Any, dataset: PreparedDataset,
                       output: pathlib.Path, args: argparse.Namespace, *,
-                      initial_steps_charged: int = 0, env_reporters: bool = False) -> int:
+                      initial_steps_charged: int = 0, env_reporters: bool = False,
+                      key_file: pathlib.Path | None = None) -> int:
     from dptrain.trainer import (
         FileReporter,
         ProcessInfo,
@@ -197,7 +203,8 @@ def _train_and_report(job: DPTrainingJob, plan: PlanStatus, shape: Any, dataset:
                               metrics_port=_metrics_port(args) if process.is_leader else None,
                               progress=not args.no_progress and not args.json,
                               ledger_block=args.ledger_block,
-                              initial_steps_charged=initial_steps_charged)
+                              initial_steps_charged=initial_steps_charged,
+                              key_file=key_file, create_key=key_file is None)
     reporters = reporters_from_env(output) if env_reporters else [FileReporter(output)]
     with _stop_on_sigterm() as stop:
         try:
@@ -274,7 +281,8 @@ def _train(args: argparse.Namespace) -> int:
         else:
             plan, shape = _plan(job, dataset.num_sequences)
         return _train_and_report(job, plan, shape, dataset, output, args,
-                                 initial_steps_charged=charged, env_reporters=True)
+                                 initial_steps_charged=charged, env_reporters=True,
+                                 key_file=args.key_file)
     except (InvalidJobError, DataError) as error:
         _bad_input(error)
     raise AssertionError("unreachable")

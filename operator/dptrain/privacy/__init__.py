@@ -2,8 +2,9 @@
 
 Built on dp-accounting's events and accountants (PLD by default, RDP optional). The pieces are
 kept apart, as in jax_privacy: the mechanism and its ε (``_mechanism``), calibration
-(``_calibration``), rounding σ to float32 without lowering it (``_float32``), a precomputed ε-curve for fast conservative look-ups (``_curve``) and the
-ledger of steps charged (``_ledger``).
+(``_calibration``), rounding σ to float32 without lowering it (``_float32``), a precomputed
+ε-curve for fast conservative look-ups (``_curve``) and the ledger of steps charged
+(``_ledger``).
 """
 
 from dptrain.privacy._calibration import (

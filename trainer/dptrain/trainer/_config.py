@@ -35,7 +35,8 @@ class TrainConfig:
         weight_decay: decoupled weight decay.
         optimizer: ``adamw`` or ``sgd``.
         microbatch_size: rows per accumulation microbatch per device (None: all at once).
-        seed: seed of initialisation, sampling and noise.
+        seed: seed of the model's initialisation only (public; sampling and noise come from the
+            secret job key).
         epsilon_budget: ε the job may spend.
         delta: δ.
         accountant: ``pld`` or ``rdp``.
@@ -47,6 +48,10 @@ class TrainConfig:
         metrics_port: Prometheus port, or None.
         progress: show a progress bar.
         initial_steps_charged: a known lower bound of steps already charged (e.g. the operator's).
+        key_file: the job's secret key file (default: ``job.key`` in ``output_dir``).
+        create_key: whether a fresh run may create the key file (local runs); pods only read
+            the key the operator mounted.
+        release_raw_statistics: also publish raw per-step statistics (an unaccounted release).
     """
 
     job_name: str
@@ -76,6 +81,9 @@ class TrainConfig:
     metrics_port: int | None = None
     progress: bool = True
     initial_steps_charged: int = 0
+    key_file: pathlib.Path | None = None
+    create_key: bool = True
+    release_raw_statistics: bool = False
 
     def __post_init__(self) -> None:
         errors = []
@@ -126,7 +134,8 @@ def config_from_plan(job: DPTrainingJob, plan: PlanStatus, *, dataset: PreparedD
                      output_dir: pathlib.Path, shape: ModelShape | None = None,
                      checkpoint_dir: pathlib.Path | None = None, metrics_port: int | None = None,
                      progress: bool = True, ledger_block: int = 1,
-                     initial_steps_charged: int = 0) -> TrainConfig:
+                     initial_steps_charged: int = 0, key_file: pathlib.Path | None = None,
+                     create_key: bool = True) -> TrainConfig:
     """The configuration that carries out ``plan`` for ``job`` on ``dataset``.
 
     Raises:
@@ -158,7 +167,9 @@ def config_from_plan(job: DPTrainingJob, plan: PlanStatus, *, dataset: PreparedD
         accountant=plan.accountant, checkpoint_dir=ckpt,
         checkpoint_interval=spec.checkpoint.interval_steps, checkpoint_keep=spec.checkpoint.keep,
         output_dir=output_dir, ledger_block=ledger_block, metrics_port=metrics_port,
-        progress=progress, initial_steps_charged=initial_steps_charged)
+        progress=progress, initial_steps_charged=initial_steps_charged, key_file=key_file,
+        create_key=create_key,
+        release_raw_statistics=spec.monitoring.release_raw_statistics)
 
 
 def _resolve(base: pathlib.Path, path: str | None, default: str) -> pathlib.Path:

@@ -3,32 +3,53 @@
 One step, for a physical batch of ``B`` rows (padding rows masked), on any number of devices:
 
 1. each device takes its slice of the batch and, microbatch by microbatch (``lax.scan``), computes
-   per-example gradients with ``vmap(grad(loss))``, clips each to L2 norm ``C`` (over all parameters
-   jointly), zeroes padding rows and adds them to a running sum;
+   per-example losses and gradients with ``vmap(value_and_grad(loss))``. Each example contributes
+   one vector ``vᵢ = (ĝᵢ, α·ℓ̃ᵢ)``: its gradient clipped to L2 norm ``C_g = C·√(1 − β²)`` (over
+   all parameters jointly) and, as one extra coordinate, its loss clipped to the public bound
+   ``L`` (``ℓ̃ᵢ = clip(ℓᵢ, 0, L)``) and scaled by ``α = β·C/L``, so that ``‖vᵢ‖ ≤ C``. Padding
+   rows and rows whose loss or gradient norm is not finite contribute exactly zero;
 2. the per-device sums are added across devices (``psum``);
-3. outside the per-device computation, Gaussian noise ``N(0, σ²C²)`` is added to the sum once;
-4. the noisy sum is divided by the **expected** batch size ``q·N`` and handed to the optax
-   optimizer (post-processing, no privacy cost).
+3. outside the per-device computation, Gaussian noise ``N(0, σ²C²)`` is added once to every
+   coordinate of the summed vector (the gradient and the loss coordinate alike), from 64-bit
+   uniforms (:mod:`dptrain.trainer._noise`), σ·C rounded up in float32;
+4. the noisy gradient sum is divided by the **expected** batch size ``q·N`` and handed to the
+   optax optimizer, and the noisy loss coordinate divided by ``α·q·N`` is the **DP loss
+   estimate** (both post-processing, no privacy cost).
+
+Why the loss rides along as a coordinate: it is then covered by the same Gaussian mechanism and
+the same accounting — the mechanism's sensitivity is ``C`` whatever the dimension — so the
+released loss costs no ε beyond the job's. We give the loss a fixed share β of the clip norm
+(rather than clipping ``(gᵢ, αℓᵢ)`` jointly by one factor) so that clipping a large gradient does
+not shrink its loss: the estimate is unbiased for the mean clipped loss.
 
 The model's parameters are a pytree of arrays (``eqx.partition``); the static part is closed over.
 
 Formal guarantees:
-    1. Bounded contribution: every real example's clipped gradient has L2 norm ≤ ``clip_norm``,
-       so adding or removing one sequence changes the summed gradient by at most ``clip_norm``.
-    2. Padding rows (mask ``False``) contribute exactly zero to the sum.
-    3. Noise: the sum receives i.i.d. ``N(0, (noise_multiplier·clip_norm)²)`` noise on every
-       coordinate, drawn once per step from the step's key — not per device, not per microbatch.
+    1. Bounded contribution: every real example's vector ``vᵢ = (ĝᵢ, α·ℓ̃ᵢ)`` has L2 norm ≤
+       ``clip_norm`` (``‖ĝᵢ‖ ≤ C_g``, ``0 ≤ αℓ̃ᵢ ≤ βC``, ``C_g² + β²C² = C²``), so adding or
+       removing one sequence changes the summed vector — gradient and loss coordinate jointly —
+       by at most ``clip_norm`` in L2.
+    2. Padding rows (mask ``False``) and rows with a non-finite loss or gradient norm contribute
+       exactly zero to the sum (their gradients are replaced by zeros before weighting, so
+       ``0·NaN`` never enters it).
+    3. Noise: the summed vector receives i.i.d. ``N(0, std²)`` noise on every coordinate, with
+       ``std ≥ noise_multiplier·clip_norm`` (float32 rounding only upwards), drawn once per step
+       from the step's key — not per device, not per microbatch — without a cut-off tail.
     4. Normalisation by the expected batch size, a public constant, never by the realised size.
     5. The update depends on the number of devices and the microbatch size only through
        floating-point reassociation of the sum.
+    6. The DP loss estimate is post-processing of the same noisy vector as the update: releasing
+       it together with the parameters is covered by the job's (ε, δ).
 
-The step also returns diagnostics (loss, gradient norms) of the *sampled* rows. They are not
-privatised: the guarantee covers the parameters and everything computed from them alone.
+The step also returns raw diagnostics of the *sampled* rows (``raw_loss``, ``real_rows``,
+``mean_grad_norm``, ``clipped_fraction``). They are **not** privatised: the training loop
+publishes them only when the job opts in (``spec.monitoring.releaseRawStatistics``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -40,7 +61,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dptrain.privacy import round_up_to_float32
 from dptrain.trainer._model import Decoder, sequence_loss
+from dptrain.trainer._noise import secure_normal
 
 DATA_AXIS = "data"
 Params = Any  # a pytree of arrays
@@ -48,12 +71,17 @@ LossFn = Callable[[Params, jax.Array], jax.Array]
 
 
 class StepMetrics(NamedTuple):
-    """Diagnostics of one step (computed from the sampled rows; not privatised)."""
+    """Diagnostics of one step.
 
-    loss: jax.Array  # mean loss over real rows
-    real_rows: jax.Array  # rows that were not padding
-    mean_grad_norm: jax.Array  # mean per-example gradient norm before clipping (DP step only)
-    clipped_fraction: jax.Array  # fraction of real rows whose gradient was clipped
+    ``dp_loss`` is released under the job's ε; every other field is computed from the sampled
+    rows without noise (an unaccounted release if published).
+    """
+
+    loss: jax.Array  # raw: mean loss over real rows (not privatised)
+    real_rows: jax.Array  # raw: rows that were not padding
+    mean_grad_norm: jax.Array  # raw: mean per-example gradient norm before clipping
+    clipped_fraction: jax.Array  # raw: fraction of real rows whose gradient was clipped
+    dp_loss: jax.Array  # DP estimate of the mean clipped loss (noisy sum / (α·expected batch))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,12 +94,18 @@ class DpSgdConfig:
         microbatch_size: rows per accumulation microbatch on each device (``None``: the whole
             device slice at once). Changes memory use, not results.
         pad_id: token id of padding (targets equal to it carry no loss).
+        loss_bound: public bound L of the per-example loss (nats per token) carried in the
+            loss coordinate; larger losses are clipped to it.
+        loss_share: β, the share of ``clip_norm`` given to the loss coordinate (the gradient is
+            clipped to ``clip_norm·√(1 − β²)``).
     """
 
     clip_norm: float
     expected_batch_size: float
     microbatch_size: int | None = None
     pad_id: int = 0
+    loss_bound: float = 16.0
+    loss_share: float = 0.25
 
     def __post_init__(self) -> None:
         if not self.clip_norm > 0:
@@ -82,6 +116,20 @@ class DpSgdConfig:
         if self.microbatch_size is not None and self.microbatch_size < 1:
             raise ValueError("spec.training.microbatchSize must be ≥ 1 "
                              f"(got {self.microbatch_size})")
+        if not (math.isfinite(self.loss_bound) and self.loss_bound > 0):
+            raise ValueError(f"loss_bound must be finite and > 0 (got {self.loss_bound})")
+        if not 0 < self.loss_share < 1:
+            raise ValueError(f"loss_share must be in (0, 1) (got {self.loss_share})")
+
+    @property
+    def gradient_clip_norm(self) -> float:
+        """C_g = C·√(1 − β²): the gradient's part of the per-example norm bound."""
+        return self.clip_norm * math.sqrt(1.0 - self.loss_share**2)
+
+    @property
+    def loss_scale(self) -> float:
+        """α = β·C/L: a clipped loss of L becomes a coordinate of β·C."""
+        return self.loss_share * self.clip_norm / self.loss_bound
 
 
 def model_loss_fn(static: Decoder, pad_id: int = 0) -> LossFn:
@@ -91,24 +139,54 @@ def model_loss_fn(static: Decoder, pad_id: int = 0) -> LossFn:
     return loss
 
 
-def global_norms(tree: Params) -> jax.Array:
-    """Per-example L2 norms of a pytree whose leaves have a leading batch axis."""
+def per_example_sq_norms(tree: Params) -> jax.Array:
+    """Per-example squared L2 norms of the gradient part (leaves have a leading batch axis)."""
     squares = [jnp.sum(jnp.square(leaf.reshape(leaf.shape[0], -1)), axis=1)
                for leaf in jax.tree_util.tree_leaves(tree)]
-    return jnp.sqrt(sum(squares[1:], squares[0]))
+    return sum(squares[1:], squares[0])
+
+
+def global_norms(tree: Params) -> jax.Array:
+    """Per-example L2 norms of a pytree whose leaves have a leading batch axis."""
+    return jnp.sqrt(per_example_sq_norms(tree))
+
+
+def clip_factor(norms: jax.Array, clip_norm: float, keep: jax.Array) -> jax.Array:
+    """Per-example weight ``C/max(‖g‖, C)``, and exactly 0 for rows not kept.
+
+    ``keep`` is False for padding rows and for rows whose norm (or loss) is not finite: such a
+    row's weight is 0, and its gradient must also be zeroed (:func:`zero_rows`) since 0·NaN is NaN.
+    """
+    safe = jnp.where(keep, norms, clip_norm)
+    return jnp.where(keep, clip_norm / jnp.maximum(safe, clip_norm), 0.0).astype(norms.dtype)
+
+
+def zero_rows(per_example: Params, keep: jax.Array) -> Params:
+    """``per_example`` with the rows not kept replaced by exact zeros."""
+    def zero(g: jax.Array) -> jax.Array:
+        return jnp.where(keep.reshape((-1,) + (1,) * (g.ndim - 1)), g, jnp.zeros((), g.dtype))
+    return jax.tree_util.tree_map(zero, per_example)
+
+
+def loss_coordinate(losses: jax.Array, keep: jax.Array, *, loss_bound: float,
+                    loss_scale: float) -> jax.Array:
+    """Each example's extra coordinate ``α·clip(ℓ, 0, L)`` (0 for rows not kept)."""
+    clipped = jnp.clip(jnp.where(keep, losses, 0.0), 0.0, loss_bound)
+    return jnp.where(keep, loss_scale * clipped, 0.0).astype(jnp.float32)
 
 
 def clip_and_sum(per_example: Params, mask: jax.Array, clip_norm: float) -> tuple[Params,
                                                                                     jax.Array]:
-    """Clip each example's gradient to ``clip_norm``, zero masked rows, sum over the batch.
+    """Clip each example's gradient to ``clip_norm``, zero masked and non-finite rows, sum.
 
     Returns:
         The clipped sum and the per-example norms before clipping.
     """
     norms = global_norms(per_example)
-    # C / max(‖g‖, C) is 1 for small gradients and scales large ones to norm exactly C.
-    weights = clip_norm / jnp.maximum(norms, clip_norm) * mask.astype(norms.dtype)
-    summed = jax.tree_util.tree_map(lambda g: jnp.tensordot(weights, g, axes=1), per_example)
+    keep = mask & jnp.isfinite(norms)
+    weights = clip_factor(norms, clip_norm, keep)
+    summed = jax.tree_util.tree_map(lambda g: jnp.tensordot(weights, g, axes=1),
+                                    zero_rows(per_example, keep))
     return summed, norms
 
 
@@ -124,35 +202,45 @@ def _microbatches(tokens: jax.Array, mask: jax.Array,
 
 
 def local_clipped_sum(loss_fn: LossFn, params: Params, tokens: jax.Array, mask: jax.Array, *,
-                      clip_norm: float, microbatch_size: int | None) -> tuple[Params, jax.Array,
-                                                                              jax.Array, jax.Array]:
-    """Clipped per-example gradient sum over one device's rows, accumulated by microbatch.
+                      config: DpSgdConfig) -> tuple[Any, ...]:
+    """Sum of the per-example vectors ``(ĝᵢ, α·ℓ̃ᵢ)`` over one device's rows, by microbatch.
 
     Returns:
-        ``(grad_sum, loss_sum, norm_sum, clipped_count)`` over the real rows.
+        ``(grad_sum, loss_coordinate_sum, raw_loss_sum, norm_sum, clipped_count)``; the last
+        three are raw statistics over the real, finite rows.
     """
     value_and_grad = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0))
-    token_mb, mask_mb = _microbatches(tokens, mask, microbatch_size)
+    token_mb, mask_mb = _microbatches(tokens, mask, config.microbatch_size)
+    grad_clip = config.gradient_clip_norm
 
-    def accumulate(carry: tuple[Params, jax.Array, jax.Array, jax.Array],
+    def accumulate(carry: tuple[Any, ...],
                    batch: tuple[jax.Array, jax.Array]) -> tuple[Any, None]:
-        grad_sum, loss_sum, norm_sum, clipped = carry
+        grad_sum, coordinate_sum, loss_sum, norm_sum, clipped = carry
         mb_tokens, mb_mask = batch
         losses, grads = value_and_grad(params, mb_tokens)
-        summed, norms = clip_and_sum(grads, mb_mask, clip_norm)
-        real = mb_mask.astype(losses.dtype)
+        sq_norms = per_example_sq_norms(grads)
+        norms = jnp.sqrt(sq_norms)
+        # A NaN/inf row would have unbounded sensitivity: it contributes exactly nothing.
+        keep = mb_mask & jnp.isfinite(sq_norms) & jnp.isfinite(losses)
+        weights = clip_factor(norms, grad_clip, keep)
+        summed = jax.tree_util.tree_map(lambda g: jnp.tensordot(weights, g, axes=1),
+                                        zero_rows(grads, keep))
+        coordinate = loss_coordinate(losses, keep, loss_bound=config.loss_bound,
+                                     loss_scale=config.loss_scale)
+        real = keep.astype(jnp.float32)
         grad_sum = jax.tree_util.tree_map(jnp.add, grad_sum, summed)
-        return (grad_sum, loss_sum + jnp.sum(losses * real), norm_sum + jnp.sum(norms * real),
-                clipped + jnp.sum((norms > clip_norm) * real)), None
+        return (grad_sum, coordinate_sum + jnp.sum(coordinate),
+                loss_sum + jnp.sum(jnp.where(keep, losses, 0.0)),
+                norm_sum + jnp.sum(jnp.where(keep, norms, 0.0)),
+                clipped + jnp.sum((norms > grad_clip) * real)), None
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     scalar = jnp.zeros((), jnp.float32)
-    init = (zeros, scalar, scalar, scalar)
+    init = (zeros, scalar, scalar, scalar, scalar)
     if token_mb.shape[0] == 1:  # one microbatch: no loop (compiles faster)
-        return accumulate(init, (token_mb[0], mask_mb[0]))[0]
-    (grad_sum, loss_sum, norm_sum, clipped), _ = jax.lax.scan(accumulate, init,
-                                                              (token_mb, mask_mb))
-    return grad_sum, loss_sum, norm_sum, clipped
+        return tuple(accumulate(init, (token_mb[0], mask_mb[0]))[0])
+    out, _ = jax.lax.scan(accumulate, init, (token_mb, mask_mb))
+    return tuple(out)
 
 
 def add_noise(grad_sum: Params, key: jax.Array, std: jax.Array | float) -> Params:
@@ -163,7 +251,7 @@ def add_noise(grad_sum: Params, key: jax.Array, std: jax.Array | float) -> Param
     """
     leaves, treedef = jax.tree_util.tree_flatten(grad_sum)
     sizes = [leaf.size for leaf in leaves]
-    draw = jax.random.normal(key, (sum(sizes),), jnp.float32)
+    draw = secure_normal(key, sum(sizes))
     noisy, offset = [], 0
     for leaf, size in zip(leaves, sizes, strict=True):
         chunk = jax.lax.dynamic_slice_in_dim(draw, offset, size).reshape(leaf.shape)
@@ -173,8 +261,17 @@ def add_noise(grad_sum: Params, key: jax.Array, std: jax.Array | float) -> Param
 
 
 def noise_key(root: jax.Array, step: jax.Array | int) -> jax.Array:
-    """The noise key of step ``step`` (0-based): a pure function of the job's key and the step."""
+    """The noise key of a step from the execution's secret key (``_keys.noise_key_data``)."""
     return jax.random.fold_in(jax.random.fold_in(root, 1), step)
+
+
+def noise_std(noise_multiplier: jax.Array, clip_norm: float) -> jax.Array:
+    """σ·C in float32, never below the product of its (rounded-up) float32 factors.
+
+    The float32 product rounds to nearest; one step up makes it an upper bound.
+    """
+    product = noise_multiplier.astype(jnp.float32) * jnp.float32(round_up_to_float32(clip_norm))
+    return jnp.where(product > 0, jnp.nextafter(product, jnp.float32(jnp.inf)), product)
 
 
 def make_mesh(devices: Any = None) -> Mesh:
@@ -190,18 +287,19 @@ def make_dp_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, confi
                  mesh: Mesh) -> StepFn:
     """A jitted DP-SGD step.
 
-    The returned function is ``step(params, opt_state, tokens, mask, root_key, step,
-    noise_multiplier) -> (params, opt_state, metrics)``, where ``root_key`` is the job's key as raw
-    ``uint32`` key data (``jax.random.key_data``): ``tokens`` ``[B, L]`` and ``mask`` ``[B]``
-    are sharded over the mesh's data axis; ``noise_multiplier`` is an argument (not a constant),
-    so one compiled step serves any σ, including a non-private twin with σ = 0.
+    The returned function is ``step(params, opt_state, tokens, mask, key, step,
+    noise_multiplier) -> (params, opt_state, metrics)``, where ``key`` is this execution's secret
+    noise key as raw ``uint32`` key data (``_keys.noise_key_data``): ``tokens`` ``[B, L]`` and
+    ``mask`` ``[B]`` are sharded over the mesh's data axis; ``noise_multiplier`` is an argument
+    (not a constant; pass it through ``round_up_to_float32``), so one compiled step serves any
+    σ, including a non-private twin with σ = 0.
     """
     clip_norm = float(config.clip_norm)
     expected = float(config.expected_batch_size)
+    loss_divisor = config.loss_scale * expected
 
     def device_sum(params: Params, tokens: jax.Array, mask: jax.Array) -> Any:
-        out = local_clipped_sum(loss_fn, params, tokens, mask, clip_norm=clip_norm,
-                                microbatch_size=config.microbatch_size)
+        out = local_clipped_sum(loss_fn, params, tokens, mask, config=config)
         real = jnp.sum(mask.astype(jnp.float32))
         return jax.lax.psum((*out, real), DATA_AXIS)
 
@@ -211,17 +309,21 @@ def make_dp_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, confi
     def step(params: Params, opt_state: Any, tokens: jax.Array, mask: jax.Array,
              root_key: jax.Array, step_index: jax.Array, noise_multiplier: jax.Array,
              ) -> tuple[Params, Any, StepMetrics]:
-        grad_sum, loss_sum, norm_sum, clipped, real = sharded_sum(params, tokens, mask)
-        # The one noise draw of this step: replicated, outside the per-device function.
+        grad_sum, coordinate_sum, loss_sum, norm_sum, clipped, real = sharded_sum(
+            params, tokens, mask)
+        # The one noise draw of this step: replicated, outside the per-device function, over
+        # the gradient and the loss coordinate together (one Gaussian mechanism).
         key = noise_key(jax.random.wrap_key_data(root_key), step_index)
-        noisy = add_noise(grad_sum, key, noise_multiplier * clip_norm)
-        grads = jax.tree_util.tree_map(lambda g: g / expected, noisy)
+        noisy = add_noise({"grad": grad_sum, "loss": coordinate_sum}, key,
+                          noise_std(noise_multiplier, clip_norm))
+        grads = jax.tree_util.tree_map(lambda g: g / expected, noisy["grad"])
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         denominator = jnp.maximum(real, 1.0)
         metrics = StepMetrics(loss=loss_sum / denominator, real_rows=real,
                               mean_grad_norm=norm_sum / denominator,
-                              clipped_fraction=clipped / denominator)
+                              clipped_fraction=clipped / denominator,
+                              dp_loss=noisy["loss"] / loss_divisor)
         return params, opt_state, metrics
 
     replicated = NamedSharding(mesh, P())
@@ -268,8 +370,10 @@ def make_plain_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         nan = jnp.full((), jnp.nan, jnp.float32)
+        # Non-private: its "DP" loss is the raw loss (the step is a twin or a benchmark).
         return params, opt_state, StepMetrics(loss=loss_sum / denominator, real_rows=real,
-                                              mean_grad_norm=nan, clipped_fraction=nan)
+                                              mean_grad_norm=nan, clipped_fraction=nan,
+                                              dp_loss=loss_sum / denominator)
 
     replicated = NamedSharding(mesh, P())
     return jax.jit(step, donate_argnums=(0, 1), out_shardings=replicated)

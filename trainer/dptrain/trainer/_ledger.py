@@ -68,10 +68,12 @@ class Progress:
     Attributes:
         steps_charged: steps charged so far (the ledger).
         step: steps included in the current parameters.
-        loss: recent training loss (a diagnostic of sampled rows, not privatised).
-        tokens_per_second: recent throughput.
+        loss: recent DP estimate of the training loss (released under the job's ε).
+        tokens_per_second: recent throughput of the physical batch (public).
         epsilon_spent: ε of ``steps_charged``.
         end_state: ``Succeeded``/``BudgetExhausted``/``Failed`` once finished.
+        raw_loss: raw loss of the sampled rows (only with the opt-in; not privatised).
+        unaccounted_release: what is published outside ε, when anything is.
     """
 
     steps_charged: int
@@ -80,6 +82,8 @@ class Progress:
     tokens_per_second: float | None = None
     epsilon_spent: float | None = None
     end_state: str | None = None
+    raw_loss: float | None = None
+    unaccounted_release: str | None = None
 
     def to_status(self) -> dict[str, Any]:
         """CamelCase ``status.progress`` (the fields of ``dptrain.api.ProgressStatus``)."""
@@ -91,6 +95,10 @@ class Progress:
             out["tokensPerSecond"] = float(self.tokens_per_second)
         if self.end_state is not None:
             out["endState"] = self.end_state
+        if self.raw_loss is not None:
+            out["rawLoss"] = float(self.raw_loss)
+        if self.unaccounted_release is not None:
+            out["unaccountedRelease"] = self.unaccounted_release
         return out
 
 

@@ -21,6 +21,13 @@ Formal guarantees (the budget guard):
     3. A fresh run whose budget does not cover a single step fails before training (with a
        message naming ``spec.privacy.epsilon``) and charges nothing.
     4. Checkpoints are written only after the ledger counts every step they include.
+    5. Secret, fresh randomness: the batch and the noise of every step are derived from the
+       job's secret key and the step's execution count (the ledger's count before it runs), so
+       a step repeated after a restart gets an independent batch and noise, and a checkpoint
+       made with another key is refused (its metadata holds only the key's fingerprint).
+    6. By default the loop publishes only the DP loss estimate, ε and public quantities
+       (steps, throughput of the physical batch); raw statistics of the sampled rows only with
+       ``release_raw_statistics`` (an unaccounted release, labelled as such).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import pathlib
 import threading
 import time
@@ -43,7 +51,13 @@ from tqdm import tqdm
 
 from dptrain.api import FieldError, InvalidJobError
 from dptrain.planner import ModelShape
-from dptrain.privacy import DpSgdMechanism, EpsilonCurve, PrivacyLedger, epsilon
+from dptrain.privacy import (
+    DpSgdMechanism,
+    EpsilonCurve,
+    PrivacyLedger,
+    epsilon,
+    round_up_to_float32,
+)
 from dptrain.trainer._checkpoint import Checkpointer, shape_to_dict
 from dptrain.trainer._config import TrainConfig
 from dptrain.trainer._data import load_dataset
@@ -59,6 +73,14 @@ from dptrain.trainer._dpsgd import (
     shard_batch,
     to_host,
 )
+from dptrain.trainer._keys import (
+    LOCAL_KEY_FILE,
+    MissingKeyError,
+    key_fingerprint,
+    local_key,
+    noise_key_data,
+    read_key,
+)
 from dptrain.trainer._ledger import DurableLedger, LedgerFile, Progress, Reporter
 from dptrain.trainer._metrics import TrainerMetrics
 from dptrain.trainer._model import build_model
@@ -69,6 +91,9 @@ log = logging.getLogger(__name__)
 SUCCEEDED = "Succeeded"
 BUDGET_EXHAUSTED = "BudgetExhausted"
 HISTORY_FILE = "metrics.jsonl"
+UNACCOUNTED_RELEASE = ("raw statistics of the sampled training rows (loss, realised batch size, "
+                       "clipped fraction, gradient norms) are published outside ε: "
+                       "spec.monitoring.releaseRawStatistics is true")
 
 
 class TrainingInterruptedError(RuntimeError):
@@ -86,11 +111,13 @@ class TrainResult:
         epsilon_spent: exact ε of ``steps_charged``.
         epsilon_budget: the budget.
         delta: δ.
-        initial_loss: loss of the first step of the job (from the history).
-        final_loss: mean loss over the last 10% of steps (at least one).
-        tokens_per_second: training throughput of this run (compilation excluded).
-        history: per-step records (``step``, ``loss``, ``epsilon``, ...).
+        initial_loss: DP loss estimate of the first step of the job (from the history).
+        final_loss: mean DP loss estimate over the last 10% of steps (at least one).
+        tokens_per_second: throughput of the physical batch in this run (compilation excluded).
+        history: per-step records (``step``, ``loss`` (the DP estimate), ``epsilon``, ...).
         checkpoint_dir: where the final checkpoint lies.
+        raw_statistics_released: raw statistics were published (an unaccounted release).
+        key_fingerprint: SHA-256 fingerprint of the job's secret key.
     """
 
     end_state: str
@@ -104,6 +131,8 @@ class TrainResult:
     tokens_per_second: float | None
     history: tuple[dict[str, Any], ...]
     checkpoint_dir: pathlib.Path
+    raw_statistics_released: bool = False
+    key_fingerprint: str | None = None
 
     @property
     def exit_code(self) -> int:
@@ -133,7 +162,7 @@ def physical_rows(config: TrainConfig, devices: int) -> int:
 @functools.lru_cache(maxsize=8)
 def compiled_step(shape: ModelShape, optimizer: tuple[Any, ...], clip_norm: float,
                   expected_batch: float, microbatch: int | None, pad_id: int,
-                  mesh: Mesh) -> tuple[StepFn, Any, Any]:
+                  mesh: Mesh, loss_bound: float = 16.0) -> tuple[StepFn, Any, Any]:
     """The jitted DP step, optimizer and model skeleton for a configuration.
 
     Memoised, so that restarts within one process (and tests) compile once.
@@ -144,13 +173,19 @@ def compiled_step(shape: ModelShape, optimizer: tuple[Any, ...], clip_norm: floa
     _, static = eqx.partition(build_model(shape, key=jax.random.key(0)), eqx.is_array)
     step = make_dp_step(model_loss_fn(static, pad_id), opt,
                         DpSgdConfig(clip_norm=clip_norm, expected_batch_size=expected_batch,
-                                    microbatch_size=microbatch, pad_id=pad_id), mesh)
+                                    microbatch_size=microbatch, pad_id=pad_id,
+                                    loss_bound=loss_bound), mesh)
     return step, opt, static
 
 
+def loss_bound_for(vocab_size: int) -> float:
+    """The public bound of the per-example loss: twice the loss of a uniform guess."""
+    return 2.0 * math.log(max(vocab_size, 2))
+
+
 def _checkpoint_meta(config: TrainConfig, ledger: PrivacyLedger, checksum: str,
-                     root_key: np.ndarray) -> dict[str, Any]:
-    return {"job": config.job_name, "seed": config.seed, "root_key": root_key.tolist(),
+                     fingerprint: str) -> dict[str, Any]:
+    return {"job": config.job_name, "seed": config.seed, "key_fingerprint": fingerprint,
             "ledger": ledger.to_dict(), "model_shape": shape_to_dict(config.shape),
             "dataset": {"checksum": checksum, "num_sequences": config.dataset_size,
                         "sequence_length": config.sequence_length, "dir": str(config.data_dir)},
@@ -163,6 +198,12 @@ def _checkpoint_meta(config: TrainConfig, ledger: PrivacyLedger, checksum: str,
 
 
 def _check_compatible(meta: dict[str, Any], expected: dict[str, Any], where: pathlib.Path) -> None:
+    if meta.get("key_fingerprint") != expected["key_fingerprint"]:
+        raise InvalidJobError([FieldError(
+            "spec.checkpoint.path", f"the checkpoint in {where} was made with another secret "
+            f"job key (fingerprint {meta.get('key_fingerprint') or 'absent'}, this run's "
+            f"{expected['key_fingerprint']}); restore the job's key file or use a fresh "
+            "checkpoint directory")])
     for key in ("seed", "model_shape", "plan"):
         if meta.get(key) != expected[key]:
             raise InvalidJobError([FieldError(
@@ -186,6 +227,25 @@ def _read_history(path: pathlib.Path, up_to_step: int) -> list[dict[str, Any]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def job_key(config: TrainConfig, *, resuming: bool) -> bytes:
+    """The job's secret key (see ``dptrain.trainer._keys``).
+
+    Raises:
+        InvalidJobError: the key is missing for a resumed run, or missing where it must be
+            provided (pods), or unreadable.
+    """
+    path = config.key_file or config.output_dir / LOCAL_KEY_FILE
+    try:
+        if config.create_key:
+            return local_key(path, resuming=resuming)
+        if not path.is_file():
+            raise MissingKeyError(f"{path}: the job's secret key is not there (the operator "
+                                  "mounts it from the job's Secret)")
+        return read_key(path)
+    except (MissingKeyError, ValueError, OSError) as error:
+        raise InvalidJobError([FieldError("key file", str(error))]) from None
+
+
 def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
           process: ProcessInfo | None = None, mesh: Mesh | None = None,
           stop: threading.Event | None = None) -> TrainResult:
@@ -202,13 +262,20 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
     tokenizer = dataset.tokenizer
     pad_id = tokenizer.pad_id
     rows = physical_rows(config, mesh.devices.size)
-    sampler = PoissonSampler(dataset_size=config.dataset_size,
-                             expected_batch_size=config.batch_size, physical_batch_size=rows,
-                             seed=config.seed)
-
     mechanism = mechanism_for(config)
     ledger_file = LedgerFile(config.checkpoint_dir)
     start_count = max(config.initial_steps_charged, ledger_file.steps_charged())
+    checkpointer = Checkpointer(config.checkpoint_dir, keep=config.checkpoint_keep)
+    try:
+        key = job_key(config, resuming=start_count > 0
+                      or checkpointer.latest_step() is not None)
+    except InvalidJobError:
+        checkpointer.close()
+        raise
+    fingerprint = key_fingerprint(key)
+    sampler = PoissonSampler(dataset_size=config.dataset_size,
+                             expected_batch_size=config.batch_size, physical_batch_size=rows,
+                             key=key)
     # The curve must reach the largest count this run can charge: restarts re-charge steps.
     curve = EpsilonCurve.build(mechanism, max(1, start_count + config.iterations),
                                anchors=(config.iterations,))
@@ -220,17 +287,16 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
                      config.warmup_steps, config.weight_decay)
     step_fn, optimizer, _ = compiled_step(
         config.shape, optimizer_key, config.clip_norm, float(config.batch_size),
-        config.microbatch_size, pad_id, mesh)
+        config.microbatch_size, pad_id, mesh, loss_bound_for(config.shape.vocab_size))
+    # The public seed initialises the model, and nothing else.
     seed_key = jax.random.key(config.seed)
-    root_key = np.asarray(jax.random.key_data(seed_key))
     params, _ = eqx.partition(build_model(config.shape, key=jax.random.fold_in(seed_key, 0)),
                               eqx.is_array)
     params = replicate(mesh, params)
     opt_state = replicate(mesh, optimizer.init(params))
     meta_template = _checkpoint_meta(config, ledger.state, dataset.manifest.source_checksum,
-                                     root_key)
+                                     fingerprint)
 
-    checkpointer = Checkpointer(config.checkpoint_dir, keep=config.checkpoint_keep)
     step = 0
     checkpoint_count = 0
     if checkpointer.latest_step() is not None:
@@ -256,13 +322,18 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
                disable=not (config.progress and process.is_leader), desc=config.job_name)
     tokens_done, seconds = 0.0, 0.0
     first_block = True
-    sigma = np.float32(config.noise_multiplier)
+    # Rounded up, never down: float32 σ below the planned σ would add less noise than charged.
+    sigma = np.float32(round_up_to_float32(config.noise_multiplier))
+    raw = config.release_raw_statistics
+    if raw:
+        log.warning("unaccounted release: %s", UNACCOUNTED_RELEASE)
     end_state = SUCCEEDED
     saved_step = step if checkpointer.latest_step() == step else -1
 
     def save() -> None:
         nonlocal saved_step
-        meta = _checkpoint_meta(config, ledger.state, dataset.manifest.source_checksum, root_key)
+        meta = _checkpoint_meta(config, ledger.state, dataset.manifest.source_checksum,
+                                fingerprint)
         checkpointer.save(step, params, opt_state, meta)
         saved_step = step
 
@@ -276,29 +347,37 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
                 break
             ledger.reserve(block, Progress(steps_charged=ledger.steps_charged, step=step))
             started = time.perf_counter()
-            losses, real_rows = [], 0.0
-            for _ in range(block):
-                batch = sampler.sample(step)
+            losses: list[float] = []
+            raw_losses: list[float] = []
+            first_execution = ledger.steps_charged - block
+            for i in range(block):
+                # The execution count, not the model step: a repeated step is a new draw.
+                execution = first_execution + i
+                batch = sampler.sample(execution)
                 tokens = dataset.gather(batch.indices, pad_id)
                 sharded_tokens, sharded_mask = shard_batch(mesh, tokens, batch.mask)
                 params, opt_state, out = step_fn(params, opt_state, sharded_tokens, sharded_mask,
-                                                 root_key, np.int32(step), sigma)
+                                                 noise_key_data(key, execution), np.int32(step),
+                                                 sigma)
                 step += 1
                 host = to_host(out)
-                losses.append(float(host.loss))
-                real_rows += float(host.real_rows)
-                record = {"step": step, "steps_charged": ledger.steps_charged - block
-                          + len(losses), "loss": float(host.loss),
-                          "epsilon": ledger.epsilon_at(ledger.steps_charged - block
-                                                       + len(losses)),
-                          "real_rows": int(host.real_rows),
-                          "clipped_fraction": float(host.clipped_fraction)}
+                losses.append(float(host.dp_loss))
+                record: dict[str, Any] = {
+                    "step": step, "steps_charged": execution + 1, "loss": float(host.dp_loss),
+                    "loss_estimate": "dp", "epsilon": ledger.epsilon_at(execution + 1)}
+                if raw:
+                    raw_losses.append(float(host.loss))
+                    record.update(raw_loss=float(host.loss), real_rows=int(host.real_rows),
+                                  clipped_fraction=float(host.clipped_fraction),
+                                  mean_grad_norm=float(host.mean_grad_norm),
+                                  unaccounted_release=True)
                 history.append(record)
                 if process.is_leader:
                     with history_path.open("a") as handle:
                         handle.write(json.dumps(record) + "\n")
             elapsed = time.perf_counter() - started
-            block_tokens = real_rows * (config.sequence_length - 1)
+            # The physical batch (public), padding included: the realised size is private.
+            block_tokens = float(block * rows * (config.sequence_length - 1))
             if not first_block:  # the first block includes compilation
                 tokens_done += block_tokens
                 seconds += elapsed
@@ -306,10 +385,13 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
             tps = tokens_done / seconds if seconds > 0 else None
             eps = ledger.epsilon_spent()
             bar.update(block)
-            bar.set_postfix_str(f"loss {losses[-1]:.3f}  ε {eps:.3f}/{config.epsilon_budget:g}"
+            bar.set_postfix_str(f"DP loss {losses[-1]:.3f}  ε {eps:.3f}/"
+                                f"{config.epsilon_budget:g}"
                                 + (f"  {tps:,.0f} tok/s" if tps else ""))
             ledger.report(Progress(steps_charged=ledger.steps_charged, step=step,
-                                   loss=losses[-1], tokens_per_second=tps, epsilon_spent=eps))
+                                   loss=losses[-1], tokens_per_second=tps, epsilon_spent=eps,
+                                   raw_loss=raw_losses[-1] if raw else None,
+                                   unaccounted_release=UNACCOUNTED_RELEASE if raw else None))
             if metrics is not None:
                 metrics.update(step=step, loss=losses[-1], epsilon_spent=eps,
                                epsilon_budget=config.epsilon_budget, tokens_per_second=tps,
@@ -332,7 +414,8 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
     ledger.report(Progress(steps_charged=ledger.steps_charged, step=step,
                            loss=history[-1]["loss"] if history else None,
                            tokens_per_second=tokens_done / seconds if seconds else None,
-                           epsilon_spent=spent, end_state=end_state))
+                           epsilon_spent=spent, end_state=end_state,
+                           unaccounted_release=UNACCOUNTED_RELEASE if raw else None))
     tail = history[-max(1, len(history) // 10):]
     return TrainResult(
         end_state=end_state, step=step, steps_charged=ledger.steps_charged,
@@ -340,4 +423,5 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
         initial_loss=history[0]["loss"] if history else None,
         final_loss=float(np.mean([h["loss"] for h in tail])) if history else None,
         tokens_per_second=tokens_done / seconds if seconds else None, history=tuple(history),
-        checkpoint_dir=config.checkpoint_dir)
+        checkpoint_dir=config.checkpoint_dir, raw_statistics_released=raw,
+        key_fingerprint=fingerprint)

@@ -24,11 +24,13 @@ class TrainerMetrics:
             return Gauge(name, doc, labels, registry=self.registry).labels(job=job)
 
         self.step = gauge("dptrain_trainer_step", "Steps included in the current parameters.")
-        self.loss = gauge("dptrain_trainer_loss", "Training loss of the latest step (nats).")
+        self.loss = gauge("dptrain_trainer_loss", "DP estimate of the training loss of the "
+                          "latest step (nats per token; released under the job's epsilon).")
         self.epsilon_spent = gauge("dptrain_trainer_epsilon_spent", "ε of the steps charged.")
         self.epsilon_budget = gauge("dptrain_trainer_epsilon_budget", "The job's ε budget.")
         self.tokens_per_second = gauge("dptrain_trainer_tokens_per_second",
-                                       "Training throughput (tokens per second).")
+                                       "Throughput of the physical batch (tokens per "
+                                       "second, padding included).")
         self.steps_total = Counter("dptrain_trainer_steps", "Steps charged by this process.",
                                    labels, registry=self.registry).labels(job=job)
         self._server: Any = None

@@ -2,8 +2,10 @@
 
 ``report.json`` always has ``epsilon_spent``, ``epsilon_budget``, ``delta``, ``steps``,
 ``initial_loss``, ``final_loss``, ``tokens_per_second`` and ``end_state``, plus context (steps
-charged, plan, where the checkpoints are). Plots are drawn with matplotlib's Agg canvas directly
-(no global backend switch), so they work headless and in any thread.
+charged, plan, where the checkpoints are, the secret key's fingerprint). The losses are the DP
+loss estimate (released under the job's ε); ``raw_statistics`` says whether raw statistics of the
+training rows were also published (an unaccounted release). Plots are drawn with matplotlib's
+Agg canvas directly (no global backend switch), so they work headless and in any thread.
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ def report_dict(result: TrainResult, extra: dict[str, Any] | None = None) -> dic
         "end_state": result.end_state,
         "steps_charged": result.steps_charged,
         "checkpoint_dir": str(result.checkpoint_dir),
+        "loss_estimate": "DP estimate of the mean clipped per-token loss, released under the "
+                         "job's (ε, δ)",
+        "raw_statistics": ("released outside ε (unaccounted release; "
+                           "spec.monitoring.releaseRawStatistics)"
+                           if result.raw_statistics_released else "not released"),
+        "key_fingerprint": result.key_fingerprint,
     }
     if extra:
         report.update(extra)
@@ -74,7 +82,8 @@ def write_report(result: TrainResult, output_dir: str | os.PathLike[str],
     steps = [h["step"] for h in result.history]
     if steps:
         _plot(out / LOSS_PLOT, steps, [h["loss"] for h in result.history],
-              title="training loss (sampled batches)", ylabel="loss (nats/token)")
+              title="training loss: DP estimate (released under ε)",
+              ylabel="DP loss estimate (nats/token)")
         _plot(out / EPSILON_PLOT, [0, *steps], [0.0, *(h["epsilon"] for h in result.history)],
               title=f"privacy spent (δ = {result.delta:g})", ylabel="ε",
               hline=result.epsilon_budget, step=True)

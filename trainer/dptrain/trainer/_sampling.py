@@ -8,7 +8,8 @@ truncation, so the physical batch size used here must be the one given to the ac
 
 Sampling runs on the host with numpy: the indices are needed there anyway to read rows from the
 memory-mapped dataset, and every process of a multi-host job draws the same batch from the same
-``(seed, step)`` and keeps its own slice.
+``(key, execution)`` and keeps its own slice. The randomness is secret: it comes from the job's
+secret key and the execution count (``dptrain.trainer._keys``), never from anything published.
 
 Formal guarantees:
     1. Poisson inclusion: before truncation, every index ``0 ≤ i < N`` is in the batch
@@ -17,7 +18,9 @@ Formal guarantees:
     2. Truncation only removes: a batch larger than ``physical_batch_size`` keeps a uniformly
        random subset of exactly ``physical_batch_size`` of its members; nothing is ever added.
     3. Padding rows carry index -1 and mask ``False``; real rows carry mask ``True``.
-    4. The batch of step ``t`` depends only on ``(seed, t)``: a resumed run draws the same batches.
+    4. The batch of execution ``e`` depends only on ``(key, e)``: a run resumed at the same
+       execution count draws the same batches, and a step re-run after a restart (a later
+       execution) draws an independent one. Without the key the batches are unpredictable.
 """
 
 from __future__ import annotations
@@ -26,8 +29,7 @@ import dataclasses
 
 import numpy as np
 
-# Separates this stream from the other uses of the job's seed (initialisation, noise).
-_SAMPLING_DOMAIN = 0x5A3D
+from dptrain.trainer._keys import sampling_entropy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,13 +65,13 @@ class PoissonSampler:
         dataset_size: N.
         expected_batch_size: the expected (logical) batch size ``q·N``.
         physical_batch_size: fixed number of rows per step (≥ 1).
-        seed: the job's seed.
+        key: the job's secret key (≥ 256 bits; see ``dptrain.trainer._keys``).
     """
 
     dataset_size: int
     expected_batch_size: float
     physical_batch_size: int
-    seed: int
+    key: bytes = dataclasses.field(repr=False)
 
     def __post_init__(self) -> None:
         if self.dataset_size < 1:
@@ -86,12 +88,12 @@ class PoissonSampler:
         """Q = expected batch / N."""
         return self.expected_batch_size / self.dataset_size
 
-    def sample(self, step: int) -> SampledBatch:
-        """The batch of step ``step`` (0-based), a pure function of ``(seed, step)``."""
-        if step < 0:
-            raise ValueError(f"step must be ≥ 0 (got {step})")
+    def sample(self, execution: int) -> SampledBatch:
+        """The batch of execution ``execution`` (the ledger's count before the step)."""
+        if execution < 0:
+            raise ValueError(f"execution must be ≥ 0 (got {execution})")
         rng = np.random.Generator(np.random.Philox(
-            np.random.SeedSequence([self.seed, _SAMPLING_DOMAIN, step])))
+            np.random.SeedSequence(sampling_entropy(self.key, execution))))
         poisson_size = int(rng.binomial(self.dataset_size, self.sampling_rate))
         # Conditioned on its size, a Poisson sample is a uniform subset; `shuffle=True` puts it
         # in random order, so its first `physical_batch_size` members are a uniform sub-subset.
