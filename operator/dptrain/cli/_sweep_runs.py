@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import importlib.metadata
+import hashlib
 import json
 import math
 import os
@@ -22,6 +23,8 @@ import platform
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+from dptrain.privacy import round_up_to_float32
 
 TABLE_COLUMNS = ("model_params", "noise_batch_ratio", "learning_rate", "step", "loss", "preset",
                  "noise_multiplier", "batch_size", "sequence_length", "seed")
@@ -146,10 +149,14 @@ class SweepTrainer:
                                   eqx.is_array)
         params = jax.device_put(params, replicated)
         opt_state = jax.device_put(optimizer.init(params), replicated)
+        # A sweep runs on data declared public (--public-data or a built-in corpus), so its
+        # randomness may be public too: the sampler's key is derived from the seed, which makes
+        # every σ̄ of the grid see the same batches. Never do this with private data.
+        public_key = hashlib.sha256(f"dptrain-sweep/{s.seed}".encode()).digest()
         sampler = PoissonSampler(dataset_size=dataset.num_sequences,
                                  expected_batch_size=s.batch_size,
-                                 physical_batch_size=s.physical_batch_size, seed=s.seed)
-        sigma = np.float32(run.ratio * s.batch_size)
+                                 physical_batch_size=s.physical_batch_size, key=public_key)
+        sigma = np.float32(round_up_to_float32(run.ratio * s.batch_size))
         pad = dataset.tokenizer.pad_id
         curve: list[tuple[int, float]] = []
         window: list[Any] = []  # device scalars: no host sync until the window is logged

@@ -367,6 +367,9 @@ def _audit_memorization(args: argparse.Namespace) -> int:
             lines.append(f"{name}: exact {g['exact_match_rate']:.3f} [{lo:.3f}, {hi:.3f}], "
                          f"approximate {g['approximate_match_rate']:.3f} [{alo:.3f}, {ahi:.3f}] "
                          f"(n={g['samples']})")
+        if "canaries" in r:
+            lines.append(f"note: {r['canaries']['repetition_note']}")
+        lines.append(f"note: {r['privacy_note']}")
         return "\n".join(lines)
 
     emit(args, result, human)

@@ -195,13 +195,28 @@ def audit_checkpoint(checkpoint_dir: str | os.PathLike[str], *, samples: int = 1
     dataset = load_dataset(data_dir or meta["dataset"]["dir"])
     prompts = training_prompts(dataset, samples=samples, seed=seed)
     result: dict[str, Any] = {"checkpoint": str(checkpoint_dir), "step": meta["step"],
-                              **memorization(model, prompts).to_dict()}
+                              **memorization(model, prompts).to_dict(),
+                              "privacy_note": AUDIT_PRIVACY_NOTE}
     if dataset.manifest.canaries:
         canaries = np.asarray([c[:PREFIX_LENGTH + SUFFIX_LENGTH]
                                for c in dataset.manifest.canaries], dtype=np.int32)
-        result["canaries"] = {**memorization(model, canaries).to_dict(),
-                              "repeats": dataset.manifest.canary_repeats}
+        repeats = dataset.manifest.canary_repeats
+        result["canaries"] = {**memorization(model, canaries).to_dict(), "repeats": repeats,
+                              "repetition_note": canary_repetition_note(repeats)}
     return result
+
+
+AUDIT_PRIVACY_NOTE = (
+    "these figures are statistics of the training data (match rates of training sequences "
+    "under the trained model), computed without noise and released outside the job's ε: "
+    "share them only as you would share the training data")
+
+
+def canary_repetition_note(repeats: int) -> str:
+    """What a canary's repetition means for the guarantee it is tested against."""
+    return (f"each canary was inserted {repeats}× into the training data; a sequence present "
+            f"{repeats}× is protected only by group privacy ({repeats}·ε), so canaries "
+            "repeated more than once are expected to be memorized more than single rows")
 
 
 def default_checkpoint_dir(path: str | os.PathLike[str]) -> pathlib.Path:

@@ -111,7 +111,7 @@ class TrainResult:
         epsilon_spent: exact ε of ``steps_charged``.
         epsilon_budget: the budget.
         delta: δ.
-        initial_loss: DP loss estimate of the first step of the job (from the history).
+        initial_loss: mean DP loss estimate over the first 5% of steps (at least one).
         final_loss: mean DP loss estimate over the last 10% of steps (at least one).
         tokens_per_second: throughput of the physical batch in this run (compilation excluded).
         history: per-step records (``step``, ``loss`` (the DP estimate), ``epsilon``, ...).
@@ -267,7 +267,9 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
     start_count = max(config.initial_steps_charged, ledger_file.steps_charged())
     checkpointer = Checkpointer(config.checkpoint_dir, keep=config.checkpoint_keep)
     try:
-        key = job_key(config, resuming=start_count > 0
+        # Resuming = this run's own records exist (a count from the operator alone is not a
+        # local run to resume: its pods read the mounted key).
+        key = job_key(config, resuming=ledger_file.steps_charged() > 0
                       or checkpointer.latest_step() is not None)
     except InvalidJobError:
         checkpointer.close()
@@ -416,11 +418,12 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
                            tokens_per_second=tokens_done / seconds if seconds else None,
                            epsilon_spent=spent, end_state=end_state,
                            unaccounted_release=UNACCOUNTED_RELEASE if raw else None))
+    head = history[:max(1, len(history) // 20)]  # averages the estimate's noise
     tail = history[-max(1, len(history) // 10):]
     return TrainResult(
         end_state=end_state, step=step, steps_charged=ledger.steps_charged,
         epsilon_spent=spent, epsilon_budget=config.epsilon_budget, delta=config.delta,
-        initial_loss=history[0]["loss"] if history else None,
+        initial_loss=float(np.mean([h["loss"] for h in head])) if history else None,
         final_loss=float(np.mean([h["loss"] for h in tail])) if history else None,
         tokens_per_second=tokens_done / seconds if seconds else None, history=tuple(history),
         checkpoint_dir=config.checkpoint_dir, raw_statistics_released=raw,

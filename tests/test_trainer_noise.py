@@ -1,0 +1,79 @@
+"""Gaussian noise without a cut-off tail, and σ never rounded down (dptrain.trainer._noise)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from dptrain.privacy import round_up_to_float32
+from dptrain.trainer._dpsgd import noise_std
+from dptrain.trainer._noise import gaussian_from_bits, secure_normal
+
+
+def _z(hi, lo, angle):
+    z1, z2 = gaussian_from_bits(jnp.asarray([hi], jnp.uint32), jnp.asarray([lo], jnp.uint32),
+                                jnp.asarray([angle], jnp.uint32))
+    return float(z1[0]), float(z2[0])
+
+
+def test_the_extreme_uniforms_reach_far_beyond_the_float32_erfinv_cut_off():
+    # u₁ = ½·2⁻⁶⁴ (the smallest radius uniform), angle ≈ 0: r = √(2·65·ln 2) ≈ 9.49.
+    z1, _ = _z(0, 0, 0)
+    assert z1 > 8
+    assert z1 == pytest.approx(math.sqrt(2 * 65 * math.log(2)), rel=1e-5)
+    # A radius uniform of 2⁻⁴⁰ still gives |z| > 7.4: the tail is resolved, not cut off.
+    assert _z(0, 2**24, 0)[0] == pytest.approx(math.sqrt(-2 * math.log(2.0**-40)), rel=1e-4)
+    # The float32 jax.random.normal cannot exceed ≈ 5.4 (23-bit uniforms through erfinv).
+    extreme = jax.scipy.special.erfinv(jnp.float32(1) - jnp.float32(2.0**-24)) * math.sqrt(2)
+    assert float(extreme) < 5.5
+
+
+def test_radius_uniforms_near_one_give_small_radii_accurately():
+    # u₁ = 1 − 2⁻⁴⁰: −2 ln u₁ ≈ 2·2⁻⁴⁰, r ≈ 1.35e-6, computed from the complement (no rounding
+    # of u₁ to 1 in float32, which would give exactly 0).
+    hi, lo = 0xFFFFFFFF, 0xFFFFFFFF - 2**24 + 1
+    z1, _ = _z(hi, lo, 0)
+    assert z1 == pytest.approx(math.sqrt(2 * 2.0**-40), rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def draws():
+    return np.asarray(secure_normal(jax.random.key(11), 1_000_000), dtype=np.float64)
+
+
+def test_a_million_draws_pass_kolmogorov_smirnov_and_a_wrong_scale_does_not(draws):
+    assert draws.shape == (1_000_000,)
+    assert stats.kstest(draws, "norm").pvalue > 1e-3
+    # Power: the same test rejects a standard deviation only 1% off.
+    assert stats.kstest(draws, "norm", args=(0, 1.01)).pvalue < 1e-6
+    assert stats.kstest(draws, "norm", args=(0, 0.99)).pvalue < 1e-6
+
+
+def test_tail_frequency_matches_the_gaussian(draws):
+    # P(|z| > 4) = 6.33e-5: about 63 of 10⁶, Poisson-distributed.
+    expected = 1e6 * 2 * stats.norm.sf(4)
+    count = int(np.sum(np.abs(draws) > 4))
+    assert abs(count - expected) < 5 * math.sqrt(expected)
+
+
+def test_odd_sizes_and_distinct_keys_give_independent_draws():
+    a = np.asarray(secure_normal(jax.random.key(1), 1001))
+    b = np.asarray(secure_normal(jax.random.key(2), 1001))
+    assert a.shape == (1001,)
+    assert abs(np.corrcoef(a, b)[0, 1]) < 5 / math.sqrt(1001)
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.1, 0.7, 3.3e-3, 1e9])
+def test_float32_noise_std_is_never_below_the_planned_sigma_times_c(clip):
+    rng = np.random.default_rng(5)
+    sigmas = [0.614, 1 / 3, 9.66, 2.81, *rng.uniform(0.3, 20, 300).tolist()]
+    lowered_by_nearest = 0
+    for sigma in sigmas:
+        std = float(noise_std(jnp.float32(round_up_to_float32(sigma)), clip))
+        assert std >= sigma * clip  # compared in float64
+        assert std <= sigma * clip * (1 + 4 * 2.0**-23)  # and only a few ulps above
+        lowered_by_nearest += float(np.float32(sigma) * np.float32(clip)) < sigma * clip
+    assert lowered_by_nearest > 10  # round-to-nearest would have lowered σ·C
