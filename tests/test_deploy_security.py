@@ -1,7 +1,8 @@
 """Least privilege and safe pod defaults in everything dptrain installs or creates.
 
 RBAC: the rules of the chart (every values file) and of manifests/ must stay within an explicit
-allow-list: no wildcards, no secrets, no escalate/bind/impersonate, no pods, cluster-wide
+allow-list: no wildcards, secrets only ``create`` (each job's key; never read), no
+escalate/bind/impersonate, no pods, cluster-wide
 rights only for discovery. The per-job trainer Role the operator creates may touch its own job
 only (``resourceNames``). Pods: non-root, read-only root filesystem, no privilege escalation, all
 capabilities dropped, RuntimeDefault seccomp, resource requests and limits, a liveness probe.
@@ -30,6 +31,8 @@ OPERATOR_ALLOWED: dict[tuple[str, str], frozenset[str]] = {
     ("", "events"): frozenset({"create", "patch"}),
     ("events.k8s.io", "events"): frozenset({"create", "patch"}),
     ("", "configmaps"): MANAGE,
+    # Each job's secret key: create only, so the operator can read no Secret.
+    ("", "secrets"): frozenset({"create"}),
     ("", "serviceaccounts"): MANAGE,
     ("", "services"): MANAGE,
     ("batch", "jobs"): READ | MANAGE,
@@ -76,7 +79,8 @@ def rbac_violations(
             if "*" in rule.get(field, []):
                 problems.append(f"{where}: wildcard in {field}")
         for group, resource, verb in _grants(rule):
-            if resource.split("/")[0] == "secrets":
+            if resource.split("/")[0] == "secrets" and verb not in allowed.get(
+                    (group, "secrets"), frozenset()):
                 problems.append(f"{where}: {verb} on secrets")
             if verb in DANGEROUS_VERBS:
                 problems.append(f"{where}: verb {verb} on {group}/{resource}")
@@ -257,7 +261,11 @@ def test_operator_pods_are_locked_down(
         assert container["command"][:2] == ["dptrain", "operator"]
         mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
         assert "/tmp" in mounts  # a writable scratch dir, since / is read-only
-        assert not any("secret" in volume for volume in pod.get("volumes", [])), name
+        # The only Secret a pod mounts is its job's key, read-only (issue 10).
+        secrets = [v for v in pod.get("volumes", []) if "secret" in v]
+        assert all(v["secret"]["secretName"] == children.key_secret_name(job) for v in secrets)
+        mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+        assert all(mounts[v["name"]]["readOnly"] is True for v in secrets), name
 
 
 def _sample_spec() -> Any:
@@ -294,4 +302,8 @@ def test_workloads_the_operator_creates_are_locked_down() -> None:
     for obj in workloads[:2]:
         pod = obj["spec"]["template"]["spec"]
         assert pod_security_violations(pod, dr.object_id(obj)) == []
-        assert not any("secret" in volume for volume in pod.get("volumes", []))
+        # The only Secret a pod mounts is its job's key, read-only (issue 10).
+        secrets = [v for v in pod.get("volumes", []) if "secret" in v]
+        assert all(v["secret"]["secretName"] == children.key_secret_name(job) for v in secrets)
+        mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+        assert all(mounts[v["name"]]["readOnly"] is True for v in secrets)

@@ -69,7 +69,8 @@ def test_trainer_job_is_indexed_with_jax_env_and_planner_sizing():
     assert (s["completionMode"], s["completions"], s["parallelism"]) == ("Indexed", 4, 4)
     pod = s["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["command"] == ["dptrain", "train", "--config", "/etc/dptrain/config.json"]
+    assert container["command"] == ["dptrain", "train", "--config", "/etc/dptrain/config.json",
+                                    "--key-file", "/var/run/secrets/dptrain.io/key"]
     env = {e["name"]: e for e in container["env"]}
     assert env["JAX_NUM_PROCESSES"]["value"] == "4"
     assert env["JAX_COORDINATOR_ADDRESS"]["value"] == "tiny-train-0.tiny-hosts:8476"

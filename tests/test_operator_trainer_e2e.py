@@ -8,6 +8,7 @@ job when ε is exhausted.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -54,6 +55,10 @@ def run_pod(kube, kube_api, job_name: str, root: Path) -> subprocess.Popen[bytes
             data = kube.get("v1/configmaps", "default", source["configMap"]["name"])["data"]
             for key, value in data.items():
                 (local / key).write_text(value)
+        if "secret" in source:  # the job's key, decoded as the kubelet writes it
+            data = kube.get("v1/secrets", "default", source["secret"]["secretName"])["data"]
+            for item in source["secret"]["items"]:
+                (local / item["path"]).write_bytes(base64.b64decode(data[item["key"]]))
         mounts[mount["mountPath"]] = local
 
     pattern = re.compile(r"(?<![\w./-])(" + "|".join(
@@ -97,7 +102,7 @@ def stop(process: subprocess.Popen[bytes]) -> int:
 
 def test_operator_halts_a_real_trainer_when_epsilon_is_exhausted(kube, kube_api, start_operator,
                                                                   tmp_path):
-    start_operator("--stall-timeout", "600")
+    operator = start_operator("--stall-timeout", "600")
     name = "e2e"
     manifest = job_manifest(name, privacy={"epsilon": 2.0, "delta": 1e-5, "accountant": "rdp"},
                             data={"numSequences": None}, training={"noiseMultiplier": 0.7})
@@ -164,3 +169,31 @@ def test_operator_halts_a_real_trainer_when_epsilon_is_exhausted(kube, kube_api,
     assert conditions["BudgetExhausted"]["status"] == "True"
     assert code in (0, 4, 128 + signal.SIGTERM, -signal.SIGTERM), train_log.read_text()[-3000:]
     assert kube.get("v1/services", "default", f"{name}-hosts") is None
+    _assert_nothing_published_holds_the_key(kube, operator, name, job, tmp_path)
+
+
+def _assert_nothing_published_holds_the_key(kube, operator, name, job, tmp_path):
+    """Issue 10: the key is in its Secret only, never in what the job publishes."""
+    from key_leaks import all_files, find_key
+
+    (secret,) = [s for s in kube.list("v1/secrets", "default")
+                 if s["metadata"]["labels"]["dptrain.io/job"] == name]
+    assert secret["immutable"] is True
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
+    key = base64.b64decode(secret["data"]["key"])
+    assert len(key) == 32
+    texts = {"job": json.dumps(kube.get_job(name)),
+             "configmaps": json.dumps(kube.list("v1/configmaps", "default")),
+             "events": json.dumps(kube.list("v1/events", "default")),
+             "operator log": operator.log_path.read_text(errors="replace"),
+             "operator metrics": operator.metrics()}
+    # Everything the pods wrote (checkpoints, ledger, progress, report, logs), except the
+    # mounted key itself.
+    files = all_files(tmp_path / "prepare", tmp_path / "train",
+                      exclude=[tmp_path / "train" / "job-key" / "key"])
+    assert any(f.name == "ledger.json" for f in files)
+    assert find_key(key, files, texts) == []
+    assert find_key(key, [tmp_path / "train" / "job-key" / "key"]) != []  # the search can fail
+    # The trainer's Role grants nothing on Secrets, and no env var carries the key.
+    role = kube.get("rbac.authorization.k8s.io/v1/roles", "default", f"{name}-trainer")
+    assert role is not None and not any("secrets" in r["resources"] for r in role["rules"])

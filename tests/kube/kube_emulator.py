@@ -66,6 +66,7 @@ _VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
 BASE_RESOURCES: dict[str, tuple[str, bool, tuple[str, ...]]] = {
     "v1/namespaces": ("Namespace", False, ("status",)),
     "v1/configmaps": ("ConfigMap", True, ()),
+    "v1/secrets": ("Secret", True, ()),
     "v1/services": ("Service", True, ("status",)),
     "v1/serviceaccounts": ("ServiceAccount", True, ()),
     "v1/events": ("Event", True, ()),

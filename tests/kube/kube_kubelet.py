@@ -23,6 +23,7 @@ all inert unless their environment variable is set:
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import signal
@@ -189,6 +190,16 @@ class Kubelet:
             else:
                 local = pod_root / mount["name"]
             local.mkdir(parents=True, exist_ok=True)
+            if "secret" in source:  # written as the kubelet does: decoded, read-only files
+                name = source["secret"]["secretName"]
+                secret = self.kube.get("v1/secrets", self.namespace, name)
+                assert secret is not None, f"no Secret {name}"
+                items = source["secret"].get("items") or [
+                    {"key": k, "path": k} for k in secret.get("data", {})]
+                for item in items:
+                    target = local / item["path"]
+                    target.write_bytes(base64.b64decode(secret["data"][item["key"]]))
+                    target.chmod(source["secret"].get("defaultMode", 0o644) & 0o700)
             if "configMap" in source:
                 name = source["configMap"]["name"]
                 config = self.kube.get("v1/configmaps", self.namespace, name)

@@ -84,8 +84,8 @@ discover what to serve. Read-only.
 
 {{/*
 RBAC the operator needs where it serves jobs (all namespaces, or each watched namespace):
-its own CRD and status, events, and exactly the children it creates. No secrets, no wildcards,
-no escalate/bind: it may grant trainers `get`/`patch` on their own job's status only because it
+its own CRD and status, events, and exactly the children it creates. Secrets: `create` only (each
+job's key; it can read none). No wildcards, no escalate/bind: it may grant trainers `get`/`patch` on their own job's status only because it
 holds those rights itself.
 */}}
 {{- define "dptrain.rbac.workloadRules" -}}
@@ -105,6 +105,10 @@ holds those rights itself.
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["get", "create", "patch", "delete"]
+{{- /* Each job's secret key (immutable, owned by the job): create only, never read. */}}
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["create"]
 {{- /* Workloads are also watched: the operator reacts when a trainer finishes or fails. */}}
 - apiGroups: ["batch"]
   resources: ["jobs"]

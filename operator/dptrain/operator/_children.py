@@ -22,6 +22,13 @@ What the pods run (the contract with ``dptrain train`` / ``dptrain prepare-data`
   merge-patching ``status.progress`` (``stepsCharged``, ``step``, ``loss``, ``tokensPerSecond``,
   ``lastUpdate``, ``endState``) of its own job; it may GET the job to resume from
   ``status.privacy.stepsCharged``. Exit codes: 0 done, 4 budget exhausted, else error.
+- The job's secret key (256 bits from ``secrets``, drawn by the operator before the first
+  workload) lives in the immutable Secret ``<job>-key-<uid8>`` owned by the job (the uid in the
+  name: a job re-created under the same name never inherits an old key). Trainer pods mount it
+  read-only at ``/var/run/secrets/dptrain.io/key`` and pass it with ``--key-file``; it is never
+  in an env var, the ConfigMap, a status or a log, and no Role the operator creates grants any
+  verb on Secrets (the kubelet mounts it). The trainer derives every batch and noise draw from
+  it (``dptrain.trainer._keys``).
 - When N is unknown, a data-preparation Job runs ``dptrain prepare-data --config
   /etc/dptrain/config.json --output <checkpoint dir>/prepared --report kubernetes`` with the same
   env (without the JAX variables) and merge-patches ``status.dataset`` (``numSequences``,
@@ -31,6 +38,7 @@ What the pods run (the contract with ``dptrain train`` / ``dptrain prepare-data`
 
 from __future__ import annotations
 
+import base64
 import copy
 import dataclasses
 import hashlib
@@ -63,7 +71,12 @@ COMPLETION_INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completi
 TERMINATION_GRACE_SECONDS = 60  # time for the trainer to save its last checkpoint on SIGTERM
 EXIT_BUDGET_EXHAUSTED = 4
 
-TRAINER_COMMAND = ("dptrain", "train", "--config", CONFIG_PATH)
+KEY_DIR = "/var/run/secrets/dptrain.io"
+KEY_FILE = "key"
+KEY_PATH = f"{KEY_DIR}/{KEY_FILE}"
+KEY_FILE_MODE = 0o440  # owner root, group fsGroup (the trainer's): read-only, nobody else
+
+TRAINER_COMMAND = ("dptrain", "train", "--config", CONFIG_PATH, "--key-file", KEY_PATH)
 
 
 # ------------------------------------------------------------------------------ identities
@@ -233,6 +246,26 @@ def build_config_map(spec: DPTrainingJobSpec, job: JobRef, plan: PlanStatus | No
     }
 
 
+# ------------------------------------------------------------------------------ secret key
+
+
+def key_secret_name(job: JobRef) -> str:
+    """The name of the job's key Secret: includes the uid, so a re-created job gets a new key."""
+    return _shorten(job.name, f"key-{job.uid.replace('-', '')[:8]}", 63)
+
+
+def build_key_secret(job: JobRef, key: bytes) -> dict[str, Any]:
+    """The immutable Secret holding the job's secret key (``key``: ≥ 32 random bytes).
+
+    The caller draws ``key`` from the OS CSPRNG and never logs this object.
+    """
+    if len(key) < 32:
+        raise ValueError("the job key must be at least 32 bytes")
+    meta = _meta(job, key_secret_name(job), "key")
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "type": "Opaque",
+            "immutable": True, "data": {KEY_FILE: base64.b64encode(key).decode()}}
+
+
 # ------------------------------------------------------------------------------ RBAC
 
 
@@ -296,9 +329,9 @@ def trainer_env(job: JobRef, *, hosts: int, api_server: str,
     return env
 
 
-def _volumes(spec: DPTrainingJobSpec, job: JobRef) -> tuple[list[dict[str, Any]],
-                                                            list[dict[str, Any]]]:
-    """Pod volumes and the container's mounts: config, /tmp, data and checkpoints."""
+def _volumes(spec: DPTrainingJobSpec, job: JobRef, *, key: bool = False
+             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Pod volumes and the container's mounts: config, /tmp, data, checkpoints (and the key)."""
     names = ChildNames.of(job.name)
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": names.config_map}},
@@ -328,6 +361,11 @@ def _volumes(spec: DPTrainingJobSpec, job: JobRef) -> tuple[list[dict[str, Any]]
         # (steps stay charged) but not from the weights.
         volumes.append({"name": "checkpoints", "emptyDir": {}})
         mounts.append({"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT})
+    if key:
+        volumes.append({"name": "job-key", "secret": {
+            "secretName": key_secret_name(job), "defaultMode": KEY_FILE_MODE,
+            "items": [{"key": KEY_FILE, "path": KEY_FILE}]}})
+        mounts.append({"name": "job-key", "mountPath": KEY_DIR, "readOnly": True})
     return volumes, mounts
 
 
@@ -345,8 +383,8 @@ def _pod_security_context() -> dict[str, Any]:
 def _pod_template(spec: DPTrainingJobSpec, job: JobRef, *, component: str,
                   command: list[str], env: list[dict[str, Any]], sizing: PodSizing,
                   subdomain: str | None, annotations: Mapping[str, str],
-                  ports: list[dict[str, Any]]) -> dict[str, Any]:
-    volumes, mounts = _volumes(spec, job)
+                  ports: list[dict[str, Any]], key: bool = False) -> dict[str, Any]:
+    volumes, mounts = _volumes(spec, job, key=key)
     container: dict[str, Any] = {
         "name": component,
         "image": spec.image,
@@ -411,7 +449,7 @@ def build_trainer_job(spec: DPTrainingJobSpec, job: JobRef, plan: PlanStatus, si
         env=trainer_env(job, hosts=sizing.hosts, api_server=api_server, coordinator=coordinator),
         sizing=sizing, subdomain=names.service, annotations=annotations,
         ports=[{"name": "coordinator", "containerPort": COORDINATOR_PORT},
-               {"name": "metrics", "containerPort": TRAINER_METRICS_PORT}])
+               {"name": "metrics", "containerPort": TRAINER_METRICS_PORT}], key=True)
     meta = _meta(job, names.workload, "trainer")
     meta["annotations"] = annotations
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
@@ -449,7 +487,7 @@ def build_jobset(spec: DPTrainingJobSpec, job: JobRef, plan: PlanStatus, sizing:
         env=trainer_env(job, hosts=sizing.hosts, api_server=api_server, coordinator=coordinator),
         sizing=sizing, subdomain=None, annotations=annotations,
         ports=[{"name": "coordinator", "containerPort": COORDINATOR_PORT},
-               {"name": "metrics", "containerPort": TRAINER_METRICS_PORT}])
+               {"name": "metrics", "containerPort": TRAINER_METRICS_PORT}], key=True)
     meta = _meta(job, jobset, "trainer")
     meta["annotations"] = annotations
     return {

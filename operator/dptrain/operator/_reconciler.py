@@ -14,6 +14,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import secrets
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -27,6 +28,7 @@ from dptrain.operator._children import (
     build_config_map,
     build_headless_service,
     build_jobset,
+    build_key_secret,
     build_prepare_job,
     build_role,
     build_role_binding,
@@ -280,6 +282,10 @@ class Reconciler:
                                          build_headless_service(job))
             elif child == "workload":
                 assert plan is not None
+                # The secret key first: trainer pods cannot start without it. Created once
+                # (AlreadyExists keeps the first key, so restarts reuse it); never logged.
+                await self.client.create(resource_path("v1", "secrets", ns),
+                                         build_key_secret(job, secrets.token_bytes(32)))
                 await self._create_workload(job, decision, plan)
             elif child == "prepare":
                 await self.client.create(resource_path("batch/v1", "jobs", ns),
