@@ -48,8 +48,8 @@ def _corpus(directory: pathlib.Path) -> pathlib.Path:
 def _sweep_args(tmp: pathlib.Path, *extra: str) -> list[str]:
     return ["sweep", "--presets", "tiny", "--noise-batch-ratios", ",".join(map(str, RATIOS)),
             "--learning-rates", "3e-3", "--steps", str(STEPS), "--batch-size", "4",
-            "--sequence-length", "32", "--log-every", str(LOG_EVERY), "--input",
-            str(tmp / "corpus"), "--public-data", "--format", "text", "--data-dir", str(tmp / "data"),
+            "--sequence-length", "32", "--log-every", str(LOG_EVERY), "--public-data",
+            "--input", str(tmp / "corpus"), "--format", "text", "--data-dir", str(tmp / "data"),
             "--output", str(tmp / "out" / "table.csv"), "--json", *extra]
 
 

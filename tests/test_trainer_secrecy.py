@@ -9,11 +9,11 @@ import threading
 import numpy as np
 import pytest
 import yaml
+from key_leaks import all_files, find_key
 
 from dptrain.api import InvalidJobError
 from dptrain.trainer import Checkpointer, PoissonSampler, Progress, TrainingInterruptedError, train
 from dptrain.trainer._keys import key_fingerprint, read_key
-from key_leaks import all_files, find_key
 
 
 def _flat(directory):

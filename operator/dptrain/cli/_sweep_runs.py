@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.metadata
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
