@@ -6,6 +6,11 @@ programs' memory (XLA's memory analysis: arguments + outputs + temporaries) plus
 RSS. The non-private step is the gradient of the mean loss; the DP step adds per-example gradients
 (``vmap(grad)``), their norms and clipping, and one Gaussian draw.
 
+The noise: the DP step draws its Gaussian from 64-bit uniforms (Box–Muller, no cut-off tail;
+``dptrain.trainer._noise``). Its cost is measured on its own, side by side with the float32
+``jax.random.normal`` it replaces, for the preset's parameter count, and reported as a share of
+the DP step (target: the whole secure draw ≤ 5 % of a DP step on ``tiny`` and ``small``).
+
     python bench/dp_step.py --presets tiny small --batch 64 --seq-len 128
 """
 
@@ -19,6 +24,7 @@ import time
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dptrain.planner import get_preset
@@ -32,6 +38,29 @@ from dptrain.trainer import (
     model_loss_fn,
 )
 from dptrain.trainer._dpsgd import replicate, shard_batch
+from dptrain.trainer._noise import secure_normal
+
+NOISE_TARGET = 0.05
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    """Median wall time of ``fn(i)`` (its result awaited), after one warm-up call."""
+    jax.block_until_ready(fn(0))
+    times = []
+    for i in range(repeats):
+        started = time.perf_counter()
+        jax.block_until_ready(fn(i + 1))
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def bench_noise(size: int, repeats: int) -> dict:
+    """Seconds per draw of ``size`` normals: 64-bit Box–Muller vs float32 erfinv."""
+    secure = jax.jit(lambda k: secure_normal(k, size))
+    erfinv = jax.jit(lambda k: jax.random.normal(k, (size,), jnp.float32))
+    keys = [jax.random.key(i) for i in range(repeats + 1)]
+    return {"secure_s": _median_seconds(lambda i: secure(keys[i]), repeats),
+            "erfinv_s": _median_seconds(lambda i: erfinv(keys[i]), repeats)}
 
 
 def _memory_mb(compiled) -> float | None:
@@ -85,6 +114,11 @@ def bench_preset(name: str, *, batch: int, seq_len: int, repeats: int,
                          "tokens_per_s": batch * (seq_len - 1) / median,
                          "memory_mb": _memory_mb(compiled)}
     result["ratio_dp_over_non_dp"] = result["dp"]["step_s"] / result["non_dp"]["step_s"]
+    noise = bench_noise(shape.param_count + 1, repeats)  # + the loss coordinate
+    noise["secure_share_of_dp_step"] = noise["secure_s"] / result["dp"]["step_s"]
+    noise["extra_share_of_dp_step"] = (noise["secure_s"] - noise["erfinv_s"]) / \
+        result["dp"]["step_s"]
+    result["noise"] = noise
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
@@ -116,6 +150,13 @@ def main() -> None:
         print(f"{r['preset']:<8} DP/non-DP = {r['ratio_dp_over_non_dp']:.2f} ({target}); "
               f"batch {r['batch']}×{r['seq_len']}, {r['devices']} device(s), "
               f"peak RSS {r['peak_rss_mb']:.0f} MB")
+        n = r["noise"]
+        verdict = "ok" if n["secure_share_of_dp_step"] <= NOISE_TARGET else \
+            f"ABOVE TARGET {NOISE_TARGET:.0%}"
+        print(f"{r['preset']:<8} noise: 64-bit Box–Muller {n['secure_s'] * 1e3:.2f} ms, float32 "
+              f"erfinv {n['erfinv_s'] * 1e3:.2f} ms per draw of {r['params'] + 1:,}; secure "
+              f"draw = {n['secure_share_of_dp_step']:.1%} of a DP step ({verdict}), "
+              f"{n['extra_share_of_dp_step']:+.1%} over erfinv")
 
 
 if __name__ == "__main__":

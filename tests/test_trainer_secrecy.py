@@ -12,7 +12,14 @@ import yaml
 from key_leaks import all_files, find_key
 
 from dptrain.api import InvalidJobError
-from dptrain.trainer import Checkpointer, PoissonSampler, Progress, TrainingInterruptedError, train
+from dptrain.trainer import (
+    Checkpointer,
+    FileReporter,
+    PoissonSampler,
+    Progress,
+    TrainingInterruptedError,
+    train,
+)
 from dptrain.trainer._keys import key_fingerprint, read_key
 
 
@@ -106,7 +113,7 @@ def test_raw_statistics_stay_private_unless_released_and_are_then_labelled(micro
                                                                          tmp_path):
     raw_keys = {"raw_loss", "real_rows", "clipped_fraction", "mean_grad_norm"}
     private = micro_config(iterations=3)
-    result = train(private)
+    result = train(private, reporters=[FileReporter(private.output_dir)])
     history = [json.loads(line) for line in
                (private.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert history and all(not raw_keys & set(h) and h["loss_estimate"] == "dp"
@@ -116,7 +123,7 @@ def test_raw_statistics_stay_private_unless_released_and_are_then_labelled(micro
     assert not result.raw_statistics_released
     released = micro_config(iterations=3, release_raw_statistics=True,
                             output_dir=tmp_path / "raw", checkpoint_dir=tmp_path / "raw-ckpt")
-    train(released)
+    train(released, reporters=[FileReporter(released.output_dir)])
     history = [json.loads(line) for line in
                (released.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(raw_keys <= set(h) and h["unaccounted_release"] for h in history)
