@@ -137,7 +137,7 @@ def test_no_artefact_of_a_local_run_contains_the_key(tmp_path, capsys, caplog):
     from dptrain.cli import main
     manifest = yaml.safe_load((__import__("pathlib").Path(__file__).parents[1] / "manifests"
                                / "samples" / "tiny-cpu.yaml").read_text())
-    manifest["spec"]["training"].update(batchSize=8, iterations=3)
+    manifest["spec"]["training"].update(batchSize=8, iterations=3, warmupSteps=1)
     manifest["spec"]["data"]["sequenceLength"] = 32
     manifest["spec"]["checkpoint"]["intervalSteps"] = 2
     path = tmp_path / "job.yaml"

@@ -307,6 +307,12 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
         params, opt_state, step = restored.params, restored.opt_state, restored.step
         checkpoint_count = int(restored.meta["ledger"]["steps_charged"])
     charged = ledger.resume(start_count, checkpoint_count)
+    if process.num_processes > 1:
+        # Batches and noise are keyed by the execution count: every process must start from
+        # the same count (the largest any of them has seen), or their draws would differ.
+        from jax.experimental import multihost_utils
+        gathered = multihost_utils.process_allgather(np.asarray(charged, np.int64))
+        charged = ledger.resume(int(np.max(gathered)))
     if charged == 0 and ledger.affordable(1) == 0:
         raise InvalidJobError([FieldError(
             "spec.privacy.epsilon", f"is too small for a single step: one step costs ε = "
