@@ -168,6 +168,19 @@ def zero_rows(per_example: Params, keep: jax.Array) -> Params:
     return jax.tree_util.tree_map(zero, per_example)
 
 
+def weighted_sum(per_example: Params, weights: jax.Array, keep: jax.Array,
+                 all_finite: jax.Array) -> Params:
+    """``Σᵢ wᵢ·gᵢ`` with the rows not kept contributing exact zeros.
+
+    When every row is finite (the usual case) the rows need no zeroing (their weight is 0), and
+    the copy is skipped; otherwise they are zeroed first, since 0·NaN is NaN.
+    """
+    def plain(tree: Params) -> Params:
+        return jax.tree_util.tree_map(lambda g: jnp.tensordot(weights, g, axes=1), tree)
+    return jax.lax.cond(all_finite, plain, lambda tree: plain(zero_rows(tree, keep)),
+                        per_example)
+
+
 def loss_coordinate(losses: jax.Array, keep: jax.Array, *, loss_bound: float,
                     loss_scale: float) -> jax.Array:
     """Each example's extra coordinate ``α·clip(ℓ, 0, L)`` (0 for rows not kept)."""
@@ -185,9 +198,7 @@ def clip_and_sum(per_example: Params, mask: jax.Array, clip_norm: float) -> tupl
     norms = global_norms(per_example)
     keep = mask & jnp.isfinite(norms)
     weights = clip_factor(norms, clip_norm, keep)
-    summed = jax.tree_util.tree_map(lambda g: jnp.tensordot(weights, g, axes=1),
-                                    zero_rows(per_example, keep))
-    return summed, norms
+    return weighted_sum(per_example, weights, keep, jnp.all(jnp.isfinite(norms))), norms
 
 
 def _microbatches(tokens: jax.Array, mask: jax.Array,
@@ -223,8 +234,7 @@ def local_clipped_sum(loss_fn: LossFn, params: Params, tokens: jax.Array, mask: 
         # A NaN/inf row would have unbounded sensitivity: it contributes exactly nothing.
         keep = mb_mask & jnp.isfinite(sq_norms) & jnp.isfinite(losses)
         weights = clip_factor(norms, grad_clip, keep)
-        summed = jax.tree_util.tree_map(lambda g: jnp.tensordot(weights, g, axes=1),
-                                        zero_rows(grads, keep))
+        summed = weighted_sum(grads, weights, keep, jnp.all(jnp.isfinite(sq_norms)))
         coordinate = loss_coordinate(losses, keep, loss_bound=config.loss_bound,
                                      loss_scale=config.loss_scale)
         real = keep.astype(jnp.float32)
