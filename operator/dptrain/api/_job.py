@@ -298,6 +298,30 @@ class PrivacyLedgerStatus(_Status):
     last_charged_time: str | None = None
 
 
+class MechanismFingerprint(_Status):
+    """The DP-SGD mechanism a trainer runs, as it reports it with each progress report.
+
+    The operator compares it with the plan it accounts (``MechanismMismatch`` on a difference).
+    """
+
+    sampling_rate: float
+    """q the sampler uses (expected batch / N)."""
+    noise_multiplier: float
+    """σ as used on the device: float32, rounded up (never below the planned σ)."""
+    delta: float
+    """δ the trainer accounts at."""
+    dataset_size: int
+    """N, sequences in the data it samples from."""
+    physical_batch_size: int
+    """Rows per step (the Poisson batch is padded/truncated to it)."""
+    clip_norm: float
+    """Per-example clipping norm C."""
+    accountant: Literal["pld", "rdp"]
+    """The trainer's accountant."""
+    dataset_checksum: str | None = None
+    """Checksum of the source documents it trains on."""
+
+
 class ProgressStatus(_Status):
     """Progress as reported by the trainer (advisory; the ledger is kept separately)."""
 
@@ -307,6 +331,8 @@ class ProgressStatus(_Status):
     tokens_per_second: float | None = None
     last_update: str | None = None
     end_state: str | None = None
+    mechanism: MechanismFingerprint | None = None
+    """The mechanism the trainer runs (checked against the plan)."""
 
 
 class WorkloadRef(_Status):

@@ -41,8 +41,15 @@ from dptrain.api import (
     parse_job,
     semantic_errors,
 )
-from dptrain.operator._children import ChildNames
+from dptrain.operator._children import ChildNames, JobRef, trainer_config
 from dptrain.operator._conditions import find, parse_time, set_condition, timestamp
+from dptrain.operator._ledger_record import (
+    ANNOTATION_LEDGER,
+    LedgerRecord,
+    authoritative,
+    read_record,
+)
+from dptrain.operator._verification import config_mismatches, mechanism_mismatches
 
 ANNOTATION_APPLIED_SPEC = "dptrain.io/applied-spec"
 
@@ -109,11 +116,29 @@ class ChildState:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class ConfigState:
+    """The trainer's ConfigMap as observed.
+
+    Attributes:
+        config: its parsed ``config.json`` (None: missing or not JSON).
+        immutable: whether it is marked ``immutable: true``.
+    """
+
+    config: Mapping[str, Any] | None
+    immutable: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Observed:
-    """The children that exist now (None: absent)."""
+    """The children that exist now (None: absent).
+
+    ``config`` is looked at only when ``config_observed`` (the reconciler read the ConfigMap).
+    """
 
     workload: ChildState | None = None
     prepare: ChildState | None = None
+    config: ConfigState | None = None
+    config_observed: bool = False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -143,6 +168,7 @@ class Decision:
         warnings: lines for the operator's log.
         requeue_after: look again after this many seconds (None: on the next change).
         halted: the reason of a transition into a terminal phase (for metrics).
+        ledger_annotation: the new value of the authoritative ledger annotation (None: unchanged).
     """
 
     status: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -159,6 +185,7 @@ class Decision:
     requeue_after: float | None = None
     halted: str | None = None
     phase: str = "Pending"
+    ledger_annotation: str | None = None
 
 
 class _Draft:
@@ -178,6 +205,19 @@ class _Draft:
         self.now = now
         self.generation = generation
         self.decision = Decision()
+        self.record = read_record(meta)
+        self.privacy, overwritten = authoritative(self.record, status.privacy)
+        self.pinned_checksum = self.record.dataset_checksum if self.record else None
+        if overwritten:
+            # The trainer's Role may patch /status: a status.privacy the operator did not write
+            # is ignored and restored from the annotation (finish() writes the difference).
+            published = status.privacy
+            assert published is not None and self.privacy is not None
+            self.event("Warning", "LedgerRestored",
+                       f"status.privacy was overwritten ({published.steps_charged} steps, ε "
+                       f"{published.epsilon_spent:.4g}); restored the operator's ledger "
+                       f"({self.privacy.steps_charged} steps, ε "
+                       f"{self.privacy.epsilon_spent:.4g})")
 
     def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
         self.decision.events.append(Event(type=type_, reason=reason, message=message))
@@ -200,6 +240,13 @@ class _Draft:
         self.phase = phase
 
     def finish(self, requeue_after: float | None = None) -> Decision:
+        # Every reconcile observes the generation it read, refused changes included (kstatus).
+        self.observed_generation = self.generation
+        if self.privacy is not None:
+            record = LedgerRecord(ledger=self.privacy, dataset_checksum=self.pinned_checksum)
+            value = record.to_annotation()
+            if value != (self.original_meta.get("annotations") or {}).get(ANNOTATION_LEDGER):
+                self.decision.ledger_annotation = value
         new: dict[str, Any] = {
             "phase": self.phase,
             "conditions": [_dump(c) for c in self.conditions],
@@ -307,8 +354,12 @@ def decide(body: Mapping[str, Any], observed: Observed, now: dt.datetime, *, too
     status = _parse_status(body.get("status"))
     d = _Draft(status, now, generation, meta)
     out = d.decision
-    ledger = status.privacy
-    started = ledger is not None and ledger.steps_charged > 0
+    ledger = d.privacy
+    progress = status.progress
+    # Started: anything charged, or anything the trainer reported (a report may arrive in the
+    # same reconcile as a spec change, before it is charged).
+    started = ((ledger is not None and ledger.steps_charged > 0)
+               or (progress is not None and (progress.steps_charged > 0 or progress.step > 0)))
     known_n = (status.dataset.num_sequences if status.dataset is not None else None)
 
     # ------------------------------------------------------------------ terminal phases
@@ -406,6 +457,33 @@ def decide(body: Mapping[str, Any], observed: Observed, now: dt.datetime, *, too
     # ------------------------------------------------------------------ the ledger
     ledger = _charge(d, plan, ledger, status, tools)
     d.privacy = ledger
+
+    # ------------------------------------------------------------------ the mechanism run
+    if progress is not None and (progress.steps_charged > 0 or progress.step > 0):
+        known = status.dataset.checksum if status.dataset is not None else None
+        expected_checksum = known or d.pinned_checksum
+        problems = mechanism_mismatches(plan, ledger.delta, progress.mechanism,
+                                        expected_checksum)
+        if problems:
+            return _fail(d, out, observed, "MechanismMismatch", "; ".join(problems),
+                         "MechanismVerified")
+        d.condition("MechanismVerified", "True", "Matches",
+                    "the trainer runs the accounted mechanism")
+        if expected_checksum is None and progress.mechanism is not None:
+            d.pinned_checksum = progress.mechanism.dataset_checksum  # trust on first use
+    if (observed.config_observed and observed.config is not None and not out.update_config
+            and "config" not in out.create):
+        expected = trainer_config(spec, JobRef(name=str(meta.get("name", "")),
+                                               namespace=str(meta.get("namespace", "")),
+                                               uid=str(meta.get("uid", ""))),
+                                  plan, out.dataset)
+        problems = config_mismatches(expected, observed.config.config,
+                                     observed.config.immutable)
+        if problems:
+            out.delete.append("config")
+            return _fail(d, out, observed, "MechanismMismatch",
+                         "the trainer's ConfigMap differs from the plan: " + "; ".join(problems),
+                         "MechanismVerified")
 
     if ledger.steps_charged >= plan.max_steps or ledger.epsilon_spent >= ledger.epsilon_budget:
         trained = status.progress.step if status.progress is not None else 0
@@ -639,6 +717,8 @@ def _run(d: _Draft, out: Decision, spec: DPTrainingJobSpec, plan: PlanStatus,
         d.set_phase("Running", "WorkloadCreated", "the trainer workload was created")
         return d.finish(requeue_after=settings.stall_timeout)
     # The workload exists and runs: only watch for stalls.
+    if observed.config_observed and observed.config is None:
+        out.create.append("config")  # deleted under a running job: the next pod needs it
     running = find(d.conditions, "Running")
     if running is None or running.status != "True":
         d.condition("Running", "True", "WorkloadCreated", "the trainer workload is running")

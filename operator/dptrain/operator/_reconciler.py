@@ -21,6 +21,7 @@ from typing import Any
 from dptrain.api import API_VERSION, PLURAL, PlanStatus
 from dptrain.operator import _metrics
 from dptrain.operator._children import (
+    CONFIG_FILE,
     DEFAULT_API_SERVER,
     ChildNames,
     JobRef,
@@ -37,12 +38,14 @@ from dptrain.operator._conditions import parse_time, timestamp
 from dptrain.operator._decisions import (
     ANNOTATION_APPLIED_SPEC,
     ChildState,
+    ConfigState,
     Decision,
     Observed,
     Settings,
     decide,
 )
 from dptrain.operator._kube import ApiError, KubeClient, resource_path
+from dptrain.operator._ledger_record import ANNOTATION_LEDGER
 from dptrain.operator._planning import OperatorTools
 
 logger = logging.getLogger("dptrain.operator")
@@ -104,13 +107,47 @@ def _child_state(obj: Mapping[str, Any] | None, owner_uid: str) -> tuple[ChildSt
     return state, foreign
 
 
+def _config_state(obj: Mapping[str, Any] | None) -> ConfigState | None:
+    """The trainer's ConfigMap as the decision sees it (None: absent or being deleted)."""
+    if obj is None or (obj.get("metadata") or {}).get("deletionTimestamp"):
+        return None
+    raw = (obj.get("data") or {}).get(CONFIG_FILE)
+    try:
+        config = json.loads(raw) if isinstance(raw, str) else None
+    except ValueError:
+        config = None
+    return ConfigState(config=config if isinstance(config, dict) else None,
+                       immutable=obj.get("immutable") is True)
+
+
 def fingerprint(body: Mapping[str, Any]) -> str:
-    """What, in a job's body, can change a decision (our own status writes cannot)."""
+    """What, in a job's body, can change a decision.
+
+    ``status.privacy`` and the ledger annotation are included so that someone else's write of
+    them is noticed; the reconciler records the fingerprint of the body *as it wrote it*, so its
+    own writes do not trigger another pass.
+    """
     meta = body.get("metadata") or {}
     status = body.get("status") or {}
+    annotations = meta.get("annotations") or {}
     return repr((meta.get("generation"), meta.get("deletionTimestamp"), status.get("progress"),
-                 status.get("dataset"),
-                 (meta.get("annotations") or {}).get(ANNOTATION_APPLIED_SPEC) is None))
+                 status.get("dataset"), status.get("privacy"),
+                 annotations.get(ANNOTATION_LEDGER),
+                 annotations.get(ANNOTATION_APPLIED_SPEC) is None))
+
+
+def _after(body: Mapping[str, Any], decision: Decision) -> dict[str, Any]:
+    """The job's body as it is once the decision's writes landed (for :func:`fingerprint`)."""
+    meta = dict(body.get("metadata") or {})
+    annotations = dict(meta.get("annotations") or {})
+    if decision.ledger_annotation is not None:
+        annotations[ANNOTATION_LEDGER] = decision.ledger_annotation
+    if decision.applied_spec is not None:
+        annotations[ANNOTATION_APPLIED_SPEC] = "set"
+    meta["annotations"] = annotations
+    status = dict(body.get("status") or {})
+    status.update(decision.status)
+    return {**body, "metadata": meta, "status": status}
 
 
 class Reconciler:
@@ -219,7 +256,7 @@ class Reconciler:
             logger.warning("%s/%s: %s", namespace, name, line)
         await self._act(body, decision, now)
         if state is not None:
-            state.fingerprint = fingerprint(body)
+            state.fingerprint = fingerprint(_after(body, decision))
         self._observe_metrics(namespace, name, body, decision)
         return decision.requeue_after
 
@@ -245,7 +282,10 @@ class Reconciler:
                 # Left over from an earlier job of the same name: it is not ours to keep.
                 await self.client.delete(path)
             states[key] = state
-        return Observed(workload=states["workload"], prepare=states["prepare"])
+        config = await self.client.get(resource_path("v1", "configmaps", job.namespace,
+                                                     names.config_map))
+        return Observed(workload=states["workload"], prepare=states["prepare"],
+                        config=_config_state(config), config_observed=True)
 
     async def _act(self, body: Mapping[str, Any], decision: Decision, now: dt.datetime) -> None:
         job = JobRef.from_body(body)
@@ -258,6 +298,8 @@ class Reconciler:
                     await self.client.delete(resource_path("v1", "services", ns, names.service))
             elif child == "prepare":
                 await self.client.delete(resource_path("batch/v1", "jobs", ns, names.prepare))
+            elif child == "config":
+                await self.client.delete(resource_path("v1", "configmaps", ns, names.config_map))
         spec, plan = decision.spec, decision.plan
         dataset = decision.dataset
         created_config = False
@@ -286,19 +328,21 @@ class Reconciler:
                                          build_prepare_job(spec, job,
                                                            api_server=self.config.pod_api_server))
         if decision.update_config and not created_config and spec is not None:
+            # The ConfigMap is immutable: a new config is a new object (delete, then create).
             config = build_config_map(spec, job, plan, dataset)
-            path = resource_path("v1", "configmaps", ns, names.config_map)
-            try:
-                await self.client.merge_patch(path, {"data": config["data"]})
-            except ApiError as error:
-                if error.status != 404:
-                    raise
-                await self.client.create(resource_path("v1", "configmaps", ns), config)
+            await self.client.delete(resource_path("v1", "configmaps", ns, names.config_map))
+            if not await self.client.create(resource_path("v1", "configmaps", ns), config):
+                raise ApiError(409, "AlreadyExists", "the old ConfigMap is still being deleted")
         job_path = resource_path(API_VERSION, PLURAL, ns, job.name)
+        annotations: dict[str, str] = {}
         if decision.applied_spec is not None:
-            await self.client.merge_patch(job_path, {"metadata": {"annotations": {
-                ANNOTATION_APPLIED_SPEC: json.dumps(decision.applied_spec, sort_keys=True,
-                                                    separators=(",", ":"))}}})
+            annotations[ANNOTATION_APPLIED_SPEC] = json.dumps(
+                decision.applied_spec, sort_keys=True, separators=(",", ":"))
+        if decision.ledger_annotation is not None:
+            # The authoritative ledger first, then its published copy (status.privacy).
+            annotations[ANNOTATION_LEDGER] = decision.ledger_annotation
+        if annotations:
+            await self.client.merge_patch(job_path, {"metadata": {"annotations": annotations}})
         if decision.status:
             await self.client.merge_patch(job_path + "/status", {"status": decision.status})
         for event in decision.events:

@@ -14,6 +14,7 @@ from dptrain.privacy._calibration import (
 )
 from dptrain.privacy._curve import EpsilonCurve
 from dptrain.privacy._errors import PrivacyParameterError
+from dptrain.privacy._float32 import round_up_to_float32
 from dptrain.privacy._ledger import PrivacyLedger
 from dptrain.privacy._mechanism import (
     ACCOUNTANTS,
@@ -40,4 +41,5 @@ __all__ = [
     "epsilon",
     "largest_steps_within",
     "physical_batch_size_for",
+    "round_up_to_float32",
 ]

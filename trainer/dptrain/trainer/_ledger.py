@@ -72,6 +72,8 @@ class Progress:
         tokens_per_second: recent throughput.
         epsilon_spent: ε of ``steps_charged``.
         end_state: ``Succeeded``/``BudgetExhausted``/``Failed`` once finished.
+        mechanism: the fingerprint of the mechanism run (``status.progress.mechanism``), which
+            the operator compares with the plan it accounts.
     """
 
     steps_charged: int
@@ -80,6 +82,7 @@ class Progress:
     tokens_per_second: float | None = None
     epsilon_spent: float | None = None
     end_state: str | None = None
+    mechanism: dict[str, Any] | None = None
 
     def to_status(self) -> dict[str, Any]:
         """CamelCase ``status.progress`` (the fields of ``dptrain.api.ProgressStatus``)."""
@@ -91,6 +94,8 @@ class Progress:
             out["tokensPerSecond"] = float(self.tokens_per_second)
         if self.end_state is not None:
             out["endState"] = self.end_state
+        if self.mechanism is not None:
+            out["mechanism"] = dict(self.mechanism)
         return out
 
 

@@ -43,7 +43,13 @@ from tqdm import tqdm
 
 from dptrain.api import FieldError, InvalidJobError
 from dptrain.planner import ModelShape
-from dptrain.privacy import DpSgdMechanism, EpsilonCurve, PrivacyLedger, epsilon
+from dptrain.privacy import (
+    DpSgdMechanism,
+    EpsilonCurve,
+    PrivacyLedger,
+    epsilon,
+    round_up_to_float32,
+)
 from dptrain.trainer._checkpoint import Checkpointer, shape_to_dict
 from dptrain.trainer._config import TrainConfig
 from dptrain.trainer._data import load_dataset
@@ -162,9 +168,31 @@ def _checkpoint_meta(config: TrainConfig, ledger: PrivacyLedger, checksum: str,
                      "accountant": config.accountant}}
 
 
+#: Plan fields an accepted spec change may alter on resume: they do not change the mechanism
+#: (the budget only moves where the ledger stops; more iterations only extend the schedule).
+RESUMABLE_PLAN_FIELDS = frozenset({"epsilon_budget", "iterations"})
+
+
+def mechanism_fingerprint(config: TrainConfig, *, rows: int, sigma: float,
+                          checksum: str) -> dict[str, Any]:
+    """``status.progress.mechanism``: the mechanism this trainer runs, as the operator checks it.
+
+    ``sigma`` is the σ as used on the device (float32, rounded up) and ``rows`` the physical batch
+    the sampler pads/truncates to.
+    """
+    return {"samplingRate": config.sampling_rate, "noiseMultiplier": float(sigma),
+            "delta": config.delta, "datasetSize": config.dataset_size,
+            "physicalBatchSize": rows, "clipNorm": config.clip_norm,
+            "accountant": config.accountant, "datasetChecksum": checksum}
+
+
 def _check_compatible(meta: dict[str, Any], expected: dict[str, Any], where: pathlib.Path) -> None:
     for key in ("seed", "model_shape", "plan"):
-        if meta.get(key) != expected[key]:
+        got, want = meta.get(key), expected[key]
+        if key == "plan" and isinstance(got, dict):
+            got = {k: v for k, v in got.items() if k not in RESUMABLE_PLAN_FIELDS}
+            want = {k: v for k, v in want.items() if k not in RESUMABLE_PLAN_FIELDS}
+        if got != want:
             raise InvalidJobError([FieldError(
                 "spec.checkpoint.path", f"the checkpoint in {where} belongs to another "
                 f"configuration ({key} differs); use a fresh checkpoint directory")])
@@ -256,7 +284,10 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
                disable=not (config.progress and process.is_leader), desc=config.job_name)
     tokens_done, seconds = 0.0, 0.0
     first_block = True
-    sigma = np.float32(config.noise_multiplier)
+    # σ as used: float32 rounded *up*, never below the σ the accountant assumed.
+    sigma = np.float32(round_up_to_float32(config.noise_multiplier))
+    fingerprint = mechanism_fingerprint(config, rows=rows, sigma=float(sigma),
+                                        checksum=dataset.manifest.source_checksum)
     end_state = SUCCEEDED
     saved_step = step if checkpointer.latest_step() == step else -1
 
@@ -274,7 +305,8 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
             if block == 0:
                 end_state = BUDGET_EXHAUSTED
                 break
-            ledger.reserve(block, Progress(steps_charged=ledger.steps_charged, step=step))
+            ledger.reserve(block, Progress(steps_charged=ledger.steps_charged, step=step,
+                                           mechanism=fingerprint))
             started = time.perf_counter()
             losses, real_rows = [], 0.0
             for _ in range(block):
@@ -309,7 +341,8 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
             bar.set_postfix_str(f"loss {losses[-1]:.3f}  ε {eps:.3f}/{config.epsilon_budget:g}"
                                 + (f"  {tps:,.0f} tok/s" if tps else ""))
             ledger.report(Progress(steps_charged=ledger.steps_charged, step=step,
-                                   loss=losses[-1], tokens_per_second=tps, epsilon_spent=eps))
+                                   loss=losses[-1], tokens_per_second=tps, epsilon_spent=eps,
+                                   mechanism=fingerprint))
             if metrics is not None:
                 metrics.update(step=step, loss=losses[-1], epsilon_spent=eps,
                                epsilon_budget=config.epsilon_budget, tokens_per_second=tps,
@@ -332,7 +365,7 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
     ledger.report(Progress(steps_charged=ledger.steps_charged, step=step,
                            loss=history[-1]["loss"] if history else None,
                            tokens_per_second=tokens_done / seconds if seconds else None,
-                           epsilon_spent=spent, end_state=end_state))
+                           epsilon_spent=spent, end_state=end_state, mechanism=fingerprint))
     tail = history[-max(1, len(history) // 10):]
     return TrainResult(
         end_state=end_state, step=step, steps_charged=ledger.steps_charged,
