@@ -8,7 +8,9 @@ mechanism. Two independent checks catch a drift between the two:
   the plan (:func:`mechanism_mismatches`);
 - the trainer's ConfigMap (created ``immutable: true``) is compared with the config the operator
   built from the plan, so a ConfigMap deleted and re-created with other content is caught before a
-  new pod reads it (:func:`config_mismatches`).
+  new pod reads it (:func:`config_mismatches`). The ConfigMap is read on every reconcile (each
+  progress report, each safety-timer tick); it is not watched, because the operator may not
+  list or watch ConfigMaps (no bulk read of other objects).
 
 Formal guarantees (checked in ``tests/test_operator_verification.py``):
     1. A fingerprint passes only if every accounting field equals the plan's (q, δ, clip norm to a
