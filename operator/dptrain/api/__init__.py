@@ -1,6 +1,21 @@
 """The DPTrainingJob API: pydantic models, the generated CRD, loading and semantic validation."""
 
-from dptrain.api._crd import crd_manifest, crd_schema, crd_yaml
+from dptrain.api._crd import (
+    crd_manifest,
+    crd_schema,
+    crd_yaml,
+    dataset_crd_manifest,
+    dataset_crd_yaml,
+)
+from dptrain.api._dataset import (
+    DATASET_KIND,
+    DATASET_PLURAL,
+    DATASET_SHORT_NAMES,
+    DatasetCharge,
+    DPDataset,
+    DPDatasetSpec,
+    DPDatasetStatus,
+)
 from dptrain.api._errors import FieldError, InvalidJobError
 from dptrain.api._job import (
     API_VERSION,
@@ -37,6 +52,15 @@ from dptrain.api._loading import load_job, load_manifests, parse_job
 from dptrain.api._validation import semantic_errors, validate_job
 
 __all__ = [
+    "DATASET_KIND",
+    "DATASET_PLURAL",
+    "DATASET_SHORT_NAMES",
+    "DPDataset",
+    "DPDatasetSpec",
+    "DPDatasetStatus",
+    "DatasetCharge",
+    "dataset_crd_manifest",
+    "dataset_crd_yaml",
     "API_VERSION",
     "DEFAULT_TRAINER_IMAGE",
     "GROUP",

@@ -148,6 +148,8 @@ class DataSpec(_Model):
     """Tokens per training sequence; documents are packed or split to this length."""
     num_sequences: int | None = Field(default=None, ge=1, le=10**13)
     """Dataset size N in sequences, when known; otherwise data preparation measures it."""
+    dataset_ref: DnsLabel | None = None
+    """Name of a DPDataset in the job's namespace whose budget this job is charged to."""
 
 
 class ComputeSpec(_Model):
