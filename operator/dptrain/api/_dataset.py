@@ -79,8 +79,8 @@ class DPDatasetStatus(_Status):
     epsilon_budget: float | None = None
     jobs: int = 0
     """Jobs with a charge."""
-    charges: list[DatasetCharge] = []
-    conditions: list[Condition] = []
+    charges: list[DatasetCharge] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = None
 
 

@@ -31,7 +31,9 @@ import pydantic
 from dptrain.api import (
     TERMINAL_PHASES,
     Condition,
+    DatasetCharge,
     DatasetStatus,
+    DPDatasetSpec,
     DPTrainingJobSpec,
     DPTrainingJobStatus,
     InvalidJobError,
@@ -41,6 +43,7 @@ from dptrain.api import (
     parse_job,
     semantic_errors,
 )
+from dptrain.operator import _dataset_budget as dataset_budget
 from dptrain.operator._children import ChildNames, JobRef, trainer_config
 from dptrain.operator._conditions import find, parse_time, set_condition, timestamp
 from dptrain.operator._ledger_record import (
@@ -129,6 +132,21 @@ class ConfigState:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class DatasetView:
+    """The DPDataset a job refers to, as read for this reconcile.
+
+    Attributes:
+        name: the dataset's name.
+        spec: its spec (None: it does not exist, or its spec is unreadable).
+        charges: its ledger of charges (``status.charges``).
+    """
+
+    name: str
+    spec: DPDatasetSpec | None = None
+    charges: tuple[DatasetCharge, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Observed:
     """The children that exist now (None: absent).
 
@@ -139,6 +157,7 @@ class Observed:
     prepare: ChildState | None = None
     config: ConfigState | None = None
     config_observed: bool = False
+    dataset: DatasetView | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -169,6 +188,9 @@ class Decision:
         requeue_after: look again after this many seconds (None: on the next change).
         halted: the reason of a transition into a terminal phase (for metrics).
         ledger_annotation: the new value of the authoritative ledger annotation (None: unchanged).
+        reserve: a reservation to write into the job's DPDataset before the workload is created
+            (the reconciler re-checks it under the dataset's lock).
+        dataset_events: events to post on the job's DPDataset.
     """
 
     status: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -186,6 +208,8 @@ class Decision:
     halted: str | None = None
     phase: str = "Pending"
     ledger_annotation: str | None = None
+    reserve: DatasetCharge | None = None
+    dataset_events: list[Event] = dataclasses.field(default_factory=list)
 
 
 class _Draft:
@@ -461,6 +485,9 @@ def decide(body: Mapping[str, Any], observed: Observed, now: dt.datetime, *, too
     # ------------------------------------------------------------------ the mechanism run
     if progress is not None and (progress.steps_charged > 0 or progress.step > 0):
         known = status.dataset.checksum if status.dataset is not None else None
+        view = observed.dataset
+        if known is None and view is not None and view.spec is not None:
+            known = view.spec.checksum
         expected_checksum = known or d.pinned_checksum
         problems = mechanism_mismatches(plan, ledger.delta, progress.mechanism,
                                         expected_checksum)
@@ -508,7 +535,71 @@ def decide(body: Mapping[str, Any], observed: Observed, now: dt.datetime, *, too
         d.condition("Suspended", "False", "Resumed", "resumed from the last checkpoint",
                     event="Normal")
 
+    if spec.data.dataset_ref is not None:
+        held = _dataset_gate(d, out, spec, plan, ledger, status, observed)
+        if held is not None:
+            return held
     return _run(d, out, spec, plan, ledger, status, observed, settings)
+
+
+DATASET_RETRY_SECONDS = 5.0
+
+
+def _dataset_gate(d: _Draft, out: Decision, spec: DPTrainingJobSpec, plan: PlanStatus,
+                  ledger: PrivacyLedgerStatus, status: DPTrainingJobStatus,
+                  observed: Observed) -> Decision | None:
+    """Admission on the job's DPDataset: None lets the job run, else the decision to wait/fail.
+
+    A workload is only asked for with a reservation on the dataset (``out.reserve``) when the
+    composition of the dataset's committed charges and this plan fits its budget.
+    """
+    name = str(d.original_meta.get("name", ""))
+    uid = str(d.original_meta.get("uid", ""))
+    view = observed.dataset
+    ref = spec.data.dataset_ref
+    if view is None or view.spec is None:
+        if observed.workload is not None:
+            return None  # running on an admitted reservation: the record stays with the dataset
+        message = f"DPDataset {ref} does not exist in this namespace"
+        return _wait_for_dataset(d, "DatasetNotFound", message)
+    checksum = status.dataset.checksum if status.dataset is not None else None
+    mismatch = dataset_budget.data_mismatch(spec, view.spec, checksum)
+    if mismatch is not None:
+        return _fail(d, out, observed, "DatasetMismatch", f"DPDataset {ref}: {mismatch}",
+                     "DatasetBudget")
+    if observed.workload is not None or not dataset_budget.needs_admission(
+            view.charges, uid, plan):
+        return None
+    candidate = dataset_budget.charge_for(name, uid, plan).model_copy(
+        update={"steps_charged": ledger.steps_charged})
+    admission = dataset_budget.admit(view.spec, view.charges, candidate)
+    if not admission.fits:
+        message = (f"DPDataset {ref}: composed ε {admission.composed:.4g} with this job would "
+                   f"exceed its budget {admission.budget:g} (remaining ε "
+                   f"{max(0.0, admission.remaining):.4g}); waiting for budget to free")
+        return _wait_for_dataset(d, "InsufficientBudget", message)
+    message = (f"DPDataset {ref}: admitted; composed ε {admission.composed:.4g} of "
+               f"{admission.budget:g}")
+    before = find(d.conditions, "DatasetBudget")
+    d.condition("DatasetBudget", "True", "Admitted", message, event="Normal")
+    if before is None or before.reason != "Admitted":
+        out.dataset_events.append(Event(type="Normal", reason="Admitted",
+                                        message=f"{name}: {message}"))
+    out.reserve = candidate
+    return None
+
+
+def _wait_for_dataset(d: _Draft, reason: str, message: str) -> Decision:
+    before = find(d.conditions, "DatasetBudget")
+    d.condition("DatasetBudget", "False", reason, message, event="Warning")
+    if before is None or (before.reason, before.message) != (reason, message):
+        d.decision.dataset_events.append(Event(
+            type="Warning", reason="AdmissionRefused",
+            message=f"{d.original_meta.get('name', '')}: {message}"))
+    d.condition("Running", "False", "DatasetBudget", message)
+    d.workload = None
+    d.set_phase("Pending", "DatasetBudget", message)
+    return d.finish(requeue_after=DATASET_RETRY_SECONDS)
 
 
 def _delete_existing(out: Decision, observed: Observed) -> None:
