@@ -63,6 +63,7 @@ parsing.parse_path = _parse_path
 # ------------------------------------------------------------------------------ resources
 
 CRD_RESOURCE = "dptrain.io/v1alpha1/dptrainingjobs"
+DATASET_RESOURCE = "dptrain.io/v1alpha1/dpdatasets"
 JOBSET_RESOURCE = "jobset.x-k8s.io/v1alpha2/jobsets"
 
 _VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
@@ -80,6 +81,7 @@ BASE_RESOURCES: dict[str, tuple[str, bool, tuple[str, ...]]] = {
     "rbac.authorization.k8s.io/v1/roles": ("Role", True, ()),
     "rbac.authorization.k8s.io/v1/rolebindings": ("RoleBinding", True, ()),
     CRD_RESOURCE: ("DPTrainingJob", True, ("status",)),
+    DATASET_RESOURCE: ("DPDataset", True, ("status",)),
 }
 
 
@@ -153,6 +155,7 @@ class DPTrainKubernetes(kmock.KubernetesEmulator):
     _rv: Iterable[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _last_rv: int = attrs.field(default=0, init=False)
     _validator: Any = attrs.field(default=None, init=False)
+    _dataset_validator: Any = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -163,11 +166,16 @@ class DPTrainKubernetes(kmock.KubernetesEmulator):
             self.resources[key] = kmock.ResourceInfo(
                 kind=kind, namespaced=namespaced, singular=kind.lower(), verbs=_VERBS,
                 subresources=subresources,
-                shortnames={"dptj"} if kind == "DPTrainingJob" else set(),
+                shortnames={"DPTrainingJob": {"dptj"}, "DPDataset": {"dpds"}}.get(kind, set()),
             )
         if self.crd_schema is not None:
             cls = jsonschema.validators.validator_for(self.crd_schema, jsonschema.Draft7Validator)
             self._validator = cls(self.crd_schema)
+            from dptrain.api import DPDataset, _crd
+
+            dataset_schema = _crd.validating_schema(strict=True, model=DPDataset)
+            cls = jsonschema.validators.validator_for(dataset_schema, jsonschema.Draft7Validator)
+            self._dataset_validator = cls(dataset_schema)
 
     # ----------------------------------------------------------------------- helpers
 
@@ -182,13 +190,19 @@ class DPTrainKubernetes(kmock.KubernetesEmulator):
         return None
 
     def _validate(self, resource: references.resource, obj: Mapping[str, Any]) -> None:
-        if self._validator is None or resource != references.resource(CRD_RESOURCE):
+        if resource == references.resource(CRD_RESOURCE):
+            validator, kind = self._validator, "DPTrainingJob"
+        elif resource == references.resource(DATASET_RESOURCE):
+            validator, kind = self._dataset_validator, "DPDataset"
+        else:
             return
-        problems = schema_errors(self._validator, obj)
+        if validator is None:
+            return
+        problems = schema_errors(validator, obj)
         if problems:
             name = obj.get("metadata", {}).get("name", "")
             raise _error(422, "Invalid",
-                         f'DPTrainingJob.dptrain.io "{name}" is invalid: ' + "; ".join(problems))
+                         f'{kind}.dptrain.io "{name}" is invalid: ' + "; ".join(problems))
 
     async def _broadcast(self, resource: references.resource, kind: str,
                          obj: Mapping[str, Any]) -> None:

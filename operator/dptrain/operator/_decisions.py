@@ -542,7 +542,8 @@ def decide(body: Mapping[str, Any], observed: Observed, now: dt.datetime, *, too
     return _run(d, out, spec, plan, ledger, status, observed, settings)
 
 
-DATASET_RETRY_SECONDS = 5.0
+# Waiting jobs are poked when their dataset's ledger changes; this is only the safety net.
+DATASET_RETRY_SECONDS = 30.0
 
 
 def _dataset_gate(d: _Draft, out: Decision, spec: DPTrainingJobSpec, plan: PlanStatus,

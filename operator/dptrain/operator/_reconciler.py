@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from dptrain.api import API_VERSION, PLURAL, PlanStatus
+from dptrain.api import API_VERSION, PLURAL, TERMINAL_PHASES, PlanStatus
 from dptrain.operator import _metrics
 from dptrain.operator._children import (
     CONFIG_FILE,
@@ -35,6 +35,12 @@ from dptrain.operator._children import (
     build_trainer_job,
 )
 from dptrain.operator._conditions import parse_time, timestamp
+from dptrain.operator._dataset_reconciler import (
+    DatasetLedgers,
+    dataset_path,
+    parse_view,
+    reconcile_dataset,
+)
 from dptrain.operator._decisions import (
     ANNOTATION_APPLIED_SPEC,
     ChildState,
@@ -107,6 +113,12 @@ def _child_state(obj: Mapping[str, Any] | None, owner_uid: str) -> tuple[ChildSt
     return state, foreign
 
 
+def _dataset_ref(body: Mapping[str, Any]) -> str | None:
+    """``spec.data.datasetRef`` of a job body, if it names one."""
+    ref = ((body.get("spec") or {}).get("data") or {}).get("datasetRef")
+    return ref if isinstance(ref, str) and ref else None
+
+
 def _config_state(obj: Mapping[str, Any] | None) -> ConfigState | None:
     """The trainer's ConfigMap as the decision sees it (None: absent or being deleted)."""
     if obj is None or (obj.get("metadata") or {}).get("deletionTimestamp"):
@@ -160,6 +172,8 @@ class Reconciler:
         self.config = config
         self._jobs: dict[tuple[str, str], _JobState] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.ledgers = DatasetLedgers(client)
+        self._dataset_passes: dict[tuple[str, str], asyncio.Lock] = {}
 
     # ----------------------------------------------------------------------- triggering
 
@@ -249,16 +263,78 @@ class Reconciler:
         if (body.get("metadata") or {}).get("deletionTimestamp"):
             return None  # the children go with it (ownerReferences); nothing to start now
         observed = await self._observe(body)
+        ref = _dataset_ref(body)
+        if ref is not None:
+            observed = dataclasses.replace(observed,
+                                           dataset=await self.ledgers.view(namespace, ref))
         now = dt.datetime.now(dt.UTC)
         decision = await asyncio.to_thread(decide, body, observed, now, tools=self.tools,
                                            settings=self._decision_settings())
         for line in decision.warnings:
             logger.warning("%s/%s: %s", namespace, name, line)
+        if ref is not None and decision.reserve is not None:
+            # Durable before the workload exists: re-checked on the fresh ledger, under the
+            # dataset's lock, and written with a resourceVersion guard.
+            spec = observed.dataset.spec if observed.dataset is not None else None
+            if not await self.ledgers.reserve(namespace, ref, spec, decision.reserve):
+                if state is not None:
+                    state.dirty = True  # someone took the budget first: decide again
+                return 0.5
         await self._act(body, decision, now)
+        if ref is not None:
+            await self._dataset_after(body, ref, observed, decision, now)
         if state is not None:
             state.fingerprint = fingerprint(_after(body, decision))
         self._observe_metrics(namespace, name, body, decision)
         return decision.requeue_after
+
+    async def _dataset_after(self, body: Mapping[str, Any], ref: str, observed: Observed,
+                             decision: Decision, now: dt.datetime) -> None:
+        """Events on the dataset, its charge following the job's ledger, waiting jobs noted."""
+        meta = body.get("metadata") or {}
+        namespace, name, uid = meta["namespace"], meta["name"], meta.get("uid", "")
+        key = (namespace, ref)
+        if decision.phase == "Pending" and not decision.create:
+            self.ledgers.waiting.setdefault(key, set()).add(name)
+        else:
+            self.ledgers.waiting.get(key, set()).discard(name)
+        dataset = await self.ledgers.client.get(dataset_path(namespace, ref))
+        if dataset is None:
+            return
+        for event in decision.dataset_events:
+            try:
+                await self.client.post_event(dataset, type_=event.type, reason=event.reason,
+                                             message=event.message, now=timestamp(now))
+            except ApiError as error:
+                logger.warning("could not post event %s on DPDataset %s/%s: %s", event.reason,
+                               namespace, ref, error)
+        privacy = dict((body.get("status") or {}).get("privacy") or {})
+        privacy.update(decision.status.get("privacy") or {})
+        steps = int(privacy.get("stepsCharged") or 0)
+        final = decision.phase in TERMINAL_PHASES
+        own = next((c for c in parse_view(ref, dataset).charges if c.uid == uid), None)
+        if own is not None and (steps > own.steps_charged
+                                or (final and own.state != "Charged")):
+            await self.ledgers.record_steps(namespace, ref, uid, steps, final)
+
+    async def reconcile_dataset(self, namespace: str, name: str) -> None:
+        """Summarise a DPDataset's ledger and poke the jobs waiting for its budget."""
+        lock = self._dataset_passes.setdefault((namespace, name), asyncio.Lock())
+        async with lock:
+            now = dt.datetime.now(dt.UTC)
+
+            async def post(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+                try:
+                    await self.client.post_event(body, type_=type_, reason=reason,
+                                                 message=message, now=timestamp(now))
+                except ApiError as error:
+                    logger.warning("could not post event %s: %s", reason, error)
+
+            await reconcile_dataset(self.ledgers, namespace, name, now, post)
+        for job in list(self.ledgers.waiting.get((namespace, name), ())):
+            task = asyncio.ensure_future(self.poke(namespace, job, "dataset"))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def _decision_settings(self) -> Settings:
         kind = ("JobSet", JOBSET_API) if self.config.use_jobset else ("Job", "batch/v1")
