@@ -249,7 +249,8 @@ def test_unknown_dataset_size_runs_data_preparation_first():
 def test_stalled_trainer_is_marked_after_the_timeout():
     settings = Settings(stall_timeout=60.0)
     status, applied = running_status(steps=2)
-    status["progress"] = {"stepsCharged": 2, "lastUpdate": "2026-01-01T12:00:00Z", "mechanism": honest(status)}
+    status["progress"] = {"stepsCharged": 2, "lastUpdate": "2026-01-01T12:00:00Z",
+                          "mechanism": honest(status)}
     work = Observed(workload=ChildState(name="job-train", created=NOW))
     stalled = run(body(status=status, applied=applied, privacy={"epsilon": 2.0}), work,
                   now=NOW + dt.timedelta(seconds=120), settings=settings)
