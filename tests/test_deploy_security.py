@@ -27,6 +27,9 @@ OPERATOR_ALLOWED: dict[tuple[str, str], frozenset[str]] = {
     ("apiextensions.k8s.io", "customresourcedefinitions"): READ,
     ("dptrain.io", "dptrainingjobs"): READ | {"patch"},
     ("dptrain.io", "dptrainingjobs/status"): frozenset({"get", "patch"}),
+    # DPDatasets: the ledger in their status and the finalizer that guards it.
+    ("dptrain.io", "dpdatasets"): READ | {"patch"},
+    ("dptrain.io", "dpdatasets/status"): frozenset({"get", "patch"}),
     ("", "events"): frozenset({"create", "patch"}),
     ("events.k8s.io", "events"): frozenset({"create", "patch"}),
     ("", "configmaps"): MANAGE,
@@ -167,7 +170,7 @@ def test_user_roles_aggregate_and_never_write_status(
                 assert verb in READ, f"{name}: users may not {verb} {resource}"
         for group, resource, verb in (g for rule in view["rules"] for g in _grants(rule)):
             assert (group, verb) in {("dptrain.io", v) for v in READ}, name
-            assert resource.startswith("dptrainingjobs")
+            assert resource.startswith(("dptrainingjobs", "dpdatasets"))
 
 
 def test_trainer_role_is_limited_to_its_own_job() -> None:

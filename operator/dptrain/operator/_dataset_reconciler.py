@@ -171,14 +171,17 @@ class DatasetLedgers:
 async def reconcile_dataset(ledgers: DatasetLedgers, namespace: str, name: str,
                             now: dt.datetime,
                             post_event: Callable[[dict[str, Any], str, str, str],
-                                                 Awaitable[None]]) -> None:
-    """Release charges of deleted jobs, publish the summary, guard deletion, set metrics."""
+                                                 Awaitable[None]]) -> tuple[float, float] | None:
+    """Release charges of deleted jobs, publish the summary, guard deletion, set metrics.
+
+    Returns (committed ε, budget) when the dataset exists and is readable.
+    """
     client = ledgers.client
     path = dataset_path(namespace, name)
     body = await client.get(path)
     if body is None:
         _metrics.forget_dataset(namespace, name)
-        return
+        return None
     view = parse_view(name, body)
 
     async def job_alive(charge: DatasetCharge) -> bool:
@@ -195,7 +198,7 @@ async def reconcile_dataset(ledgers: DatasetLedgers, namespace: str, name: str,
         await ledgers.change(namespace, name, drop)
         body = await client.get(path)
         if body is None:
-            return
+            return None
         view = parse_view(name, body)
     meta = body.get("metadata") or {}
     old = DPDatasetStatus.model_validate(body.get("status") or {})
@@ -207,7 +210,7 @@ async def reconcile_dataset(ledgers: DatasetLedgers, namespace: str, name: str,
                                       now=now, generation=generation)
         await client.merge_patch(path + "/status", {"status": {"conditions": [
             c.model_dump(mode="json", by_alias=True, exclude_none=True) for c in conditions]}})
-        return
+        return None
     summary = await asyncio.to_thread(budget.summarize, view.spec, view.charges)
     budget_eps = view.spec.privacy.epsilon
     ran = [c for c in view.charges if c.steps_charged > 0]
@@ -248,3 +251,4 @@ async def reconcile_dataset(ledgers: DatasetLedgers, namespace: str, name: str,
     if deleting and not ran and FINALIZER in (meta.get("finalizers") or []):
         finalizers = [f for f in meta.get("finalizers") or [] if f != FINALIZER]
         await client.merge_patch(path, {"metadata": {"finalizers": finalizers}})
+    return summary.committed, budget_eps

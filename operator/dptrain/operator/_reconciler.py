@@ -174,6 +174,7 @@ class Reconciler:
         self._tasks: set[asyncio.Task[None]] = set()
         self.ledgers = DatasetLedgers(client)
         self._dataset_passes: dict[tuple[str, str], asyncio.Lock] = {}
+        self._dataset_seen: dict[tuple[str, str], tuple[float, float]] = {}
 
     # ----------------------------------------------------------------------- triggering
 
@@ -330,7 +331,15 @@ class Reconciler:
                 except ApiError as error:
                     logger.warning("could not post event %s: %s", reason, error)
 
-            await reconcile_dataset(self.ledgers, namespace, name, now, post)
+            seen = await reconcile_dataset(self.ledgers, namespace, name, now, post)
+            last = self._dataset_seen.get((namespace, name))
+            if seen is not None:
+                self._dataset_seen[(namespace, name)] = seen
+            # Wake the waiting jobs only when budget freed (a release, a budget raise): every
+            # status write of the dataset is an event, and most free nothing.
+            freed = seen is not None and (last is None or seen[0] < last[0] or seen[1] > last[1])
+        if not freed:
+            return
         for job in list(self.ledgers.waiting.get((namespace, name), ())):
             task = asyncio.ensure_future(self.poke(namespace, job, "dataset"))
             self._tasks.add(task)
