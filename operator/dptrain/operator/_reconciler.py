@@ -173,7 +173,8 @@ class Reconciler:
         self._jobs: dict[tuple[str, str], _JobState] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.ledgers = DatasetLedgers(client)
-        self._dataset_passes: dict[tuple[str, str], asyncio.Lock] = {}
+        self._dataset_running: set[tuple[str, str]] = set()
+        self._dataset_dirty: set[tuple[str, str]] = set()
         self._dataset_seen: dict[tuple[str, str], tuple[float, float]] = {}
 
     # ----------------------------------------------------------------------- triggering
@@ -319,31 +320,51 @@ class Reconciler:
             await self.ledgers.record_steps(namespace, ref, uid, steps, final)
 
     async def reconcile_dataset(self, namespace: str, name: str) -> None:
-        """Summarise a DPDataset's ledger and poke the jobs waiting for its budget."""
-        lock = self._dataset_passes.setdefault((namespace, name), asyncio.Lock())
-        async with lock:
-            now = dt.datetime.now(dt.UTC)
+        """Summarise a DPDataset's ledger and poke the jobs waiting for its budget.
 
-            async def post(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
-                try:
-                    await self.client.post_event(body, type_=type_, reason=reason,
-                                                 message=message, now=timestamp(now))
-                except ApiError as error:
-                    logger.warning("could not post event %s: %s", reason, error)
-
-            seen = await reconcile_dataset(self.ledgers, namespace, name, now, post)
-            last = self._dataset_seen.get((namespace, name))
-            if seen is not None:
-                self._dataset_seen[(namespace, name)] = seen
-            # Wake the waiting jobs only when budget freed (a release, a budget raise): every
-            # status write of the dataset is an event, and most free nothing.
-            freed = seen is not None and (last is None or seen[0] < last[0] or seen[1] > last[1])
+        Single-flight per dataset: triggers that arrive during a pass (every charge update is a
+        watch event) collapse into one more pass, so a burst of progress reports costs one or
+        two compositions, not one each.
+        """
+        key = (namespace, name)
+        if key in self._dataset_running:
+            self._dataset_dirty.add(key)
+            return
+        self._dataset_running.add(key)
+        freed = False
+        try:
+            while True:
+                self._dataset_dirty.discard(key)
+                freed = await self._dataset_pass(namespace, name) or freed
+                if key not in self._dataset_dirty:
+                    break
+        finally:
+            self._dataset_running.discard(key)
         if not freed:
             return
         for job in list(self.ledgers.waiting.get((namespace, name), ())):
             task = asyncio.ensure_future(self.poke(namespace, job, "dataset"))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def _dataset_pass(self, namespace: str, name: str) -> bool:
+        """One summary pass; True when budget freed (a release or a budget raise)."""
+        now = dt.datetime.now(dt.UTC)
+
+        async def post(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+            try:
+                await self.client.post_event(body, type_=type_, reason=reason,
+                                             message=message, now=timestamp(now))
+            except ApiError as error:
+                logger.warning("could not post event %s: %s", reason, error)
+
+        seen = await reconcile_dataset(self.ledgers, namespace, name, now, post)
+        last = self._dataset_seen.get((namespace, name))
+        if seen is not None:
+            self._dataset_seen[(namespace, name)] = seen
+        # Wake the waiting jobs only when budget freed: every status write of the dataset is an
+        # event, and most free nothing.
+        return seen is not None and (last is None or seen[0] < last[0] or seen[1] > last[1])
 
     def _decision_settings(self) -> Settings:
         kind = ("JobSet", JOBSET_API) if self.config.use_jobset else ("Job", "batch/v1")
