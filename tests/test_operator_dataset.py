@@ -85,7 +85,8 @@ def test_twenty_jobs_at_once_on_a_budget_for_three(kube, start_operator, planner
             (kube.get(DATASETS, "default", "shared") or {}).get("status"))
 
     # Generous deadlines: one operator process reconciles 20 jobs on a shared 2-core machine.
-    wait_for(decided, timeout=240, what="every job admitted or refused", describe=describe)
+    wait_for(decided, timeout=240, interval=1.0, what="every job admitted or refused",
+             describe=describe)
 
     def running() -> list[str]:
         return sorted(n for n, s in statuses().items() if s.get("phase") == "Running")
