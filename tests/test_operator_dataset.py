@@ -91,7 +91,7 @@ def test_twenty_jobs_at_once_on_a_budget_for_three(kube, start_operator, planner
     def running() -> list[str]:
         return sorted(n for n, s in statuses().items() if s.get("phase") == "Running")
 
-    admitted = wait_for(lambda: len(r := running()) == 3 and r, timeout=60,
+    admitted = wait_for(lambda: len(r := running()) == 3 and r, timeout=120,
                         what="three jobs running", describe=describe)
     assert len(kube.list("batch/v1/jobs", "default")) == 3
     waiting = [n for n in names if n not in admitted]
@@ -103,7 +103,7 @@ def test_twenty_jobs_at_once_on_a_budget_for_three(kube, start_operator, planner
         assert "DPDataset shared" in held["message"] and "composed ε" in held["message"]
         assert "remaining ε" in held["message"]
     dataset = wait_for(lambda: (d := kube.get(DATASETS, "default", "shared"))
-                       and (d.get("status") or {}).get("jobs") == 3 and d, timeout=60,
+                       and (d.get("status") or {}).get("jobs") == 3 and d, timeout=120,
                        what="the dataset's status", describe=describe)
     status = dataset["status"]
     assert sorted(c["job"] for c in status["charges"]) == admitted
@@ -116,18 +116,18 @@ def test_twenty_jobs_at_once_on_a_budget_for_three(kube, start_operator, planner
     # starts on its own.
     kube.delete(JOBS, "default", admitted[0])
     now_running = wait_for(lambda: len(r := running()) == 3 and admitted[0] not in r
-                           and r, timeout=90, what="a waiting job admitted", describe=describe)
+                           and r, timeout=120, what="a waiting job admitted", describe=describe)
     newcomer = (set(now_running) - set(admitted)).pop()
     # A job that ran is charged for what it ran, even once deleted.
     ran = admitted[1]
     report(kube, ran, stepsCharged=4, step=4)
     wait_for(lambda: any(c["job"] == ran and c["stepsCharged"] == 4 for c in
                          (kube.get(DATASETS, "default", "shared") or {})["status"]["charges"]),
-             timeout=60, what="the charge following the job's ledger", describe=describe)
+             timeout=120, what="the charge following the job's ledger", describe=describe)
     kube.delete(JOBS, "default", ran)
     kept = wait_for(lambda: [c for c in (kube.get(DATASETS, "default", "shared") or {})
                              ["status"]["charges"] if c["job"] == ran and c["state"] == "Charged"],
-                    timeout=60, what="the deleted job's charge kept", describe=describe)
+                    timeout=120, what="the deleted job's charge kept", describe=describe)
     assert kept[0]["stepsCharged"] == 4
     dataset = kube.get(DATASETS, "default", "shared")
     assert dataset["status"]["epsilonSpent"] > 0
@@ -140,6 +140,6 @@ def test_twenty_jobs_at_once_on_a_budget_for_three(kube, start_operator, planner
     kube.delete(DATASETS, "default", "shared")
     blocked = wait_for(lambda: condition((kube.get(DATASETS, "default", "shared") or {})
                                          .get("status") or {}, "DeletionBlocked"),
-                       timeout=60, what="DeletionBlocked", describe=describe)
+                       timeout=120, what="DeletionBlocked", describe=describe)
     assert blocked["status"] == "True"
     assert kube.get(DATASETS, "default", "shared")["status"]["charges"]
