@@ -287,6 +287,8 @@ class Reconciler:
             await self._dataset_after(body, ref, observed, decision, now)
         if state is not None:
             state.fingerprint = fingerprint(_after(body, decision))
+            if self._jobs.get((namespace, name)) is not state:
+                return None  # deleted while this pass ran: its series must stay gone
         self._observe_metrics(namespace, name, body, decision)
         return decision.requeue_after
 
