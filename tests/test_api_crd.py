@@ -7,7 +7,7 @@ import jsonschema
 import pytest
 import yaml
 
-from dptrain.api import crd_manifest, crd_schema, crd_yaml, load_job, load_manifests
+from dptrain.api import crd_manifest, crd_schema, crd_yaml, load_manifests
 from dptrain.api._crd import validating_schema
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,17 +66,28 @@ def test_crd_patterns_are_re2_compatible():
 
 @pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.name)
 def test_every_sample_validates_against_the_crd_and_semantics(sample):
-    validator = jsonschema.Draft4Validator(validating_schema())
+    from dptrain.api import DPDataset, parse_job, validate_job
+
+    validators = {"DPTrainingJob": jsonschema.Draft4Validator(validating_schema()),
+                  "DPDataset": jsonschema.Draft4Validator(validating_schema(model=DPDataset))}
+    jobs = 0
     for document in load_manifests(sample.read_text()):
-        errors = sorted(validator.iter_errors(document), key=str)
+        errors = sorted(validators[document["kind"]].iter_errors(document), key=str)
         assert not errors, [e.message for e in errors]
-    load_job(sample)  # semantic rules
+        if document["kind"] == "DPTrainingJob":
+            validate_job(parse_job(document))  # semantic rules
+            jobs += 1
+        else:
+            DPDataset.model_validate(document)
+    assert jobs >= 1
 
 
 def test_samples_cover_cpu_gpu_and_multihost_tpu():
     accelerators = set()
     for sample in SAMPLES:
         for document in load_manifests(sample.read_text()):
+            if document["kind"] != "DPTrainingJob":
+                continue
             accelerators.add(document["spec"].get("compute", {}).get("accelerator", "cpu"))
     assert {"cpu", "nvidia-h100-80gb", "tpu-v6e"} <= accelerators
     assert (ROOT / "manifests" / "samples" / "tiny-cpu.yaml").exists()

@@ -86,9 +86,11 @@ def test_default_render_installs_the_operator_cluster_wide(
 
 
 def test_crd_is_kept_on_uninstall(rendered: dict[str, tuple[dict[str, Any], ...]]) -> None:
-    crd = dr.one(rendered["default"], "CustomResourceDefinition")
-    assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
-    assert crd["metadata"]["name"] == "dptrainingjobs.dptrain.io"
+    crds = dr.of_kind(rendered["default"], "CustomResourceDefinition")
+    assert sorted(c["metadata"]["name"] for c in crds) == ["dpdatasets.dptrain.io",
+                                                           "dptrainingjobs.dptrain.io"]
+    for crd in crds:
+        assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     assert "CustomResourceDefinition" not in _kinds(rendered["namespaced"])  # crds.enabled=false
 
 

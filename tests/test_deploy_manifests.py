@@ -33,7 +33,8 @@ def test_every_manifest_is_valid(manifests: tuple[dict[str, Any], ...]) -> None:
         dr.validate_object(obj)
     kinds = sorted(obj["kind"] for obj in manifests)
     assert kinds == sorted([
-        "Namespace", "CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRole",
+        "Namespace", "CustomResourceDefinition", "CustomResourceDefinition", "ServiceAccount",
+        "ClusterRole", "ClusterRole",
         "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding", "Service",
         "Deployment",
     ])
@@ -91,12 +92,15 @@ def test_samples_are_valid_jobs() -> None:
     samples = sorted(dr.SAMPLES.glob("*.yaml"))
     assert samples, "manifests/samples/ has no DPTrainingJob samples"
     accelerators = set()
+    from dptrain.api import parse_job
+
     for path in samples:
         for doc in dr.load_documents(path.read_text()):
-            assert doc["kind"] == "DPTrainingJob", path.name
+            assert doc["kind"] in ("DPTrainingJob", "DPDataset"), path.name
             assert dr.validate_object(doc) == "crd"
-        job = load_job(path)
-        accelerators.add(job.spec.compute.accelerator)
+            if doc["kind"] == "DPTrainingJob":
+                accelerators.add(parse_job(doc).spec.compute.accelerator)
+    assert load_job(dr.SAMPLES / "tiny-cpu.yaml")
     assert "cpu" in accelerators
     assert any(a.startswith("nvidia-") for a in accelerators), "no GPU sample"
     assert any(a.startswith("tpu-") for a in accelerators), "no TPU sample"

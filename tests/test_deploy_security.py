@@ -28,6 +28,9 @@ OPERATOR_ALLOWED: dict[tuple[str, str], frozenset[str]] = {
     ("apiextensions.k8s.io", "customresourcedefinitions"): READ,
     ("dptrain.io", "dptrainingjobs"): READ | {"patch"},
     ("dptrain.io", "dptrainingjobs/status"): frozenset({"get", "patch"}),
+    # DPDatasets: the ledger in their status and the finalizer that guards it.
+    ("dptrain.io", "dpdatasets"): READ | {"patch"},
+    ("dptrain.io", "dpdatasets/status"): frozenset({"get", "patch"}),
     ("", "events"): frozenset({"create", "patch"}),
     ("events.k8s.io", "events"): frozenset({"create", "patch"}),
     ("", "configmaps"): MANAGE,
@@ -171,7 +174,7 @@ def test_user_roles_aggregate_and_never_write_status(
                 assert verb in READ, f"{name}: users may not {verb} {resource}"
         for group, resource, verb in (g for rule in view["rules"] for g in _grants(rule)):
             assert (group, verb) in {("dptrain.io", v) for v in READ}, name
-            assert resource.startswith("dptrainingjobs")
+            assert resource.startswith(("dptrainingjobs", "dpdatasets"))
 
 
 def test_trainer_role_is_limited_to_its_own_job() -> None:
@@ -267,7 +270,9 @@ def test_operator_pods_are_locked_down(
 def _sample_spec() -> Any:
     from dptrain.api import load_job
 
-    samples = sorted(dr.SAMPLES.glob("*.yaml"))
+    # Single-job samples (dataset-budget.yaml holds a DPDataset and two jobs).
+    samples = [p for p in sorted(dr.SAMPLES.glob("*.yaml")) if "kind: DPDataset" not in
+               p.read_text()]
     if not samples:
         pytest.skip("no sample DPTrainingJob in manifests/samples yet")
     return load_job(samples[0]).spec

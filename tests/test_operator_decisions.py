@@ -13,6 +13,7 @@ from dptrain.api import PlanStatus
 from dptrain.operator import ChildState, Observed, Settings, decide
 from dptrain.operator._conditions import set_condition
 from dptrain.operator._decisions import ANNOTATION_APPLIED_SPEC, spec_json
+from dptrain.operator._verification import expected_fingerprint
 
 NOW = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
 EPS_PER_STEP = 0.1  # the fake accountant: ε(t) = 0.1·t
@@ -82,6 +83,13 @@ def running_status(steps=0, budget=2.0, iterations=1000):
     return status, first.applied_spec
 
 
+def honest(status, checksum="sha256:docs"):
+    """The mechanism fingerprint an honest trainer of the status's plan reports."""
+    plan = PlanStatus.model_validate(status["plan"])
+    return expected_fingerprint(plan, status["privacy"]["delta"], checksum).model_dump(
+        mode="json", by_alias=True, exclude_none=True)
+
+
 def conditions(status):
     return {c["type"]: c for c in status["conditions"]}
 
@@ -117,7 +125,7 @@ def test_infeasible_budget_fails_naming_the_budget():
 
 def test_reports_charge_the_ledger_with_the_operators_epsilon_not_the_trainers():
     status, applied = running_status()
-    status["progress"] = {"stepsCharged": 7, "step": 7, "loss": 3.0}
+    status["progress"] = {"stepsCharged": 7, "step": 7, "loss": 3.0, "mechanism": honest(status)}
     decision = run(body(status=status, applied=applied, privacy={"epsilon": 2.0}),
                    Observed(workload=ChildState(name="job-train", created=NOW)))
     assert decision.status["privacy"]["stepsCharged"] == 7
@@ -127,7 +135,7 @@ def test_reports_charge_the_ledger_with_the_operators_epsilon_not_the_trainers()
 
 def test_a_lower_report_is_ignored_and_flagged():
     status, applied = running_status(steps=9)
-    status["progress"] = {"stepsCharged": 4}
+    status["progress"] = {"stepsCharged": 4, "mechanism": honest(status)}
     decision = run(body(status=status, applied=applied, privacy={"epsilon": 2.0}),
                    Observed(workload=ChildState(name="job-train", created=NOW)))
     new = merged(status, decision)
@@ -140,7 +148,7 @@ def test_a_lower_report_is_ignored_and_flagged():
 
 def test_reaching_the_budget_halts_and_deletes_the_workload():
     status, applied = running_status(steps=19)
-    status["progress"] = {"stepsCharged": 20}
+    status["progress"] = {"stepsCharged": 20, "mechanism": honest(status)}
     work = Observed(workload=ChildState(name="job-train", created=NOW))
     decision = run(body(status=status, applied=applied, privacy={"epsilon": 2.0}), work)
     assert decision.phase == "BudgetExhausted"
@@ -241,7 +249,8 @@ def test_unknown_dataset_size_runs_data_preparation_first():
 def test_stalled_trainer_is_marked_after_the_timeout():
     settings = Settings(stall_timeout=60.0)
     status, applied = running_status(steps=2)
-    status["progress"] = {"stepsCharged": 2, "lastUpdate": "2026-01-01T12:00:00Z"}
+    status["progress"] = {"stepsCharged": 2, "lastUpdate": "2026-01-01T12:00:00Z",
+                          "mechanism": honest(status)}
     work = Observed(workload=ChildState(name="job-train", created=NOW))
     stalled = run(body(status=status, applied=applied, privacy={"epsilon": 2.0}), work,
                   now=NOW + dt.timedelta(seconds=120), settings=settings)
@@ -277,7 +286,7 @@ def test_a_ledger_at_the_iterations_is_success_only_if_the_model_trained_them(tr
     # Restarts charge repeated steps again, so the ledger can reach the plan's iterations
     # before the model has done them: that job may not run more, but it did not finish.
     status, applied = running_status(steps=9, budget=5.0, iterations=10)
-    status["progress"] = {"stepsCharged": 10, "step": trained}
+    status["progress"] = {"stepsCharged": 10, "step": trained, "mechanism": honest(status)}
     work = Observed(workload=ChildState(name="job-train", created=NOW))
     decision = run(body(status=status, applied=applied, privacy={"epsilon": 5.0},
                         training={"iterations": 10}), work)

@@ -199,6 +199,14 @@ def one(objects: Iterable[dict[str, Any]], kind: str, name: str | None = None) -
 
 
 @functools.cache
+@functools.lru_cache(maxsize=1)
+def _dataset_validator() -> jsonschema.protocols.Validator:
+    from dptrain.api import DPDataset
+    from dptrain.api._crd import validating_schema
+
+    return jsonschema.Draft4Validator(validating_schema(strict=True, model=DPDataset))
+
+
 def _crd_validator() -> jsonschema.protocols.Validator:
     """The generated CRD's schema as the API server applies it (OpenAPI 3.0 semantics, strict)."""
     from dptrain.api._crd import validating_schema
@@ -212,7 +220,8 @@ def validate_object(obj: dict[str, Any]) -> str:
     """Validate one object as the API server would; return how ('k8s 1.33', 'crd', 'skipped')."""
     kind = obj.get("kind")
     if obj.get("apiVersion", "").startswith("dptrain.io/"):
-        errors = sorted(_crd_validator().iter_errors(obj), key=lambda e: list(e.absolute_path))
+        validator = _dataset_validator() if kind == "DPDataset" else _crd_validator()
+        errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))
         if errors:
             details = "; ".join(
                 f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors

@@ -29,15 +29,18 @@ def path_of(resource: str, namespace: str | None = None, name: str | None = None
 class KubeHTTP:
     """JSON over HTTP against the emulator."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, token: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self.token = token  # a ServiceAccount token: requests are RBAC-checked as that account
 
     def request(self, method: str, path: str, body: Any = None,
                 content_type: str = "application/json") -> dict[str, Any]:
         data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": content_type, "Accept": "application/json"}
+        if self.token is not None:
+            headers["Authorization"] = f"Bearer {self.token}"
         request = urllib.request.Request(self.base_url + path, data=data, method=method,
-                                         headers={"Content-Type": content_type,
-                                                  "Accept": "application/json"})
+                                         headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 text = response.read().decode()

@@ -17,7 +17,12 @@ a kube-apiserver that a real ``kopf run`` and our trainer can talk to it:
   (422 ``Invalid`` naming the field, like the API server);
 - list responses with ``apiVersion``/``kind``/``resourceVersion`` and equality label selectors;
 - owner-reference garbage collection (background propagation) when an object goes away;
-- ``GET /api/v1/namespaces`` no longer crashes kmock's path parser.
+- ``GET /api/v1/namespaces`` no longer crashes kmock's path parser;
+- ``immutable: true`` ConfigMaps refuse changes of ``data``/``binaryData``/``immutable`` (422);
+- RBAC for ServiceAccount tokens: a bearer token registered with :meth:`grant_token` is the
+  ServiceAccount it names, and its requests are authorised against the Roles bound to it by the
+  RoleBindings stored in the emulator (403 ``Forbidden`` otherwise, as the API server answers).
+  Other tokens (the operator's, the tests') are cluster admins.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ parsing.parse_path = _parse_path
 # ------------------------------------------------------------------------------ resources
 
 CRD_RESOURCE = "dptrain.io/v1alpha1/dptrainingjobs"
+DATASET_RESOURCE = "dptrain.io/v1alpha1/dpdatasets"
 JOBSET_RESOURCE = "jobset.x-k8s.io/v1alpha2/jobsets"
 
 _VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
@@ -76,6 +82,7 @@ BASE_RESOURCES: dict[str, tuple[str, bool, tuple[str, ...]]] = {
     "rbac.authorization.k8s.io/v1/roles": ("Role", True, ()),
     "rbac.authorization.k8s.io/v1/rolebindings": ("RoleBinding", True, ()),
     CRD_RESOURCE: ("DPTrainingJob", True, ("status",)),
+    DATASET_RESOURCE: ("DPDataset", True, ("status",)),
 }
 
 
@@ -143,9 +150,13 @@ class DPTrainKubernetes(kmock.KubernetesEmulator):
     #: How many past requests kmock keeps (0: all, as stock kmock does).
     request_history: int = 512
 
+    #: Bearer token -> (namespace, ServiceAccount name): requests with it are RBAC-checked.
+    service_account_tokens: dict[str, tuple[str, str]] = attrs.field(factory=dict)
+
     _rv: Iterable[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _last_rv: int = attrs.field(default=0, init=False)
     _validator: Any = attrs.field(default=None, init=False)
+    _dataset_validator: Any = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -156,11 +167,16 @@ class DPTrainKubernetes(kmock.KubernetesEmulator):
             self.resources[key] = kmock.ResourceInfo(
                 kind=kind, namespaced=namespaced, singular=kind.lower(), verbs=_VERBS,
                 subresources=subresources,
-                shortnames={"dptj"} if kind == "DPTrainingJob" else set(),
+                shortnames={"DPTrainingJob": {"dptj"}, "DPDataset": {"dpds"}}.get(kind, set()),
             )
         if self.crd_schema is not None:
             cls = jsonschema.validators.validator_for(self.crd_schema, jsonschema.Draft7Validator)
             self._validator = cls(self.crd_schema)
+            from dptrain.api import DPDataset, _crd
+
+            dataset_schema = _crd.validating_schema(strict=True, model=DPDataset)
+            cls = jsonschema.validators.validator_for(dataset_schema, jsonschema.Draft7Validator)
+            self._dataset_validator = cls(dataset_schema)
 
     # ----------------------------------------------------------------------- helpers
 
@@ -175,13 +191,19 @@ class DPTrainKubernetes(kmock.KubernetesEmulator):
         return None
 
     def _validate(self, resource: references.resource, obj: Mapping[str, Any]) -> None:
-        if self._validator is None or resource != references.resource(CRD_RESOURCE):
+        if resource == references.resource(CRD_RESOURCE):
+            validator, kind = self._validator, "DPTrainingJob"
+        elif resource == references.resource(DATASET_RESOURCE):
+            validator, kind = self._dataset_validator, "DPDataset"
+        else:
             return
-        problems = schema_errors(self._validator, obj)
+        if validator is None:
+            return
+        problems = schema_errors(validator, obj)
         if problems:
             name = obj.get("metadata", {}).get("name", "")
             raise _error(422, "Invalid",
-                         f'DPTrainingJob.dptrain.io "{name}" is invalid: ' + "; ".join(problems))
+                         f'{kind}.dptrain.io "{name}" is invalid: ' + "; ".join(problems))
 
     async def _broadcast(self, resource: references.resource, kind: str,
                          obj: Mapping[str, Any]) -> None:
@@ -216,6 +238,7 @@ class DPTrainKubernetes(kmock.KubernetesEmulator):
             del self._requests[:len(self._requests) - self.request_history]
         if self.fault is not None:
             self.fault(request)
+        self._authorize(request)
         if request.resource is None:
             return await apps.RawHandler._handle(self, request)
         if request.method == enums.method.PUT:
@@ -229,6 +252,58 @@ class DPTrainKubernetes(kmock.KubernetesEmulator):
             if request.action == enums.action.DELETE and request.name is not None:
                 return aiohttp.web.json_response(await self._delete(request))
         return await apps.RawHandler._handle(self, request)
+
+    # ----------------------------------------------------------------------- RBAC
+
+    def grant_token(self, token: str, namespace: str, service_account: str) -> None:
+        """Requests bearing ``token`` act as ServiceAccount ``namespace/service_account``."""
+        self.service_account_tokens[token] = (namespace, service_account)
+
+    def _verb(self, request: rendering.Request) -> str:
+        if request.action == enums.action.WATCH:
+            return "watch"
+        method = request.method.value
+        if method == "GET":
+            return "get" if request.name is not None else "list"
+        return {"POST": "create", "PATCH": "patch", "PUT": "update",
+                "DELETE": "delete"}.get(method, method.lower())
+
+    def _authorize(self, request: rendering.Request) -> None:
+        header = request.headers.get("Authorization", "")
+        token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+        subject = self.service_account_tokens.get(token)
+        if subject is None:
+            return  # not a ServiceAccount token: an admin (the operator, the tests)
+        namespace, account = subject
+        resource = request.resource
+        group = resource.group if resource is not None else ""
+        plural = resource.plural if resource is not None else ""
+        target = f"{plural}/{request.subresource}" if request.subresource else plural
+        verb = self._verb(request)
+        roles_key = references.resource("rbac.authorization.k8s.io/v1/roles")
+        bindings_key = references.resource("rbac.authorization.k8s.io/v1/rolebindings")
+        bound: set[str] = set()
+        for (res, ns, _), obj in list(self.objects.items()):
+            if res != bindings_key or obj.deleted or ns != request.namespace:
+                continue
+            raw = obj.raw
+            if any(s.get("kind") == "ServiceAccount" and s.get("name") == account
+                   and s.get("namespace", ns) == namespace for s in raw.get("subjects") or []):
+                bound.add((raw.get("roleRef") or {}).get("name", ""))
+        for (res, ns, name), obj in list(self.objects.items()):
+            if res != roles_key or obj.deleted or ns != request.namespace or name not in bound:
+                continue
+            for rule in obj.raw.get("rules") or []:
+                if (group in rule.get("apiGroups", []) and target in rule.get("resources", [])
+                        and (verb in rule.get("verbs", []) or "*" in rule.get("verbs", []))
+                        and (not rule.get("resourceNames")
+                             or request.name in rule["resourceNames"])):
+                    return
+        user = f"system:serviceaccount:{namespace}:{account}"
+        raise _error(403, "Forbidden",
+                     f'{target}{"." + group if group else ""} "{request.name or ""}" is '
+                     f'forbidden: User "{user}" cannot {verb} resource "{target}" in API group '
+                     f'"{group}" in the namespace "{request.namespace}"')
 
     async def _create(self, request: rendering.Request) -> dict[str, Any]:
         assert request.resource is not None
@@ -307,6 +382,11 @@ class DPTrainKubernetes(kmock.KubernetesEmulator):
                 new["status"] = old["status"]
             else:
                 new.pop("status", None)
+        if old.get("immutable") is True and any(
+                new.get(k) != old.get(k) for k in ("data", "binaryData", "immutable")):
+            raise _error(422, "Invalid", f'{info.kind if info else "object"} '
+                         f'"{request.name}" is invalid: data: Forbidden: field is immutable '
+                         "when `immutable` is set")
         new_meta = new.setdefault("metadata", {})
         for field in ("name", "namespace", "uid", "creationTimestamp"):
             if field in old["metadata"]:

@@ -30,7 +30,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -150,13 +150,17 @@ class Kubelet:
     """Runs Jobs' containers as local processes under ``root``."""
 
     def __init__(self, kube: KubeHTTP, api_url: str, root: Path, *,
-                 env: Mapping[str, str] | None = None, namespace: str = "default") -> None:
+                 env: Mapping[str, str] | None = None, namespace: str = "default",
+                 grant: Callable[[str, str, str], None] | None = None) -> None:
         self.kube = kube
         self.api_url = api_url
         self.root = root
         self.env = dict(env or {})
         self.namespace = namespace
         self.pods: list[Pod] = []
+        #: ``grant(token, namespace, service_account)``: register each pod's token with the
+        #: emulator so that the pod's requests are RBAC-checked as its ServiceAccount.
+        self.grant = grant
         self.root.mkdir(parents=True, exist_ok=True)
 
     def claim_dir(self, claim: str) -> Path:
@@ -228,7 +232,10 @@ class Kubelet:
                 environ[item["name"]] = str(index)
         environ["DPTRAIN_API_SERVER"] = self.api_url  # what kubernetes.default.svc is here
         token = pod_root / "token"
-        token.write_text("projected-service-account-token")
+        token_value = f"projected-token-{job_name}-{len(self.pods)}"
+        token.write_text(token_value)
+        if self.grant is not None:
+            self.grant(token_value, self.namespace, pod["serviceAccountName"])
         environ["TEST_TOKEN_FILE"] = str(token)
         environ.setdefault("JAX_PLATFORMS", "cpu")
         environ.update(self.env)

@@ -46,8 +46,29 @@ def children(kube: KubeHTTP, name: str, namespace: str = "default") -> list[dict
     return out
 
 
+def honest_mechanism(kube: KubeHTTP, name: str, namespace: str = "default",
+                     checksum: str = "sha256:test-docs") -> dict[str, Any] | None:
+    """The fingerprint an honest trainer of the job's current plan sends (None: no plan yet)."""
+    from dptrain.api import PlanStatus
+    from dptrain.operator._verification import expected_fingerprint
+
+    status = status_of(kube, name, namespace)
+    if not status.get("plan") or not status.get("privacy"):
+        return None
+    plan = PlanStatus.model_validate(status["plan"])
+    return expected_fingerprint(plan, status["privacy"]["delta"], checksum).model_dump(
+        mode="json", by_alias=True, exclude_none=True)
+
+
 def report(kube: KubeHTTP, name: str, namespace: str = "default", **progress: Any) -> None:
-    """What a trainer does: merge-patch ``status.progress`` of its job."""
+    """What a trainer does: merge-patch ``status.progress`` of its job, with its fingerprint.
+
+    The fingerprint is an honest trainer's unless ``mechanism=`` is given.
+    """
+    if "mechanism" not in progress:
+        mechanism = honest_mechanism(kube, name, namespace)
+        if mechanism is not None:
+            progress["mechanism"] = mechanism
     kube.merge_patch(JOBS, namespace, name, {"status": {"progress": progress}}, "status")
 
 

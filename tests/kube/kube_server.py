@@ -92,6 +92,16 @@ class EmulatorServer:
 
         return list(self.call(snapshot))
 
+    def grant_token(self, token: str, namespace: str, service_account: str) -> None:
+        """Make ``token`` a ServiceAccount token: its requests are RBAC-checked."""
+        emulator = self.emulator
+        assert emulator is not None
+
+        async def grant() -> None:
+            emulator.grant_token(token, namespace, service_account)
+
+        self.call(grant)
+
     def write_kubeconfig(self, path: Path) -> Path:
         config = {
             "apiVersion": "v1",

@@ -95,6 +95,13 @@ holds those rights itself.
 - apiGroups: ["dptrain.io"]
   resources: ["dptrainingjobs/status"]
   verbs: ["get", "patch"]
+{{- /* DPDatasets: the operator keeps each dataset's ledger (status) and its finalizer. */}}
+- apiGroups: ["dptrain.io"]
+  resources: ["dpdatasets"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["dptrain.io"]
+  resources: ["dpdatasets/status"]
+  verbs: ["get", "patch"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]

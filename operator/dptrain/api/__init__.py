@@ -1,6 +1,21 @@
 """The DPTrainingJob API: pydantic models, the generated CRD, loading and semantic validation."""
 
-from dptrain.api._crd import crd_manifest, crd_schema, crd_yaml
+from dptrain.api._crd import (
+    crd_manifest,
+    crd_schema,
+    crd_yaml,
+    dataset_crd_manifest,
+    dataset_crd_yaml,
+)
+from dptrain.api._dataset import (
+    DATASET_KIND,
+    DATASET_PLURAL,
+    DATASET_SHORT_NAMES,
+    DatasetCharge,
+    DPDataset,
+    DPDatasetSpec,
+    DPDatasetStatus,
+)
 from dptrain.api._errors import FieldError, InvalidJobError
 from dptrain.api._job import (
     API_VERSION,
@@ -21,6 +36,7 @@ from dptrain.api._job import (
     DPTrainingJob,
     DPTrainingJobSpec,
     DPTrainingJobStatus,
+    MechanismFingerprint,
     ModelSpec,
     MonitoringSpec,
     ObjectMeta,
@@ -38,6 +54,9 @@ from dptrain.api._validation import semantic_errors, validate_job
 
 __all__ = [
     "API_VERSION",
+    "DATASET_KIND",
+    "DATASET_PLURAL",
+    "DATASET_SHORT_NAMES",
     "DEFAULT_TRAINER_IMAGE",
     "GROUP",
     "KIND",
@@ -50,13 +69,18 @@ __all__ = [
     "CheckpointSpec",
     "ComputeSpec",
     "Condition",
+    "DPDataset",
+    "DPDatasetSpec",
+    "DPDatasetStatus",
     "DPTrainingJob",
     "DPTrainingJobSpec",
     "DPTrainingJobStatus",
     "DataSpec",
+    "DatasetCharge",
     "DatasetStatus",
     "FieldError",
     "InvalidJobError",
+    "MechanismFingerprint",
     "ModelSpec",
     "MonitoringSpec",
     "ObjectMeta",
@@ -71,6 +95,8 @@ __all__ = [
     "crd_manifest",
     "crd_schema",
     "crd_yaml",
+    "dataset_crd_manifest",
+    "dataset_crd_yaml",
     "load_job",
     "load_manifests",
     "parse_job",

@@ -148,6 +148,8 @@ class DataSpec(_Model):
     """Tokens per training sequence; documents are packed or split to this length."""
     num_sequences: int | None = Field(default=None, ge=1, le=10**13)
     """Dataset size N in sequences, when known; otherwise data preparation measures it."""
+    dataset_ref: DnsLabel | None = None
+    """Name of a DPDataset in the job's namespace whose budget this job is charged to."""
 
 
 class ComputeSpec(_Model):
@@ -309,6 +311,30 @@ class PrivacyLedgerStatus(_Status):
     last_charged_time: str | None = None
 
 
+class MechanismFingerprint(_Status):
+    """The DP-SGD mechanism a trainer runs, as it reports it with each progress report.
+
+    The operator compares it with the plan it accounts (``MechanismMismatch`` on a difference).
+    """
+
+    sampling_rate: float
+    """q the sampler uses (expected batch / N)."""
+    noise_multiplier: float
+    """σ as used on the device: float32, rounded up (never below the planned σ)."""
+    delta: float
+    """δ the trainer accounts at."""
+    dataset_size: int
+    """N, sequences in the data it samples from."""
+    physical_batch_size: int
+    """Rows per step (the Poisson batch is padded/truncated to it)."""
+    clip_norm: float
+    """Per-example clipping norm C."""
+    accountant: Literal["pld", "rdp"]
+    """The trainer's accountant."""
+    dataset_checksum: str | None = None
+    """Checksum of the source documents it trains on."""
+
+
 class ProgressStatus(_Status):
     """Progress as reported by the trainer (advisory; the ledger is kept separately)."""
 
@@ -325,6 +351,8 @@ class ProgressStatus(_Status):
     unaccounted release (not covered by ε)."""
     unaccounted_release: str | None = None
     """Set when raw statistics of the training data are published outside ε."""
+    mechanism: MechanismFingerprint | None = None
+    """The mechanism the trainer runs (checked against the plan)."""
 
 
 class WorkloadRef(_Status):

@@ -7,7 +7,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dptrain.api import InvalidJobError, crd_manifest, crd_yaml, load_manifests, parse_job
+from dptrain.api import (
+    InvalidJobError,
+    crd_manifest,
+    crd_yaml,
+    dataset_crd_manifest,
+    dataset_crd_yaml,
+    load_manifests,
+    parse_job,
+)
 from dptrain.api import validate_job as validate_semantics
 from dptrain.cli._output import EXIT_INVALID, emit
 
@@ -17,7 +25,10 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     crd = subparsers.add_parser(
         "crd", parents=[common], help="print the DPTrainingJob CustomResourceDefinition",
         description="Print the CRD generated from dptrain's API models (YAML, or JSON with "
-                    "--json). `dptrain crd | kubectl apply -f -` installs it.")
+                    "--json). `dptrain crd | kubectl apply -f -` installs it; "
+                    "`--kind DPDataset` prints the DPDataset CRD.")
+    crd.add_argument("--kind", choices=("DPTrainingJob", "DPDataset"), default="DPTrainingJob",
+                     help="which CRD to print (default: DPTrainingJob)")
     crd.set_defaults(handler=_crd)
 
     validate = subparsers.add_parser(
@@ -29,10 +40,11 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 
 def _crd(args: argparse.Namespace) -> int:
+    dataset = args.kind == "DPDataset"
     if args.json:
-        emit(args, crd_manifest())
+        emit(args, dataset_crd_manifest() if dataset else crd_manifest())
     else:
-        sys.stdout.write(crd_yaml())
+        sys.stdout.write(dataset_crd_yaml() if dataset else crd_yaml())
     return 0
 
 

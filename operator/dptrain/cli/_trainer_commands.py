@@ -35,6 +35,11 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     run.add_argument("file", type=pathlib.Path, metavar="FILE", help="DPTrainingJob manifest")
     run.add_argument("--output", type=pathlib.Path, default=None,
                      help="output directory (default: runs/<job name>)")
+    run.add_argument("--dataset-ledger", type=pathlib.Path, default=None, metavar="PATH",
+                     help="a local dataset ledger (JSON): a job with spec.data.datasetRef runs "
+                          "only if the composition of every run charged to the dataset plus "
+                          "this one fits its budget (the DPDataset comes from FILE or PATH); "
+                          "exit 4 otherwise")
     _training_options(run)
     run.set_defaults(handler=_run)
 
@@ -243,10 +248,53 @@ def _run(args: argparse.Namespace) -> int:
                                prepared_dir=output / "data",
                                progress=not args.no_progress and not args.json)
         plan, shape = _plan(job, dataset.num_sequences)
-        return _train_and_report(job, plan, shape, dataset, output, args)
+        if args.dataset_ledger is None:
+            return _train_and_report(job, plan, shape, dataset, output, args)
+        return _run_on_dataset(job, plan, shape, dataset, output, args)
     except (InvalidJobError, DataError) as error:
         _bad_input(error)
     raise AssertionError("unreachable")
+
+
+def _run_on_dataset(job: DPTrainingJob, plan: PlanStatus, shape: Any, dataset: PreparedDataset,
+                    output: pathlib.Path, args: argparse.Namespace) -> int:
+    """``--dataset-ledger``: admission on the dataset before training, the charge after."""
+    import json
+
+    from dptrain.api import DPDatasetSpec, load_manifests
+    from dptrain.cli import _dataset_ledger
+
+    ref = job.spec.data.dataset_ref
+    if ref is None:
+        fail("--dataset-ledger: the job has no spec.data.datasetRef", EXIT_INVALID)
+    assert ref is not None
+    manifest_spec = None
+    for document in load_manifests(args.file.read_text()):
+        if document.get("kind") == "DPDataset" and (
+                document.get("metadata") or {}).get("name") == ref:
+            manifest_spec = DPDatasetSpec.model_validate(document.get("spec") or {})
+    # One charge per job and checkpoint directory: a resumed run updates it (its ledger count
+    # is cumulative), a new job is a new charge.
+    run_id = f"local:{job.metadata.name}:{output.resolve()}"
+    try:
+        admission = _dataset_ledger.admit(args.dataset_ledger, ref, manifest_spec, job.spec,
+                                          run_id, job.metadata.name, plan)
+    except _dataset_ledger.DatasetBudgetError as error:
+        fail(str(error), 4)
+    if not args.json:
+        print(f"DPDataset {ref}: admitted; composed ε {admission.composed:.4g} of "
+              f"{admission.budget:g}", flush=True)
+    try:
+        return _train_and_report(job, plan, shape, dataset, output, args)
+    finally:
+        ledger = output / "checkpoints" / "ledger.json"
+        candidates = [output / "report.json", ledger]
+        steps = 0
+        for path in candidates:
+            if path.is_file():
+                record = json.loads(path.read_text())
+                steps = max(steps, int(record.get("steps_charged") or 0))
+        _dataset_ledger.record(args.dataset_ledger, ref, run_id, steps)
 
 
 def _load_config(path: pathlib.Path) -> tuple[DPTrainingJob, int]:

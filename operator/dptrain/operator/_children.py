@@ -242,6 +242,9 @@ def build_config_map(spec: DPTrainingJobSpec, job: JobRef, plan: PlanStatus | No
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _meta(job, ChildNames.of(job.name).config_map, "config"),
+        # Immutable: what the pods read cannot be edited under a running job; a new plan is a
+        # new ConfigMap (and the operator compares the one it finds with the plan).
+        "immutable": True,
         "data": {CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True)},
     }
 

@@ -31,7 +31,9 @@ import pydantic
 from dptrain.api import (
     TERMINAL_PHASES,
     Condition,
+    DatasetCharge,
     DatasetStatus,
+    DPDatasetSpec,
     DPTrainingJobSpec,
     DPTrainingJobStatus,
     InvalidJobError,
@@ -41,8 +43,16 @@ from dptrain.api import (
     parse_job,
     semantic_errors,
 )
-from dptrain.operator._children import ChildNames
+from dptrain.operator import _dataset_budget as dataset_budget
+from dptrain.operator._children import ChildNames, JobRef, trainer_config
 from dptrain.operator._conditions import find, parse_time, set_condition, timestamp
+from dptrain.operator._ledger_record import (
+    ANNOTATION_LEDGER,
+    LedgerRecord,
+    authoritative,
+    read_record,
+)
+from dptrain.operator._verification import config_mismatches, mechanism_mismatches
 
 ANNOTATION_APPLIED_SPEC = "dptrain.io/applied-spec"
 
@@ -109,11 +119,45 @@ class ChildState:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class ConfigState:
+    """The trainer's ConfigMap as observed.
+
+    Attributes:
+        config: its parsed ``config.json`` (None: missing or not JSON).
+        immutable: whether it is marked ``immutable: true``.
+    """
+
+    config: Mapping[str, Any] | None
+    immutable: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DatasetView:
+    """The DPDataset a job refers to, as read for this reconcile.
+
+    Attributes:
+        name: the dataset's name.
+        spec: its spec (None: it does not exist, or its spec is unreadable).
+        charges: its ledger of charges (``status.charges``).
+    """
+
+    name: str
+    spec: DPDatasetSpec | None = None
+    charges: tuple[DatasetCharge, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Observed:
-    """The children that exist now (None: absent)."""
+    """The children that exist now (None: absent).
+
+    ``config`` is looked at only when ``config_observed`` (the reconciler read the ConfigMap).
+    """
 
     workload: ChildState | None = None
     prepare: ChildState | None = None
+    config: ConfigState | None = None
+    config_observed: bool = False
+    dataset: DatasetView | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -143,6 +187,10 @@ class Decision:
         warnings: lines for the operator's log.
         requeue_after: look again after this many seconds (None: on the next change).
         halted: the reason of a transition into a terminal phase (for metrics).
+        ledger_annotation: the new value of the authoritative ledger annotation (None: unchanged).
+        reserve: a reservation to write into the job's DPDataset before the workload is created
+            (the reconciler re-checks it under the dataset's lock).
+        dataset_events: events to post on the job's DPDataset.
     """
 
     status: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -159,6 +207,9 @@ class Decision:
     requeue_after: float | None = None
     halted: str | None = None
     phase: str = "Pending"
+    ledger_annotation: str | None = None
+    reserve: DatasetCharge | None = None
+    dataset_events: list[Event] = dataclasses.field(default_factory=list)
 
 
 class _Draft:
@@ -178,6 +229,19 @@ class _Draft:
         self.now = now
         self.generation = generation
         self.decision = Decision()
+        self.record = read_record(meta)
+        self.privacy, overwritten = authoritative(self.record, status.privacy)
+        self.pinned_checksum = self.record.dataset_checksum if self.record else None
+        if overwritten:
+            # The trainer's Role may patch /status: a status.privacy the operator did not write
+            # is ignored and restored from the annotation (finish() writes the difference).
+            published = status.privacy
+            assert published is not None and self.privacy is not None
+            self.event("Warning", "LedgerRestored",
+                       f"status.privacy was overwritten ({published.steps_charged} steps, ε "
+                       f"{published.epsilon_spent:.4g}); restored the operator's ledger "
+                       f"({self.privacy.steps_charged} steps, ε "
+                       f"{self.privacy.epsilon_spent:.4g})")
 
     def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
         self.decision.events.append(Event(type=type_, reason=reason, message=message))
@@ -200,6 +264,13 @@ class _Draft:
         self.phase = phase
 
     def finish(self, requeue_after: float | None = None) -> Decision:
+        # Every reconcile observes the generation it read, refused changes included (kstatus).
+        self.observed_generation = self.generation
+        if self.privacy is not None:
+            record = LedgerRecord(ledger=self.privacy, dataset_checksum=self.pinned_checksum)
+            value = record.to_annotation()
+            if value != (self.original_meta.get("annotations") or {}).get(ANNOTATION_LEDGER):
+                self.decision.ledger_annotation = value
         new: dict[str, Any] = {
             "phase": self.phase,
             "conditions": [_dump(c) for c in self.conditions],
@@ -307,8 +378,12 @@ def decide(body: Mapping[str, Any], observed: Observed, now: dt.datetime, *, too
     status = _parse_status(body.get("status"))
     d = _Draft(status, now, generation, meta)
     out = d.decision
-    ledger = status.privacy
-    started = ledger is not None and ledger.steps_charged > 0
+    ledger = d.privacy
+    progress = status.progress
+    # Started: anything charged, or anything the trainer reported (a report may arrive in the
+    # same reconcile as a spec change, before it is charged).
+    started = ((ledger is not None and ledger.steps_charged > 0)
+               or (progress is not None and (progress.steps_charged > 0 or progress.step > 0)))
     known_n = (status.dataset.num_sequences if status.dataset is not None else None)
 
     # ------------------------------------------------------------------ terminal phases
@@ -407,6 +482,36 @@ def decide(body: Mapping[str, Any], observed: Observed, now: dt.datetime, *, too
     ledger = _charge(d, plan, ledger, status, tools)
     d.privacy = ledger
 
+    # ------------------------------------------------------------------ the mechanism run
+    if progress is not None and (progress.steps_charged > 0 or progress.step > 0):
+        known = status.dataset.checksum if status.dataset is not None else None
+        view = observed.dataset
+        if known is None and view is not None and view.spec is not None:
+            known = view.spec.checksum
+        expected_checksum = known or d.pinned_checksum
+        problems = mechanism_mismatches(plan, ledger.delta, progress.mechanism,
+                                        expected_checksum)
+        if problems:
+            return _fail(d, out, observed, "MechanismMismatch", "; ".join(problems),
+                         "MechanismVerified")
+        d.condition("MechanismVerified", "True", "Matches",
+                    "the trainer runs the accounted mechanism")
+        if expected_checksum is None and progress.mechanism is not None:
+            d.pinned_checksum = progress.mechanism.dataset_checksum  # trust on first use
+    if (observed.config_observed and observed.config is not None and not out.update_config
+            and "config" not in out.create):
+        expected = trainer_config(spec, JobRef(name=str(meta.get("name", "")),
+                                               namespace=str(meta.get("namespace", "")),
+                                               uid=str(meta.get("uid", ""))),
+                                  plan, out.dataset)
+        problems = config_mismatches(expected, observed.config.config,
+                                     observed.config.immutable)
+        if problems:
+            out.delete.append("config")
+            return _fail(d, out, observed, "MechanismMismatch",
+                         "the trainer's ConfigMap differs from the plan: " + "; ".join(problems),
+                         "MechanismVerified")
+
     if ledger.steps_charged >= plan.max_steps or ledger.epsilon_spent >= ledger.epsilon_budget:
         trained = status.progress.step if status.progress is not None else 0
         _halt(d, out, observed, plan, ledger, trained_steps=trained)
@@ -430,7 +535,72 @@ def decide(body: Mapping[str, Any], observed: Observed, now: dt.datetime, *, too
         d.condition("Suspended", "False", "Resumed", "resumed from the last checkpoint",
                     event="Normal")
 
+    if spec.data.dataset_ref is not None:
+        held = _dataset_gate(d, out, spec, plan, ledger, status, observed)
+        if held is not None:
+            return held
     return _run(d, out, spec, plan, ledger, status, observed, settings)
+
+
+# Waiting jobs are poked when their dataset's ledger changes; this is only the safety net.
+DATASET_RETRY_SECONDS = 30.0
+
+
+def _dataset_gate(d: _Draft, out: Decision, spec: DPTrainingJobSpec, plan: PlanStatus,
+                  ledger: PrivacyLedgerStatus, status: DPTrainingJobStatus,
+                  observed: Observed) -> Decision | None:
+    """Admission on the job's DPDataset: None lets the job run, else the decision to wait/fail.
+
+    A workload is only asked for with a reservation on the dataset (``out.reserve``) when the
+    composition of the dataset's committed charges and this plan fits its budget.
+    """
+    name = str(d.original_meta.get("name", ""))
+    uid = str(d.original_meta.get("uid", ""))
+    view = observed.dataset
+    ref = spec.data.dataset_ref
+    if view is None or view.spec is None:
+        if observed.workload is not None:
+            return None  # running on an admitted reservation: the record stays with the dataset
+        message = f"DPDataset {ref} does not exist in this namespace"
+        return _wait_for_dataset(d, "DatasetNotFound", message)
+    checksum = status.dataset.checksum if status.dataset is not None else None
+    mismatch = dataset_budget.data_mismatch(spec, view.spec, checksum)
+    if mismatch is not None:
+        return _fail(d, out, observed, "DatasetMismatch", f"DPDataset {ref}: {mismatch}",
+                     "DatasetBudget")
+    if observed.workload is not None or not dataset_budget.needs_admission(
+            view.charges, uid, plan):
+        return None
+    candidate = dataset_budget.charge_for(name, uid, plan).model_copy(
+        update={"steps_charged": ledger.steps_charged})
+    admission = dataset_budget.admit(view.spec, view.charges, candidate)
+    if not admission.fits:
+        message = (f"DPDataset {ref}: composed ε {admission.composed:.4g} with this job would "
+                   f"exceed its budget {admission.budget:g} (remaining ε "
+                   f"{max(0.0, admission.remaining):.4g}); waiting for budget to free")
+        return _wait_for_dataset(d, "InsufficientBudget", message)
+    message = (f"DPDataset {ref}: admitted; composed ε {admission.composed:.4g} of "
+               f"{admission.budget:g}")
+    before = find(d.conditions, "DatasetBudget")
+    d.condition("DatasetBudget", "True", "Admitted", message, event="Normal")
+    if before is None or before.reason != "Admitted":
+        out.dataset_events.append(Event(type="Normal", reason="Admitted",
+                                        message=f"{name}: {message}"))
+    out.reserve = candidate
+    return None
+
+
+def _wait_for_dataset(d: _Draft, reason: str, message: str) -> Decision:
+    before = find(d.conditions, "DatasetBudget")
+    d.condition("DatasetBudget", "False", reason, message, event="Warning")
+    if before is None or (before.reason, before.message) != (reason, message):
+        d.decision.dataset_events.append(Event(
+            type="Warning", reason="AdmissionRefused",
+            message=f"{d.original_meta.get('name', '')}: {message}"))
+    d.condition("Running", "False", "DatasetBudget", message)
+    d.workload = None
+    d.set_phase("Pending", "DatasetBudget", message)
+    return d.finish(requeue_after=DATASET_RETRY_SECONDS)
 
 
 def _delete_existing(out: Decision, observed: Observed) -> None:
@@ -639,6 +809,8 @@ def _run(d: _Draft, out: Decision, spec: DPTrainingJobSpec, plan: PlanStatus,
         d.set_phase("Running", "WorkloadCreated", "the trainer workload was created")
         return d.finish(requeue_after=settings.stall_timeout)
     # The workload exists and runs: only watch for stalls.
+    if observed.config_observed and observed.config is None:
+        out.create.append("config")  # deleted under a running job: the next pod needs it
     running = find(d.conditions, "Running")
     if running is None or running.status != "True":
         d.condition("Running", "True", "WorkloadCreated", "the trainer workload is running")

@@ -22,7 +22,7 @@ from typing import Any
 
 import kopf
 
-from dptrain.api import GROUP, PLURAL, VERSION
+from dptrain.api import DATASET_PLURAL, GROUP, PLURAL, VERSION
 from dptrain.operator._children import LABEL_JOB, LABEL_MANAGED_BY, MANAGER
 from dptrain.operator._kube import KubeClient
 from dptrain.operator._planning import OperatorTools
@@ -102,6 +102,10 @@ async def job_event(*, event: kopf.RawEvent, body: kopf.Body, name: str,
     reconciler = _reconciler(memo)
     if event.get("type") == "DELETED":
         reconciler.forget(namespace, name)
+        ref = ((body.get("spec") or {}).get("data") or {}).get("datasetRef")
+        if isinstance(ref, str) and ref:
+            # Its charge becomes final (or its unused reservation is released).
+            await reconciler.reconcile_dataset(namespace, ref)
         return
     if event.get("type") is not None and not reconciler.changed(body):
         return  # caused by our own status writes: nothing a decision depends on moved
@@ -114,6 +118,19 @@ async def workload_event(*, namespace: str | None, labels: Mapping[str, str], me
     owner = labels.get(LABEL_JOB)
     if owner and namespace is not None:
         await _reconciler(memo).poke(namespace, owner, "workload")
+
+
+async def dataset_event(*, event: kopf.RawEvent, name: str, namespace: str | None, memo: Any,
+                        **_: Any) -> None:
+    """Any watch event of a DPDataset: summarise its ledger, wake the jobs waiting on it."""
+    if namespace is not None and event.get("type") != "DELETED":
+        await _reconciler(memo).reconcile_dataset(namespace, name)
+
+
+async def dataset_timer(*, name: str, namespace: str | None, memo: Any, **_: Any) -> None:
+    """Periodic look at a DPDataset (jobs deleted while the operator was down)."""
+    if namespace is not None:
+        await _reconciler(memo).reconcile_dataset(namespace, name)
 
 
 async def safety_timer(*, name: str, namespace: str | None, memo: Any, **_: Any) -> None:
@@ -134,3 +151,6 @@ def register(registry: kopf.OperatorRegistry, *, timer_interval: float = 60.0) -
                   registry=registry, id="jobset_event")(workload_event)
     kopf.timer(GROUP, VERSION, PLURAL, interval=timer_interval, initial_delay=timer_interval,
                idle=None, registry=registry)(safety_timer)
+    kopf.on.event(GROUP, VERSION, DATASET_PLURAL, registry=registry)(dataset_event)
+    kopf.timer(GROUP, VERSION, DATASET_PLURAL, interval=timer_interval,
+               initial_delay=timer_interval, idle=None, registry=registry)(dataset_timer)

@@ -28,6 +28,14 @@ PHASE = Gauge("dptrain_job_phase", "1 for the job's current phase, 0 for the oth
               ["namespace", "name", "phase"], registry=REGISTRY)
 HALTED = Counter("dptrain_jobs_halted", "Jobs that reached a terminal phase, by reason.",
                  ["reason"], registry=REGISTRY)
+DATASET_SPENT = Gauge("dptrain_dataset_epsilon_spent",
+                      "Composed ε of the steps charged to a DPDataset by all its jobs.",
+                      ["namespace", "name"], registry=REGISTRY)
+DATASET_RESERVED = Gauge("dptrain_dataset_epsilon_reserved",
+                         "Composed ε admitted on a DPDataset but not yet run.",
+                         ["namespace", "name"], registry=REGISTRY)
+DATASET_BUDGET = Gauge("dptrain_dataset_epsilon_budget", "ε budget of a DPDataset.",
+                       ["namespace", "name"], registry=REGISTRY)
 RECONCILE_ERRORS = Counter("dptrain_reconcile_errors", "Reconciles that raised, by handler.",
                            ["handler"], registry=REGISTRY)
 RECONCILE_DURATION = Histogram("dptrain_reconcile_duration_seconds",
@@ -63,3 +71,18 @@ def forget_job(namespace: str, name: str) -> None:
 def serve(port: int, address: str = "0.0.0.0") -> None:
     """Serve ``/metrics`` of ``REGISTRY`` on its own port (a daemon thread)."""
     start_http_server(port, addr=address, registry=REGISTRY)
+
+
+def observe_dataset(namespace: str, name: str, *, spent: float, reserved: float,
+                    budget: float) -> None:
+    """Set a DPDataset's gauges."""
+    DATASET_SPENT.labels(namespace, name).set(spent)
+    DATASET_RESERVED.labels(namespace, name).set(reserved)
+    DATASET_BUDGET.labels(namespace, name).set(budget)
+
+
+def forget_dataset(namespace: str, name: str) -> None:
+    """Remove a deleted DPDataset's series."""
+    for gauge in (DATASET_SPENT, DATASET_RESERVED, DATASET_BUDGET):
+        with contextlib.suppress(KeyError):
+            gauge.remove(namespace, name)

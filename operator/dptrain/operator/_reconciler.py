@@ -19,9 +19,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from dptrain.api import API_VERSION, PLURAL, PlanStatus
+from dptrain.api import API_VERSION, PLURAL, TERMINAL_PHASES, PlanStatus
 from dptrain.operator import _metrics
 from dptrain.operator._children import (
+    CONFIG_FILE,
     DEFAULT_API_SERVER,
     ChildNames,
     JobRef,
@@ -36,15 +37,23 @@ from dptrain.operator._children import (
     build_trainer_job,
 )
 from dptrain.operator._conditions import parse_time, timestamp
+from dptrain.operator._dataset_reconciler import (
+    DatasetLedgers,
+    dataset_path,
+    parse_view,
+    reconcile_dataset,
+)
 from dptrain.operator._decisions import (
     ANNOTATION_APPLIED_SPEC,
     ChildState,
+    ConfigState,
     Decision,
     Observed,
     Settings,
     decide,
 )
 from dptrain.operator._kube import ApiError, KubeClient, resource_path
+from dptrain.operator._ledger_record import ANNOTATION_LEDGER
 from dptrain.operator._planning import OperatorTools
 
 logger = logging.getLogger("dptrain.operator")
@@ -106,13 +115,53 @@ def _child_state(obj: Mapping[str, Any] | None, owner_uid: str) -> tuple[ChildSt
     return state, foreign
 
 
+def _dataset_ref(body: Mapping[str, Any]) -> str | None:
+    """``spec.data.datasetRef`` of a job body, if it names one."""
+    ref = ((body.get("spec") or {}).get("data") or {}).get("datasetRef")
+    return ref if isinstance(ref, str) and ref else None
+
+
+def _config_state(obj: Mapping[str, Any] | None) -> ConfigState | None:
+    """The trainer's ConfigMap as the decision sees it (None: absent or being deleted)."""
+    if obj is None or (obj.get("metadata") or {}).get("deletionTimestamp"):
+        return None
+    raw = (obj.get("data") or {}).get(CONFIG_FILE)
+    try:
+        config = json.loads(raw) if isinstance(raw, str) else None
+    except ValueError:
+        config = None
+    return ConfigState(config=config if isinstance(config, dict) else None,
+                       immutable=obj.get("immutable") is True)
+
+
 def fingerprint(body: Mapping[str, Any]) -> str:
-    """What, in a job's body, can change a decision (our own status writes cannot)."""
+    """What, in a job's body, can change a decision.
+
+    ``status.privacy`` and the ledger annotation are included so that someone else's write of
+    them is noticed; the reconciler records the fingerprint of the body *as it wrote it*, so its
+    own writes do not trigger another pass.
+    """
     meta = body.get("metadata") or {}
     status = body.get("status") or {}
+    annotations = meta.get("annotations") or {}
     return repr((meta.get("generation"), meta.get("deletionTimestamp"), status.get("progress"),
-                 status.get("dataset"),
-                 (meta.get("annotations") or {}).get(ANNOTATION_APPLIED_SPEC) is None))
+                 status.get("dataset"), status.get("privacy"),
+                 annotations.get(ANNOTATION_LEDGER),
+                 annotations.get(ANNOTATION_APPLIED_SPEC) is None))
+
+
+def _after(body: Mapping[str, Any], decision: Decision) -> dict[str, Any]:
+    """The job's body as it is once the decision's writes landed (for :func:`fingerprint`)."""
+    meta = dict(body.get("metadata") or {})
+    annotations = dict(meta.get("annotations") or {})
+    if decision.ledger_annotation is not None:
+        annotations[ANNOTATION_LEDGER] = decision.ledger_annotation
+    if decision.applied_spec is not None:
+        annotations[ANNOTATION_APPLIED_SPEC] = "set"
+    meta["annotations"] = annotations
+    status = dict(body.get("status") or {})
+    status.update(decision.status)
+    return {**body, "metadata": meta, "status": status}
 
 
 class Reconciler:
@@ -125,6 +174,10 @@ class Reconciler:
         self.config = config
         self._jobs: dict[tuple[str, str], _JobState] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.ledgers = DatasetLedgers(client)
+        self._dataset_running: set[tuple[str, str]] = set()
+        self._dataset_dirty: set[tuple[str, str]] = set()
+        self._dataset_seen: dict[tuple[str, str], tuple[float, float]] = {}
 
     # ----------------------------------------------------------------------- triggering
 
@@ -214,16 +267,108 @@ class Reconciler:
         if (body.get("metadata") or {}).get("deletionTimestamp"):
             return None  # the children go with it (ownerReferences); nothing to start now
         observed = await self._observe(body)
+        ref = _dataset_ref(body)
+        if ref is not None:
+            observed = dataclasses.replace(observed,
+                                           dataset=await self.ledgers.view(namespace, ref))
         now = dt.datetime.now(dt.UTC)
         decision = await asyncio.to_thread(decide, body, observed, now, tools=self.tools,
                                            settings=self._decision_settings())
         for line in decision.warnings:
             logger.warning("%s/%s: %s", namespace, name, line)
+        if ref is not None and decision.reserve is not None:
+            # Durable before the workload exists: re-checked on the fresh ledger, under the
+            # dataset's lock, and written with a resourceVersion guard.
+            spec = observed.dataset.spec if observed.dataset is not None else None
+            if not await self.ledgers.reserve(namespace, ref, spec, decision.reserve):
+                if state is not None:
+                    state.dirty = True  # someone took the budget first: decide again
+                return 0.5
         await self._act(body, decision, now)
+        if ref is not None:
+            await self._dataset_after(body, ref, observed, decision, now)
         if state is not None:
-            state.fingerprint = fingerprint(body)
+            state.fingerprint = fingerprint(_after(body, decision))
+            if self._jobs.get((namespace, name)) is not state:
+                return None  # deleted while this pass ran: its series must stay gone
         self._observe_metrics(namespace, name, body, decision)
         return decision.requeue_after
+
+    async def _dataset_after(self, body: Mapping[str, Any], ref: str, observed: Observed,
+                             decision: Decision, now: dt.datetime) -> None:
+        """Events on the dataset, its charge following the job's ledger, waiting jobs noted."""
+        meta = body.get("metadata") or {}
+        namespace, name, uid = meta["namespace"], meta["name"], meta.get("uid", "")
+        key = (namespace, ref)
+        if decision.phase == "Pending" and not decision.create:
+            self.ledgers.waiting.setdefault(key, set()).add(name)
+        else:
+            self.ledgers.waiting.get(key, set()).discard(name)
+        dataset = await self.ledgers.client.get(dataset_path(namespace, ref))
+        if dataset is None:
+            return
+        for event in decision.dataset_events:
+            try:
+                await self.client.post_event(dataset, type_=event.type, reason=event.reason,
+                                             message=event.message, now=timestamp(now))
+            except ApiError as error:
+                logger.warning("could not post event %s on DPDataset %s/%s: %s", event.reason,
+                               namespace, ref, error)
+        privacy = dict((body.get("status") or {}).get("privacy") or {})
+        privacy.update(decision.status.get("privacy") or {})
+        steps = int(privacy.get("stepsCharged") or 0)
+        final = decision.phase in TERMINAL_PHASES
+        own = next((c for c in parse_view(ref, dataset).charges if c.uid == uid), None)
+        if own is not None and (steps > own.steps_charged
+                                or (final and own.state != "Charged")):
+            await self.ledgers.record_steps(namespace, ref, uid, steps, final)
+
+    async def reconcile_dataset(self, namespace: str, name: str) -> None:
+        """Summarise a DPDataset's ledger and poke the jobs waiting for its budget.
+
+        Single-flight per dataset: triggers that arrive during a pass (every charge update is a
+        watch event) collapse into one more pass, so a burst of progress reports costs one or
+        two compositions, not one each.
+        """
+        key = (namespace, name)
+        if key in self._dataset_running:
+            self._dataset_dirty.add(key)
+            return
+        self._dataset_running.add(key)
+        freed = False
+        try:
+            while True:
+                self._dataset_dirty.discard(key)
+                freed = await self._dataset_pass(namespace, name) or freed
+                if key not in self._dataset_dirty:
+                    break
+        finally:
+            self._dataset_running.discard(key)
+        if not freed:
+            return
+        for job in list(self.ledgers.waiting.get((namespace, name), ())):
+            task = asyncio.ensure_future(self.poke(namespace, job, "dataset"))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _dataset_pass(self, namespace: str, name: str) -> bool:
+        """One summary pass; True when budget freed (a release or a budget raise)."""
+        now = dt.datetime.now(dt.UTC)
+
+        async def post(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+            try:
+                await self.client.post_event(body, type_=type_, reason=reason,
+                                             message=message, now=timestamp(now))
+            except ApiError as error:
+                logger.warning("could not post event %s: %s", reason, error)
+
+        seen = await reconcile_dataset(self.ledgers, namespace, name, now, post)
+        last = self._dataset_seen.get((namespace, name))
+        if seen is not None:
+            self._dataset_seen[(namespace, name)] = seen
+        # Wake the waiting jobs only when budget freed: every status write of the dataset is an
+        # event, and most free nothing.
+        return seen is not None and (last is None or seen[0] < last[0] or seen[1] > last[1])
 
     def _decision_settings(self) -> Settings:
         kind = ("JobSet", JOBSET_API) if self.config.use_jobset else ("Job", "batch/v1")
@@ -247,7 +392,10 @@ class Reconciler:
                 # Left over from an earlier job of the same name: it is not ours to keep.
                 await self.client.delete(path)
             states[key] = state
-        return Observed(workload=states["workload"], prepare=states["prepare"])
+        config = await self.client.get(resource_path("v1", "configmaps", job.namespace,
+                                                     names.config_map))
+        return Observed(workload=states["workload"], prepare=states["prepare"],
+                        config=_config_state(config), config_observed=True)
 
     async def _act(self, body: Mapping[str, Any], decision: Decision, now: dt.datetime) -> None:
         job = JobRef.from_body(body)
@@ -260,6 +408,8 @@ class Reconciler:
                     await self.client.delete(resource_path("v1", "services", ns, names.service))
             elif child == "prepare":
                 await self.client.delete(resource_path("batch/v1", "jobs", ns, names.prepare))
+            elif child == "config":
+                await self.client.delete(resource_path("v1", "configmaps", ns, names.config_map))
         spec, plan = decision.spec, decision.plan
         dataset = decision.dataset
         created_config = False
@@ -292,19 +442,21 @@ class Reconciler:
                                          build_prepare_job(spec, job,
                                                            api_server=self.config.pod_api_server))
         if decision.update_config and not created_config and spec is not None:
+            # The ConfigMap is immutable: a new config is a new object (delete, then create).
             config = build_config_map(spec, job, plan, dataset)
-            path = resource_path("v1", "configmaps", ns, names.config_map)
-            try:
-                await self.client.merge_patch(path, {"data": config["data"]})
-            except ApiError as error:
-                if error.status != 404:
-                    raise
-                await self.client.create(resource_path("v1", "configmaps", ns), config)
+            await self.client.delete(resource_path("v1", "configmaps", ns, names.config_map))
+            if not await self.client.create(resource_path("v1", "configmaps", ns), config):
+                raise ApiError(409, "AlreadyExists", "the old ConfigMap is still being deleted")
         job_path = resource_path(API_VERSION, PLURAL, ns, job.name)
+        annotations: dict[str, str] = {}
         if decision.applied_spec is not None:
-            await self.client.merge_patch(job_path, {"metadata": {"annotations": {
-                ANNOTATION_APPLIED_SPEC: json.dumps(decision.applied_spec, sort_keys=True,
-                                                    separators=(",", ":"))}}})
+            annotations[ANNOTATION_APPLIED_SPEC] = json.dumps(
+                decision.applied_spec, sort_keys=True, separators=(",", ":"))
+        if decision.ledger_annotation is not None:
+            # The authoritative ledger first, then its published copy (status.privacy).
+            annotations[ANNOTATION_LEDGER] = decision.ledger_annotation
+        if annotations:
+            await self.client.merge_patch(job_path, {"metadata": {"annotations": annotations}})
         if decision.status:
             await self.client.merge_patch(job_path + "/status", {"status": decision.status})
         for event in decision.events:

@@ -74,6 +74,8 @@ class Progress:
         end_state: ``Succeeded``/``BudgetExhausted``/``Failed`` once finished.
         raw_loss: raw loss of the sampled rows (only with the opt-in; not privatised).
         unaccounted_release: what is published outside ε, when anything is.
+        mechanism: the fingerprint of the mechanism run (``status.progress.mechanism``), which
+            the operator compares with the plan it accounts.
     """
 
     steps_charged: int
@@ -84,6 +86,7 @@ class Progress:
     end_state: str | None = None
     raw_loss: float | None = None
     unaccounted_release: str | None = None
+    mechanism: dict[str, Any] | None = None
 
     def to_status(self) -> dict[str, Any]:
         """CamelCase ``status.progress`` (the fields of ``dptrain.api.ProgressStatus``)."""
@@ -99,6 +102,8 @@ class Progress:
             out["rawLoss"] = float(self.raw_loss)
         if self.unaccounted_release is not None:
             out["unaccountedRelease"] = self.unaccounted_release
+        if self.mechanism is not None:
+            out["mechanism"] = dict(self.mechanism)
         return out
 
 

@@ -197,6 +197,24 @@ def _checkpoint_meta(config: TrainConfig, ledger: PrivacyLedger, checksum: str,
                      "accountant": config.accountant}}
 
 
+#: Plan fields an accepted spec change may alter on resume: they do not change the mechanism
+#: (the budget only moves where the ledger stops; more iterations only extend the schedule).
+RESUMABLE_PLAN_FIELDS = frozenset({"epsilon_budget", "iterations"})
+
+
+def mechanism_fingerprint(config: TrainConfig, *, rows: int, sigma: float,
+                          checksum: str) -> dict[str, Any]:
+    """``status.progress.mechanism``: the mechanism this trainer runs, as the operator checks it.
+
+    ``sigma`` is the σ as used on the device (float32, rounded up) and ``rows`` the physical batch
+    the sampler pads/truncates to.
+    """
+    return {"samplingRate": config.sampling_rate, "noiseMultiplier": float(sigma),
+            "delta": config.delta, "datasetSize": config.dataset_size,
+            "physicalBatchSize": rows, "clipNorm": config.clip_norm,
+            "accountant": config.accountant, "datasetChecksum": checksum}
+
+
 def _check_compatible(meta: dict[str, Any], expected: dict[str, Any], where: pathlib.Path) -> None:
     if meta.get("key_fingerprint") != expected["key_fingerprint"]:
         raise InvalidJobError([FieldError(
@@ -205,7 +223,11 @@ def _check_compatible(meta: dict[str, Any], expected: dict[str, Any], where: pat
             f"{expected['key_fingerprint']}); restore the job's key file or use a fresh "
             "checkpoint directory")])
     for key in ("seed", "model_shape", "plan"):
-        if meta.get(key) != expected[key]:
+        got, want = meta.get(key), expected[key]
+        if key == "plan" and isinstance(got, dict):
+            got = {k: v for k, v in got.items() if k not in RESUMABLE_PLAN_FIELDS}
+            want = {k: v for k, v in want.items() if k not in RESUMABLE_PLAN_FIELDS}
+        if got != want:
             raise InvalidJobError([FieldError(
                 "spec.checkpoint.path", f"the checkpoint in {where} belongs to another "
                 f"configuration ({key} differs); use a fresh checkpoint directory")])
@@ -332,6 +354,8 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
     first_block = True
     # Rounded up, never down: float32 σ below the planned σ would add less noise than charged.
     sigma = np.float32(round_up_to_float32(config.noise_multiplier))
+    fingerprint = mechanism_fingerprint(config, rows=rows, sigma=float(sigma),
+                                        checksum=dataset.manifest.source_checksum)
     raw = config.release_raw_statistics
     if raw:
         log.warning("unaccounted release: %s", UNACCOUNTED_RELEASE)
@@ -353,7 +377,8 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
             if block == 0:
                 end_state = BUDGET_EXHAUSTED
                 break
-            ledger.reserve(block, Progress(steps_charged=ledger.steps_charged, step=step))
+            ledger.reserve(block, Progress(steps_charged=ledger.steps_charged, step=step,
+                                           mechanism=fingerprint))
             started = time.perf_counter()
             losses: list[float] = []
             raw_losses: list[float] = []
@@ -399,7 +424,8 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
             ledger.report(Progress(steps_charged=ledger.steps_charged, step=step,
                                    loss=losses[-1], tokens_per_second=tps, epsilon_spent=eps,
                                    raw_loss=raw_losses[-1] if raw else None,
-                                   unaccounted_release=UNACCOUNTED_RELEASE if raw else None))
+                                   unaccounted_release=UNACCOUNTED_RELEASE if raw else None,
+                                   mechanism=fingerprint))
             if metrics is not None:
                 metrics.update(step=step, loss=losses[-1], epsilon_spent=eps,
                                epsilon_budget=config.epsilon_budget, tokens_per_second=tps,
@@ -423,7 +449,8 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
                            loss=history[-1]["loss"] if history else None,
                            tokens_per_second=tokens_done / seconds if seconds else None,
                            epsilon_spent=spent, end_state=end_state,
-                           unaccounted_release=UNACCOUNTED_RELEASE if raw else None))
+                           unaccounted_release=UNACCOUNTED_RELEASE if raw else None,
+                           mechanism=fingerprint))
     head = history[:max(1, len(history) // 20)]  # averages the estimate's noise
     tail = history[-max(1, len(history) // 10):]
     return TrainResult(

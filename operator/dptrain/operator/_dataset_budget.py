@@ -1,0 +1,284 @@
+"""A dataset's privacy budget across its jobs: composition and admission, pure functions.
+
+Every job charged to a DPDataset ran (or will run) a Poisson-subsampled Gaussian mechanism T_j
+times on the same data. Their privacy costs compose; the dataset's ε is the ε of the
+*composition* of all those DP events at the dataset's δ, computed with dp-accounting (PLD
+convolution or RDP addition), never the sum of the jobs' ε (which is looser, often by far).
+
+Truncated Poisson sampling is accounted as for one job (``dptrain.privacy._mechanism``, Chua et
+al. 2024): the composition is computed at δ₀ = (1 − ρ)·δ and certified only if
+e^ε·Σ_j η_j ≤ ρ·δ, where η_j is the probability that any of job j's batches overflowed (a union
+bound over all batches of all jobs).
+
+Formal guarantees (checked in ``tests/test_operator_dataset_budget.py``):
+    1. :func:`composed_epsilon` is an upper bound on the ε of the composition of its events at δ
+       (PLD pessimistic discretisation; RDP conversion), equal to the single-job ε for one event,
+       and never larger than the sum of the jobs' ε bounds it would replace (up to PLD rounding).
+    2. :func:`admit` admits a job only if the composition of every committed charge (actual
+       steps of ended jobs; max(reserved, charged) of the others) plus the new job's reservation
+       is ≤ the budget. Called with the charges read under one lock, two admissions can never
+       both use the same remaining budget.
+    3. A charge that ran (``steps_charged`` > 0) is never removed: :func:`release` only turns a
+       reservation into its actual steps (``Charged``), and drops a charge that never ran.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import threading
+from collections.abc import Iterable, Sequence
+
+from dp_accounting.pld import privacy_loss_distribution as pld_lib
+from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
+
+from dptrain.api import DatasetCharge, DPDatasetSpec, DPTrainingJobSpec, PlanStatus
+from dptrain.privacy import TRUNCATION_DELTA_SHARE, DpSgdMechanism
+from dptrain.privacy._mechanism import PLD_EPSILON_CEILING, _rdp_one_step, base_pld
+
+Group = tuple[float, float, int | None, int | None]  # (q, σ, N, physical batch)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Admission:
+    """The answer to "may this job start on the dataset?".
+
+    Attributes:
+        fits: the composition stays within the budget.
+        composed: ε of every committed charge plus the candidate's reservation.
+        remaining: the budget minus the composition of the committed charges (before it).
+        budget: the dataset's ε budget.
+    """
+
+    fits: bool
+    composed: float
+    remaining: float
+    budget: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Summary:
+    """A dataset's ε: spent (actual steps), reserved (admitted, not yet run), remaining."""
+
+    spent: float
+    reserved: float
+    remaining: float
+    committed: float
+
+
+def _mechanism(group: Group, delta: float, accountant: str) -> DpSgdMechanism:
+    q, sigma, n, batch = group
+    return DpSgdMechanism(sampling_rate=q, noise_multiplier=sigma, delta=delta,
+                          accountant=accountant,  # type: ignore[arg-type]
+                          dataset_size=n, physical_batch_size=batch)
+
+
+Events = tuple[tuple[Group, int], ...]
+
+
+def _events(events: Iterable[tuple[Group, int]]) -> Events:
+    return tuple(sorted((g, n) for g, n in events if n > 0))
+
+
+def _rdp_epsilon(events: Events, delta: float) -> float:
+    orders: tuple[float, ...] = ()
+    total: list[float] | None = None
+    for group, steps in events:
+        orders, rdp = _rdp_one_step(_mechanism(group, delta, "rdp"))
+        scaled = [steps * r for r in rdp]
+        total = scaled if total is None else [a + b for a, b in zip(total, scaled, strict=True)]
+    assert total is not None
+    eps, _ = rdp_lib.compute_epsilon(orders, total, delta)
+    return float(eps)
+
+
+# Composed PLDs by their (sorted) events. An admission composes the cached PLD of the charges
+# already committed (computed when the dataset's status was last summarised) with the new job's:
+# one convolution instead of one per job.
+_PLDS: collections.OrderedDict[tuple[Events, float], pld_lib.PrivacyLossDistribution] = (
+    collections.OrderedDict())
+_PLD_CACHE_SIZE = 64
+_PLD_LOCK = threading.Lock()
+
+
+def _pld(events: Events, delta: float) -> pld_lib.PrivacyLossDistribution:
+    key = (events, delta)
+    with _PLD_LOCK:
+        if key in _PLDS:
+            _PLDS.move_to_end(key)
+            return _PLDS[key]
+    pld: pld_lib.PrivacyLossDistribution | None = None
+    for group, steps in events:
+        one = base_pld(_mechanism(group, delta, "pld")).self_compose(steps)
+        pld = one if pld is None else pld.compose(one)
+    assert pld is not None
+    _remember(key, pld)
+    return pld
+
+
+def _remember(key: tuple[Events, float], pld: pld_lib.PrivacyLossDistribution) -> None:
+    with _PLD_LOCK:
+        _PLDS[key] = pld
+        while len(_PLDS) > _PLD_CACHE_SIZE:
+            _PLDS.popitem(last=False)
+
+
+def _certify(eps: float, events: Events, delta: float) -> float:
+    """ε if the truncation term fits the δ share reserved for it, else +inf."""
+    eta = sum(_mechanism(g, delta, "rdp").overflow_probability(n) for g, n in events)
+    if eta > 0.0 and (eps > 700 or math.exp(eps) * eta > TRUNCATION_DELTA_SHARE * delta):
+        return math.inf
+    return eps
+
+
+def _delta0(events: Events, delta: float) -> float:
+    truncating = any(_mechanism(g, delta, "rdp").can_truncate for g, _ in events)
+    return delta * (1.0 - TRUNCATION_DELTA_SHARE) if truncating else delta
+
+
+def _composed(events: Events, delta: float, accountant: str,
+              base: Events | None = None) -> float:
+    """ε of ``events``.
+
+    With ``base`` (a subset whose PLD may be cached), PLD composes the cached PLD of ``base``
+    with the PLD of the remaining events.
+    """
+    if not events:
+        return 0.0
+    delta0 = _delta0(events, delta)
+    rdp_bound = _rdp_epsilon(events, delta0)
+    if accountant == "rdp" or rdp_bound > PLD_EPSILON_CEILING:
+        return _certify(rdp_bound, events, delta)  # RDP asked for, or no budget is met anyway
+    if base:
+        rest = list(events)
+        for item in base:
+            rest.remove(item)
+        pld = _pld(base, delta)
+        if rest:
+            pld = pld.compose(_pld(tuple(rest), delta))
+            _remember((events, delta), pld)
+    else:
+        pld = _pld(events, delta)
+    return _certify(float(pld.get_epsilon_for_delta(delta0)), events, delta)
+
+
+def _group_of(charge: DatasetCharge) -> Group:
+    return (charge.sampling_rate, charge.noise_multiplier, charge.dataset_size,
+            charge.physical_batch_size)
+
+
+def composed_epsilon(events: Iterable[tuple[Group, int]], delta: float,
+                     accountant: str) -> float:
+    """ε of the composition of ``(mechanism, steps)`` events at ``delta`` (see the guarantees).
+
+    PLD compositions are cached by their events, so summarising a dataset and then admitting a
+    job on it costs one convolution for the admission.
+    """
+    return _composed(_events(events), delta, accountant)
+
+
+def committed_steps(charge: DatasetCharge) -> int:
+    """Steps a charge holds: actual steps once final, else its reservation (or more, if run)."""
+    if charge.state == "Charged":
+        return charge.steps_charged
+    return max(charge.reserved_steps, charge.steps_charged)
+
+
+def summarize(spec: DPDatasetSpec, charges: Sequence[DatasetCharge]) -> Summary:
+    """ε spent, reserved and remaining of a dataset with these charges."""
+    privacy = spec.privacy
+    spent = composed_epsilon(((_group_of(c), c.steps_charged) for c in charges),
+                             privacy.delta, privacy.accountant)
+    committed = composed_epsilon(((_group_of(c), committed_steps(c)) for c in charges),
+                                 privacy.delta, privacy.accountant)
+    return Summary(spent=spent, reserved=max(0.0, committed - spent),
+                   remaining=privacy.epsilon - committed, committed=committed)
+
+
+def charge_for(job: str, uid: str, plan: PlanStatus) -> DatasetCharge:
+    """A new reservation of ``plan.max_steps`` steps of the plan's mechanism."""
+    return DatasetCharge(job=job, uid=uid, sampling_rate=plan.sampling_rate,
+                         noise_multiplier=plan.noise_multiplier,
+                         physical_batch_size=plan.physical_batch_size,
+                         dataset_size=plan.dataset_size, reserved_steps=plan.max_steps)
+
+
+def admit(spec: DPDatasetSpec, charges: Sequence[DatasetCharge],
+          candidate: DatasetCharge) -> Admission:
+    """Whether ``candidate`` fits next to every other committed charge (see the guarantees)."""
+    privacy = spec.privacy
+    others = _events((_group_of(c), committed_steps(c)) for c in charges
+                     if c.uid != candidate.uid)
+    own = next((c for c in charges if c.uid == candidate.uid), None)
+    steps = max(committed_steps(candidate), own.steps_charged if own is not None else 0)
+    events = _events([*others, (_group_of(candidate), steps)])
+    before = _composed(others, privacy.delta, privacy.accountant)
+    composed = _composed(events, privacy.delta, privacy.accountant, base=others)
+    return Admission(fits=composed <= privacy.epsilon, composed=composed,
+                     remaining=privacy.epsilon - before, budget=privacy.epsilon)
+
+
+def needs_admission(charges: Sequence[DatasetCharge], uid: str, plan: PlanStatus) -> bool:
+    """True unless the job already holds a reservation covering its plan's maximum."""
+    own = next((c for c in charges if c.uid == uid), None)
+    return (own is None or own.state == "Charged" or own.reserved_steps < plan.max_steps
+            or _group_of(own) != _group_of(charge_for("", uid, plan)))
+
+
+def with_charge(charges: Sequence[DatasetCharge], charge: DatasetCharge) -> list[DatasetCharge]:
+    """The charges with ``charge`` added, or replacing the job's entry (steps never lowered)."""
+    out: list[DatasetCharge] = []
+    for c in charges:
+        if c.uid == charge.uid:
+            charge = charge.model_copy(update={
+                "steps_charged": max(charge.steps_charged, c.steps_charged)})
+        else:
+            out.append(c)
+    return [*out, charge]
+
+
+def update_steps(charges: Sequence[DatasetCharge], uid: str, steps_charged: int,
+                 final: bool) -> list[DatasetCharge]:
+    """Record a job's ledger count (never lowered); ``final``: the job ended (release the rest)."""
+    out: list[DatasetCharge] = []
+    for c in charges:
+        if c.uid == uid:
+            steps = max(c.steps_charged, steps_charged)
+            state = "Charged" if final or c.state == "Charged" else (
+                "Running" if steps > 0 else c.state)
+            c = c.model_copy(update={"steps_charged": steps, "state": state})
+        out.append(c)
+    return out
+
+
+def release(charges: Sequence[DatasetCharge], uid: str) -> list[DatasetCharge]:
+    """A job is gone: a charge that ran becomes final at its actual steps.
+
+    A charge that ran is never removed; a reservation that never ran is dropped (its budget is
+    free again).
+    """
+    out: list[DatasetCharge] = []
+    for c in charges:
+        if c.uid == uid:
+            if c.steps_charged == 0:
+                continue
+            c = c.model_copy(update={"state": "Charged"})
+        out.append(c)
+    return out
+
+
+def data_mismatch(job: DPTrainingJobSpec, dataset: DPDatasetSpec,
+                  checksum: str | None) -> str | None:
+    """Why a job's data is not its dataset's (None: it is)."""
+    if dataset.data is not None:
+        mine = job.data.model_dump(mode="json", by_alias=True, exclude_none=True)
+        theirs = dataset.data.model_dump(mode="json", by_alias=True, exclude_none=True)
+        mine.pop("datasetRef", None)
+        differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if differing:
+            return ", ".join(f"spec.data.{k}" for k in differing) + " differ from the dataset's"
+    elif checksum is not None and checksum != dataset.checksum:
+        return (f"the data's checksum {checksum} is not the dataset's "
+                f"({dataset.checksum})")
+    return None

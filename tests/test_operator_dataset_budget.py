@@ -1,0 +1,82 @@
+"""Dataset budgets: composition with dp-accounting (not a sum) and admission, pure and fast."""
+
+from __future__ import annotations
+
+import dp_accounting
+import pytest
+
+from dptrain.api import DatasetCharge, DPDatasetSpec
+from dptrain.operator import _dataset_budget as budget
+from dptrain.privacy import DpSgdMechanism, epsilon
+
+DELTA = 1e-5
+
+
+def charge(uid, q=0.01, sigma=1.0, steps=100, **extra):
+    return DatasetCharge(job=uid, uid=uid, sampling_rate=q, noise_multiplier=sigma,
+                         reserved_steps=steps, **extra)
+
+
+def spec(eps, accountant="rdp"):
+    return DPDatasetSpec.model_validate({"privacy": {"epsilon": eps, "delta": DELTA,
+                                                     "accountant": accountant},
+                                         "checksum": "sha256:data"})
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_one_event_composes_to_the_single_job_epsilon(accountant):
+    mechanism = DpSgdMechanism(sampling_rate=0.01, noise_multiplier=1.0, delta=DELTA,
+                               accountant=accountant)
+    got = budget.composed_epsilon([((0.01, 1.0, None, None), 1000)], DELTA, accountant)
+    assert got == pytest.approx(epsilon(mechanism, 1000), rel=1e-9)  # 2.101 RDP, 1.828 PLD
+
+
+def test_composition_of_different_jobs_matches_dp_accounting_and_beats_the_sum():
+    events = [((0.01, 1.0, None, None), 500), ((0.02, 2.0, None, None), 300)]
+    got = budget.composed_epsilon(events, DELTA, "pld")
+    reference = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+    reference.compose(dp_accounting.ComposedDpEvent([
+        dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+            q, dp_accounting.GaussianDpEvent(s)), t) for (q, s, _, _), t in events]))
+    assert got == pytest.approx(reference.get_epsilon(DELTA), abs=2e-3)
+    alone = sum(budget.composed_epsilon([e], DELTA, "pld") for e in events)
+    assert got < 0.9 * alone  # composition, not a sum
+
+
+def test_same_mechanism_jobs_compose_like_one_longer_job():
+    three = budget.composed_epsilon([((0.01, 1.0, None, None), 100)] * 3, DELTA, "rdp")
+    long = budget.composed_epsilon([((0.01, 1.0, None, None), 300)], DELTA, "rdp")
+    assert three == pytest.approx(long, rel=1e-12)
+
+
+def test_admission_fits_exactly_as_many_jobs_as_the_composition_allows():
+    group = (0.01, 1.0, None, None)
+    limit = (budget.composed_epsilon([(group, 300)], DELTA, "rdp")
+             + budget.composed_epsilon([(group, 400)], DELTA, "rdp")) / 2
+    dataset = spec(limit)
+    charges: list[DatasetCharge] = []
+    admitted = 0
+    for i in range(10):
+        candidate = charge(f"j{i}")
+        answer = budget.admit(dataset, charges, candidate)
+        if answer.fits:
+            charges = budget.with_charge(charges, candidate)
+            admitted += 1
+        else:
+            assert answer.composed > limit and answer.remaining < answer.composed
+    assert admitted == 3
+
+
+def test_charges_follow_the_ledger_release_unused_reservations_and_never_vanish_once_run():
+    charges = [charge("a"), charge("b")]
+    charges = budget.update_steps(charges, "a", 40, final=False)
+    charges = budget.update_steps(charges, "a", 10, final=False)  # never lowered
+    assert charges[0].steps_charged == 40 and charges[0].state == "Running"
+    assert budget.committed_steps(charges[0]) == 100  # still reserved while it runs
+    charges = budget.update_steps(charges, "a", 40, final=True)
+    assert budget.committed_steps(charges[0]) == 40  # halted early: 60 steps released
+    gone = budget.release(charges, "b")  # never ran: its reservation frees
+    assert [c.uid for c in gone] == ["a"]
+    assert budget.release(gone, "a") == gone  # ran: kept, at its actual steps
+    summary = budget.summarize(spec(10.0), gone)
+    assert summary.spent == pytest.approx(summary.committed) and summary.reserved == 0.0
