@@ -354,8 +354,8 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
     first_block = True
     # Rounded up, never down: float32 σ below the planned σ would add less noise than charged.
     sigma = np.float32(round_up_to_float32(config.noise_multiplier))
-    fingerprint = mechanism_fingerprint(config, rows=rows, sigma=float(sigma),
-                                        checksum=dataset.manifest.source_checksum)
+    mechanism_run = mechanism_fingerprint(config, rows=rows, sigma=float(sigma),
+                                          checksum=dataset.manifest.source_checksum)
     raw = config.release_raw_statistics
     if raw:
         log.warning("unaccounted release: %s", UNACCOUNTED_RELEASE)
@@ -378,7 +378,7 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
                 end_state = BUDGET_EXHAUSTED
                 break
             ledger.reserve(block, Progress(steps_charged=ledger.steps_charged, step=step,
-                                           mechanism=fingerprint))
+                                           mechanism=mechanism_run))
             started = time.perf_counter()
             losses: list[float] = []
             raw_losses: list[float] = []
@@ -425,7 +425,7 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
                                    loss=losses[-1], tokens_per_second=tps, epsilon_spent=eps,
                                    raw_loss=raw_losses[-1] if raw else None,
                                    unaccounted_release=UNACCOUNTED_RELEASE if raw else None,
-                                   mechanism=fingerprint))
+                                   mechanism=mechanism_run))
             if metrics is not None:
                 metrics.update(step=step, loss=losses[-1], epsilon_spent=eps,
                                epsilon_budget=config.epsilon_budget, tokens_per_second=tps,
@@ -450,7 +450,7 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
                            tokens_per_second=tokens_done / seconds if seconds else None,
                            epsilon_spent=spent, end_state=end_state,
                            unaccounted_release=UNACCOUNTED_RELEASE if raw else None,
-                           mechanism=fingerprint))
+                           mechanism=mechanism_run))
     head = history[:max(1, len(history) // 20)]  # averages the estimate's noise
     tail = history[-max(1, len(history) // 10):]
     return TrainResult(
