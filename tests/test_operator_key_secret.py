@@ -9,10 +9,9 @@ import os
 import kubernetes_validate
 from kube_samples import job_manifest
 
-from dptrain.api import PlanStatus, parse_job
+from dptrain.api import KEY_PATH, PlanStatus, parse_job
 from dptrain.operator import JobRef, PodSizing, build_prepare_job, build_role, build_trainer_job
 from dptrain.operator._children import (
-    KEY_PATH,
     build_config_map,
     build_jobset,
     build_key_secret,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from dptrain.api import IN_CLUSTER_API_SERVER
 from dptrain.cli._output import fail
 
 
@@ -32,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     parser.add_argument("--pod-api-server",
                         default=os.environ.get("DPTRAIN_POD_API_SERVER",
-                                               "https://kubernetes.default.svc"),
+                                               IN_CLUSTER_API_SERVER),
                         help="API server URL given to trainer pods (DPTRAIN_API_SERVER)")
     parser.add_argument("--workload", choices=["auto", "jobset", "job"], default="auto",
                         help="run trainers as a JobSet, an Indexed Job + headless Service, or "

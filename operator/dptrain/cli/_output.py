@@ -9,11 +9,17 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_INVALID = 3
-EXIT_BUDGET_EXHAUSTED = 4  # the trainer stopped at the last step within the privacy budget
+# The exit codes are part of the pod contract (the operator reads the trainer's): defined there.
+from dptrain.api import (
+    EXIT_BUDGET_EXHAUSTED,
+    EXIT_ERROR,
+    EXIT_INVALID,
+    EXIT_OK,
+    EXIT_USAGE,
+)
+
+__all__ = ["EXIT_BUDGET_EXHAUSTED", "EXIT_ERROR", "EXIT_INVALID", "EXIT_OK", "EXIT_USAGE",
+           "CliError", "emit", "fail", "json_parent"]
 
 
 class CliError(Exception):

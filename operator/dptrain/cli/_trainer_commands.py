@@ -14,7 +14,17 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from dptrain.api import DPTrainingJob, InvalidJobError, PlanStatus, load_job, parse_job
+from dptrain.api import (
+    ENV_REPORT,
+    REPORT_KUBERNETES,
+    TRAINER_METRICS_PORT,
+    DPTrainingJob,
+    InvalidJobError,
+    PlanStatus,
+    load_job,
+    parse_job,
+    steps_charged_of,
+)
 from dptrain.cli._output import EXIT_ERROR, EXIT_INVALID, emit, fail
 
 if TYPE_CHECKING:
@@ -133,7 +143,8 @@ def _stop_on_sigterm() -> Iterator[threading.Event]:
 def _metrics_port(args: argparse.Namespace) -> int | None:
     if args.metrics_port is not None:
         return args.metrics_port or None
-    return 9100 if os.environ.get("DPTRAIN_REPORT") == "kubernetes" else None
+    in_pod = os.environ.get(ENV_REPORT) == REPORT_KUBERNETES
+    return TRAINER_METRICS_PORT if in_pod else None
 
 
 def _dataset_for(job: DPTrainingJob, *, base_dir: pathlib.Path, prepared_dir: pathlib.Path,
@@ -307,10 +318,7 @@ def _load_config(path: pathlib.Path) -> tuple[DPTrainingJob, int]:
     if len(documents) != 1:
         fail(f"{path}: must hold exactly one DPTrainingJob", EXIT_INVALID)
     manifest = documents[0]
-    status = manifest.get("status") or {}
-    charged = max(int((status.get(part) or {}).get("stepsCharged") or 0)
-                  for part in ("privacy", "progress"))
-    return parse_job(manifest), charged
+    return parse_job(manifest), steps_charged_of(manifest.get("status"))
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -6,10 +6,9 @@ pure ``build_*`` functions (``_children``), and writes the result. The operator 
 privacy ledger with its own accountant (``_accounting``).
 """
 
+from dptrain.api import CONFIG_PATH
 from dptrain.operator._accounting import Accountant, mechanism_of
 from dptrain.operator._children import (
-    CONFIG_PATH,
-    TRAINER_COMMAND,
     ChildNames,
     JobRef,
     PodSizing,
@@ -37,7 +36,6 @@ from dptrain.operator._runner import OperatorOptions, operate, run
 __all__ = [
     "CONFIG_PATH",
     "REGISTRY",
-    "TRAINER_COMMAND",
     "Accountant",
     "ChildNames",
     "ChildState",

@@ -4,7 +4,8 @@ Every child carries an ownerReference (``controller: true``) to its job, so dele
 deletes them, and the labels ``dptrain.io/job=<job>`` and ``app.kubernetes.io/managed-by=
 dptrain-operator``. Names are deterministic, so re-running a handler can never duplicate a child.
 
-What the pods run (the contract with ``dptrain train`` / ``dptrain prepare-data``):
+What the pods run (the contract with ``dptrain train`` / ``dptrain prepare-data``; its names,
+paths, ports and exit codes are defined once, in ``dptrain.api._contract``):
 
 - The ConfigMap ``<job>-config`` holds ``config.json``, mounted read-only at ``/etc/dptrain``. It is
   a complete ``DPTrainingJob`` manifest whose paths are rewritten to paths *inside the pod*
@@ -21,7 +22,8 @@ What the pods run (the contract with ``dptrain train`` / ``dptrain prepare-data`
   and ``JAX_PROCESS_ID`` (the completion index), ``HOME=/tmp``. The trainer reports by
   merge-patching ``status.progress`` (``stepsCharged``, ``step``, ``loss``, ``tokensPerSecond``,
   ``lastUpdate``, ``endState``) of its own job; it may GET the job to resume from
-  ``status.privacy.stepsCharged``. Exit codes: 0 done, 4 budget exhausted, else error.
+  ``status.privacy.stepsCharged``. Exit codes: ``EXIT_OK`` done, ``EXIT_BUDGET_EXHAUSTED``
+  (final), else error.
 - The job's secret key (256 bits from ``secrets``, drawn by the operator before the first
   workload) lives in the immutable Secret ``<job>-key-<uid8>`` owned by the job (the uid in the
   name: a job re-created under the same name never inherits an old key). Trainer pods mount it
@@ -47,9 +49,35 @@ import posixpath
 from collections.abc import Mapping
 from typing import Any
 
-from dptrain.api import API_VERSION, KIND, PLURAL, DatasetStatus, DPTrainingJobSpec, PlanStatus
-
-GROUP = API_VERSION.split("/")[0]
+from dptrain.api import (
+    API_VERSION,
+    CHECKPOINT_MOUNT,
+    CONFIG_DIR,
+    CONFIG_FILE,
+    COORDINATOR_PORT,
+    DATA_MOUNT,
+    ENV_API_SERVER,
+    ENV_JAX_COORDINATOR,
+    ENV_JAX_NUM_PROCESSES,
+    ENV_JAX_PROCESS_ID,
+    ENV_JOB_NAME,
+    ENV_JOB_NAMESPACE,
+    ENV_REPORT,
+    EXIT_BUDGET_EXHAUSTED,
+    GROUP,
+    IN_CLUSTER_API_SERVER,
+    KEY_DIR,
+    KEY_FILE,
+    KIND,
+    PLURAL,
+    REPORT_KUBERNETES,
+    TRAINER_METRICS_PORT,
+    DatasetStatus,
+    DPTrainingJobSpec,
+    PlanStatus,
+    prepare_command,
+    trainer_command,
+)
 
 LABEL_JOB = "dptrain.io/job"
 LABEL_COMPONENT = "app.kubernetes.io/component"
@@ -59,24 +87,10 @@ MANAGER = "dptrain-operator"
 ANNOTATION_RESTART = "dptrain.io/restart"
 ANNOTATION_PLAN_GENERATION = "dptrain.io/plan-generation"
 
-CONFIG_DIR = "/etc/dptrain"
-CONFIG_FILE = "config.json"
-CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
-DATA_MOUNT = "/data"
-CHECKPOINT_MOUNT = "/checkpoints"
-COORDINATOR_PORT = 8476
-TRAINER_METRICS_PORT = 9100
-DEFAULT_API_SERVER = "https://kubernetes.default.svc"
 COMPLETION_INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 TERMINATION_GRACE_SECONDS = 60  # time for the trainer to save its last checkpoint on SIGTERM
-EXIT_BUDGET_EXHAUSTED = 4
-
-KEY_DIR = "/var/run/secrets/dptrain.io"
-KEY_FILE = "key"
-KEY_PATH = f"{KEY_DIR}/{KEY_FILE}"
 KEY_FILE_MODE = 0o440  # owner root, group fsGroup (the trainer's): read-only, nobody else
 
-TRAINER_COMMAND = ("dptrain", "train", "--config", CONFIG_PATH, "--key-file", KEY_PATH)
 
 
 # ------------------------------------------------------------------------------ identities
@@ -314,19 +328,19 @@ def trainer_env(job: JobRef, *, hosts: int, api_server: str,
                 coordinator: str | None) -> list[dict[str, Any]]:
     """Environment of trainer pods (see the module docstring); no JAX vars without a coordinator."""
     env: list[dict[str, Any]] = [
-        {"name": "DPTRAIN_JOB_NAME", "value": job.name},
-        {"name": "DPTRAIN_JOB_NAMESPACE", "value": job.namespace},
-        {"name": "DPTRAIN_API_SERVER", "value": api_server},
-        {"name": "DPTRAIN_REPORT", "value": "kubernetes"},
+        {"name": ENV_JOB_NAME, "value": job.name},
+        {"name": ENV_JOB_NAMESPACE, "value": job.namespace},
+        {"name": ENV_API_SERVER, "value": api_server},
+        {"name": ENV_REPORT, "value": REPORT_KUBERNETES},
         {"name": "HOME", "value": "/tmp"},
         {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
         {"name": "MPLCONFIGDIR", "value": "/tmp/.matplotlib"},
     ]
     if coordinator is not None:
         env += [
-            {"name": "JAX_COORDINATOR_ADDRESS", "value": coordinator},
-            {"name": "JAX_NUM_PROCESSES", "value": str(hosts)},
-            {"name": "JAX_PROCESS_ID",
+            {"name": ENV_JAX_COORDINATOR, "value": coordinator},
+            {"name": ENV_JAX_NUM_PROCESSES, "value": str(hosts)},
+            {"name": ENV_JAX_PROCESS_ID,
              "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX_FIELD}}},
         ]
     return env
@@ -440,7 +454,7 @@ def _job_spec(template: dict[str, Any], hosts: int) -> dict[str, Any]:
 
 
 def build_trainer_job(spec: DPTrainingJobSpec, job: JobRef, plan: PlanStatus, sizing: PodSizing,
-                      *, api_server: str = DEFAULT_API_SERVER, restart: int = 0
+                      *, api_server: str = IN_CLUSTER_API_SERVER, restart: int = 0
                       ) -> dict[str, Any]:
     """The Indexed Job that runs the trainer on ``sizing.hosts`` pods."""
     names = ChildNames.of(job.name)
@@ -448,7 +462,7 @@ def build_trainer_job(spec: DPTrainingJobSpec, job: JobRef, plan: PlanStatus, si
     annotations = {ANNOTATION_RESTART: str(restart),
                    ANNOTATION_PLAN_GENERATION: str(plan.spec_generation or 0)}
     template = _pod_template(
-        spec, job, component="trainer", command=list(TRAINER_COMMAND),
+        spec, job, component="trainer", command=trainer_command(),
         env=trainer_env(job, hosts=sizing.hosts, api_server=api_server, coordinator=coordinator),
         sizing=sizing, subdomain=names.service, annotations=annotations,
         ports=[{"name": "coordinator", "containerPort": COORDINATOR_PORT},
@@ -478,7 +492,7 @@ def build_headless_service(job: JobRef) -> dict[str, Any]:
 
 
 def build_jobset(spec: DPTrainingJobSpec, job: JobRef, plan: PlanStatus, sizing: PodSizing,
-                 *, api_server: str = DEFAULT_API_SERVER, restart: int = 0) -> dict[str, Any]:
+                 *, api_server: str = IN_CLUSTER_API_SERVER, restart: int = 0) -> dict[str, Any]:
     """The same workload as a JobSet (one replicated Job ``node``; JobSet makes the Service)."""
     names = ChildNames.of(job.name)
     jobset = names.workload
@@ -486,7 +500,7 @@ def build_jobset(spec: DPTrainingJobSpec, job: JobRef, plan: PlanStatus, sizing:
     annotations = {ANNOTATION_RESTART: str(restart),
                    ANNOTATION_PLAN_GENERATION: str(plan.spec_generation or 0)}
     template = _pod_template(
-        spec, job, component="trainer", command=list(TRAINER_COMMAND),
+        spec, job, component="trainer", command=trainer_command(),
         env=trainer_env(job, hosts=sizing.hosts, api_server=api_server, coordinator=coordinator),
         sizing=sizing, subdomain=None, annotations=annotations,
         ports=[{"name": "coordinator", "containerPort": COORDINATOR_PORT},
@@ -507,11 +521,10 @@ def build_jobset(spec: DPTrainingJobSpec, job: JobRef, plan: PlanStatus, sizing:
 
 
 def build_prepare_job(spec: DPTrainingJobSpec, job: JobRef, *,
-                      api_server: str = DEFAULT_API_SERVER) -> dict[str, Any]:
+                      api_server: str = IN_CLUSTER_API_SERVER) -> dict[str, Any]:
     """The data-preparation Job: measures N, writes prepared sequences, reports status.dataset."""
     names = ChildNames.of(job.name)
-    command = ["dptrain", "prepare-data", "--config", CONFIG_PATH,
-               "--output", prepared_dir(spec, job), "--report", "kubernetes"]
+    command = prepare_command(prepared_dir(spec, job))
     sizing = PodSizing(resources={"requests": {"cpu": "1", "memory": "2Gi"},
                                   "limits": {"memory": "4Gi"}})
     template = _pod_template(

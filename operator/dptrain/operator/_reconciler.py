@@ -19,11 +19,17 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from dptrain.api import API_VERSION, PLURAL, TERMINAL_PHASES, PlanStatus
+from dptrain.api import (
+    API_VERSION,
+    CONFIG_FILE,
+    IN_CLUSTER_API_SERVER,
+    PLURAL,
+    TERMINAL_PHASES,
+    PlanStatus,
+    status_path,
+)
 from dptrain.operator import _metrics
 from dptrain.operator._children import (
-    CONFIG_FILE,
-    DEFAULT_API_SERVER,
     ChildNames,
     JobRef,
     build_config_map,
@@ -73,7 +79,7 @@ class ReconcilerConfig:
     """
 
     decisions: Settings = dataclasses.field(default_factory=Settings)
-    pod_api_server: str = DEFAULT_API_SERVER
+    pod_api_server: str = IN_CLUSTER_API_SERVER
     use_jobset: bool = False
     error_backoff: float = 1.0
 
@@ -458,7 +464,8 @@ class Reconciler:
         if annotations:
             await self.client.merge_patch(job_path, {"metadata": {"annotations": annotations}})
         if decision.status:
-            await self.client.merge_patch(job_path + "/status", {"status": decision.status})
+            await self.client.merge_patch(status_path(ns, job.name),
+                                         {"status": decision.status})
         for event in decision.events:
             try:
                 await self.client.post_event(body, type_=event.type, reason=event.reason,

@@ -12,8 +12,8 @@ from typing import Literal
 
 import kopf
 
+from dptrain.api import IN_CLUSTER_API_SERVER
 from dptrain.operator import _handlers, _metrics
-from dptrain.operator._children import DEFAULT_API_SERVER
 from dptrain.operator._decisions import Settings
 from dptrain.operator._reconciler import ReconcilerConfig
 
@@ -41,7 +41,7 @@ class OperatorOptions:
     health_port: int = 8080
     log_format: Literal["json", "plain"] = "plain"
     verbose: bool = False
-    pod_api_server: str = DEFAULT_API_SERVER
+    pod_api_server: str = IN_CLUSTER_API_SERVER
     jobset: Literal["auto", "jobset", "job"] = "auto"
     cache_dir: str | None = None
     timer_interval: float = 60.0

@@ -13,6 +13,8 @@ import os
 
 import jax
 
+from dptrain.api import ENV_JAX_COORDINATOR, ENV_JAX_NUM_PROCESSES, ENV_JAX_PROCESS_ID
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ProcessInfo:
@@ -34,16 +36,18 @@ def distributed_env(env: dict[str, str] | None = None) -> tuple[str, int, int] |
         ValueError: naming the variable, when the variables are incomplete or malformed.
     """
     env = dict(os.environ if env is None else env)
-    address = env.get("JAX_COORDINATOR_ADDRESS")
+    address = env.get(ENV_JAX_COORDINATOR)
     if not address:
         return None
     try:
-        count = int(env.get("JAX_NUM_PROCESSES", "1"))
-        index = int(env.get("JAX_PROCESS_ID", "0"))
+        count = int(env.get(ENV_JAX_NUM_PROCESSES, "1"))
+        index = int(env.get(ENV_JAX_PROCESS_ID, "0"))
     except ValueError:
-        raise ValueError("JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers") from None
+        raise ValueError(f"{ENV_JAX_NUM_PROCESSES} and {ENV_JAX_PROCESS_ID} must be integers"
+                         ) from None
     if count < 1 or not 0 <= index < count:
-        raise ValueError(f"JAX_PROCESS_ID ({index}) must be in [0, JAX_NUM_PROCESSES={count})")
+        raise ValueError(f"{ENV_JAX_PROCESS_ID} ({index}) must be in [0, "
+                         f"{ENV_JAX_NUM_PROCESSES}={count})")
     return address, count, index
 
 

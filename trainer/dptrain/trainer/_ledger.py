@@ -38,14 +38,24 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from dptrain.api import (
+    ENV_API_SERVER,
+    ENV_JOB_NAME,
+    ENV_JOB_NAMESPACE,
+    ENV_REPORT,
+    IN_CLUSTER_API_SERVER,
+    REPORT_FILE,
+    REPORT_KUBERNETES,
+    SERVICE_ACCOUNT_DIR,
+    status_path,
+    steps_charged_of,
+)
 from dptrain.privacy import EpsilonCurve, PrivacyLedger
 
 log = logging.getLogger(__name__)
 
 LEDGER_FILE = "ledger.json"
 PROGRESS_FILE = "progress.json"
-SERVICE_ACCOUNT_DIR = pathlib.Path("/var/run/secrets/kubernetes.io/serviceaccount")
-DEFAULT_API_SERVER = "https://kubernetes.default.svc"
 
 
 class LedgerError(RuntimeError):
@@ -295,7 +305,7 @@ class KubernetesTarget:
 
     name: str
     namespace: str
-    api_server: str = DEFAULT_API_SERVER
+    api_server: str = IN_CLUSTER_API_SERVER
     token_path: pathlib.Path = SERVICE_ACCOUNT_DIR / "token"
     ca_path: pathlib.Path | None = SERVICE_ACCOUNT_DIR / "ca.crt"
 
@@ -303,17 +313,16 @@ class KubernetesTarget:
     def from_env(cls, env: dict[str, str] | None = None) -> KubernetesTarget:
         """Read ``DPTRAIN_JOB_NAME``, ``DPTRAIN_JOB_NAMESPACE`` and ``DPTRAIN_API_SERVER``."""
         env = dict(os.environ if env is None else env)
-        missing = [k for k in ("DPTRAIN_JOB_NAME", "DPTRAIN_JOB_NAMESPACE") if not env.get(k)]
+        missing = [k for k in (ENV_JOB_NAME, ENV_JOB_NAMESPACE) if not env.get(k)]
         if missing:
-            raise ValueError(f"DPTRAIN_REPORT=kubernetes needs {', '.join(missing)} set")
-        return cls(name=env["DPTRAIN_JOB_NAME"], namespace=env["DPTRAIN_JOB_NAMESPACE"],
-                   api_server=env.get("DPTRAIN_API_SERVER") or DEFAULT_API_SERVER)
+            raise ValueError(f"{ENV_REPORT}={REPORT_KUBERNETES} needs {', '.join(missing)} set")
+        return cls(name=env[ENV_JOB_NAME], namespace=env[ENV_JOB_NAMESPACE],
+                   api_server=env.get(ENV_API_SERVER) or IN_CLUSTER_API_SERVER)
 
     @property
     def status_url(self) -> str:
         """The job's status subresource."""
-        return (f"{self.api_server.rstrip('/')}/apis/dptrain.io/v1alpha1/namespaces/"
-                f"{self.namespace}/dptrainingjobs/{self.name}/status")
+        return self.api_server.rstrip("/") + status_path(self.namespace, self.name)
 
 
 class KubernetesReporter:
@@ -341,10 +350,7 @@ class KubernetesReporter:
         except (OSError, ValueError) as error:
             raise LedgerError(f"cannot read the ledger from {self.target.status_url}: "
                               f"{error}") from error
-        status = body.get("status") or {}
-        counts = [int((status.get(part) or {}).get("stepsCharged") or 0)
-                  for part in ("privacy", "progress")]
-        return max(counts)
+        return steps_charged_of(body.get("status"))
 
     def record_charge(self, progress: Progress) -> None:
         """Patch the new count; retried, then :class:`LedgerError`."""
@@ -398,9 +404,10 @@ def reporters_from_env(output_dir: str | os.PathLike[str],
                        env: dict[str, str] | None = None) -> list[Reporter]:
     """The reporters ``DPTRAIN_REPORT`` asks for (``file`` by default, or ``kubernetes``)."""
     env = dict(os.environ if env is None else env)
-    kind = env.get("DPTRAIN_REPORT", "file")
-    if kind == "file":
+    kind = env.get(ENV_REPORT, REPORT_FILE)
+    if kind == REPORT_FILE:
         return [FileReporter(output_dir)]
-    if kind == "kubernetes":
+    if kind == REPORT_KUBERNETES:
         return [KubernetesReporter(KubernetesTarget.from_env(env))]
-    raise ValueError(f"DPTRAIN_REPORT must be 'file' or 'kubernetes' (got {kind!r})")
+    raise ValueError(f"{ENV_REPORT} must be '{REPORT_FILE}' or '{REPORT_KUBERNETES}' "
+                     f"(got {kind!r})")

@@ -49,7 +49,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from dptrain.api import FieldError, InvalidJobError
+from dptrain.api import EXIT_BUDGET_EXHAUSTED, EXIT_OK, FieldError, InvalidJobError
 from dptrain.planner import ModelShape
 from dptrain.privacy import (
     DpSgdMechanism,
@@ -136,8 +136,8 @@ class TrainResult:
 
     @property
     def exit_code(self) -> int:
-        """0 when Succeeded, 4 when BudgetExhausted."""
-        return 0 if self.end_state == SUCCEEDED else 4
+        """``EXIT_OK`` when Succeeded, ``EXIT_BUDGET_EXHAUSTED`` (4) when BudgetExhausted."""
+        return EXIT_OK if self.end_state == SUCCEEDED else EXIT_BUDGET_EXHAUSTED
 
 
 def mechanism_for(config: TrainConfig) -> DpSgdMechanism:
