@@ -112,6 +112,6 @@ def micro_config(micro_shape, micro_dataset, tmp_path: _Path):
             accountant="rdp", checkpoint_dir=tmp_path / "ckpt", checkpoint_interval=4,
             checkpoint_keep=5, output_dir=tmp_path / "out", progress=False)
         values.update(overrides)
-        return TrainConfig(**values)
+        return TrainConfig.pinned(**values)
 
     return make

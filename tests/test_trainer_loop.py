@@ -41,7 +41,7 @@ def reference(tmp_path_factory, micro_shape, micro_dataset):
     """One uninterrupted 12-step run, shared by the tests that compare against it."""
     from dptrain.trainer import TrainConfig
     base = tmp_path_factory.mktemp("reference")
-    config = TrainConfig(
+    config = TrainConfig.pinned(
         job_name="micro", shape=micro_shape, data_dir=micro_dataset.directory,
         dataset_size=micro_dataset.num_sequences, sequence_length=16, batch_size=8,
         physical_batch_size=32, iterations=12, noise_multiplier=1.0, clip_norm=1.0,

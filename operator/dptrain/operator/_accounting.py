@@ -1,9 +1,10 @@
 """The operator's own accountant: ε spent from the plan and the steps charged, never the trainer's.
 
 The operator keeps the privacy ledger itself. It derives ε spent from the plan's mechanism
-(q, σ, δ, accountant, N, physical batch) and the steps charged, with an
-:class:`dptrain.privacy.EpsilonCurve` built once per plan and cached in-process (building costs
-a few PLD compositions; a look-up costs microseconds).
+(``dptrain.planner.mechanism_of``: q, σ, δ, accountant, N, physical batch) and the steps
+charged, with the plan's curve (``dptrain.planner.plan_curve``, the same one the trainer reports
+with, so status, progress bar and report agree), built once per plan and cached in-process
+(building costs a few PLD compositions; a look-up costs microseconds).
 
 Formal guarantees:
     1. ``epsilon_spent(plan, delta, t)`` is never below the exact ε of t steps of the plan's
@@ -15,12 +16,14 @@ Formal guarantees:
 
 from __future__ import annotations
 
-import functools
 import sys
 import threading
 
 from dptrain.api import PlanStatus
-from dptrain.privacy import DpSgdMechanism, EpsilonCurve, epsilon, largest_steps_within
+from dptrain.planner import mechanism_of, plan_curve
+from dptrain.privacy import EpsilonCurve, epsilon, largest_steps_within
+
+__all__ = ["Accountant", "json_safe", "mechanism_of"]
 
 
 def json_safe(value: float) -> float:
@@ -32,35 +35,16 @@ def json_safe(value: float) -> float:
     return min(value, sys.float_info.max)
 
 
-def mechanism_of(plan: PlanStatus, delta: float) -> DpSgdMechanism:
-    """The DP-SGD mechanism a plan runs (the trainer builds the same one from the same plan)."""
-    # Truncation to the physical batch is always accounted (as the trainer does): it can only
-    # make ε larger, never smaller.
-    return DpSgdMechanism(
-        sampling_rate=plan.sampling_rate,
-        noise_multiplier=plan.noise_multiplier,
-        delta=delta,
-        accountant=plan.accountant,
-        dataset_size=plan.dataset_size,
-        physical_batch_size=plan.physical_batch_size,
-    )
-
-
 class Accountant:
     """ε-curves per plan, cached; thread-safe (curves are built in worker threads)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
 
-    @staticmethod
-    @functools.lru_cache(maxsize=1024)
-    def _curve(mechanism: DpSgdMechanism, horizon: int) -> EpsilonCurve:
-        return EpsilonCurve.build(mechanism, horizon, anchors=(horizon,))
-
     def curve(self, plan: PlanStatus, delta: float) -> EpsilonCurve:
-        """The curve of ``plan`` up to its ``max_steps`` (a job never runs past them)."""
+        """The plan's curve (``dptrain.planner.plan_curve``; cached per plan and δ)."""
         with self._lock:  # one build per plan, even when several reconciles ask at once
-            return self._curve(mechanism_of(plan, delta), max(1, plan.max_steps))
+            return plan_curve(plan, delta)
 
     def epsilon_spent(self, plan: PlanStatus, delta: float, steps: int) -> float:
         """ε after ``steps`` steps of the plan (conservative; exact at ``plan.max_steps``)."""

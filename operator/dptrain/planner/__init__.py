@@ -26,6 +26,14 @@ from dptrain.planner._loss_model import (
     read_results_csv,
 )
 from dptrain.planner._plan import Bound, Candidate, Plan
+from dptrain.planner._plan_privacy import (
+    GEOMETRIC_POINTS,
+    LINEAR_POINTS,
+    PlanMechanismFields,
+    mechanism_of,
+    plan_curve,
+    plan_grid,
+)
 from dptrain.planner._planner import DEFAULT_LEARNING_RATE, frontier, make_plan
 from dptrain.planner._pods import (
     DEFAULT_TARGET_WALL_SECONDS,
@@ -53,6 +61,8 @@ __all__ = [
     "DEFAULT_PROVENANCE",
     "DEFAULT_TABLE",
     "DEFAULT_TARGET_WALL_SECONDS",
+    "GEOMETRIC_POINTS",
+    "LINEAR_POINTS",
     "MAX_SCALED_LAYERS",
     "PRESETS",
     "REQUIRED_COLUMNS",
@@ -64,6 +74,7 @@ __all__ = [
     "MemoryEstimate",
     "ModelShape",
     "Plan",
+    "PlanMechanismFields",
     "PodPlan",
     "SearchSpace",
     "SigmaSurface",
@@ -79,7 +90,10 @@ __all__ = [
     "get_accelerator",
     "get_preset",
     "make_plan",
+    "mechanism_of",
     "memory_estimate",
+    "plan_curve",
+    "plan_grid",
     "read_results_csv",
     "scaled_shape",
     "size_pod",

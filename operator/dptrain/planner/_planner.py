@@ -24,6 +24,7 @@ from dptrain.planner._errors import InfeasibleBudgetError
 from dptrain.planner._exact import ExactAccounting
 from dptrain.planner._loss_model import LossModel, TableLossModel
 from dptrain.planner._plan import Bound, Candidate, Plan
+from dptrain.planner._plan_privacy import PricedPoint, mechanism_of
 from dptrain.planner._pods import PodPlan, size_pod
 from dptrain.planner._presets import (
     BYTE_VOCAB_SIZE,
@@ -35,7 +36,7 @@ from dptrain.planner._presets import (
 )
 from dptrain.planner._search import NEAR_OPTIMAL_RTOL, SearchResult, SearchSpace, search
 from dptrain.planner._sigma_table import SigmaTable, default_cache_dir
-from dptrain.privacy import DpSgdMechanism, PrivacyParameterError, physical_batch_size_for
+from dptrain.privacy import PrivacyParameterError, physical_batch_size_for
 
 DEFAULT_LEARNING_RATE = {"adamw": 1e-3, "sgd": 0.1}
 """Peak learning rate when neither the spec nor the loss table suggests one."""
@@ -286,9 +287,10 @@ def _finalize(spec: DPTrainingJobSpec, shapes: list[ModelShape], result: SearchR
             "privacy", f"no noise multiplier reaches ε = {privacy.epsilon:g} in {t} steps at "
             f"q = {q:.3g} ({error})", field="spec.privacy.epsilon",
             available=privacy.epsilon) from None
-    mechanism = DpSgdMechanism(sampling_rate=q, noise_multiplier=sigma, delta=privacy.delta,
-                               accountant=privacy.accountant, dataset_size=n,
-                               physical_batch_size=physical)
+    # The same plan → mechanism mapping the operator and the trainer use on status.plan.
+    mechanism = mechanism_of(PricedPoint(sampling_rate=q, noise_multiplier=sigma,
+                                         accountant=privacy.accountant, dataset_size=n,
+                                         physical_batch_size=physical), privacy.delta)
     max_steps = (t if training.noise_multiplier is None
                  else exact.max_steps(epsilon_budget=privacy.epsilon, mechanism=mechanism, cap=t))
     if max_steps == 0:

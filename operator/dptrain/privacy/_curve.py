@@ -9,9 +9,11 @@ Formal guarantees:
     1. ``epsilon_at(t) ≥ epsilon(mechanism, t)`` for every 0 ≤ t ≤ ``max_steps`` (ε is
        non-decreasing in t and each grid value is an exact upper bound), and equality holds at
        grid points and anchors.
-    2. ``max_steps_within(budget)`` is the exact largest t ≤ ``max_steps`` with
-       ``epsilon(mechanism, t) ≤ budget`` (bisection between grid points with exact ε).
-    3. Beyond ``max_steps`` ``epsilon_at`` computes ε exactly (slow path), never extrapolates.
+    2. ``max_steps_within(budget, horizon)`` is the exact largest t ≤ ``horizon`` (default
+       ``max_steps``) with ``epsilon(mechanism, t) ≤ budget`` (bisection between grid points,
+       and beyond them, with exact ε).
+    3. Beyond ``max_steps`` ``epsilon_at`` computes ε exactly (slow path, memoised), never
+       extrapolates.
 """
 
 from __future__ import annotations
@@ -65,14 +67,18 @@ class EpsilonCurve:
         if steps < 0:
             raise ValueError(f"steps must be >= 0 (got {steps})")
         if steps > self.max_steps:
-            return epsilon(self.mechanism, steps)
+            return _exact(self.mechanism, steps)
         return self.epsilons[bisect.bisect_left(self.steps, steps)]
 
-    def max_steps_within(self, budget: float) -> int:
-        """The largest step count ≤ ``max_steps`` whose exact ε is ≤ ``budget``."""
+    def max_steps_within(self, budget: float, horizon: int | None = None) -> int:
+        """The largest step count ≤ ``horizon`` (default ``max_steps``) with exact ε ≤ budget."""
         budget = check_epsilon(budget, name="epsilon_budget")
         k = bisect.bisect_right(self.epsilons, budget) - 1  # last grid point within budget
         if k == len(self.steps) - 1:
+            if horizon is not None and horizon > self.max_steps:
+                # Past the grid: exact ε (steps charged again after restarts can go there).
+                return largest_steps_within(self.mechanism, budget, lo=self.max_steps,
+                                            hi=horizon)
             return self.max_steps
         if k < 0:
             return 0
@@ -84,7 +90,15 @@ class EpsilonCurve:
         return list(zip(self.steps, self.epsilons, strict=True))
 
 
-@functools.lru_cache(maxsize=128)
+@functools.lru_cache(maxsize=4096)
+def _exact(mechanism: DpSgdMechanism, steps: int) -> float:
+    # Memoised: past the grid the same count is asked for by the ledger, the progress report
+    # and the history of the same step.
+    return epsilon(mechanism, steps)
+
+
+# A curve is a few dozen floats; the operator keeps one per running plan.
+@functools.lru_cache(maxsize=1024)
 def _build_cached(mechanism: DpSgdMechanism, max_steps: int, points: int,
                   anchors: tuple[int, ...]) -> EpsilonCurve:
     steps = grid_steps(max_steps, points, anchors)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+from typing import Any
 
 from dptrain.api import DPTrainingJob, FieldError, InvalidJobError, PlanStatus
-from dptrain.planner import ModelShape, get_preset
+from dptrain.planner import ModelShape, get_preset, mechanism_of
+from dptrain.privacy import DpSgdMechanism
 from dptrain.trainer._data import PreparedDataset
 
 
@@ -19,18 +21,17 @@ from dptrain.trainer._data import PreparedDataset
 class TrainConfig:
     """Everything one training run needs (public configuration; no arrays).
 
+    The plan is kept as it is (``status.plan``: the operator's, or ``make_plan``'s locally):
+    its mechanism, steps and optimisation settings are read from it, never copied, so the loop
+    accounts exactly the plan the operator accounts (``dptrain.planner.mechanism_of``).
+
     Attributes:
         job_name: the DPTrainingJob's name (metrics label, checkpoint identity).
+        plan: the plan to carry out (batch, iterations, σ, q, N, physical batch, clip norm,
+            learning rate, accountant, maxSteps).
         shape: the model.
         data_dir: the prepared dataset's directory.
-        dataset_size: N (must equal the prepared dataset's).
         sequence_length: tokens per sequence.
-        batch_size: expected batch q·N (divisor of the noisy gradient sum).
-        physical_batch_size: the accountant's B_max (the loop may round it up to fit devices).
-        iterations: planned steps T.
-        noise_multiplier: σ.
-        clip_norm: C.
-        learning_rate: peak learning rate.
         warmup_steps: linear warm-up steps.
         weight_decay: decoupled weight decay.
         optimizer: ``adamw`` or ``sgd``.
@@ -39,7 +40,6 @@ class TrainConfig:
             secret job key).
         epsilon_budget: ε the job may spend.
         delta: δ.
-        accountant: ``pld`` or ``rdp``.
         checkpoint_dir: where checkpoints and ``ledger.json`` go.
         checkpoint_interval: save every this many steps (and at the end).
         checkpoint_keep: checkpoints to keep.
@@ -55,16 +55,10 @@ class TrainConfig:
     """
 
     job_name: str
+    plan: PlanStatus
     shape: ModelShape
     data_dir: pathlib.Path
-    dataset_size: int
     sequence_length: int
-    batch_size: int
-    physical_batch_size: int
-    iterations: int
-    noise_multiplier: float
-    clip_norm: float
-    learning_rate: float
     warmup_steps: int
     weight_decay: float
     optimizer: str
@@ -72,7 +66,6 @@ class TrainConfig:
     seed: int
     epsilon_budget: float
     delta: float
-    accountant: str
     checkpoint_dir: pathlib.Path
     checkpoint_interval: int
     checkpoint_keep: int
@@ -110,10 +103,78 @@ class TrainConfig:
         if errors:
             raise InvalidJobError(errors)
 
+    @classmethod
+    def pinned(cls, *, shape: ModelShape, dataset_size: int, sequence_length: int,
+               batch_size: int, physical_batch_size: int, iterations: int,
+               noise_multiplier: float, clip_norm: float, learning_rate: float,
+               accountant: str, **settings: Any) -> TrainConfig:
+        """A configuration whose plan is pinned by hand (no planner: sweeps, tests, benches).
+
+        The plan runs every one of its ``iterations`` (``maxSteps`` = ``iterations``); the
+        loop's budget guard still stops at the last step within ``epsilon_budget``.
+        """
+        plan = PlanStatus(
+            model_preset=shape.name, model_params=shape.param_count, batch_size=batch_size,
+            iterations=iterations, noise_multiplier=noise_multiplier,
+            noise_batch_ratio=noise_multiplier / batch_size,
+            sampling_rate=batch_size / dataset_size, physical_batch_size=physical_batch_size,
+            dataset_size=dataset_size, sequence_length=sequence_length, clip_norm=clip_norm,
+            learning_rate=learning_rate,
+            compute_flops=6.0 * shape.param_count * batch_size * sequence_length * iterations,
+            max_steps=iterations, epsilon_planned=0.0,
+            accountant=accountant)  # type: ignore[arg-type]
+        return cls(plan=plan, shape=shape, sequence_length=sequence_length, **settings)
+
+    # The plan's fields the loop reads (one source: the plan).
+    @property
+    def batch_size(self) -> int:
+        """Expected batch B = q·N (divisor of the noisy gradient sum)."""
+        return self.plan.batch_size
+
+    @property
+    def dataset_size(self) -> int:
+        """N (equals the prepared dataset's)."""
+        return self.plan.dataset_size
+
+    @property
+    def physical_batch_size(self) -> int:
+        """The accountant's B_max (the loop may round it up to fit devices)."""
+        return self.plan.physical_batch_size
+
+    @property
+    def iterations(self) -> int:
+        """Planned steps T."""
+        return self.plan.iterations
+
+    @property
+    def noise_multiplier(self) -> float:
+        """σ."""
+        return self.plan.noise_multiplier
+
+    @property
+    def clip_norm(self) -> float:
+        """C."""
+        return self.plan.clip_norm
+
+    @property
+    def learning_rate(self) -> float:
+        """Peak learning rate."""
+        return self.plan.learning_rate
+
+    @property
+    def accountant(self) -> str:
+        """``pld`` or ``rdp``."""
+        return self.plan.accountant
+
     @property
     def sampling_rate(self) -> float:
-        """Q = B / N."""
-        return self.batch_size / self.dataset_size
+        """q, as the plan states it (B / N)."""
+        return self.plan.sampling_rate
+
+    @property
+    def mechanism(self) -> DpSgdMechanism:
+        """The plan's mechanism at the job's δ (``dptrain.planner.mechanism_of``)."""
+        return mechanism_of(self.plan, self.delta)
 
 
 def shape_for(preset: str, *, vocab_size: int) -> ModelShape:
@@ -157,14 +218,10 @@ def config_from_plan(job: DPTrainingJob, plan: PlanStatus, *, dataset: PreparedD
     ckpt = checkpoint_dir or _resolve(output_dir, spec.checkpoint.path, "checkpoints")
     return TrainConfig(
         job_name=job.metadata.name, shape=model, data_dir=dataset.directory,
-        dataset_size=manifest.num_sequences, sequence_length=manifest.sequence_length,
-        batch_size=plan.batch_size, physical_batch_size=plan.physical_batch_size,
-        iterations=plan.iterations, noise_multiplier=plan.noise_multiplier,
-        clip_norm=plan.clip_norm, learning_rate=plan.learning_rate, warmup_steps=warmup,
+        plan=plan, sequence_length=manifest.sequence_length, warmup_steps=warmup,
         weight_decay=training.weight_decay, optimizer=training.optimizer,
         microbatch_size=plan.microbatch_size or training.microbatch_size, seed=training.seed,
-        epsilon_budget=spec.privacy.epsilon, delta=spec.privacy.delta,
-        accountant=plan.accountant, checkpoint_dir=ckpt,
+        epsilon_budget=spec.privacy.epsilon, delta=spec.privacy.delta, checkpoint_dir=ckpt,
         checkpoint_interval=spec.checkpoint.interval_steps, checkpoint_keep=spec.checkpoint.keep,
         output_dir=output_dir, ledger_block=ledger_block, metrics_port=metrics_port,
         progress=progress, initial_steps_charged=initial_steps_charged, key_file=key_file,

@@ -187,9 +187,23 @@ class DurableLedger:
     """The privacy ledger with its durable records (see the module's Formal guarantees)."""
 
     def __init__(self, ledger: PrivacyLedger, curve: EpsilonCurve, ledger_file: LedgerFile,
-                 reporters: Sequence[Reporter] = (), *, writer: bool = True) -> None:
+                 reporters: Sequence[Reporter] = (), *, writer: bool = True,
+                 horizon: int | None = None) -> None:
+        """Keep ``ledger`` with its records.
+
+        Args:
+            ledger: the privacy ledger to start from.
+            curve: "ε after t steps" of the mechanism (the plan's curve, shared with the
+                operator: ``dptrain.planner.plan_curve``).
+            ledger_file: the local durable record.
+            reporters: where charges and progress are published.
+            writer: whether this process writes records (only one process of a job does).
+            horizon: the most steps this ledger may ever be asked about (default: the
+                curve's last grid point); the budget's exact ceiling is searched up to it.
+        """
         self._ledger = ledger
         self._curve = curve
+        self._horizon = horizon
         self._file = ledger_file
         self._reporters = tuple(reporters)
         self._writer = writer  # only one process of a multi-host job writes
@@ -223,7 +237,8 @@ class DurableLedger:
 
     def _ceiling(self) -> int:
         if self._max_within is None:
-            self._max_within = self._curve.max_steps_within(self._ledger.epsilon_budget)
+            self._max_within = self._curve.max_steps_within(self._ledger.epsilon_budget,
+                                                             self._horizon)
         return self._max_within
 
     def resume(self, *records: int) -> int:

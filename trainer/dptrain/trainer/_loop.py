@@ -2,8 +2,8 @@
 
 One run of :func:`train`:
 
-1. builds the accountant's mechanism from the plan (``q = B/N``, σ, δ, the plan's physical batch)
-   and its ε-curve; resumes the ledger from the largest record (ledger file, reporters,
+1. takes the plan's mechanism and ε-curve (``dptrain.planner.mechanism_of`` and ``plan_curve``,
+   the operator's own); resumes the ledger from the largest record (ledger file, reporters,
    checkpoint, the caller's lower bound) and the parameters from the latest checkpoint;
 2. repeats: choose a block of steps — no more than the ledger block, the steps left, the steps to
    the next checkpoint, and the steps the budget still allows; reserve them in the ledger
@@ -50,14 +50,8 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from dptrain.api import EXIT_BUDGET_EXHAUSTED, EXIT_OK, FieldError, InvalidJobError
-from dptrain.planner import ModelShape
-from dptrain.privacy import (
-    DpSgdMechanism,
-    EpsilonCurve,
-    PrivacyLedger,
-    epsilon,
-    round_up_to_float32,
-)
+from dptrain.planner import ModelShape, plan_curve
+from dptrain.privacy import DpSgdMechanism, PrivacyLedger, round_up_to_float32
 from dptrain.trainer._checkpoint import Checkpointer, shape_to_dict
 from dptrain.trainer._config import TrainConfig
 from dptrain.trainer._data import load_dataset
@@ -108,7 +102,7 @@ class TrainResult:
         end_state: ``Succeeded`` or ``BudgetExhausted``.
         step: steps included in the final parameters.
         steps_charged: the ledger's count.
-        epsilon_spent: exact ε of ``steps_charged``.
+        epsilon_spent: ε of ``steps_charged`` (the plan's curve: what the status reports).
         epsilon_budget: the budget.
         delta: δ.
         initial_loss: mean DP loss estimate over the first 5% of steps (at least one).
@@ -141,12 +135,8 @@ class TrainResult:
 
 
 def mechanism_for(config: TrainConfig) -> DpSgdMechanism:
-    """The accountant's view of ``config``: the same q, σ, δ and physical batch as the plan."""
-    return DpSgdMechanism(sampling_rate=config.sampling_rate,
-                          noise_multiplier=config.noise_multiplier, delta=config.delta,
-                          accountant=config.accountant,  # type: ignore[arg-type]
-                          dataset_size=config.dataset_size,
-                          physical_batch_size=config.physical_batch_size)
+    """The accountant's view of ``config``: its plan's mechanism (``TrainConfig.mechanism``)."""
+    return config.mechanism
 
 
 def physical_rows(config: TrainConfig, devices: int) -> int:
@@ -189,17 +179,45 @@ def _checkpoint_meta(config: TrainConfig, ledger: PrivacyLedger, checksum: str,
             "ledger": ledger.to_dict(), "model_shape": shape_to_dict(config.shape),
             "dataset": {"checksum": checksum, "num_sequences": config.dataset_size,
                         "sequence_length": config.sequence_length, "dir": str(config.data_dir)},
-            "plan": {"batch_size": config.batch_size, "iterations": config.iterations,
-                     "noise_multiplier": config.noise_multiplier, "clip_norm": config.clip_norm,
-                     "physical_batch_size": config.physical_batch_size,
-                     "learning_rate": config.learning_rate, "optimizer": config.optimizer,
-                     "epsilon_budget": config.epsilon_budget, "delta": config.delta,
-                     "accountant": config.accountant}}
+            # The plan as it is (status.plan's form), and what the job adds to it.
+            "plan": config.plan.model_dump(mode="json", by_alias=True, exclude_none=True),
+            "training": {"optimizer": config.optimizer, "epsilon_budget": config.epsilon_budget,
+                         "delta": config.delta}}
 
 
-#: Plan fields an accepted spec change may alter on resume: they do not change the mechanism
-#: (the budget only moves where the ledger stops; more iterations only extend the schedule).
-RESUMABLE_PLAN_FIELDS = frozenset({"epsilon_budget", "iterations"})
+#: Fields an accepted spec change may alter on resume: they do not change the mechanism (the
+#: budget only moves where the ledger stops; more iterations only extend the schedule, and with
+#: them the plan's maxSteps, planned ε, compute and predicted loss; the generation just counts).
+RESUMABLE_PLAN_FIELDS = frozenset({"epsilon_budget", "iterations", "maxSteps", "epsilonPlanned",
+                                   "specGeneration", "computeFlops", "predictedLoss"})
+#: The plan record of checkpoints written before plans were stored as they are.
+_LEGACY_PLAN_KEYS = {"batch_size": "batchSize", "iterations": "iterations",
+                     "noise_multiplier": "noiseMultiplier", "clip_norm": "clipNorm",
+                     "physical_batch_size": "physicalBatchSize",
+                     "learning_rate": "learningRate", "accountant": "accountant"}
+
+
+def _run_identity(meta: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """What must match for a checkpoint to be resumed, and whether the record is the old one.
+
+    The plan and the training settings, without the fields a resume may change.
+    """
+    plan = dict(meta.get("plan") or {})
+    legacy = "batch_size" in plan  # written before plans were stored as they are
+    if legacy:
+        identity = {_LEGACY_PLAN_KEYS[k]: v for k, v in plan.items() if k in _LEGACY_PLAN_KEYS}
+        identity.update({k: plan.get(k) for k in ("optimizer", "epsilon_budget", "delta")})
+    else:
+        identity = {**plan, **(meta.get("training") or {})}
+    return {k: v for k, v in identity.items() if k not in RESUMABLE_PLAN_FIELDS}, legacy
+
+
+def _same_run(meta: dict[str, Any], expected: dict[str, Any]) -> bool:
+    got, legacy = _run_identity(meta)
+    want, _ = _run_identity(expected)
+    if legacy:  # the flat record held fewer fields: compare those it has
+        want = {k: want.get(k) for k in got}
+    return got == want
 
 
 def mechanism_fingerprint(config: TrainConfig, *, rows: int, sigma: float,
@@ -223,11 +241,8 @@ def _check_compatible(meta: dict[str, Any], expected: dict[str, Any], where: pat
             f"{expected['key_fingerprint']}); restore the job's key file or use a fresh "
             "checkpoint directory")])
     for key in ("seed", "model_shape", "plan"):
-        got, want = meta.get(key), expected[key]
-        if key == "plan" and isinstance(got, dict):
-            got = {k: v for k, v in got.items() if k not in RESUMABLE_PLAN_FIELDS}
-            want = {k: v for k, v in want.items() if k not in RESUMABLE_PLAN_FIELDS}
-        if got != want:
+        same = _same_run(meta, expected) if key == "plan" else meta.get(key) == expected[key]
+        if not same:
             raise InvalidJobError([FieldError(
                 "spec.checkpoint.path", f"the checkpoint in {where} belongs to another "
                 f"configuration ({key} differs); use a fresh checkpoint directory")])
@@ -284,7 +299,7 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
     tokenizer = dataset.tokenizer
     pad_id = tokenizer.pad_id
     rows = physical_rows(config, mesh.devices.size)
-    mechanism = mechanism_for(config)
+    mechanism = config.mechanism
     ledger_file = LedgerFile(config.checkpoint_dir)
     start_count = max(config.initial_steps_charged, ledger_file.steps_charged())
     checkpointer = Checkpointer(config.checkpoint_dir, keep=config.checkpoint_keep)
@@ -300,12 +315,13 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
     sampler = PoissonSampler(dataset_size=config.dataset_size,
                              expected_batch_size=config.batch_size, physical_batch_size=rows,
                              key=key)
-    # The curve must reach the largest count this run can charge: restarts re-charge steps.
-    curve = EpsilonCurve.build(mechanism, max(1, start_count + config.iterations),
-                               anchors=(config.iterations,))
+    # The plan's curve: the operator reports ε spent with the same one. The ledger's budget
+    # ceiling must reach the largest count this run can charge (restarts re-charge steps).
+    curve = plan_curve(config.plan, config.delta)
     ledger = DurableLedger(PrivacyLedger(mechanism=mechanism,
                                          epsilon_budget=config.epsilon_budget),
-                           curve, ledger_file, reporters, writer=process.is_leader)
+                           curve, ledger_file, reporters, writer=process.is_leader,
+                           horizon=max(1, start_count + config.iterations))
 
     optimizer_key = (config.optimizer, config.learning_rate, config.iterations,
                      config.warmup_steps, config.weight_decay)
@@ -444,7 +460,9 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
         if metrics is not None:
             metrics.close()
 
-    spent = epsilon(mechanism, ledger.steps_charged)
+    # The same "ε after t steps" as the progress bar, the history and the operator's status
+    # (exact at the plan's grid points, maxSteps and iterations among them).
+    spent = ledger.epsilon_at(ledger.steps_charged)
     ledger.report(Progress(steps_charged=ledger.steps_charged, step=step,
                            loss=history[-1]["loss"] if history else None,
                            tokens_per_second=tokens_done / seconds if seconds else None,

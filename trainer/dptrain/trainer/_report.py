@@ -53,18 +53,32 @@ def report_dict(result: TrainResult, extra: dict[str, Any] | None = None) -> dic
     return report
 
 
+def epsilon_points(result: TrainResult) -> list[tuple[int, float]]:
+    """The ε plot's points: (steps charged, ε) at every step of the history, from 0.
+
+    Each ε is the one reported for that count (the plan's curve: what the progress bar and the
+    job's status show), an upper bound of the exact ε; the plan's grid is fine enough (a point
+    at least every 1/16 of its steps, ``dptrain.planner.plan_curve``) that this is the curve,
+    not a coarse staircase. The x axis is the ledger's count, which after restarts runs ahead
+    of the model's step.
+    """
+    return [(0, 0.0), *((int(h["steps_charged"]), float(h["epsilon"])) for h in result.history)]
+
+
 def _plot(path: pathlib.Path, xs: Sequence[float], ys: Sequence[float], *, title: str,
-          ylabel: str, hline: float | None = None, step: bool = False) -> None:
+          ylabel: str, hline: float | None = None, step: bool = False,
+          xlabel: str = "step") -> None:
     figure = Figure(figsize=(6, 3.6), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     if step:
-        axes.step(xs, ys, where="post", color="tab:orange", label=ylabel)
+        # ε after t steps is the value at t: each level reaches back to the previous count.
+        axes.step(xs, ys, where="pre", color="tab:orange", label=ylabel)
     else:
         axes.plot(xs, ys, color="tab:blue", linewidth=1, label=ylabel)
     if hline is not None:
         axes.axhline(hline, color="tab:red", linestyle="--", label="budget")
-    axes.set_xlabel("step")
+    axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.set_title(title)
     axes.grid(alpha=0.3)
@@ -84,8 +98,9 @@ def write_report(result: TrainResult, output_dir: str | os.PathLike[str],
         _plot(out / LOSS_PLOT, steps, [h["loss"] for h in result.history],
               title="training loss: DP estimate (released under ε)",
               ylabel="DP loss estimate (nats/token)")
-        _plot(out / EPSILON_PLOT, [0, *steps], [0.0, *(h["epsilon"] for h in result.history)],
-              title=f"privacy spent (δ = {result.delta:g})", ylabel="ε",
+        points = epsilon_points(result)
+        _plot(out / EPSILON_PLOT, [x for x, _ in points], [y for _, y in points],
+              title=f"privacy spent (δ = {result.delta:g})", ylabel="ε", xlabel="steps charged",
               hline=result.epsilon_budget, step=True)
         report["plots"] = [str(out / LOSS_PLOT), str(out / EPSILON_PLOT)]
     tmp = out / f".{REPORT_FILE}.tmp"
