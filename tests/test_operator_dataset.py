@@ -20,7 +20,7 @@ from kube_waiting import wait_for
 
 from dptrain.api import DPTrainingJobSpec
 from dptrain.operator._dataset_budget import composed_epsilon
-from dptrain.operator._planning import OperatorTools
+from dptrain.operator._tools import OperatorTools
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

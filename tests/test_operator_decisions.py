@@ -12,7 +12,7 @@ from kube_samples import job_manifest
 from dptrain.api import PlanStatus
 from dptrain.operator import ChildState, Observed, Settings, decide
 from dptrain.operator._conditions import set_condition
-from dptrain.operator._decisions import ANNOTATION_APPLIED_SPEC, spec_json
+from dptrain.operator._spec_changes import ANNOTATION_APPLIED_SPEC, spec_json
 from dptrain.operator._verification import expected_fingerprint
 
 NOW = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)

@@ -310,6 +310,21 @@ class PrivacyLedgerStatus(_Status):
     accountant: Literal["pld", "rdp"] = "pld"
     last_charged_time: str | None = None
 
+    def merge(self, *counts: int, charged_at: str | None = None) -> PrivacyLedgerStatus:
+        """The ledger's merge rule (the one place it is written down): the maximum of counts.
+
+        Returns this ledger with ``steps_charged`` raised to the largest of ``counts`` — never
+        lowered — and, when that raised it, ``last_charged_time`` set to ``charged_at`` (if
+        given). ``epsilon_spent`` is left to the accountant.
+        """
+        best = max((self.steps_charged, *counts))
+        if best == self.steps_charged:
+            return self
+        update: dict[str, Any] = {"steps_charged": best}
+        if charged_at is not None:
+            update["last_charged_time"] = charged_at
+        return self.model_copy(update=update)
+
 
 class MechanismFingerprint(_Status):
     """The DP-SGD mechanism a trainer runs, as it reports it with each progress report.

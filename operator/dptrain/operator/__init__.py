@@ -1,9 +1,11 @@
 """The dptrain Kubernetes operator (kopf): DPTrainingJob → plan → JAX workload, ε enforced.
 
 Handlers are thin (``_handlers``): they trigger a level-triggered reconcile (``_reconciler``)
-that reads the job and its children, calls the pure :func:`decide` (``_decisions``) and the
-pure ``build_*`` functions (``_children``), and writes the result. The operator keeps the
-privacy ledger with its own accountant (``_accounting``).
+that reads the job and its children, calls the pure :func:`decide` (``_decisions``, with its
+parts ``_observed``, ``_draft``, ``_spec_changes``, ``_phases`` and ``_admission``; the planner
+and the accountant behind ``_tools``) and the pure ``build_*`` functions (``_children``), and
+writes the result. The operator keeps the privacy ledger with its own accountant
+(``_accounting``) in an annotation (``_ledger_record``).
 """
 
 from dptrain.api import CONFIG_PATH
@@ -22,15 +24,10 @@ from dptrain.operator._children import (
     build_trainer_job,
     trainer_config,
 )
-from dptrain.operator._decisions import (
-    ChildState,
-    Decision,
-    Event,
-    Observed,
-    Settings,
-    decide,
-)
+from dptrain.operator._decisions import decide
+from dptrain.operator._draft import Decision, Event
 from dptrain.operator._metrics import REGISTRY
+from dptrain.operator._observed import ChildState, Observed, Settings
 from dptrain.operator._runner import OperatorOptions, operate, run
 
 __all__ = [

@@ -36,8 +36,8 @@ from dptrain.api import (
 from dptrain.operator import _dataset_budget as budget
 from dptrain.operator import _metrics
 from dptrain.operator._conditions import set_condition
-from dptrain.operator._decisions import DatasetView
 from dptrain.operator._kube import ApiError, KubeClient, resource_path
+from dptrain.operator._observed import DatasetView
 
 logger = logging.getLogger("dptrain.operator")
 

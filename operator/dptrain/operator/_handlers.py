@@ -25,8 +25,8 @@ import kopf
 from dptrain.api import DATASET_PLURAL, GROUP, PLURAL, VERSION
 from dptrain.operator._children import LABEL_JOB, LABEL_MANAGED_BY, MANAGER
 from dptrain.operator._kube import KubeClient
-from dptrain.operator._planning import OperatorTools
 from dptrain.operator._reconciler import JOBSET_API, Reconciler, ReconcilerConfig
+from dptrain.operator._tools import OperatorTools
 
 logger = logging.getLogger("dptrain.operator")
 

@@ -91,8 +91,8 @@ def authoritative(record: LedgerRecord | None, published: PrivacyLedgerStatus | 
 
 
 def merge_records(ledger: PrivacyLedgerStatus, *counts: int) -> PrivacyLedgerStatus:
-    """``ledger`` with ``steps_charged`` raised to the largest of ``counts`` (never lowered)."""
-    best = max((ledger.steps_charged, *counts))
-    if best == ledger.steps_charged:
-        return ledger
-    return ledger.model_copy(update={"steps_charged": best})
+    """``ledger`` with ``steps_charged`` raised to the largest of ``counts`` (never lowered).
+
+    The rule is :meth:`dptrain.api.PrivacyLedgerStatus.merge`'s (defined there once).
+    """
+    return ledger.merge(*counts)

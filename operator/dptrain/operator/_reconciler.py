@@ -49,18 +49,13 @@ from dptrain.operator._dataset_reconciler import (
     parse_view,
     reconcile_dataset,
 )
-from dptrain.operator._decisions import (
-    ANNOTATION_APPLIED_SPEC,
-    ChildState,
-    ConfigState,
-    Decision,
-    Observed,
-    Settings,
-    decide,
-)
+from dptrain.operator._decisions import decide
+from dptrain.operator._draft import Decision
 from dptrain.operator._kube import ApiError, KubeClient, resource_path
 from dptrain.operator._ledger_record import ANNOTATION_LEDGER
-from dptrain.operator._planning import OperatorTools
+from dptrain.operator._observed import ChildState, ConfigState, Observed, Settings
+from dptrain.operator._spec_changes import ANNOTATION_APPLIED_SPEC
+from dptrain.operator._tools import OperatorTools
 
 logger = logging.getLogger("dptrain.operator")
 

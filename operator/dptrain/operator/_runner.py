@@ -14,7 +14,7 @@ import kopf
 
 from dptrain.api import IN_CLUSTER_API_SERVER
 from dptrain.operator import _handlers, _metrics
-from dptrain.operator._decisions import Settings
+from dptrain.operator._observed import Settings
 from dptrain.operator._reconciler import ReconcilerConfig
 
 

@@ -1,4 +1,6 @@
-"""The operator's :class:`~dptrain.operator._decisions.Tools`: the planner and the accountant.
+"""The operator's tools adapter: the planner and the accountant as decisions' ``Tools``.
+
+:class:`OperatorTools` implements :class:`~dptrain.operator._observed.Tools`.
 
 ``make_plan`` is deterministic for the same spec and dataset size, so its results are memoised
 in-process by (spec, N): a reconcile re-planning the same job (after an operator restart, or to

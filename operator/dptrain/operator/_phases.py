@@ -1,0 +1,209 @@
+"""The phase machine: charging the ledger, halting at the budget, running the workload.
+
+Pure steps of :func:`dptrain.operator._decisions.decide` once a job has a plan: :func:`charge`
+takes the trainer's report into the ledger (counts only grow), :func:`halt` stops a job for good
+when its plan or budget is used up, :func:`run_workload` keeps the workload running (create,
+restart with backoff, watch for stalls), :func:`prepare` runs data preparation while N is
+unknown, and :func:`fail` ends a job that cannot go on.
+"""
+
+from __future__ import annotations
+
+from dptrain.api import (
+    DPTrainingJobSpec,
+    DPTrainingJobStatus,
+    PlanStatus,
+    PrivacyLedgerStatus,
+    WorkloadRef,
+)
+from dptrain.operator._children import ChildNames
+from dptrain.operator._conditions import find, parse_time, timestamp
+from dptrain.operator._draft import Decision, StatusDraft
+from dptrain.operator._observed import Observed, Settings, Tools
+
+
+def delete_existing(out: Decision, observed: Observed) -> None:
+    if observed.workload is not None and not observed.workload.deleting:
+        out.delete.append("workload")
+    if observed.prepare is not None and not observed.prepare.deleting:
+        out.delete.append("prepare")
+
+
+def fail(d: StatusDraft, out: Decision, observed: Observed, reason: str, message: str,
+          condition: str | None = None) -> Decision:
+    if condition is not None:
+        d.condition(condition, "False", reason, message, event="Warning")
+    d.condition("Failed", "True", reason, message)
+    d.condition("Running", "False", reason)
+    d.observed_generation = d.generation
+    d.set_phase("Failed", reason, message)
+    d.workload = None
+    delete_existing(out, observed)
+    return d.finish()
+
+
+def prepare(d: StatusDraft, spec: DPTrainingJobSpec, observed: Observed, settings: Settings
+             ) -> Decision:
+    """N is unknown: run (or wait for) the data-preparation Job."""
+    out = d.decision
+    prep = observed.prepare
+    if spec.suspend:
+        if prep is not None and not prep.deleting:
+            out.delete.append("prepare")
+        d.set_phase("Suspended", "Suspended", "suspended by spec.suspend")
+        return d.finish()
+    if prep is not None and prep.failed:
+        return fail(d, out, observed, "DataPreparationFailed",
+                     prep.message or "the data-preparation Job failed", "DataPrepared")
+    if prep is not None and prep.complete:
+        finished = prep.finished or prep.created or d.now
+        waited = (d.now - finished).total_seconds()
+        if waited > settings.report_grace:
+            return fail(d, out, observed, "DatasetNotReported",
+                         "data preparation finished without reporting status.dataset",
+                         "DataPrepared")
+        return d.finish(requeue_after=max(1.0, settings.report_grace - waited))
+    if prep is None:
+        out.create += ["config", "rbac", "prepare"]
+    d.condition("DataPrepared", "False", "Preparing",
+                "measuring the dataset size N and preparing sequences", event="Normal")
+    d.set_phase("Preparing", "Preparing", "running data preparation")
+    return d.finish()
+
+
+def charge(d: StatusDraft, plan: PlanStatus, ledger: PrivacyLedgerStatus,
+            status: DPTrainingJobStatus, tools: Tools) -> PrivacyLedgerStatus:
+    """Charge the trainer's report to the ledger: it only ever grows."""
+    report = status.progress.steps_charged if status.progress is not None else None
+    steps = ledger.steps_charged
+    if report is not None and report > steps:
+        steps = report
+        if report > plan.max_steps:
+            d.decision.warnings.append(
+                f"trainer reported {report} steps, beyond the plan's maximum {plan.max_steps}")
+            d.condition("ProgressReport", "False", "BeyondPlan",
+                        f"reported {report} steps, beyond the plan's maximum {plan.max_steps}; "
+                        "charged", event="Warning")
+        else:
+            d.condition("ProgressReport", "True", "Charged")
+        ledger = ledger.merge(report, charged_at=timestamp(d.now))
+    elif report is not None and report < steps:
+        d.decision.warnings.append(
+            f"ignored a progress report of {report} steps: {steps} are already charged")
+        d.condition("ProgressReport", "False", "Regressed",
+                    f"reported {report} steps, below the {steps} already charged: ignored",
+                    event="Warning")
+    elif report is not None:
+        d.condition("ProgressReport", "True", "Charged")
+    spent = tools.epsilon_spent(plan, ledger.delta, steps)
+    if spent != ledger.epsilon_spent:
+        ledger = ledger.model_copy(update={"epsilon_spent": spent})
+    return ledger
+
+
+def halt(d: StatusDraft, out: Decision, observed: Observed, plan: PlanStatus,
+          ledger: PrivacyLedgerStatus, *, trained_steps: int) -> None:
+    """Stop for good: the budget (or the plan) is used up.
+
+    ``Succeeded`` needs the model to have done all its iterations (the trainer's own step count),
+    not just the ledger to reach them: restarts charge repeated steps again, so the ledger can
+    reach ``iterations`` before the model does. Such a job is ``BudgetExhausted``
+    (``MaxStepsReached``): it may not run another step, but it did not finish.
+    """
+    delete_existing(out, observed)
+    d.workload = None
+    message = (f"ε spent {ledger.epsilon_spent:.4g} of {ledger.epsilon_budget:g} after "
+               f"{ledger.steps_charged} steps (plan maximum {plan.max_steps})")
+    d.condition("Running", "False", "Halted", message)
+    if (ledger.steps_charged >= plan.iterations and plan.max_steps >= plan.iterations
+            and trained_steps >= plan.iterations):
+        d.condition("Succeeded", "True", "Completed", message)
+        d.set_phase("Succeeded", "Completed", message)
+        return
+    reason = ("EpsilonBudgetReached" if ledger.epsilon_spent >= ledger.epsilon_budget
+              else "MaxStepsReached")
+    d.condition("BudgetExhausted", "True", reason, message)
+    d.set_phase("BudgetExhausted", reason, message)
+
+
+def run_workload(d: StatusDraft, out: Decision, spec: DPTrainingJobSpec, plan: PlanStatus,
+         ledger: PrivacyLedgerStatus, status: DPTrainingJobStatus, observed: Observed,
+         settings: Settings) -> Decision:
+    """Keep the workload running: create it, restart it after failures, watch for stalls."""
+    work = observed.workload
+    work_name = ChildNames.of(str((d.original_meta or {}).get("name", ""))).workload
+    end_state = status.progress.end_state if status.progress is not None else None
+    out.restart = d.restarts
+    if work is not None and work.deleting:
+        return d.finish(requeue_after=2.0)
+    if work is not None and (work.complete or work.failed):
+        out.delete.append("workload")
+        d.workload = None
+        if end_state == "BudgetExhausted":
+            message = f"the trainer stopped at the budget after {ledger.steps_charged} steps"
+            d.condition("BudgetExhausted", "True", "TrainerBudgetExhausted", message)
+            d.condition("Running", "False", "Halted", message)
+            d.set_phase("BudgetExhausted", "TrainerBudgetExhausted", message)
+            return d.finish()
+        if work.complete:
+            message = f"training finished after {ledger.steps_charged} steps"
+            d.condition("Succeeded", "True", "Completed", message)
+            d.condition("Running", "False", "Completed", message)
+            d.set_phase("Succeeded", "Completed", message)
+            return d.finish()
+        if d.restarts >= spec.max_restarts:
+            return fail(d, out, observed, "BackoffLimitExceeded",
+                         f"the trainer failed {d.restarts + 1} times "
+                         f"({work.message or 'no reason'})"
+                         f"; spec.maxRestarts is {spec.max_restarts}")
+        d.restarts += 1
+        delay = settings.backoff(d.restarts)
+        d.condition("Restarting", "True", "TrainerFailed",
+                    f"{work.message or 'the trainer failed'}; restart {d.restarts} of "
+                    f"{spec.max_restarts} in {delay:g}s from the ledger", event="Warning")
+        d.condition("Running", "False", "Restarting")
+        return d.finish(requeue_after=delay)
+    if work is None:
+        restarting = find(d.conditions, "Restarting")
+        if restarting is not None and restarting.status == "True":
+            since = parse_time(restarting.last_transition_time) or d.now
+            wait = settings.backoff(d.restarts) - (d.now - since).total_seconds()
+            if wait > 0:
+                return d.finish(requeue_after=wait)
+            d.condition("Restarting", "False", "Restarted", f"restart {d.restarts}")
+        out.create += ["config", "rbac", "service", "workload"]
+        d.workload = WorkloadRef(api_version=settings.workload_api_version,
+                                 kind=settings.workload_kind, name=work_name)
+        d.condition("Running", "True", "WorkloadCreated",
+                    f"resuming at {ledger.steps_charged} steps charged" if ledger.steps_charged
+                    else "the trainer workload was created", event="Normal")
+        if find(d.conditions, "Stalled") is not None:
+            d.condition("Stalled", "False", "Started")
+        d.set_phase("Running", "WorkloadCreated", "the trainer workload was created")
+        return d.finish(requeue_after=settings.stall_timeout)
+    # The workload exists and runs: only watch for stalls.
+    if observed.config_observed and observed.config is None:
+        out.create.append("config")  # deleted under a running job: the next pod needs it
+    running = find(d.conditions, "Running")
+    if running is None or running.status != "True":
+        d.condition("Running", "True", "WorkloadCreated", "the trainer workload is running")
+    if d.workload is None:
+        d.workload = WorkloadRef(api_version=settings.workload_api_version,
+                                 kind=settings.workload_kind, name=work.name)
+    d.set_phase("Running", "WorkloadCreated", "the trainer workload is running")
+    last = max(filter(None, [
+        parse_time(status.progress.last_update) if status.progress else None,
+        parse_time(ledger.last_charged_time), work.created,
+        parse_time(getattr(find(d.conditions, "Running"), "last_transition_time", None)),
+    ]), default=d.now)
+    quiet = (d.now - last).total_seconds()
+    if quiet > settings.stall_timeout:
+        d.condition("Stalled", "True", "NoProgress",
+                    f"no progress report for {quiet:.0f}s (timeout {settings.stall_timeout:g}s)",
+                    event="Warning")
+        return d.finish(requeue_after=settings.stall_timeout)
+    stalled = find(d.conditions, "Stalled")
+    if stalled is not None and stalled.status == "True":
+        d.condition("Stalled", "False", "ProgressResumed", "progress reports resumed",
+                    event="Normal")
+    return d.finish(requeue_after=settings.stall_timeout - quiet)
