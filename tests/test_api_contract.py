@@ -56,7 +56,7 @@ def test_the_status_path_is_built_once():
     assert files_matching(r"namespaces/\{[a-z_.]+\}/\{PLURAL\}") == {CONTRACT: 1}
     assert files_matching(re.escape("apis/dptrain.io")) == {}
     assert files_matching(r'"dptrainingjobs"') == {
-        ROOT / "operator" / "dptrain" / "api" / "_job.py": 1}
+        ROOT / "operator" / "dptrain" / "api" / "_base.py": 1}
 
 
 def test_status_path_follows_the_api_group_version_and_plural():

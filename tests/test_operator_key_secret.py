@@ -13,9 +13,11 @@ from dptrain.api import KEY_PATH, PlanStatus, parse_job
 from dptrain.operator import JobRef, PodSizing, build_prepare_job, build_role, build_trainer_job
 from dptrain.operator._children import (
     build_config_map,
-    build_jobset,
     build_key_secret,
     key_secret_name,
+)
+from dptrain.operator._workloads import (
+    build_jobset,
 )
 
 JOB = JobRef(name="tiny", namespace="research", uid="0b6c3c1e-0000-4000-8000-000000000001")

@@ -4,6 +4,19 @@ The pod contract (``_contract``) is what the operator gives a trainer pod and wh
 must do with it; both sides import it from here.
 """
 
+from dptrain.api._base import (
+    API_VERSION,
+    DEFAULT_TRAINER_IMAGE,
+    GROUP,
+    KIND,
+    PLURAL,
+    SHORT_NAMES,
+    SINGULAR,
+    TERMINAL_PHASES,
+    VERSION,
+    Accelerator,
+    Phase,
+)
 from dptrain.api._contract import (
     CHECKPOINT_MOUNT,
     CONFIG_DIR,
@@ -54,38 +67,29 @@ from dptrain.api._dataset import (
 )
 from dptrain.api._errors import FieldError, InvalidJobError
 from dptrain.api._job import (
-    API_VERSION,
-    DEFAULT_TRAINER_IMAGE,
-    GROUP,
-    KIND,
-    PLURAL,
-    SHORT_NAMES,
-    SINGULAR,
-    TERMINAL_PHASES,
-    VERSION,
-    Accelerator,
     CheckpointSpec,
     ComputeSpec,
-    Condition,
-    DatasetStatus,
     DataSpec,
     DPTrainingJob,
     DPTrainingJobSpec,
-    DPTrainingJobStatus,
-    MechanismFingerprint,
     ModelSpec,
     MonitoringSpec,
     ObjectMeta,
-    Phase,
-    PlanStatus,
-    PrivacyLedgerStatus,
     PrivacySpec,
-    ProgressStatus,
     TrainingSpec,
     VolumeSource,
-    WorkloadRef,
 )
 from dptrain.api._loading import load_job, load_manifests, parse_job
+from dptrain.api._status import (
+    Condition,
+    DatasetStatus,
+    DPTrainingJobStatus,
+    MechanismFingerprint,
+    PlanStatus,
+    PrivacyLedgerStatus,
+    ProgressStatus,
+    WorkloadRef,
+)
 from dptrain.api._validation import semantic_errors, validate_job
 
 __all__ = [

@@ -28,7 +28,7 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
-from dptrain.api._job import GROUP, PLURAL, VERSION
+from dptrain.api._base import GROUP, PLURAL, VERSION
 
 # ------------------------------------------------------------------------------ exit codes
 EXIT_OK = 0

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from dptrain.api._base import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
 from dptrain.api._dataset import (
     DATASET_KIND,
     DATASET_PLURAL,
@@ -22,7 +23,7 @@ from dptrain.api._dataset import (
     DATASET_SINGULAR,
     DPDataset,
 )
-from dptrain.api._job import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION, DPTrainingJob
+from dptrain.api._job import DPTrainingJob
 
 JsonObject = dict[str, Any]
 

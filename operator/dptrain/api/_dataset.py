@@ -13,7 +13,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic.alias_generators import to_camel
 
-from dptrain.api._job import Condition, DataSpec, ObjectMeta, PrivacySpec, _Model, _Status
+from dptrain.api._base import _Model, _Status
+from dptrain.api._job import DataSpec, ObjectMeta, PrivacySpec
+from dptrain.api._status import Condition
 
 DATASET_KIND = "DPDataset"
 DATASET_PLURAL = "dpdatasets"

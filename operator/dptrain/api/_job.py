@@ -10,95 +10,18 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
 
-GROUP = "dptrain.io"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "DPTrainingJob"
-PLURAL = "dptrainingjobs"
-SINGULAR = "dptrainingjob"
-SHORT_NAMES = ("dptj",)
-
-DEFAULT_TRAINER_IMAGE = "ghcr.io/dptrain/trainer:0.1.0"
-
-# A DNS-1123 label: what Kubernetes requires of names that become labels and Service names.
-DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-# A POSIX path without NUL or line breaks (RE2-compatible: the API server uses Go regexps);
-# '..' components are refused by `_no_parent_components` and by a CEL rule in the CRD.
-SAFE_PATH_PATTERN = r"^[^\x00\n\r]+$"
-SAFE_PATH_CEL = ("self != '..' && !self.startsWith('../') && !self.endsWith('/..') && "
-                 "!self.contains('/../')")
-
-
-def _no_parent_components(value: str) -> str:
-    if ".." in value.split("/"):
-        raise ValueError("must not contain '..' path components")
-    return value
-
-
-DnsLabel = Annotated[str, StringConstraints(pattern=DNS_LABEL_PATTERN, max_length=63)]
-SafePath = Annotated[
-    str,
-    StringConstraints(pattern=SAFE_PATH_PATTERN, min_length=1, max_length=1024),
-    AfterValidator(_no_parent_components),
-    WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 1024,
-                    "pattern": SAFE_PATH_PATTERN,
-                    "x-kubernetes-validations": [
-                        {"rule": SAFE_PATH_CEL, "message": "must not contain '..' path components"}
-                    ]}),
-]
-
-Accelerator = Literal[
-    "cpu",
-    "nvidia-a100-80gb",
-    "nvidia-h100-80gb",
-    "nvidia-h200",
-    "tpu-v5e",
-    "tpu-v5p",
-    "tpu-v6e",
-]
-
-Phase = Literal[
-    "Pending",
-    "Preparing",
-    "Planned",
-    "Running",
-    "Suspended",
-    "Succeeded",
-    "BudgetExhausted",
-    "Failed",
-]
-TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "BudgetExhausted", "Failed"})
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        frozen=True,
-        allow_inf_nan=False,
-        use_attribute_docstrings=True,
-        # Strict: `true` is not 1.0 and "2" is not 2. The API server sees JSON numbers; a
-        # manifest with a string or a boolean where a number belongs is a mistake to report.
-        strict=True,
-    )
-
-
-class _Status(BaseModel):
-    """Status is written by controllers: tolerant of fields a newer version may add."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="ignore",
-        frozen=True,
-        allow_inf_nan=False,
-        use_attribute_docstrings=True,
-    )
-
+from dptrain.api._base import (
+    DEFAULT_TRAINER_IMAGE,
+    DNS_LABEL_PATTERN,
+    Accelerator,
+    DnsLabel,
+    SafePath,
+    _Model,
+)
+from dptrain.api._status import DPTrainingJobStatus
 
 # ----------------------------------------------------------------------------------------- spec
 
@@ -254,150 +177,6 @@ class DPTrainingJobSpec(_Model):
     """Suspend: delete the workload, keep the ledger; resume recreates it from the checkpoint."""
     max_restarts: int = Field(default=3, ge=0, le=100)
     """Trainer failures retried (each resuming from the ledger) before the job fails."""
-
-
-# --------------------------------------------------------------------------------------- status
-
-
-class Condition(_Status):
-    """A Kubernetes-style condition (one per type)."""
-
-    type: str
-    status: Literal["True", "False", "Unknown"]
-    reason: str = ""
-    message: str = ""
-    last_transition_time: str | None = None
-    observed_generation: int | None = None
-
-
-class PlanStatus(_Status):
-    """The plan chosen for this job (by the planner, from budgets and pins)."""
-
-    model_preset: str
-    model_params: int
-    batch_size: int
-    iterations: int
-    noise_multiplier: float
-    noise_batch_ratio: float
-    sampling_rate: float
-    physical_batch_size: int
-    dataset_size: int
-    sequence_length: int
-    clip_norm: float
-    learning_rate: float
-    predicted_loss: float | None = None
-    compute_flops: float
-    hosts: int = 1
-    chips_per_host: int = 0
-    microbatch_size: int | None = None
-    accumulation_steps: int = 1
-    max_steps: int
-    """Most steps whose ε stays within the budget (≤ iterations)."""
-    epsilon_planned: float
-    """ε after `maxSteps` steps."""
-    accountant: Literal["pld", "rdp"] = "pld"
-    spec_generation: int | None = None
-    """metadata.generation of the spec this plan was made for."""
-
-
-class PrivacyLedgerStatus(_Status):
-    """The privacy ledger, kept by the operator: steps charged only ever grow."""
-
-    steps_charged: int = 0
-    epsilon_spent: float = 0.0
-    epsilon_budget: float
-    delta: float
-    accountant: Literal["pld", "rdp"] = "pld"
-    last_charged_time: str | None = None
-
-    def merge(self, *counts: int, charged_at: str | None = None) -> PrivacyLedgerStatus:
-        """The ledger's merge rule (the one place it is written down): the maximum of counts.
-
-        Returns this ledger with ``steps_charged`` raised to the largest of ``counts`` — never
-        lowered — and, when that raised it, ``last_charged_time`` set to ``charged_at`` (if
-        given). ``epsilon_spent`` is left to the accountant.
-        """
-        best = max((self.steps_charged, *counts))
-        if best == self.steps_charged:
-            return self
-        update: dict[str, Any] = {"steps_charged": best}
-        if charged_at is not None:
-            update["last_charged_time"] = charged_at
-        return self.model_copy(update=update)
-
-
-class MechanismFingerprint(_Status):
-    """The DP-SGD mechanism a trainer runs, as it reports it with each progress report.
-
-    The operator compares it with the plan it accounts (``MechanismMismatch`` on a difference).
-    """
-
-    sampling_rate: float
-    """q the sampler uses (expected batch / N)."""
-    noise_multiplier: float
-    """σ as used on the device: float32, rounded up (never below the planned σ)."""
-    delta: float
-    """δ the trainer accounts at."""
-    dataset_size: int
-    """N, sequences in the data it samples from."""
-    physical_batch_size: int
-    """Rows per step (the Poisson batch is padded/truncated to it)."""
-    clip_norm: float
-    """Per-example clipping norm C."""
-    accountant: Literal["pld", "rdp"]
-    """The trainer's accountant."""
-    dataset_checksum: str | None = None
-    """Checksum of the source documents it trains on."""
-
-
-class ProgressStatus(_Status):
-    """Progress as reported by the trainer (advisory; the ledger is kept separately)."""
-
-    steps_charged: int = 0
-    step: int = 0
-    loss: float | None = None
-    """DP estimate of the training loss (released under the job's ε)."""
-    tokens_per_second: float | None = None
-    """Throughput of the physical batch (public: padding rows included)."""
-    last_update: str | None = None
-    end_state: str | None = None
-    raw_loss: float | None = None
-    """Raw loss of the sampled rows: only with spec.monitoring.releaseRawStatistics, an
-    unaccounted release (not covered by ε)."""
-    unaccounted_release: str | None = None
-    """Set when raw statistics of the training data are published outside ε."""
-    mechanism: MechanismFingerprint | None = None
-    """The mechanism the trainer runs (checked against the plan)."""
-
-
-class WorkloadRef(_Status):
-    """The child workload running the trainer."""
-
-    api_version: str
-    kind: str
-    name: str
-
-
-class DatasetStatus(_Status):
-    """Prepared data: where it lies and how many sequences it holds."""
-
-    num_sequences: int
-    location: str | None = None
-    checksum: str | None = None
-
-
-class DPTrainingJobStatus(_Status):
-    """Observed state of a DPTrainingJob."""
-
-    phase: Phase = "Pending"
-    conditions: list[Condition] = []
-    plan: PlanStatus | None = None
-    privacy: PrivacyLedgerStatus | None = None
-    progress: ProgressStatus | None = None
-    workload: WorkloadRef | None = None
-    dataset: DatasetStatus | None = None
-    restarts: int = 0
-    observed_generation: int | None = None
 
 
 class ObjectMeta(BaseModel):

@@ -15,13 +15,9 @@ from dptrain.operator._children import (
     JobRef,
     PodSizing,
     build_config_map,
-    build_headless_service,
-    build_jobset,
-    build_prepare_job,
     build_role,
     build_role_binding,
     build_service_account,
-    build_trainer_job,
     trainer_config,
 )
 from dptrain.operator._decisions import decide
@@ -29,6 +25,12 @@ from dptrain.operator._draft import Decision, Event
 from dptrain.operator._metrics import REGISTRY
 from dptrain.operator._observed import ChildState, Observed, Settings
 from dptrain.operator._runner import OperatorOptions, operate, run
+from dptrain.operator._workloads import (
+    build_headless_service,
+    build_jobset,
+    build_prepare_job,
+    build_trainer_job,
+)
 
 __all__ = [
     "CONFIG_PATH",

@@ -33,14 +33,10 @@ from dptrain.operator._children import (
     ChildNames,
     JobRef,
     build_config_map,
-    build_headless_service,
-    build_jobset,
     build_key_secret,
-    build_prepare_job,
     build_role,
     build_role_binding,
     build_service_account,
-    build_trainer_job,
 )
 from dptrain.operator._conditions import parse_time, timestamp
 from dptrain.operator._dataset_reconciler import (
@@ -56,6 +52,12 @@ from dptrain.operator._ledger_record import ANNOTATION_LEDGER
 from dptrain.operator._observed import ChildState, ConfigState, Observed, Settings
 from dptrain.operator._spec_changes import ANNOTATION_APPLIED_SPEC
 from dptrain.operator._tools import OperatorTools
+from dptrain.operator._workloads import (
+    build_headless_service,
+    build_jobset,
+    build_prepare_job,
+    build_trainer_job,
+)
 
 logger = logging.getLogger("dptrain.operator")
 

@@ -2,9 +2,10 @@
 
 Modules, one concept each: ``_model`` (the decoder), ``_tokenizer`` and ``_data`` (documents to
 memory-mapped sequences), ``_sampling`` (Poisson batches), ``_dpsgd`` (the private step),
-``_ledger`` (durable steps charged, reporters), ``_checkpoint`` (orbax), ``_loop`` (training with
-the budget guard), ``_report`` (report.json and plots), ``_audit`` (memorization),
-``_distributed`` (multi-host start-up), ``_metrics`` (Prometheus), ``_config`` (resolved settings).
+``_ledger`` (durable steps charged), ``_reporters`` (a file or the job's status),
+``_checkpoint`` (orbax), ``_loop`` (training with the budget guard), ``_report`` (report.json
+and plots), ``_audit`` (memorization), ``_distributed`` (multi-host start-up), ``_metrics``
+(Prometheus), ``_config`` (resolved settings, keeping the plan).
 """
 
 from dptrain.trainer._audit import (
@@ -46,14 +47,10 @@ from dptrain.trainer._dpsgd import (
 from dptrain.trainer._ledger import (
     BudgetExceededError,
     DurableLedger,
-    FileReporter,
-    KubernetesReporter,
-    KubernetesTarget,
     LedgerError,
     LedgerFile,
     Progress,
     Reporter,
-    reporters_from_env,
 )
 from dptrain.trainer._loop import (
     BUDGET_EXHAUSTED,
@@ -66,6 +63,12 @@ from dptrain.trainer._loop import (
 from dptrain.trainer._metrics import TrainerMetrics
 from dptrain.trainer._model import Decoder, build_model, count_params, sequence_loss
 from dptrain.trainer._report import REPORT_KEYS, write_report
+from dptrain.trainer._reporters import (
+    FileReporter,
+    KubernetesReporter,
+    KubernetesTarget,
+    reporters_from_env,
+)
 from dptrain.trainer._sampling import PoissonSampler, SampledBatch
 from dptrain.trainer._tokenizer import ByteTokenizer, Tokenizer, make_tokenizer
 

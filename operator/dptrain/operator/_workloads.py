@@ -1,0 +1,267 @@
+"""Pure builders of a job's workloads, as plain dicts.
+
+The trainer's Indexed Job (or JobSet) and its headless Service, and the data-preparation Job.
+
+The pods follow the pod contract (``dptrain.api._contract``): they run :func:`trainer_command` /
+:func:`prepare_command` with :func:`trainer_env`, mount the config, the data, the checkpoints
+and (trainers only) the job's secret key, and never run as root. Exit code
+``EXIT_BUDGET_EXHAUSTED`` fails the Job for good (never retried); retries are the operator's.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+from dptrain.api import (
+    CHECKPOINT_MOUNT,
+    CONFIG_DIR,
+    COORDINATOR_PORT,
+    DATA_MOUNT,
+    ENV_API_SERVER,
+    ENV_JAX_COORDINATOR,
+    ENV_JAX_NUM_PROCESSES,
+    ENV_JAX_PROCESS_ID,
+    ENV_JOB_NAME,
+    ENV_JOB_NAMESPACE,
+    ENV_REPORT,
+    EXIT_BUDGET_EXHAUSTED,
+    IN_CLUSTER_API_SERVER,
+    KEY_DIR,
+    KEY_FILE,
+    REPORT_KUBERNETES,
+    TRAINER_METRICS_PORT,
+    DPTrainingJobSpec,
+    PlanStatus,
+    prepare_command,
+    trainer_command,
+)
+from dptrain.operator._children import (
+    ANNOTATION_PLAN_GENERATION,
+    ANNOTATION_RESTART,
+    COMPLETION_INDEX_FIELD,
+    KEY_FILE_MODE,
+    LABEL_COMPONENT,
+    LABEL_JOB,
+    TERMINATION_GRACE_SECONDS,
+    ChildNames,
+    JobRef,
+    PodSizing,
+    child_meta,
+    key_secret_name,
+    labels,
+    prepared_dir,
+)
+
+
+def trainer_env(job: JobRef, *, hosts: int, api_server: str,
+                coordinator: str | None) -> list[dict[str, Any]]:
+    """Environment of trainer pods (see the module docstring); no JAX vars without a coordinator."""
+    env: list[dict[str, Any]] = [
+        {"name": ENV_JOB_NAME, "value": job.name},
+        {"name": ENV_JOB_NAMESPACE, "value": job.namespace},
+        {"name": ENV_API_SERVER, "value": api_server},
+        {"name": ENV_REPORT, "value": REPORT_KUBERNETES},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
+        {"name": "MPLCONFIGDIR", "value": "/tmp/.matplotlib"},
+    ]
+    if coordinator is not None:
+        env += [
+            {"name": ENV_JAX_COORDINATOR, "value": coordinator},
+            {"name": ENV_JAX_NUM_PROCESSES, "value": str(hosts)},
+            {"name": ENV_JAX_PROCESS_ID,
+             "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX_FIELD}}},
+        ]
+    return env
+
+
+def _volumes(spec: DPTrainingJobSpec, job: JobRef, *, key: bool = False
+             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Pod volumes and the container's mounts: config, /tmp, data, checkpoints (and the key)."""
+    names = ChildNames.of(job.name)
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": names.config_map}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if spec.data.volume is not None:
+        volumes.append({"name": "data", "persistentVolumeClaim": {
+            "claimName": spec.data.volume.claim_name, "readOnly": spec.data.volume.read_only}})
+        mount: dict[str, Any] = {"name": "data", "mountPath": DATA_MOUNT,
+                                 "readOnly": spec.data.volume.read_only}
+        if spec.data.volume.sub_path:
+            mount["subPath"] = spec.data.volume.sub_path
+        mounts.append(mount)
+    if spec.checkpoint.volume is not None:
+        volumes.append({"name": "checkpoints", "persistentVolumeClaim": {
+            "claimName": spec.checkpoint.volume.claim_name}})
+        mount = {"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT}
+        if spec.checkpoint.volume.sub_path:
+            mount["subPath"] = spec.checkpoint.volume.sub_path
+        mounts.append(mount)
+    else:
+        # Without a volume checkpoints live as long as the pod: a restart starts from the ledger
+        # (steps stay charged) but not from the weights.
+        volumes.append({"name": "checkpoints", "emptyDir": {}})
+        mounts.append({"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT})
+    if key:
+        volumes.append({"name": "job-key", "secret": {
+            "secretName": key_secret_name(job), "defaultMode": KEY_FILE_MODE,
+            "items": [{"key": KEY_FILE, "path": KEY_FILE}]}})
+        mounts.append({"name": "job-key", "mountPath": KEY_DIR, "readOnly": True})
+    return volumes, mounts
+
+
+def _security_context() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _pod_security_context() -> dict[str, Any]:
+    return {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _pod_template(spec: DPTrainingJobSpec, job: JobRef, *, component: str,
+                  command: list[str], env: list[dict[str, Any]], sizing: PodSizing,
+                  subdomain: str | None, annotations: Mapping[str, str],
+                  ports: list[dict[str, Any]], key: bool = False) -> dict[str, Any]:
+    volumes, mounts = _volumes(spec, job, key=key)
+    container: dict[str, Any] = {
+        "name": component,
+        "image": spec.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": command,
+        "env": env,
+        "resources": copy.deepcopy({k: dict(v) for k, v in sizing.resources.items()}),
+        "securityContext": _security_context(),
+        "volumeMounts": mounts,
+    }
+    if ports:
+        container["ports"] = ports
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": ChildNames.of(job.name).service_account,
+        # The token is needed to report progress; only this pod's per-job account gets it.
+        "automountServiceAccountToken": True,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "securityContext": _pod_security_context(),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if subdomain is not None:
+        pod_spec["subdomain"] = subdomain
+    if sizing.node_selector:
+        pod_spec["nodeSelector"] = dict(sizing.node_selector)
+    if sizing.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in sizing.tolerations]
+    return {"metadata": {"labels": labels(job, component), "annotations": dict(annotations)},
+            "spec": pod_spec}
+
+
+def _job_spec(template: dict[str, Any], hosts: int) -> dict[str, Any]:
+    return {
+        "completionMode": "Indexed",
+        "completions": hosts,
+        "parallelism": hosts,
+        # Retries are the operator's (with backoff, each resuming from the ledger), not the Job's.
+        "backoffLimit": 0,
+        "podFailurePolicy": {"rules": [
+            # Exit 4 is the trainer's "budget exhausted": final, never retried.
+            {"action": "FailJob",
+             "onExitCodes": {"operator": "In", "values": [EXIT_BUDGET_EXHAUSTED]}},
+            # Preemption and node drains are not the trainer's fault: do not count them.
+            {"action": "Ignore",
+             "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]},
+        "template": template,
+    }
+
+
+def build_trainer_job(spec: DPTrainingJobSpec, job: JobRef, plan: PlanStatus, sizing: PodSizing,
+                      *, api_server: str = IN_CLUSTER_API_SERVER, restart: int = 0
+                      ) -> dict[str, Any]:
+    """The Indexed Job that runs the trainer on ``sizing.hosts`` pods."""
+    names = ChildNames.of(job.name)
+    coordinator = f"{names.workload}-0.{names.service}:{COORDINATOR_PORT}"
+    annotations = {ANNOTATION_RESTART: str(restart),
+                   ANNOTATION_PLAN_GENERATION: str(plan.spec_generation or 0)}
+    template = _pod_template(
+        spec, job, component="trainer", command=trainer_command(),
+        env=trainer_env(job, hosts=sizing.hosts, api_server=api_server, coordinator=coordinator),
+        sizing=sizing, subdomain=names.service, annotations=annotations,
+        ports=[{"name": "coordinator", "containerPort": COORDINATOR_PORT},
+               {"name": "metrics", "containerPort": TRAINER_METRICS_PORT}], key=True)
+    meta = child_meta(job, names.workload, "trainer")
+    meta["annotations"] = annotations
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
+            "spec": _job_spec(template, sizing.hosts)}
+
+
+def build_headless_service(job: JobRef) -> dict[str, Any]:
+    """The headless Service that gives trainer pods stable DNS names for JAX's coordinator."""
+    names = ChildNames.of(job.name)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": child_meta(job, names.service, "trainer"),
+        "spec": {
+            "clusterIP": "None",
+            # JAX processes rendezvous before any readiness: publish them immediately.
+            "publishNotReadyAddresses": True,
+            "selector": {LABEL_JOB: job.name, LABEL_COMPONENT: "trainer"},
+            "ports": [{"name": "coordinator", "port": COORDINATOR_PORT,
+                       "targetPort": COORDINATOR_PORT}],
+        },
+    }
+
+
+def build_jobset(spec: DPTrainingJobSpec, job: JobRef, plan: PlanStatus, sizing: PodSizing,
+                 *, api_server: str = IN_CLUSTER_API_SERVER, restart: int = 0) -> dict[str, Any]:
+    """The same workload as a JobSet (one replicated Job ``node``; JobSet makes the Service)."""
+    names = ChildNames.of(job.name)
+    jobset = names.workload
+    coordinator = f"{jobset}-node-0-0.{jobset}:{COORDINATOR_PORT}"
+    annotations = {ANNOTATION_RESTART: str(restart),
+                   ANNOTATION_PLAN_GENERATION: str(plan.spec_generation or 0)}
+    template = _pod_template(
+        spec, job, component="trainer", command=trainer_command(),
+        env=trainer_env(job, hosts=sizing.hosts, api_server=api_server, coordinator=coordinator),
+        sizing=sizing, subdomain=None, annotations=annotations,
+        ports=[{"name": "coordinator", "containerPort": COORDINATOR_PORT},
+               {"name": "metrics", "containerPort": TRAINER_METRICS_PORT}], key=True)
+    meta = child_meta(job, jobset, "trainer")
+    meta["annotations"] = annotations
+    return {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2",
+        "kind": "JobSet",
+        "metadata": meta,
+        "spec": {
+            "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
+            "failurePolicy": {"maxRestarts": 0},
+            "replicatedJobs": [{"name": "node", "replicas": 1,
+                                "template": {"spec": _job_spec(template, sizing.hosts)}}],
+        },
+    }
+
+
+def build_prepare_job(spec: DPTrainingJobSpec, job: JobRef, *,
+                      api_server: str = IN_CLUSTER_API_SERVER) -> dict[str, Any]:
+    """The data-preparation Job: measures N, writes prepared sequences, reports status.dataset."""
+    names = ChildNames.of(job.name)
+    command = prepare_command(prepared_dir(spec, job))
+    sizing = PodSizing(resources={"requests": {"cpu": "1", "memory": "2Gi"},
+                                  "limits": {"memory": "4Gi"}})
+    template = _pod_template(
+        spec, job, component="prepare", command=command,
+        env=trainer_env(job, hosts=1, api_server=api_server, coordinator=None),
+        sizing=sizing, subdomain=None, annotations={}, ports=[])
+    job_spec = {"backoffLimit": 2, "template": template}
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": child_meta(job, names.prepare, "prepare"), "spec": job_spec}
