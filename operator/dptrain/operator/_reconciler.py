@@ -12,33 +12,28 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
-import json
 import logging
-import secrets
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from dptrain.api import (
     API_VERSION,
-    CONFIG_FILE,
-    IN_CLUSTER_API_SERVER,
     PLURAL,
     TERMINAL_PHASES,
-    PlanStatus,
-    status_path,
 )
 from dptrain.operator import _metrics
+from dptrain.operator._apply import (
+    JOBSET_API,
+    ReconcilerConfig,
+    apply_decision,
+    workload_path,
+)
 from dptrain.operator._children import (
     ChildNames,
     JobRef,
-    build_config_map,
-    build_key_secret,
-    build_role,
-    build_role_binding,
-    build_service_account,
 )
-from dptrain.operator._conditions import parse_time, timestamp
+from dptrain.operator._conditions import timestamp
 from dptrain.operator._dataset_reconciler import (
     DatasetLedgers,
     dataset_path,
@@ -48,38 +43,21 @@ from dptrain.operator._dataset_reconciler import (
 from dptrain.operator._decisions import decide
 from dptrain.operator._draft import Decision
 from dptrain.operator._kube import ApiError, KubeClient, resource_path
-from dptrain.operator._ledger_record import ANNOTATION_LEDGER
-from dptrain.operator._observed import ChildState, ConfigState, Observed, Settings
-from dptrain.operator._spec_changes import ANNOTATION_APPLIED_SPEC
-from dptrain.operator._tools import OperatorTools
-from dptrain.operator._workloads import (
-    build_headless_service,
-    build_jobset,
-    build_prepare_job,
-    build_trainer_job,
+from dptrain.operator._observation import (
+    body_after,
+    child_state,
+    config_state,
+    dataset_ref,
+    fingerprint,
 )
+from dptrain.operator._observed import ChildState, Observed, Settings
+from dptrain.operator._tools import OperatorTools
+
+__all__ = ["JOBSET_API", "Reconciler", "ReconcilerConfig", "fingerprint"]
 
 logger = logging.getLogger("dptrain.operator")
 
-JOBSET_API = "jobset.x-k8s.io/v1alpha2"
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ReconcilerConfig:
-    """Operator-wide knobs.
-
-    Attributes:
-        decisions: timing of restarts, stalls and reports.
-        pod_api_server: the API server URL given to pods (``DPTRAIN_API_SERVER``).
-        use_jobset: run the workload as a JobSet instead of an Indexed Job + Service.
-        error_backoff: first retry delay after a failed reconcile (doubles, capped at 60 s).
-    """
-
-    decisions: Settings = dataclasses.field(default_factory=Settings)
-    pod_api_server: str = IN_CLUSTER_API_SERVER
-    use_jobset: bool = False
-    error_backoff: float = 1.0
-
+DEFAULT_CONFIG = ReconcilerConfig()
 
 @dataclasses.dataclass
 class _JobState:
@@ -91,87 +69,11 @@ class _JobState:
     requeue_at: float = 0.0
 
 
-def _child_state(obj: Mapping[str, Any] | None, owner_uid: str) -> tuple[ChildState | None, bool]:
-    """Read a Job's (or JobSet's) state; the bool says it belongs to another incarnation."""
-    if obj is None:
-        return None, False
-    meta = obj.get("metadata") or {}
-    owners = [ref.get("uid") for ref in meta.get("ownerReferences") or []]
-    foreign = owner_uid not in owners
-    conditions = {c.get("type"): c for c in (obj.get("status") or {}).get("conditions") or []
-                  if c.get("status") == "True"}
-    failed = conditions.get("Failed")
-    complete = conditions.get("Complete") or conditions.get("Completed")
-    finished = complete or failed
-    message = ""
-    if failed is not None:
-        message = ": ".join(filter(None, [failed.get("reason"), failed.get("message")]))
-    state = ChildState(
-        name=str(meta.get("name", "")),
-        complete=complete is not None,
-        failed=failed is not None,
-        deleting=bool(meta.get("deletionTimestamp")) or foreign,
-        message=message,
-        created=parse_time(meta.get("creationTimestamp")),
-        finished=parse_time(finished.get("lastTransitionTime")) if finished else None,
-    )
-    return state, foreign
-
-
-def _dataset_ref(body: Mapping[str, Any]) -> str | None:
-    """``spec.data.datasetRef`` of a job body, if it names one."""
-    ref = ((body.get("spec") or {}).get("data") or {}).get("datasetRef")
-    return ref if isinstance(ref, str) and ref else None
-
-
-def _config_state(obj: Mapping[str, Any] | None) -> ConfigState | None:
-    """The trainer's ConfigMap as the decision sees it (None: absent or being deleted)."""
-    if obj is None or (obj.get("metadata") or {}).get("deletionTimestamp"):
-        return None
-    raw = (obj.get("data") or {}).get(CONFIG_FILE)
-    try:
-        config = json.loads(raw) if isinstance(raw, str) else None
-    except ValueError:
-        config = None
-    return ConfigState(config=config if isinstance(config, dict) else None,
-                       immutable=obj.get("immutable") is True)
-
-
-def fingerprint(body: Mapping[str, Any]) -> str:
-    """What, in a job's body, can change a decision.
-
-    ``status.privacy`` and the ledger annotation are included so that someone else's write of
-    them is noticed; the reconciler records the fingerprint of the body *as it wrote it*, so its
-    own writes do not trigger another pass.
-    """
-    meta = body.get("metadata") or {}
-    status = body.get("status") or {}
-    annotations = meta.get("annotations") or {}
-    return repr((meta.get("generation"), meta.get("deletionTimestamp"), status.get("progress"),
-                 status.get("dataset"), status.get("privacy"),
-                 annotations.get(ANNOTATION_LEDGER),
-                 annotations.get(ANNOTATION_APPLIED_SPEC) is None))
-
-
-def _after(body: Mapping[str, Any], decision: Decision) -> dict[str, Any]:
-    """The job's body as it is once the decision's writes landed (for :func:`fingerprint`)."""
-    meta = dict(body.get("metadata") or {})
-    annotations = dict(meta.get("annotations") or {})
-    if decision.ledger_annotation is not None:
-        annotations[ANNOTATION_LEDGER] = decision.ledger_annotation
-    if decision.applied_spec is not None:
-        annotations[ANNOTATION_APPLIED_SPEC] = "set"
-    meta["annotations"] = annotations
-    status = dict(body.get("status") or {})
-    status.update(decision.status)
-    return {**body, "metadata": meta, "status": status}
-
-
 class Reconciler:
     """Reconciles DPTrainingJobs: observe → :func:`decide` → act."""
 
     def __init__(self, client: KubeClient, tools: OperatorTools,
-                 config: ReconcilerConfig = ReconcilerConfig()) -> None:
+                 config: ReconcilerConfig = DEFAULT_CONFIG) -> None:
         self.client = client
         self.tools = tools
         self.config = config
@@ -270,7 +172,7 @@ class Reconciler:
         if (body.get("metadata") or {}).get("deletionTimestamp"):
             return None  # the children go with it (ownerReferences); nothing to start now
         observed = await self._observe(body)
-        ref = _dataset_ref(body)
+        ref = dataset_ref(body)
         if ref is not None:
             observed = dataclasses.replace(observed,
                                            dataset=await self.ledgers.view(namespace, ref))
@@ -287,11 +189,11 @@ class Reconciler:
                 if state is not None:
                     state.dirty = True  # someone took the budget first: decide again
                 return 0.5
-        await self._act(body, decision, now)
+        await apply_decision(self.client, self.config, self.tools, body, decision, now)
         if ref is not None:
             await self._dataset_after(body, ref, observed, decision, now)
         if state is not None:
-            state.fingerprint = fingerprint(_after(body, decision))
+            state.fingerprint = fingerprint(body_after(body, decision))
             if self._jobs.get((namespace, name)) is not state:
                 return None  # deleted while this pass ran: its series must stay gone
         self._observe_metrics(namespace, name, body, decision)
@@ -378,19 +280,14 @@ class Reconciler:
         return dataclasses.replace(self.config.decisions, workload_kind=kind[0],
                                    workload_api_version=kind[1])
 
-    def _workload_path(self, namespace: str, name: str | None = None) -> str:
-        if self.config.use_jobset:
-            return resource_path(JOBSET_API, "jobsets", namespace, name)
-        return resource_path("batch/v1", "jobs", namespace, name)
-
     async def _observe(self, body: Mapping[str, Any]) -> Observed:
         job = JobRef.from_body(body)
         names = ChildNames.of(job.name)
-        paths = {"workload": self._workload_path(job.namespace, names.workload),
+        paths = {"workload": workload_path(self.config, job.namespace, names.workload),
                  "prepare": resource_path("batch/v1", "jobs", job.namespace, names.prepare)}
         states: dict[str, ChildState | None] = {}
         for key, path in paths.items():
-            state, foreign = _child_state(await self.client.get(path), job.uid)
+            state, foreign = child_state(await self.client.get(path), job.uid)
             if foreign:
                 # Left over from an earlier job of the same name: it is not ours to keep.
                 await self.client.delete(path)
@@ -398,94 +295,7 @@ class Reconciler:
         config = await self.client.get(resource_path("v1", "configmaps", job.namespace,
                                                      names.config_map))
         return Observed(workload=states["workload"], prepare=states["prepare"],
-                        config=_config_state(config), config_observed=True)
-
-    async def _act(self, body: Mapping[str, Any], decision: Decision, now: dt.datetime) -> None:
-        job = JobRef.from_body(body)
-        names = ChildNames.of(job.name)
-        ns = job.namespace
-        for child in decision.delete:
-            if child == "workload":
-                await self.client.delete(self._workload_path(ns, names.workload))
-                if not self.config.use_jobset:
-                    await self.client.delete(resource_path("v1", "services", ns, names.service))
-            elif child == "prepare":
-                await self.client.delete(resource_path("batch/v1", "jobs", ns, names.prepare))
-            elif child == "config":
-                await self.client.delete(resource_path("v1", "configmaps", ns, names.config_map))
-        spec, plan = decision.spec, decision.plan
-        dataset = decision.dataset
-        created_config = False
-        for child in dict.fromkeys(decision.create):
-            assert spec is not None
-            if child == "config":
-                created_config = await self.client.create(
-                    resource_path("v1", "configmaps", ns),
-                    build_config_map(spec, job, plan, dataset))
-            elif child == "rbac":
-                await self.client.create(resource_path("v1", "serviceaccounts", ns),
-                                         build_service_account(job))
-                await self.client.create(
-                    resource_path("rbac.authorization.k8s.io/v1", "roles", ns), build_role(job))
-                await self.client.create(
-                    resource_path("rbac.authorization.k8s.io/v1", "rolebindings", ns),
-                    build_role_binding(job))
-            elif child == "service" and not self.config.use_jobset:
-                await self.client.create(resource_path("v1", "services", ns),
-                                         build_headless_service(job))
-            elif child == "workload":
-                assert plan is not None
-                # The secret key first: trainer pods cannot start without it. Created once
-                # (AlreadyExists keeps the first key, so restarts reuse it); never logged.
-                await self.client.create(resource_path("v1", "secrets", ns),
-                                         build_key_secret(job, secrets.token_bytes(32)))
-                await self._create_workload(job, decision, plan)
-            elif child == "prepare":
-                await self.client.create(resource_path("batch/v1", "jobs", ns),
-                                         build_prepare_job(spec, job,
-                                                           api_server=self.config.pod_api_server))
-        if decision.update_config and not created_config and spec is not None:
-            # The ConfigMap is immutable: a new config is a new object (delete, then create).
-            config = build_config_map(spec, job, plan, dataset)
-            await self.client.delete(resource_path("v1", "configmaps", ns, names.config_map))
-            if not await self.client.create(resource_path("v1", "configmaps", ns), config):
-                raise ApiError(409, "AlreadyExists", "the old ConfigMap is still being deleted")
-        job_path = resource_path(API_VERSION, PLURAL, ns, job.name)
-        annotations: dict[str, str] = {}
-        if decision.applied_spec is not None:
-            annotations[ANNOTATION_APPLIED_SPEC] = json.dumps(
-                decision.applied_spec, sort_keys=True, separators=(",", ":"))
-        if decision.ledger_annotation is not None:
-            # The authoritative ledger first, then its published copy (status.privacy).
-            annotations[ANNOTATION_LEDGER] = decision.ledger_annotation
-        if annotations:
-            await self.client.merge_patch(job_path, {"metadata": {"annotations": annotations}})
-        if decision.status:
-            await self.client.merge_patch(status_path(ns, job.name),
-                                         {"status": decision.status})
-        for event in decision.events:
-            try:
-                await self.client.post_event(body, type_=event.type, reason=event.reason,
-                                             message=event.message, now=timestamp(now))
-            except ApiError as error:  # events are best effort, the status is the record
-                logger.warning("could not post event %s on %s/%s: %s", event.reason, ns,
-                               job.name, error)
-        if decision.halted is not None:
-            _metrics.HALTED.labels(decision.halted).inc()
-            logger.info("%s/%s halted: %s (%s)", ns, job.name, decision.phase, decision.halted)
-
-    async def _create_workload(self, job: JobRef, decision: Decision, plan: PlanStatus) -> None:
-        spec = decision.spec
-        assert spec is not None
-        sizing = await asyncio.to_thread(self.tools.pod_sizing, spec, plan)
-        if self.config.use_jobset:
-            body = build_jobset(spec, job, plan, sizing, api_server=self.config.pod_api_server,
-                                restart=decision.restart)
-        else:
-            body = build_trainer_job(spec, job, plan, sizing,
-                                     api_server=self.config.pod_api_server,
-                                     restart=decision.restart)
-        await self.client.create(self._workload_path(job.namespace), body)
+                        config=config_state(config), config_observed=True)
 
     @staticmethod
     def _observe_metrics(namespace: str, name: str, body: Mapping[str, Any],
