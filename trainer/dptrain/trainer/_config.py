@@ -35,6 +35,7 @@ class TrainConfig:
         weight_decay: decoupled weight decay.
         optimizer: ``adamw`` or ``sgd``.
         microbatch_size: rows per accumulation microbatch per device (None: all at once).
+        clipping: ``ghost`` or ``per-example`` (how the clipped sum is computed; same result).
         seed: seed of initialisation, sampling and noise.
         epsilon_budget: ε the job may spend.
         delta: δ.
@@ -73,6 +74,7 @@ class TrainConfig:
     checkpoint_keep: int
     output_dir: pathlib.Path
     ledger_block: int = 1
+    clipping: str = "ghost"
     metrics_port: int | None = None
     progress: bool = True
     initial_steps_charged: int = 0
@@ -157,7 +159,8 @@ def config_from_plan(job: DPTrainingJob, plan: PlanStatus, *, dataset: PreparedD
         epsilon_budget=spec.privacy.epsilon, delta=spec.privacy.delta,
         accountant=plan.accountant, checkpoint_dir=ckpt,
         checkpoint_interval=spec.checkpoint.interval_steps, checkpoint_keep=spec.checkpoint.keep,
-        output_dir=output_dir, ledger_block=ledger_block, metrics_port=metrics_port,
+        output_dir=output_dir, ledger_block=ledger_block, clipping=training.clipping,
+        metrics_port=metrics_port,
         progress=progress, initial_steps_charged=initial_steps_charged)
 
 

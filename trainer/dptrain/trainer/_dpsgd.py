@@ -40,9 +40,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dptrain.trainer._ghost import ghost_clipped_sum
 from dptrain.trainer._model import Decoder, sequence_loss
 
 DATA_AXIS = "data"
+CLIPPING_MODES = ("ghost", "per-example")
 Params = Any  # a pytree of arrays
 LossFn = Callable[[Params, jax.Array], jax.Array]
 
@@ -66,14 +68,22 @@ class DpSgdConfig:
         microbatch_size: rows per accumulation microbatch on each device (``None``: the whole
             device slice at once). Changes memory use, not results.
         pad_id: token id of padding (targets equal to it carry no loss).
+        clipping: ``ghost`` (default: per-example norms and the clipped sum from activations and
+            output gradients, no per-example gradients in memory; used where the loss is a
+            :class:`ModelLoss`, i.e. the decoder) or ``per-example`` (``vmap(grad)``, the
+            reference). Same results up to floating-point reassociation.
     """
 
     clip_norm: float
     expected_batch_size: float
     microbatch_size: int | None = None
     pad_id: int = 0
+    clipping: str = "ghost"
 
     def __post_init__(self) -> None:
+        if self.clipping not in CLIPPING_MODES:
+            raise ValueError("spec.training.clipping must be one of "
+                             f"{', '.join(CLIPPING_MODES)} (got {self.clipping!r})")
         if not self.clip_norm > 0:
             raise ValueError(f"spec.training.clipNorm must be > 0 (got {self.clip_norm})")
         if not self.expected_batch_size > 0:
@@ -84,11 +94,24 @@ class DpSgdConfig:
                              f"(got {self.microbatch_size})")
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelLoss:
+    """``loss(params, tokens)`` of one sequence for a decoder split by ``eqx.partition``.
+
+    A plain callable to the per-example path; the ghost path reads ``static`` and ``pad_id``.
+    """
+
+    static: Decoder
+    pad_id: int = 0
+
+    def __call__(self, params: Params, tokens: jax.Array) -> jax.Array:
+        """Mean next-token loss of ``tokens`` (``[L]``)."""
+        return sequence_loss(eqx.combine(params, self.static), tokens, self.pad_id)
+
+
 def model_loss_fn(static: Decoder, pad_id: int = 0) -> LossFn:
     """``loss(params, tokens)`` of one sequence for a model split by ``eqx.partition``."""
-    def loss(params: Params, tokens: jax.Array) -> jax.Array:
-        return sequence_loss(eqx.combine(params, static), tokens, pad_id)
-    return loss
+    return ModelLoss(static, pad_id)
 
 
 def global_norms(tree: Params) -> jax.Array:
@@ -200,8 +223,14 @@ def make_dp_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, confi
     expected = float(config.expected_batch_size)
 
     def device_sum(params: Params, tokens: jax.Array, mask: jax.Array) -> Any:
-        out = local_clipped_sum(loss_fn, params, tokens, mask, clip_norm=clip_norm,
-                                microbatch_size=config.microbatch_size)
+        # Ghost clipping where the loss is the decoder's (same sums, no per-example gradients).
+        if config.clipping == "ghost" and isinstance(loss_fn, ModelLoss):
+            out = ghost_clipped_sum(loss_fn.static, params, tokens, mask, clip_norm=clip_norm,
+                                    microbatch_size=config.microbatch_size,
+                                    pad_id=loss_fn.pad_id)
+        else:
+            out = local_clipped_sum(loss_fn, params, tokens, mask, clip_norm=clip_norm,
+                                    microbatch_size=config.microbatch_size)
         real = jnp.sum(mask.astype(jnp.float32))
         return jax.lax.psum((*out, real), DATA_AXIS)
 

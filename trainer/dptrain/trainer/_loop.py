@@ -133,7 +133,7 @@ def physical_rows(config: TrainConfig, devices: int) -> int:
 @functools.lru_cache(maxsize=8)
 def compiled_step(shape: ModelShape, optimizer: tuple[Any, ...], clip_norm: float,
                   expected_batch: float, microbatch: int | None, pad_id: int,
-                  mesh: Mesh) -> tuple[StepFn, Any, Any]:
+                  mesh: Mesh, clipping: str = "ghost") -> tuple[StepFn, Any, Any]:
     """The jitted DP step, optimizer and model skeleton for a configuration.
 
     Memoised, so that restarts within one process (and tests) compile once.
@@ -144,7 +144,8 @@ def compiled_step(shape: ModelShape, optimizer: tuple[Any, ...], clip_norm: floa
     _, static = eqx.partition(build_model(shape, key=jax.random.key(0)), eqx.is_array)
     step = make_dp_step(model_loss_fn(static, pad_id), opt,
                         DpSgdConfig(clip_norm=clip_norm, expected_batch_size=expected_batch,
-                                    microbatch_size=microbatch, pad_id=pad_id), mesh)
+                                    microbatch_size=microbatch, pad_id=pad_id,
+                                    clipping=clipping), mesh)
     return step, opt, static
 
 
@@ -220,7 +221,7 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
                      config.warmup_steps, config.weight_decay)
     step_fn, optimizer, _ = compiled_step(
         config.shape, optimizer_key, config.clip_norm, float(config.batch_size),
-        config.microbatch_size, pad_id, mesh)
+        config.microbatch_size, pad_id, mesh, config.clipping)
     seed_key = jax.random.key(config.seed)
     root_key = np.asarray(jax.random.key_data(seed_key))
     params, _ = eqx.partition(build_model(config.shape, key=jax.random.fold_in(seed_key, 0)),
