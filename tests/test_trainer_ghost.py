@@ -57,13 +57,13 @@ def _shapes():
              for name in ("tiny", "small", "base")]
     # A grouped-query variant, so the ghost path does not rely on one key/value head.
     gqa = dataclasses.replace(small[0], name="gqa", n_kv_heads=2)
-    return small + [gqa]
+    return [*small, gqa]
 
 
 @pytest.mark.parametrize("shape", _shapes(), ids=lambda s: s.name)
 def test_ghost_norms_equal_per_example_gradient_norms(shape):
     params, static, tokens = _setup(shape)
-    expected_grads, expected = _reference(params, static, tokens)
+    _, expected = _reference(params, static, tokens)
     squared, losses, _ = jax.jit(ghost_norms, static_argnums=0)(static, params, tokens)
     np.testing.assert_allclose(np.sqrt(np.asarray(squared)), np.asarray(expected), rtol=1e-5,
                                atol=1e-7)

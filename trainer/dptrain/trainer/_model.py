@@ -286,7 +286,7 @@ def sequence_loss(model: Decoder, tokens: jax.Array, pad_id: int = 0) -> jax.Arr
 
 
 def token_loss(logits: jax.Array, targets: jax.Array, pad_id: int = 0) -> jax.Array:
-    """Mean cross-entropy of ``logits`` (``[L, vocab]``) against ``targets`` not equal to ``pad_id``."""
+    """Mean cross-entropy of ``logits`` (``[L, vocab]``) against targets not equal to ``pad_id``."""
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(log_probs, targets[:, None], axis=-1)[:, 0]
     weights = (targets != pad_id).astype(nll.dtype)
