@@ -132,3 +132,38 @@ def test_non_finite_rows_get_weight_zero_and_contribute_exactly_zero(micro_shape
                     strict=True):
         assert bool(jnp.all(jnp.isfinite(a)))
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_dp_step_with_ghost_clipping_matches_the_per_example_step(micro_shape):
+    from dptrain.trainer import DpSgdConfig, make_dp_step, make_mesh, make_optimizer
+    from dptrain.trainer._dpsgd import replicate, shard_batch
+
+    shape = dataclasses.replace(micro_shape, max_seq_len=LENGTH - 1)
+    params, static, tokens = _setup(shape)
+    mesh = make_mesh(jax.devices()[:1])
+    sgd = make_optimizer("sgd", learning_rate=1.0, total_steps=10)
+    root = np.asarray(jax.random.key_data(jax.random.key(0)))
+    mask = np.array([True, True, True, True, True, False])
+    outputs = {}
+    for clipping in ("ghost", "per-example"):
+        config = DpSgdConfig(clip_norm=0.05, expected_batch_size=ROWS, clipping=clipping)
+        step = make_dp_step(model_loss_fn(static), sgd, config, mesh)
+        outputs[clipping] = step(replicate(mesh, params), replicate(mesh, sgd.init(params)),
+                                 *shard_batch(mesh, np.asarray(tokens), mask), root,
+                                 np.int32(0), np.float32(0.0))  # σ = 0: the clipped mean only
+    (ghost, _, ghost_metrics), (reference, _, metrics) = outputs["ghost"], outputs["per-example"]
+    # Compare the updates (new − old parameters), not the parameters they are small against.
+    def update(new):
+        return jax.tree_util.tree_map(lambda a, b: np.asarray(a) - np.asarray(b), new, params)
+
+    _assert_trees_close(update(ghost), update(reference), rel=1e-4)
+    assert float(ghost_metrics.clipped_fraction) == float(metrics.clipped_fraction) > 0
+    assert float(ghost_metrics.mean_grad_norm) == pytest.approx(float(metrics.mean_grad_norm),
+                                                                 rel=1e-5)
+
+
+def test_unknown_clipping_mode_is_rejected_naming_the_field():
+    from dptrain.trainer import DpSgdConfig
+
+    with pytest.raises(ValueError, match=r"spec\.training\.clipping"):
+        DpSgdConfig(clip_norm=1.0, expected_batch_size=4.0, clipping="fast")
