@@ -18,6 +18,9 @@ from dptrain.trainer._ghost import (
     weighted_grad_sum,
 )
 
+# Each test compiles a decoder's ghost and vmap(grad) paths: 10–45 s on 2 shared cores.
+pytestmark = pytest.mark.slow
+
 ROWS = 6
 LENGTH = 17  # tokens per row (16 predictions): small, and repeats tokens within a row
 
@@ -57,10 +60,10 @@ def _shapes():
              for name in ("tiny", "small", "base")]
     # A grouped-query variant, so the ghost path does not rely on one key/value head.
     gqa = dataclasses.replace(small[0], name="gqa", n_kv_heads=2)
-    return [*small, gqa]
+    return [pytest.param(s, id=s.name) for s in [*small, gqa]]
 
 
-@pytest.mark.parametrize("shape", _shapes(), ids=lambda s: s.name)
+@pytest.mark.parametrize("shape", _shapes())
 def test_ghost_norms_equal_per_example_gradient_norms(shape):
     params, static, tokens = _setup(shape)
     _, expected = _reference(params, static, tokens)
@@ -72,7 +75,7 @@ def test_ghost_norms_equal_per_example_gradient_norms(shape):
     np.testing.assert_allclose(np.asarray(losses), np.asarray(reference_losses), rtol=1e-6)
 
 
-@pytest.mark.parametrize("shape", _shapes(), ids=lambda s: s.name)
+@pytest.mark.parametrize("shape", _shapes())
 def test_ghost_clipped_sum_equals_per_example_clipping(shape):
     params, static, tokens = _setup(shape)
     _, norms = _reference(params, static, tokens)
