@@ -144,6 +144,7 @@ class DatasetView:
     name: str
     spec: DPDatasetSpec | None = None
     charges: tuple[DatasetCharge, ...] = ()
+    uid: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
