@@ -182,5 +182,8 @@ def test_deleted_job_takes_its_children_and_metric_series(kube, start_operator):
     wait_for(lambda: 'name="doomed"' in operator.metrics(), what="the series")
     kube.delete(JOBS, "default", "doomed")
     wait_for(lambda: kube.get_job("doomed") is None, what="the job gone")
-    wait_for(lambda: children(kube, "doomed") == [], what="the children gone")
+    wait_for(lambda: children(kube, "doomed") == [], what="the children gone",
+             describe=lambda: repr([(o["kind"], o["metadata"]["name"],
+                                     o["metadata"].get("creationTimestamp"))
+                                    for o in children(kube, "doomed")]))
     wait_for(lambda: 'name="doomed"' not in operator.metrics(), what="the series gone")

@@ -144,6 +144,7 @@ class DatasetView:
     name: str
     spec: DPDatasetSpec | None = None
     charges: tuple[DatasetCharge, ...] = ()
+    uid: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -809,8 +810,6 @@ def _run(d: _Draft, out: Decision, spec: DPTrainingJobSpec, plan: PlanStatus,
         d.set_phase("Running", "WorkloadCreated", "the trainer workload was created")
         return d.finish(requeue_after=settings.stall_timeout)
     # The workload exists and runs: only watch for stalls.
-    if observed.config_observed and observed.config is None:
-        out.create.append("config")  # deleted under a running job: the next pod needs it
     running = find(d.conditions, "Running")
     if running is None or running.status != "True":
         d.condition("Running", "True", "WorkloadCreated", "the trainer workload is running")
