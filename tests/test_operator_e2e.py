@@ -178,8 +178,12 @@ def test_deleted_job_takes_its_children_and_metric_series(kube, start_operator):
     operator = start_operator()
     kube.create_job(job_manifest("doomed"))
     wait_phase(kube, "doomed", "Running")
-    assert 'name="doomed"' in operator.metrics()
+    # The series appear after the reconcile's status write and events: poll, don't race.
+    wait_for(lambda: 'name="doomed"' in operator.metrics(), what="the series")
     kube.delete(JOBS, "default", "doomed")
     wait_for(lambda: kube.get_job("doomed") is None, what="the job gone")
-    wait_for(lambda: children(kube, "doomed") == [], what="the children gone")
+    wait_for(lambda: children(kube, "doomed") == [], what="the children gone",
+             describe=lambda: repr([(o["kind"], o["metadata"]["name"],
+                                     o["metadata"].get("creationTimestamp"))
+                                    for o in children(kube, "doomed")]))
     wait_for(lambda: 'name="doomed"' not in operator.metrics(), what="the series gone")

@@ -58,3 +58,75 @@ def test_greedy_decoding_returns_the_requested_tokens(micro_shape):
     model = build_model(micro_shape, key=jax.random.key(0))
     out = jax.jit(lambda p: greedy_continue(model, p, 6))(jnp.arange(3, 13, dtype=jnp.int32))
     assert out.shape == (6,) and out.dtype == jnp.int32
+
+
+def _reference_logits(model, tokens):
+    """The decoder's logits by a straightforward float64 numpy implementation (loops over heads).
+
+    Written from the architecture's definition, independently of the JAX code's formulation
+    (grouped einsums, host RoPE tables, probes, scan), so that speed work cannot change the
+    mathematics unnoticed.
+    """
+    def f64(a):
+        return np.asarray(a, np.float64)
+
+    def rms_norm(x, scale):
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-6) * (1 + f64(scale))
+
+    def gelu_tanh(x):
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+    def rope(x):  # x: [L, head_dim]
+        half = x.shape[-1] // 2
+        freq = 10_000.0 ** (-np.arange(half) / half)
+        angle = np.arange(x.shape[0])[:, None] * freq[None, :]
+        x1, x2 = x[:, :half], x[:, half:]
+        return np.concatenate([x1 * np.cos(angle) - x2 * np.sin(angle),
+                               x2 * np.cos(angle) + x1 * np.sin(angle)], axis=-1)
+
+    embedding = f64(model.embedding)
+    length, d_model = len(tokens), embedding.shape[1]
+    x = embedding[np.asarray(tokens)] * np.sqrt(d_model)
+    blocks = model.blocks
+    for layer in range(blocks.attn.wq.shape[0]):
+        wq, wk, wv, wo = (f64(w[layer]) for w in (blocks.attn.wq, blocks.attn.wk, blocks.attn.wv,
+                                                   blocks.attn.wo))
+        n_heads, head_dim, n_kv = wq.shape[1], wq.shape[2], wk.shape[1]
+        h = rms_norm(x, blocks.attn_norm.scale[layer])
+        attn = np.zeros_like(x)
+        for head in range(n_heads):
+            kv = head // (n_heads // n_kv)  # query heads share their group's key/value head
+            q, k, v = rope(h @ wq[:, head]), rope(h @ wk[:, kv]), h @ wv[:, kv]
+            scores = q @ k.T / np.sqrt(head_dim)
+            scores[np.triu_indices(length, 1)] = -np.inf
+            weights = np.exp(scores - scores.max(axis=1, keepdims=True))
+            weights /= weights.sum(axis=1, keepdims=True)
+            attn += (weights @ v) @ wo[head]
+        x = x + attn
+        h = rms_norm(x, blocks.mlp_norm.scale[layer])
+        gate, up = h @ f64(blocks.mlp.w_gate[layer]), h @ f64(blocks.mlp.w_up[layer])
+        x = x + (gelu_tanh(gate) * up) @ f64(blocks.mlp.w_down[layer])
+    return rms_norm(x, model.final_norm.scale) @ embedding.T
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2])
+def test_logits_equal_a_straightforward_reference_implementation(micro_shape, n_kv_heads):
+    import dataclasses
+
+    import equinox as eqx
+
+    shape = dataclasses.replace(micro_shape, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads)
+    model = build_model(shape, key=jax.random.key(5))
+    rng = np.random.default_rng(5)
+    # Larger embeddings and non-zero norm scales than at initialisation, so logits are O(1).
+    model = eqx.tree_at(
+        lambda m: (m.embedding, m.blocks.attn_norm.scale, m.blocks.mlp_norm.scale,
+                   m.final_norm.scale), model,
+        tuple(jnp.asarray(rng.normal(0, s, a.shape), jnp.float32) for s, a in (
+            (0.5, model.embedding), (0.3, model.blocks.attn_norm.scale),
+            (0.3, model.blocks.mlp_norm.scale), (0.3, model.final_norm.scale))))
+    tokens = jnp.asarray(rng.integers(3, shape.vocab_size, shape.max_seq_len), jnp.int32)
+    logits = np.asarray(jax.jit(lambda t: model(t))(tokens))
+    expected = _reference_logits(model, tokens)
+    assert float(np.max(np.abs(expected))) > 1.0  # the comparison is not between near-zeros
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5 * np.max(np.abs(expected)))

@@ -16,7 +16,8 @@ a kube-apiserver that a real ``kopf run`` and our trainer can talk to it:
 - every write of a DPTrainingJob validated against the generated CRD's ``openAPIV3Schema``
   (422 ``Invalid`` naming the field, like the API server);
 - list responses with ``apiVersion``/``kind``/``resourceVersion`` and equality label selectors;
-- owner-reference garbage collection (background propagation) when an object goes away;
+- owner-reference garbage collection (background propagation) when an object goes away, and of
+  an object created with owners that are all gone;
 - ``GET /api/v1/namespaces`` no longer crashes kmock's path parser;
 - ``immutable: true`` ConfigMaps refuse changes of ``data``/``binaryData``/``immutable`` (422);
 - RBAC for ServiceAccount tokens: a bearer token registered with :meth:`grant_token` is the
@@ -345,7 +346,16 @@ class DPTrainKubernetes(kmock.KubernetesEmulator):
         else:
             self.objects[key] = obj
         await self._broadcast(request.resource, "ADDED", obj)
+        owners = {ref.get("uid") for ref in meta.get("ownerReferences") or []}
+        if owners and not owners & self._live_uids():
+            # The garbage collector deletes a dependent whose owners are all gone (an object
+            # created for an owner deleted a moment before): do it at once.
+            await self._remove(key)
         return copy.deepcopy(obj)
+
+    def _live_uids(self) -> set[str]:
+        return {o.raw.get("metadata", {}).get("uid") for k, o in list(self.objects.items())
+                if not o.deleted}
 
     async def _patch(self, request: rendering.Request) -> dict[str, Any]:
         assert request.resource is not None and request.name is not None

@@ -127,6 +127,11 @@ class TrainingSpec(_Model):
     """Fixed batch the Poisson batch is padded/truncated to (≥ batchSize)."""
     microbatch_size: int | None = Field(default=None, ge=1, le=10**6)
     """Examples per accumulation microbatch (memory knob, no effect on results)."""
+    clipping: Literal["ghost", "per-example"] = "ghost"
+    """How clipped per-example gradients are summed: `ghost` (norms and the clipped sum from
+    activations and output gradients; no per-example gradients in memory) or `per-example`
+    (materialised per-example gradients, the reference). Same results; ghost is faster and
+    smaller."""
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     """Seed of the model's initialisation only (public). Batch sampling and noise come from a
     secret per-job key, never from this seed."""

@@ -59,7 +59,8 @@ def parse_view(name: str, body: dict[str, Any] | None) -> DatasetView:
         spec: DPDatasetSpec | None = DPDatasetSpec.model_validate(body.get("spec") or {})
     except pydantic.ValidationError:
         spec = None
-    return DatasetView(name=name, spec=spec, charges=tuple(_charges(body)))
+    return DatasetView(name=name, spec=spec, charges=tuple(_charges(body)),
+                       uid=(body.get("metadata") or {}).get("uid"))
 
 
 def _charges(body: dict[str, Any]) -> list[DatasetCharge]:

@@ -92,11 +92,13 @@ class DatasetView:
         name: the dataset's name.
         spec: its spec (None: it does not exist, or its spec is unreadable).
         charges: its ledger of charges (``status.charges``).
+        uid: its uid (None: it does not exist).
     """
 
     name: str
     spec: DPDatasetSpec | None = None
     charges: tuple[DatasetCharge, ...] = ()
+    uid: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

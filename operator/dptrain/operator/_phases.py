@@ -182,8 +182,6 @@ def run_workload(d: StatusDraft, out: Decision, spec: DPTrainingJobSpec, plan: P
         d.set_phase("Running", "WorkloadCreated", "the trainer workload was created")
         return d.finish(requeue_after=settings.stall_timeout)
     # The workload exists and runs: only watch for stalls.
-    if observed.config_observed and observed.config is None:
-        out.create.append("config")  # deleted under a running job: the next pod needs it
     running = find(d.conditions, "Running")
     if running is None or running.status != "True":
         d.condition("Running", "True", "WorkloadCreated", "the trainer workload is running")

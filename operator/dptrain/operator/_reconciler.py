@@ -19,6 +19,7 @@ from typing import Any
 
 from dptrain.api import (
     API_VERSION,
+    DATASET_KIND,
     PLURAL,
     TERMINAL_PHASES,
 )
@@ -36,8 +37,6 @@ from dptrain.operator._children import (
 from dptrain.operator._conditions import timestamp
 from dptrain.operator._dataset_reconciler import (
     DatasetLedgers,
-    dataset_path,
-    parse_view,
     reconcile_dataset,
 )
 from dptrain.operator._decisions import decide
@@ -209,9 +208,11 @@ class Reconciler:
             self.ledgers.waiting.setdefault(key, set()).add(name)
         else:
             self.ledgers.waiting.get(key, set()).discard(name)
-        dataset = await self.ledgers.client.get(dataset_path(namespace, ref))
-        if dataset is None:
+        view = observed.dataset
+        if view is None or view.uid is None:
             return
+        dataset = {"apiVersion": API_VERSION, "kind": DATASET_KIND,
+                   "metadata": {"name": ref, "namespace": namespace, "uid": view.uid}}
         for event in decision.dataset_events:
             try:
                 await self.client.post_event(dataset, type_=event.type, reason=event.reason,
@@ -223,7 +224,8 @@ class Reconciler:
         privacy.update(decision.status.get("privacy") or {})
         steps = int(privacy.get("stepsCharged") or 0)
         final = decision.phase in TERMINAL_PHASES
-        own = next((c for c in parse_view(ref, dataset).charges if c.uid == uid), None)
+        # The view read at the start of this pass: record_steps re-reads under the lock.
+        own = next((c for c in view.charges if c.uid == uid), None)
         if own is not None and (steps > own.steps_charged
                                 or (final and own.state != "Charged")):
             await self.ledgers.record_steps(namespace, ref, uid, steps, final)

@@ -1,7 +1,8 @@
 """The JAX DP-SGD trainer: a Gemma-2-style decoder trained with Poisson-sampled DP-SGD.
 
 Modules, one concept each: ``_model`` (the decoder), ``_tokenizer`` and ``_data`` (documents to
-memory-mapped sequences), ``_sampling`` (Poisson batches), ``_dpsgd`` (the private step),
+memory-mapped sequences), ``_keys`` (the secret job key and per-execution keys), ``_sampling``
+(Poisson batches), ``_noise`` (Gaussian noise without a cut-off tail), ``_dpsgd`` (the step),
 ``_ledger`` (durable steps charged), ``_reporters`` (a file or the job's status),
 ``_checkpoint`` (orbax), ``_loop`` (training with the budget guard), ``_report`` (report.json
 and plots), ``_audit`` (memorization), ``_distributed`` (multi-host start-up), ``_metrics``

@@ -2,8 +2,9 @@
 
 A checkpoint of step ``s`` (the number of steps whose updates the parameters include) holds three
 items: ``params`` and ``opt_state`` (orbax ``StandardSave``, exact float round trip) and ``meta``
-(JSON: step, seed and key data — the only RNG state, since sampling and noise are counter-based
-functions of ``(seed, step)`` — the ledger, the model shape, the plan and the dataset identity).
+(JSON: step, the public seed, the SHA-256 fingerprint of the job's secret key — never the key:
+sampling and noise are functions of the key and the execution count, so there is no other RNG
+state — the ledger, the model shape, the plan and the dataset identity).
 
 Checkpoints are written synchronously: the loop must know a checkpoint is complete before it
 reports it, and the ledger ordering (ledger first, then checkpoint) relies on program order.

@@ -36,6 +36,7 @@ class TrainConfig:
         weight_decay: decoupled weight decay.
         optimizer: ``adamw`` or ``sgd``.
         microbatch_size: rows per accumulation microbatch per device (None: all at once).
+        clipping: ``ghost`` or ``per-example`` (how the clipped sum is computed; same result).
         seed: seed of the model's initialisation only (public; sampling and noise come from the
             secret job key).
         epsilon_budget: ε the job may spend.
@@ -71,6 +72,7 @@ class TrainConfig:
     checkpoint_keep: int
     output_dir: pathlib.Path
     ledger_block: int = 1
+    clipping: str = "ghost"
     metrics_port: int | None = None
     progress: bool = True
     initial_steps_charged: int = 0
@@ -225,7 +227,7 @@ def config_from_plan(job: DPTrainingJob, plan: PlanStatus, *, dataset: PreparedD
         checkpoint_interval=spec.checkpoint.interval_steps, checkpoint_keep=spec.checkpoint.keep,
         output_dir=output_dir, ledger_block=ledger_block, metrics_port=metrics_port,
         progress=progress, initial_steps_charged=initial_steps_charged, key_file=key_file,
-        create_key=create_key,
+        create_key=create_key, clipping=training.clipping,
         release_raw_statistics=spec.monitoring.release_raw_statistics)
 
 

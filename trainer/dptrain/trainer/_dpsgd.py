@@ -62,10 +62,12 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dptrain.privacy import round_up_to_float32
+from dptrain.trainer._ghost import ghost_norms, weighted_grad_sum
 from dptrain.trainer._model import Decoder, sequence_loss
 from dptrain.trainer._noise import secure_normal
 
 DATA_AXIS = "data"
+CLIPPING_MODES = ("ghost", "per-example")
 Params = Any  # a pytree of arrays
 LossFn = Callable[[Params, jax.Array], jax.Array]
 
@@ -98,6 +100,10 @@ class DpSgdConfig:
             loss coordinate; larger losses are clipped to it.
         loss_share: β, the share of ``clip_norm`` given to the loss coordinate (the gradient is
             clipped to ``clip_norm·√(1 − β²)``).
+        clipping: ``ghost`` (default: per-example norms and the clipped sum from activations and
+            output gradients, no per-example gradients in memory; used where the loss is a
+            :class:`ModelLoss`, i.e. the decoder) or ``per-example`` (``vmap(grad)``, the
+            reference). Same results up to floating-point reassociation.
     """
 
     clip_norm: float
@@ -106,8 +112,12 @@ class DpSgdConfig:
     pad_id: int = 0
     loss_bound: float = 16.0
     loss_share: float = 0.25
+    clipping: str = "ghost"
 
     def __post_init__(self) -> None:
+        if self.clipping not in CLIPPING_MODES:
+            raise ValueError("spec.training.clipping must be one of "
+                             f"{', '.join(CLIPPING_MODES)} (got {self.clipping!r})")
         if not self.clip_norm > 0:
             raise ValueError(f"spec.training.clipNorm must be > 0 (got {self.clip_norm})")
         if not self.expected_batch_size > 0:
@@ -132,11 +142,24 @@ class DpSgdConfig:
         return self.loss_share * self.clip_norm / self.loss_bound
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelLoss:
+    """``loss(params, tokens)`` of one sequence for a decoder split by ``eqx.partition``.
+
+    A plain callable to the per-example path; the ghost path reads ``static`` and ``pad_id``.
+    """
+
+    static: Decoder
+    pad_id: int = 0
+
+    def __call__(self, params: Params, tokens: jax.Array) -> jax.Array:
+        """Mean next-token loss of ``tokens`` (``[L]``)."""
+        return sequence_loss(eqx.combine(params, self.static), tokens, self.pad_id)
+
+
 def model_loss_fn(static: Decoder, pad_id: int = 0) -> LossFn:
     """``loss(params, tokens)`` of one sequence for a model split by ``eqx.partition``."""
-    def loss(params: Params, tokens: jax.Array) -> jax.Array:
-        return sequence_loss(eqx.combine(params, static), tokens, pad_id)
-    return loss
+    return ModelLoss(static, pad_id)
 
 
 def per_example_sq_norms(tree: Params) -> jax.Array:
@@ -223,18 +246,29 @@ def local_clipped_sum(loss_fn: LossFn, params: Params, tokens: jax.Array, mask: 
     value_and_grad = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0))
     token_mb, mask_mb = _microbatches(tokens, mask, config.microbatch_size)
     grad_clip = config.gradient_clip_norm
+    # Ghost clipping where the loss is the decoder's: the same norms and weighted sum from
+    # activations and output gradients, without per-example gradients in memory.
+    ghost = config.clipping == "ghost" and isinstance(loss_fn, ModelLoss)
 
     def accumulate(carry: tuple[Any, ...],
                    batch: tuple[jax.Array, jax.Array]) -> tuple[Any, None]:
         grad_sum, coordinate_sum, loss_sum, norm_sum, clipped = carry
         mb_tokens, mb_mask = batch
-        losses, grads = value_and_grad(params, mb_tokens)
-        sq_norms = per_example_sq_norms(grads)
+        if ghost:
+            assert isinstance(loss_fn, ModelLoss)
+            sq_norms, losses, tape = ghost_norms(loss_fn.static, params, mb_tokens,
+                                                 loss_fn.pad_id)
+        else:
+            losses, grads = value_and_grad(params, mb_tokens)
+            sq_norms = per_example_sq_norms(grads)
         norms = jnp.sqrt(sq_norms)
         # A NaN/inf row would have unbounded sensitivity: it contributes exactly nothing.
         keep = mb_mask & jnp.isfinite(sq_norms) & jnp.isfinite(losses)
         weights = clip_factor(norms, grad_clip, keep)
-        summed = weighted_sum(grads, weights, keep, jnp.all(jnp.isfinite(sq_norms)))
+        if ghost:  # rows of weight 0 are selected away inside (NaN-safe)
+            summed = weighted_grad_sum(params, tape, weights)
+        else:
+            summed = weighted_sum(grads, weights, keep, jnp.all(jnp.isfinite(sq_norms)))
         coordinate = loss_coordinate(losses, keep, loss_bound=config.loss_bound,
                                      loss_scale=config.loss_scale)
         real = keep.astype(jnp.float32)

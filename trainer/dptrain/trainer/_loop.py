@@ -152,7 +152,8 @@ def physical_rows(config: TrainConfig, devices: int) -> int:
 @functools.lru_cache(maxsize=8)
 def compiled_step(shape: ModelShape, optimizer: tuple[Any, ...], clip_norm: float,
                   expected_batch: float, microbatch: int | None, pad_id: int,
-                  mesh: Mesh, loss_bound: float = 16.0) -> tuple[StepFn, Any, Any]:
+                  mesh: Mesh, loss_bound: float = 16.0,
+                  clipping: str = "ghost") -> tuple[StepFn, Any, Any]:
     """The jitted DP step, optimizer and model skeleton for a configuration.
 
     Memoised, so that restarts within one process (and tests) compile once.
@@ -164,7 +165,7 @@ def compiled_step(shape: ModelShape, optimizer: tuple[Any, ...], clip_norm: floa
     step = make_dp_step(model_loss_fn(static, pad_id), opt,
                         DpSgdConfig(clip_norm=clip_norm, expected_batch_size=expected_batch,
                                     microbatch_size=microbatch, pad_id=pad_id,
-                                    loss_bound=loss_bound), mesh)
+                                    loss_bound=loss_bound, clipping=clipping), mesh)
     return step, opt, static
 
 
@@ -327,7 +328,8 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
                      config.warmup_steps, config.weight_decay)
     step_fn, optimizer, _ = compiled_step(
         config.shape, optimizer_key, config.clip_norm, float(config.batch_size),
-        config.microbatch_size, pad_id, mesh, loss_bound_for(config.shape.vocab_size))
+        config.microbatch_size, pad_id, mesh, loss_bound_for(config.shape.vocab_size),
+        config.clipping)
     # The public seed initialises the model, and nothing else.
     seed_key = jax.random.key(config.seed)
     params, _ = eqx.partition(build_model(config.shape, key=jax.random.fold_in(seed_key, 0)),

@@ -8,11 +8,18 @@ attention (``n_kv_heads`` key/value heads shared by all query heads) with rotary
 embeddings; full causal attention in every layer; GeGLU MLP; input embedding scaled by
 ``sqrt(d_model)`` and tied with the output projection. Blocks are stacked on a leading axis and run
 with ``lax.scan`` so that compile time does not grow with depth.
+
+Every layer's ``forward(x, probes)`` also returns the inputs of its linear maps (its "taps") and
+adds ``probes`` (zeros, or ``None``) to its linear outputs: differentiating a per-example loss with
+respect to the probes gives each linear output's gradient without any weight gradient, which is
+what ghost clipping (``_ghost.py``) needs. ``__call__`` is ``forward`` without probes, so the
+mathematics is one code path.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -23,6 +30,13 @@ from dptrain.planner import ModelShape
 
 _ROPE_BASE = 10_000.0
 _NORM_EPS = 1e-6
+
+Taps = dict[str, Any]  # layer name -> array (or nested Taps for the stacked blocks)
+
+
+def _probe(y: jax.Array, probes: Taps | None, name: str) -> jax.Array:
+    """``y`` plus its probe (the probe is zeros; its gradient is ``∂loss/∂y``)."""
+    return y if probes is None else y + probes[name]
 
 
 def host_rng(key: jax.Array) -> np.random.Generator:
@@ -51,18 +65,38 @@ class RMSNorm(eqx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalise the last axis."""
+        return self.forward(x)[0]
+
+    def forward(self, x: jax.Array, probe: jax.Array | None = None) -> tuple[jax.Array,
+                                                                            jax.Array]:
+        """``(norm(x) + probe, x / rms(x))``: the output and the scale's input."""
         mean_square = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+        normed = x * jax.lax.rsqrt(mean_square + _NORM_EPS)
         gain = (1.0 + self.scale).reshape((1,) * (x.ndim - 1) + (-1,))
-        return x * jax.lax.rsqrt(mean_square + _NORM_EPS) * gain
+        out = normed * gain
+        return (out if probe is None else out + probe), normed
 
 
-def apply_rope(x: jax.Array, positions: jax.Array) -> jax.Array:
-    """Rotary position embedding of ``x`` (``[L, heads, head_dim]``) at integer ``positions``."""
+def rope_tables(length: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(sin, cos)`` of the rotary angles, ``[L, 1, head_dim // 2]`` float32 constants.
+
+    Computed on the host once per shape: inside the program they would be recomputed by every
+    layer and every example (``sin``/``cos`` are slow on XLA:CPU).
+    """
+    half = head_dim // 2
+    inv_freq = _ROPE_BASE ** (-np.arange(half, dtype=np.float32) / np.float32(half))
+    angles = np.arange(length, dtype=np.float32)[:, None] * inv_freq[None, :]  # [L, half]
+    return np.sin(angles)[:, None, :], np.cos(angles)[:, None, :]
+
+
+def apply_rope(x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    """Rotary position embedding of ``x`` (``[L, heads, head_dim]``) at positions ``0..L-1``.
+
+    ``positions`` is accepted for callers of the older signature and must be ``arange(L)``.
+    """
+    del positions
     half = x.shape[-1] // 2
-    inv_freq = _ROPE_BASE ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [L, half]
-    sin = jnp.sin(angles)[:, None, :]
-    cos = jnp.cos(angles)[:, None, :]
+    sin, cos = rope_tables(x.shape[0], x.shape[-1])
     x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
@@ -84,22 +118,25 @@ class Attention(eqx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Attend over ``x`` (``[L, d_model]``), each position seeing itself and the past."""
+        return self.forward(x)[0]
+
+    def forward(self, x: jax.Array, probes: Taps | None = None) -> tuple[jax.Array, Taps]:
+        """The attention output and the input of ``wo`` (``[L, heads, head_dim]``)."""
         length = x.shape[0]
         n_heads, head_dim = self.wq.shape[1], self.wq.shape[2]
         n_kv = self.wk.shape[1]
-        positions = jnp.arange(length)
-        q = apply_rope(jnp.einsum("ld,dhk->lhk", x, self.wq), positions)
-        k = apply_rope(jnp.einsum("ld,dgk->lgk", x, self.wk), positions)
-        v = jnp.einsum("ld,dgk->lgk", x, self.wv)
+        q = apply_rope(_probe(jnp.einsum("ld,dhk->lhk", x, self.wq), probes, "q"))
+        k = apply_rope(_probe(jnp.einsum("ld,dgk->lgk", x, self.wk), probes, "k"))
+        v = _probe(jnp.einsum("ld,dgk->lgk", x, self.wv), probes, "v")
         # Query heads are grouped over the shared key/value heads (one group per kv head).
-        q = q.reshape(length, n_kv, n_heads // n_kv, head_dim) / math.sqrt(head_dim)
+        q = q.reshape(length, n_kv, n_heads // n_kv, head_dim) * np.float32(1 / math.sqrt(head_dim))
         scores = jnp.einsum("lgrk,mgk->grlm", q, k)
-        causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+        causal = np.tril(np.ones((length, length), dtype=bool))
         # A finite minimum (not -inf) keeps gradients finite on fully masked entries.
         scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
         weights = jax.nn.softmax(scores, axis=-1)
         out = jnp.einsum("grlm,mgk->lgrk", weights, v).reshape(length, n_heads, head_dim)
-        return jnp.einsum("lhk,hkd->ld", out, self.wo)
+        return _probe(jnp.einsum("lhk,hkd->ld", out, self.wo), probes, "o"), {"o": out}
 
 
 class GeGLU(eqx.Module):
@@ -116,7 +153,13 @@ class GeGLU(eqx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the MLP position-wise to ``x`` (``[L, d_model]``)."""
-        return (jax.nn.gelu(x @ self.w_gate, approximate=True) * (x @ self.w_up)) @ self.w_down
+        return self.forward(x)[0]
+
+    def forward(self, x: jax.Array, probes: Taps | None = None) -> tuple[jax.Array, Taps]:
+        """The MLP output and the input of ``w_down`` (``[L, d_ff]``)."""
+        gate = _probe(x @ self.w_gate, probes, "gate")
+        hidden = jax.nn.gelu(gate, approximate=True) * _probe(x @ self.w_up, probes, "up")
+        return _probe(hidden @ self.w_down, probes, "down"), {"down": hidden}
 
 
 class Block(eqx.Module):
@@ -135,8 +178,19 @@ class Block(eqx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """The block's residual update of ``x`` (``[L, d_model]``)."""
-        x = x + self.attn(self.attn_norm(x))
-        return x + self.mlp(self.mlp_norm(x))
+        return self.forward(x)[0]
+
+    def forward(self, x: jax.Array, probes: Taps | None = None) -> tuple[jax.Array, Taps]:
+        """The block's output and its taps (inputs of every linear map and norm scale)."""
+        get = (lambda name: None) if probes is None else probes.__getitem__
+        attn_in, attn_normed = self.attn_norm.forward(x, get("attn_norm"))
+        attn_out, attn_taps = self.attn.forward(attn_in, probes)
+        x = x + attn_out
+        mlp_in, mlp_normed = self.mlp_norm.forward(x, get("mlp_norm"))
+        mlp_out, mlp_taps = self.mlp.forward(mlp_in, probes)
+        taps = {"attn_norm": attn_normed, "attn_in": attn_in, "mlp_norm": mlp_normed,
+                "mlp_in": mlp_in, **attn_taps, **mlp_taps}
+        return x + mlp_out, taps
 
 
 class Decoder(eqx.Module):
@@ -159,6 +213,15 @@ class Decoder(eqx.Module):
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """Next-token logits ``[L, vocab]`` for ``tokens`` (``[L]`` int)."""
+        return self.forward(tokens)[0]
+
+    def forward(self, tokens: jax.Array, probes: Taps | None = None) -> tuple[jax.Array, Taps]:
+        """Logits and taps; ``probes`` (see :func:`zero_probes`) are added to linear outputs.
+
+        Taps: ``blocks`` (each block's taps, stacked on a leading layer axis), ``final_norm``
+        (the normalised input of the final norm's scale) and ``head`` (the input of the tied
+        output projection).
+        """
         if tokens.ndim != 1:
             raise ValueError(f"Decoder takes one sequence [L]; got shape {tokens.shape} "
                              "(batch with jax.vmap)")
@@ -166,14 +229,41 @@ class Decoder(eqx.Module):
             raise ValueError(f"sequence of {tokens.shape[0]} tokens exceeds the model's "
                              f"max_seq_len {self.max_seq_len}")
         d_model = self.embedding.shape[1]
-        x = self.embedding[tokens] * math.sqrt(d_model)
+        get = (lambda name: None) if probes is None else probes.__getitem__
+        x = self.embedding[tokens] * np.float32(math.sqrt(d_model))
+        if probes is not None:
+            x = x + probes["embed"]
         arrays, static = eqx.partition(self.blocks, eqx.is_array)
 
-        def layer(h: jax.Array, block_arrays: Block) -> tuple[jax.Array, None]:
-            return eqx.combine(block_arrays, static)(h), None
+        def layer(h: jax.Array, xs: tuple[Block, Taps | None]) -> tuple[jax.Array, Taps]:
+            block_arrays, block_probes = xs
+            return eqx.combine(block_arrays, static).forward(h, block_probes)
 
-        x, _ = jax.lax.scan(layer, x, arrays)
-        return self.final_norm(x) @ self.embedding.T
+        x, block_taps = jax.lax.scan(layer, x, (arrays, get("blocks")))
+        head, final_normed = self.final_norm.forward(x, get("final_norm"))
+        logits = head @ self.embedding.T
+        if probes is not None:
+            logits = logits + probes["logits"]
+        return logits, {"blocks": block_taps, "final_norm": final_normed, "head": head}
+
+
+def zero_probes(model: Decoder, length: int) -> Taps:
+    """Zeros shaped like every probed output of ``model`` on a sequence of ``length`` tokens."""
+    attn, d_model = model.blocks.attn, model.embedding.shape[1]
+    n_layers, _, n_heads, head_dim = attn.wq.shape
+    n_kv, d_ff = attn.wk.shape[2], model.blocks.mlp.w_gate.shape[-1]
+
+    def zeros(*shape: int) -> jax.Array:
+        return jnp.zeros(shape, jnp.float32)
+
+    blocks = {"attn_norm": zeros(n_layers, length, d_model), "q": zeros(n_layers, length, n_heads,
+              head_dim), "k": zeros(n_layers, length, n_kv, head_dim),
+              "v": zeros(n_layers, length, n_kv, head_dim), "o": zeros(n_layers, length, d_model),
+              "mlp_norm": zeros(n_layers, length, d_model), "gate": zeros(n_layers, length, d_ff),
+              "up": zeros(n_layers, length, d_ff), "down": zeros(n_layers, length, d_model)}
+    return {"embed": zeros(length, d_model), "blocks": blocks,
+            "final_norm": zeros(length, d_model),
+            "logits": zeros(length, model.embedding.shape[0])}
 
 
 def build_model(shape: ModelShape, *, key: jax.Array) -> Decoder:
@@ -192,8 +282,11 @@ def sequence_loss(model: Decoder, tokens: jax.Array, pad_id: int = 0) -> jax.Arr
 
     A sequence that is all padding has loss 0 (and zero gradient).
     """
-    logits = model(tokens[:-1])
-    targets = tokens[1:]
+    return token_loss(model(tokens[:-1]), tokens[1:], pad_id)
+
+
+def token_loss(logits: jax.Array, targets: jax.Array, pad_id: int = 0) -> jax.Array:
+    """Mean cross-entropy of ``logits`` (``[L, vocab]``) against targets not equal to ``pad_id``."""
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(log_probs, targets[:, None], axis=-1)[:, 0]
     weights = (targets != pad_id).astype(nll.dtype)

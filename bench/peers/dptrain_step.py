@@ -1,0 +1,86 @@
+"""dptrain's DP step (ghost and per-example clipping) and non-private step on the peers' config.
+
+Same model shape, batch, σ, C and optimizer as ``opacus_step.py`` / ``jax_privacy_step.py``; runs
+in the project's environment. Prints one JSON object (examples/s from the median step time, and
+compile seconds).
+
+    python bench/peers/dptrain_step.py --batch 64 --seq-len 129 --steps 30 --warmup 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import equinox as eqx
+import jax
+import numpy as np
+
+from dptrain.planner import ModelShape
+from dptrain.trainer import (
+    DpSgdConfig,
+    build_model,
+    make_dp_step,
+    make_mesh,
+    make_optimizer,
+    make_plain_step,
+    model_loss_fn,
+)
+from dptrain.trainer._dpsgd import replicate, shard_batch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=129, help="tokens per row")
+    parser.add_argument("--vocab", type=int, default=259)
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=1)
+    parser.add_argument("--d-ff", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", default=["non_private", "ghost", "per_example"])
+    args = parser.parse_args()
+    shape = ModelShape(name="peer", vocab_size=args.vocab, d_model=args.d_model,
+                       n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads,
+                       head_dim=args.d_model // args.heads, d_ff=args.d_ff,
+                       max_seq_len=args.seq_len - 1)
+    mesh = make_mesh()
+    params, static = eqx.partition(build_model(shape, key=jax.random.key(0)), eqx.is_array)
+    loss = model_loss_fn(static)
+    adam = make_optimizer("adamw", learning_rate=1e-3, total_steps=1000)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, args.vocab, size=(args.batch, args.seq_len)).astype(np.int32)
+    sharded = shard_batch(mesh, tokens, np.ones(args.batch, bool))
+    root = np.asarray(jax.random.key_data(jax.random.key(0)))
+
+    def dp(clipping: str):
+        return make_dp_step(loss, adam, DpSgdConfig(clip_norm=1.0, expected_batch_size=args.batch,
+                                                    clipping=clipping), mesh)
+
+    makers = {"non_private": lambda: make_plain_step(loss, adam, mesh),
+              "ghost": lambda: dp("ghost"), "per_example": lambda: dp("per-example")}
+    result: dict = {"stack": "dptrain", "versions": {"jax": jax.__version__},
+                    "batch": args.batch, "params": shape.param_count}
+    for mode in args.modes:
+        p, s = replicate(mesh, params), replicate(mesh, adam.init(params))
+        started = time.perf_counter()
+        compiled = makers[mode]().lower(p, s, *sharded, root, np.int32(0),
+                                        np.float32(1.0)).compile()
+        result[f"{mode}_compile_s"] = time.perf_counter() - started
+        times = []
+        for i in range(args.warmup + args.steps):
+            started = time.perf_counter()
+            p, s, _ = compiled(p, s, *sharded, root, np.int32(i), np.float32(1.0))
+            jax.block_until_ready(p)
+            times.append(time.perf_counter() - started)
+        result[mode] = args.batch / statistics.median(times[args.warmup:])
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
