@@ -6,7 +6,8 @@ memory-mapped sequences), ``_keys`` (the secret job key and per-execution keys),
 ``_ledger`` (durable steps charged), ``_reporters`` (a file or the job's status),
 ``_checkpoint`` (orbax), ``_loop`` (training with the budget guard), ``_report`` (report.json
 and plots), ``_audit`` (memorization), ``_distributed`` (multi-host start-up), ``_metrics``
-(Prometheus), ``_config`` (resolved settings, keeping the plan).
+(Prometheus), ``_config`` (resolved settings, keeping the plan), ``_entry`` (the pod and local
+entry points: ``dptrain run``, ``train``, ``prepare-data``).
 """
 
 from dptrain.trainer._audit import (
@@ -45,6 +46,19 @@ from dptrain.trainer._dpsgd import (
     make_plain_step,
     model_loss_fn,
 )
+from dptrain.trainer._entry import (
+    DEFAULT_RUNS_DIR,
+    InvalidInputError,
+    LocalRun,
+    PrepareRequest,
+    RunOptions,
+    RunOutcome,
+    StatusReportError,
+    prepare_data,
+    prepare_run,
+    train_job,
+    train_pod,
+)
 from dptrain.trainer._ledger import (
     BudgetExceededError,
     DurableLedger,
@@ -76,6 +90,7 @@ from dptrain.trainer._tokenizer import ByteTokenizer, Tokenizer, make_tokenizer
 __all__ = [
     "BUDGET_EXHAUSTED",
     "BUILTIN_STDLIB_DOCS",
+    "DEFAULT_RUNS_DIR",
     "REPORT_KEYS",
     "SUCCEEDED",
     "BudgetExceededError",
@@ -88,19 +103,25 @@ __all__ = [
     "DpSgdConfig",
     "DurableLedger",
     "FileReporter",
+    "InvalidInputError",
     "KubernetesReporter",
     "KubernetesTarget",
     "LedgerError",
     "LedgerFile",
+    "LocalRun",
     "MatchRate",
     "MemorizationResult",
     "PoissonSampler",
+    "PrepareRequest",
     "PreparedDataset",
     "ProcessInfo",
     "Progress",
     "Reporter",
     "Restored",
+    "RunOptions",
+    "RunOutcome",
     "SampledBatch",
+    "StatusReportError",
     "StepMetrics",
     "Tokenizer",
     "TrainConfig",
@@ -127,14 +148,18 @@ __all__ = [
     "mechanism_for",
     "memorization",
     "model_loss_fn",
+    "prepare_data",
     "prepare_dataset",
     "prepare_or_reuse",
+    "prepare_run",
     "reporters_from_env",
     "sequence_loss",
     "shape_for",
     "source_from_spec",
     "stdlib_docs_source",
     "train",
+    "train_job",
+    "train_pod",
     "training_prompts",
     "write_report",
 ]

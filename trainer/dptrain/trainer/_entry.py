@@ -1,133 +1,103 @@
-"""`dptrain run`, `dptrain train`, `dptrain prepare-data` and `dptrain audit memorization`.
+"""The trainer's entry points: a local run, a trainer pod, data preparation.
 
-JAX is imported inside the handlers only, so that the rest of the CLI starts fast.
+``dptrain run`` (:func:`prepare_run` then :func:`train_job`), ``dptrain train`` in a trainer pod
+(:func:`train_pod`) and ``dptrain prepare-data`` (:func:`prepare_data`) resolve a job's dataset,
+plan and reporters here and run the loop; they raise typed errors (:class:`InvalidInputError`,
+:class:`StatusReportError`, ``TrainingInterruptedError``, ``InvalidJobError``, ``DataError``)
+and the CLI only parses arguments and maps those errors to exit codes.
+
+In a pod (the pod contract, ``dptrain.api._contract``) the trainer follows ``status.plan`` of its
+config as is (re-planning would break the match with the operator's accounting), resumes from
+the steps its config's status says were charged, reports through ``DPTRAIN_REPORT``, joins a
+multi-host job from the JAX variables, and on SIGTERM saves a checkpoint and stops.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
 import os
 import pathlib
 import signal
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dptrain.api import (
     ENV_REPORT,
     REPORT_KUBERNETES,
     TRAINER_METRICS_PORT,
     DPTrainingJob,
-    InvalidJobError,
     PlanStatus,
     load_job,
+    load_manifests,
     parse_job,
     steps_charged_of,
 )
-from dptrain.cli._output import EXIT_ERROR, EXIT_INVALID, emit, fail
-
-if TYPE_CHECKING:
-    from dptrain.trainer import PreparedDataset, TrainResult
+from dptrain.planner import InfeasibleBudgetError, ModelShape, make_plan
+from dptrain.trainer._config import config_from_plan
+from dptrain.trainer._data import (
+    BUILTIN_STDLIB_DOCS,
+    PreparedDataset,
+    load_dataset,
+    prepare_dataset,
+    prepare_or_reuse,
+    source_from_spec,
+)
+from dptrain.trainer._distributed import ProcessInfo, initialize_from_env
+from dptrain.trainer._loop import TrainResult, train
+from dptrain.trainer._report import write_report
+from dptrain.trainer._reporters import (
+    FileReporter,
+    KubernetesReporter,
+    KubernetesTarget,
+    reporters_from_env,
+)
+from dptrain.trainer._tokenizer import make_tokenizer
 
 DEFAULT_RUNS_DIR = "runs"
+MIN_SEQUENCE_LENGTH, MAX_SEQUENCE_LENGTH = 16, 32768
 
 
-def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """Add the trainer's commands (each with `--help` and `--json`)."""
-    run = subparsers.add_parser(
-        "run", parents=[common], help="run a DPTrainingJob on this machine",
-        description="Prepare the data, plan, train with DP-SGD under the ε budget and write "
-                    "report.json plus loss/ε plots. The job's secret key (batch sampling and "
-                    "noise) is created once in OUTPUT/job.key (mode 0600) and reused on resume; "
-                    "keep it private and keep it with the run. Exit 0 when the plan completes, 4 "
-                    "when the budget stopped training early, 3 on bad input, 1 on other errors.")
-    run.add_argument("file", type=pathlib.Path, metavar="FILE", help="DPTrainingJob manifest")
-    run.add_argument("--output", type=pathlib.Path, default=None,
-                     help="output directory (default: runs/<job name>)")
-    run.add_argument("--dataset-ledger", type=pathlib.Path, default=None, metavar="PATH",
-                     help="a local dataset ledger (JSON): a job with spec.data.datasetRef runs "
-                          "only if the composition of every run charged to the dataset plus "
-                          "this one fits its budget (the DPDataset comes from FILE or PATH); "
-                          "exit 4 otherwise")
-    _training_options(run)
-    run.set_defaults(handler=_run)
-
-    train = subparsers.add_parser(
-        "train", parents=[common], help="train from a pod config (the container entrypoint)",
-        description="Train the DPTrainingJob in FILE (a manifest whose status.plan, when present, "
-                    "is followed as is). Reports through DPTRAIN_REPORT (file|kubernetes); joins "
-                    "a multi-host job from JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/"
-                    "JAX_PROCESS_ID.")
-    train.add_argument("--config", type=pathlib.Path, required=True, metavar="FILE",
-                       help="DPTrainingJob manifest (JSON or YAML)")
-    train.add_argument("--output", type=pathlib.Path, default=None,
-                       help="output directory (default: the checkpoint path)")
-    train.add_argument("--key-file", type=pathlib.Path, default=None, metavar="FILE",
-                       help="the job's secret key, mounted from its Secret by the operator (must "
-                            "exist); default: OUTPUT/job.key, created on a fresh run")
-    _training_options(train)
-    train.set_defaults(handler=_train)
-
-    prepare = subparsers.add_parser(
-        "prepare-data", parents=[common], help="tokenize and pack documents into sequences",
-        description="Read documents (JSONL, text files or a built-in corpus), tokenize, pack/"
-                    "split them into fixed-length sequences and store them memory-mapped with a "
-                    "manifest (N, length, tokenizer, checksum).")
-    source = prepare.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", type=pathlib.Path, metavar="FILE",
-                        help="take spec.data from this DPTrainingJob manifest")
-    source.add_argument("--input", type=pathlib.Path, help="file or directory of documents")
-    source.add_argument("--builtin", choices=["stdlib-docs"], help="a corpus shipped with dptrain")
-    prepare.add_argument("--output", type=pathlib.Path, required=True, help="output directory")
-    prepare.add_argument("--format", choices=["jsonl", "text"], default="jsonl")
-    prepare.add_argument("--text-field", default="text", help="JSONL key of the text")
-    prepare.add_argument("--tokenizer", choices=["byte", "sentencepiece"], default="byte")
-    prepare.add_argument("--tokenizer-model", type=pathlib.Path, default=None)
-    prepare.add_argument("--sequence-length", type=int, default=1024)
-    prepare.add_argument("--canaries", type=int, default=0,
-                         help="insert this many random canaries (memorization audits)")
-    prepare.add_argument("--canary-repeats", type=int, default=10,
-                         help="copies of each canary")
-    prepare.add_argument("--report", choices=["none", "kubernetes"], default="none",
-                         help="kubernetes: merge-patch status.dataset of DPTRAIN_JOB_NAME")
-    prepare.add_argument("--no-progress", action="store_true", help="no progress bar")
-    prepare.set_defaults(handler=_prepare)
-
-    audit = subparsers.add_parser(
-        "audit", help="empirical privacy checks of a trained model",
-        description="Empirical privacy checks of a trained model.")
-    audits = audit.add_subparsers(dest="audit_command", metavar="CHECK")
-    audits.required = True
-    memo = audits.add_parser(
-        "memorization", parents=[common], help="prefix→suffix memorization rates",
-        description="Prompt with 50-token prefixes of training sequences (and of canaries, if "
-                    "the data has them), greedy-decode 50 tokens and report exact and "
-                    "approximate (edit distance ≤ 10%%) match rates with Clopper–Pearson "
-                    "intervals.")
-    memo.add_argument("--checkpoint", type=pathlib.Path, required=True, metavar="DIR",
-                      help="checkpoint directory (or a run's output directory)")
-    memo.add_argument("--samples", type=int, default=100, help="training sequences to test")
-    memo.add_argument("--data", type=pathlib.Path, default=None,
-                      help="prepared dataset (default: the one recorded in the checkpoint)")
-    memo.add_argument("--seed", type=int, default=0)
-    memo.set_defaults(handler=_audit_memorization)
+class InvalidInputError(ValueError):
+    """The job or an input is invalid; the message names the field (or flag) and the rule."""
 
 
-def _training_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--metrics-port", type=int, default=None,
-                        help="serve Prometheus metrics on this port (default: 9100 in pods, "
-                             "off locally; 0 disables)")
-    parser.add_argument("--ledger-block", type=int, default=1,
-                        help="steps reserved in the ledger at a time (default 1)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+class StatusReportError(RuntimeError):
+    """A result could not be reported to the job's status (nothing was lost locally)."""
 
 
-# ------------------------------------------------------------------------------------ helpers
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """How a training run behaves (not what it trains).
+
+    Attributes:
+        metrics_port: Prometheus port; None: the default (:data:`TRAINER_METRICS_PORT` in a
+            pod, off locally); 0: off.
+        ledger_block: steps reserved in the ledger at a time.
+        progress: show progress bars.
+    """
+
+    metrics_port: int | None = None
+    ledger_block: int = 1
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOutcome:
+    """A finished run: the loop's result and the report written (empty on other hosts)."""
+
+    result: TrainResult
+    report: dict[str, Any]
+
+    @property
+    def exit_code(self) -> int:
+        """``EXIT_OK`` or ``EXIT_BUDGET_EXHAUSTED`` (the pod contract's codes)."""
+        return self.result.exit_code
 
 
 @contextlib.contextmanager
-def _stop_on_sigterm() -> Iterator[threading.Event]:
+def stop_on_sigterm() -> Iterator[threading.Event]:
     """An event set by SIGTERM (pod deletion): the loop checkpoints and stops."""
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
@@ -140,26 +110,26 @@ def _stop_on_sigterm() -> Iterator[threading.Event]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _metrics_port(args: argparse.Namespace) -> int | None:
-    if args.metrics_port is not None:
-        return args.metrics_port or None
-    in_pod = os.environ.get(ENV_REPORT) == REPORT_KUBERNETES
-    return TRAINER_METRICS_PORT if in_pod else None
+def metrics_port(requested: int | None, env: dict[str, str] | None = None) -> int | None:
+    """The Prometheus port to serve (see :attr:`RunOptions.metrics_port`)."""
+    if requested is not None:
+        return requested or None
+    env = dict(os.environ if env is None else env)
+    return TRAINER_METRICS_PORT if env.get(ENV_REPORT) == REPORT_KUBERNETES else None
 
 
-def _dataset_for(job: DPTrainingJob, *, base_dir: pathlib.Path, prepared_dir: pathlib.Path,
-                 progress: bool) -> PreparedDataset:
-    """The prepared dataset of ``job``: opened if prepared, else prepared (or reused)."""
-    from dptrain.trainer import (
-        load_dataset,
-        make_tokenizer,
-        prepare_or_reuse,
-        source_from_spec,
-    )
+def dataset_for(job: DPTrainingJob, *, base_dir: pathlib.Path, prepared_dir: pathlib.Path,
+                progress: bool) -> PreparedDataset:
+    """The prepared dataset of ``job``: opened if prepared, else prepared (or reused).
+
+    Raises:
+        InvalidInputError: ``format: prepared`` without a path.
+        DataError: the data cannot be read or prepared.
+    """
     data = job.spec.data
     if data.format == "prepared":
         if data.path is None:
-            fail("spec.data.path: required when format is prepared", EXIT_INVALID)
+            raise InvalidInputError("spec.data.path: required when format is prepared")
         path = pathlib.Path(data.path)
         return load_dataset(path if path.is_absolute() else base_dir / path)
     location = (job.status.dataset.location if job.status and job.status.dataset else None)
@@ -176,257 +146,210 @@ def _dataset_for(job: DPTrainingJob, *, base_dir: pathlib.Path, prepared_dir: pa
                             out_dir=prepared_dir, progress=progress)
 
 
-def _plan(job: DPTrainingJob, dataset_size: int) -> tuple[PlanStatus, Any]:
-    from dptrain.planner import InfeasibleBudgetError, make_plan
+def local_plan(job: DPTrainingJob, dataset_size: int) -> tuple[PlanStatus, ModelShape]:
+    """The planner's plan for ``job`` on N sequences (a local run plans for itself).
+
+    Raises:
+        InvalidInputError: no plan fits the budgets (the message names the field).
+    """
     try:
         plan = make_plan(job.spec, dataset_size=dataset_size)
     except InfeasibleBudgetError as error:
-        fail(str(error), EXIT_INVALID)
+        raise InvalidInputError(str(error)) from None
     return plan.to_status(), plan.model_shape
 
 
-def _result_dict(result: TrainResult, report: dict[str, Any]) -> dict[str, Any]:
-    return {**report, "exit_code": result.exit_code}
+@dataclasses.dataclass(frozen=True)
+class LocalRun:
+    """A local run, resolved: the job, its plan and model, its data and where it writes."""
+
+    job: DPTrainingJob
+    plan: PlanStatus
+    shape: ModelShape
+    dataset: PreparedDataset
+    output: pathlib.Path
 
 
-def _human(result: dict[str, Any]) -> str:
-    def num(value: Any, fmt: str) -> str:
-        return "n/a" if value is None else format(value, fmt)
-    return (f"{result['end_state']}: {result['steps']} steps, ε = "
-            f"{num(result['epsilon_spent'], '.4g')} of {result['epsilon_budget']:g} "
-            f"(δ = {result['delta']:g}); loss {num(result['initial_loss'], '.4f')} → "
-            f"{num(result['final_loss'], '.4f')}; {num(result['tokens_per_second'], ',.0f')} "
-            f"tokens/s\nreport: {result.get('report')}")
+def prepare_run(file: pathlib.Path, output: pathlib.Path | None, *,
+                progress: bool = True) -> LocalRun:
+    """Load the manifest, prepare its data and plan it (``dptrain run`` before training).
+
+    Raises:
+        InvalidInputError: no such file, or no plan fits.
+        InvalidJobError: the manifest is invalid.
+        DataError: the data cannot be read or prepared.
+    """
+    try:
+        job = load_job(file)
+    except FileNotFoundError:
+        raise InvalidInputError(f"{file}: no such file") from None
+    out = output or pathlib.Path(DEFAULT_RUNS_DIR) / job.metadata.name
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = dataset_for(job, base_dir=file.resolve().parent, prepared_dir=out / "data",
+                          progress=progress)
+    plan, shape = local_plan(job, dataset.num_sequences)
+    return LocalRun(job=job, plan=plan, shape=shape, dataset=dataset, output=out)
 
 
-def _train_and_report(job: DPTrainingJob, plan: PlanStatus, shape: Any, dataset: PreparedDataset,
-                      output: pathlib.Path, args: argparse.Namespace, *,
-                      initial_steps_charged: int = 0, env_reporters: bool = False,
-                      key_file: pathlib.Path | None = None) -> int:
-    from dptrain.trainer import (
-        FileReporter,
-        ProcessInfo,
-        TrainingInterruptedError,
-        config_from_plan,
-        initialize_from_env,
-        reporters_from_env,
-        train,
-        write_report,
-    )
-    process = initialize_from_env() if env_reporters else ProcessInfo(process_id=0,
-                                                                      num_processes=1)
-    config = config_from_plan(job, plan, dataset=dataset, output_dir=output, shape=shape,
-                              metrics_port=_metrics_port(args) if process.is_leader else None,
-                              progress=not args.no_progress and not args.json,
-                              ledger_block=args.ledger_block,
-                              initial_steps_charged=initial_steps_charged,
-                              key_file=key_file, create_key=key_file is None)
-    reporters = reporters_from_env(output) if env_reporters else [FileReporter(output)]
-    with _stop_on_sigterm() as stop:
-        try:
-            result = train(config, reporters=reporters, process=process, stop=stop)
-        except TrainingInterruptedError as error:
-            fail(str(error), 143)
+def train_job(job: DPTrainingJob, plan: PlanStatus, shape: ModelShape | None,
+              dataset: PreparedDataset, output: pathlib.Path, options: RunOptions, *,
+              initial_steps_charged: int = 0, in_pod: bool = False,
+              key_file: pathlib.Path | None = None) -> RunOutcome:
+    """Train ``plan`` for ``job`` and write the report (on the leading process).
+
+    Args:
+        job: the job.
+        plan: the plan to carry out (the operator's in a pod).
+        shape: the model (None: the plan's preset).
+        dataset: the prepared data.
+        output: where the report, plots, history (and locally the key) go.
+        options: run behaviour.
+        initial_steps_charged: a known lower bound of the ledger (the job's status).
+        in_pod: report through ``DPTRAIN_REPORT`` and join a multi-host job from the
+            environment (a pod); else report to ``progress.json`` as one process.
+        key_file: the job's secret key (a pod: the mounted Secret); None: ``OUTPUT/job.key``,
+            created on a fresh run.
+
+    Raises:
+        TrainingInterruptedError: SIGTERM; the last finished step was checkpointed.
+        InvalidJobError: the plan does not fit the data or the budget, or a checkpoint
+            belongs to another run.
+    """
+    process = initialize_from_env() if in_pod else ProcessInfo(process_id=0, num_processes=1)
+    config = config_from_plan(
+        job, plan, dataset=dataset, output_dir=output, shape=shape,
+        metrics_port=metrics_port(options.metrics_port) if process.is_leader else None,
+        progress=options.progress, ledger_block=options.ledger_block,
+        initial_steps_charged=initial_steps_charged, key_file=key_file,
+        create_key=key_file is None)
+    reporters = reporters_from_env(output) if in_pod else [FileReporter(output)]
+    with stop_on_sigterm() as stop:
+        result = train(config, reporters=reporters, process=process, stop=stop)
     report: dict[str, Any] = {}
     if process.is_leader:
         report = write_report(result, output, extra={
             "job": job.metadata.name, "plan": plan.model_dump(mode="json", by_alias=True),
             "report": str(output / "report.json")})
-    emit(args, _result_dict(result, report or {"end_state": result.end_state}), _human)
-    return result.exit_code
+    return RunOutcome(result=result, report=report)
 
 
-def _bad_input(error: Exception) -> None:
-    lines = getattr(error, "lines", None) or [str(error)]
-    fail("; ".join(lines), EXIT_INVALID)
+def load_pod_config(path: pathlib.Path) -> tuple[DPTrainingJob, int]:
+    """The job in a pod config and the steps its status says were charged.
 
-
-# ----------------------------------------------------------------------------------- handlers
-
-
-def _run(args: argparse.Namespace) -> int:
-    from dptrain.trainer import DataError
-    try:
-        job = load_job(args.file)
-    except FileNotFoundError:
-        fail(f"{args.file}: no such file", EXIT_INVALID)
-    except InvalidJobError as error:
-        _bad_input(error)
-    output = args.output or pathlib.Path(DEFAULT_RUNS_DIR) / job.metadata.name
-    output.mkdir(parents=True, exist_ok=True)
-    try:
-        dataset = _dataset_for(job, base_dir=args.file.resolve().parent,
-                               prepared_dir=output / "data",
-                               progress=not args.no_progress and not args.json)
-        plan, shape = _plan(job, dataset.num_sequences)
-        if args.dataset_ledger is None:
-            return _train_and_report(job, plan, shape, dataset, output, args)
-        return _run_on_dataset(job, plan, shape, dataset, output, args)
-    except (InvalidJobError, DataError) as error:
-        _bad_input(error)
-    raise AssertionError("unreachable")
-
-
-def _run_on_dataset(job: DPTrainingJob, plan: PlanStatus, shape: Any, dataset: PreparedDataset,
-                    output: pathlib.Path, args: argparse.Namespace) -> int:
-    """``--dataset-ledger``: admission on the dataset before training, the charge after."""
-    import json
-
-    from dptrain.api import DPDatasetSpec, load_manifests
-    from dptrain.cli import _dataset_ledger
-
-    ref = job.spec.data.dataset_ref
-    if ref is None:
-        fail("--dataset-ledger: the job has no spec.data.datasetRef", EXIT_INVALID)
-    assert ref is not None
-    manifest_spec = None
-    for document in load_manifests(args.file.read_text()):
-        if document.get("kind") == "DPDataset" and (
-                document.get("metadata") or {}).get("name") == ref:
-            manifest_spec = DPDatasetSpec.model_validate(document.get("spec") or {})
-    # One charge per job and checkpoint directory: a resumed run updates it (its ledger count
-    # is cumulative), a new job is a new charge.
-    run_id = f"local:{job.metadata.name}:{output.resolve()}"
-    try:
-        admission = _dataset_ledger.admit(args.dataset_ledger, ref, manifest_spec, job.spec,
-                                          run_id, job.metadata.name, plan)
-    except _dataset_ledger.DatasetBudgetError as error:
-        fail(str(error), 4)
-    if not args.json:
-        print(f"DPDataset {ref}: admitted; composed ε {admission.composed:.4g} of "
-              f"{admission.budget:g}", flush=True)
-    try:
-        return _train_and_report(job, plan, shape, dataset, output, args)
-    finally:
-        ledger = output / "checkpoints" / "ledger.json"
-        candidates = [output / "report.json", ledger]
-        steps = 0
-        for path in candidates:
-            if path.is_file():
-                record = json.loads(path.read_text())
-                steps = max(steps, int(record.get("steps_charged") or 0))
-        _dataset_ledger.record(args.dataset_ledger, ref, run_id, steps)
-
-
-def _load_config(path: pathlib.Path) -> tuple[DPTrainingJob, int]:
-    """The job in a pod config and the steps its status says were charged."""
-    from dptrain.api import load_manifests
+    Raises:
+        InvalidInputError: no such file, or not exactly one document.
+        InvalidJobError: the manifest is invalid.
+    """
     try:
         documents = list(load_manifests(path.read_text(encoding="utf-8")))
     except FileNotFoundError:
-        fail(f"{path}: no such file", EXIT_INVALID)
+        raise InvalidInputError(f"{path}: no such file") from None
     if len(documents) != 1:
-        fail(f"{path}: must hold exactly one DPTrainingJob", EXIT_INVALID)
+        raise InvalidInputError(f"{path}: must hold exactly one DPTrainingJob")
     manifest = documents[0]
     return parse_job(manifest), steps_charged_of(manifest.get("status"))
 
 
-def _train(args: argparse.Namespace) -> int:
-    from dptrain.trainer import DataError
-    try:
-        job, charged = _load_config(args.config)
-        checkpoint = pathlib.Path(job.spec.checkpoint.path or "checkpoints")
-        output = args.output or checkpoint
-        output.mkdir(parents=True, exist_ok=True)
-        dataset = _dataset_for(job, base_dir=pathlib.Path.cwd(),
-                               prepared_dir=checkpoint / "prepared",
-                               progress=not args.no_progress and not args.json)
-        if job.status is not None and job.status.plan is not None:
-            # Follow the operator's plan as is: its accounting must match ours.
-            plan, shape = job.status.plan, None
-        else:
-            plan, shape = _plan(job, dataset.num_sequences)
-        return _train_and_report(job, plan, shape, dataset, output, args,
-                                 initial_steps_charged=charged, env_reporters=True,
-                                 key_file=args.key_file)
-    except (InvalidJobError, DataError) as error:
-        _bad_input(error)
-    raise AssertionError("unreachable")
+def train_pod(config_path: pathlib.Path, output: pathlib.Path | None, options: RunOptions, *,
+              key_file: pathlib.Path | None = None) -> RunOutcome:
+    """``dptrain train``: train the job of a pod config (see the module docstring).
+
+    Raises:
+        see :func:`load_pod_config`, :func:`dataset_for` and :func:`train_job`.
+    """
+    job, charged = load_pod_config(config_path)
+    checkpoint = pathlib.Path(job.spec.checkpoint.path or "checkpoints")
+    out = output or checkpoint
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = dataset_for(job, base_dir=pathlib.Path.cwd(), prepared_dir=checkpoint / "prepared",
+                          progress=options.progress)
+    shape: ModelShape | None
+    if job.status is not None and job.status.plan is not None:
+        # Follow the operator's plan as is: its accounting must match ours.
+        plan, shape = job.status.plan, None
+    else:
+        plan, shape = local_plan(job, dataset.num_sequences)
+    return train_job(job, plan, shape, dataset, out, options, initial_steps_charged=charged,
+                     in_pod=True, key_file=key_file)
 
 
-def _prepare(args: argparse.Namespace) -> int:
-    from dptrain.trainer import (
-        BUILTIN_STDLIB_DOCS,
-        DataError,
-        KubernetesReporter,
-        KubernetesTarget,
-        make_canaries,
-        make_tokenizer,
-        prepare_dataset,
-        source_from_spec,
-    )
-    progress = not args.no_progress and not args.json
-    try:
-        if args.config is not None:
-            job, _ = _load_config(args.config)
-            data = job.spec.data
-            source = source_from_spec(path=data.path, builtin=data.builtin, fmt=data.format,
-                                      text_field=data.text_field, base_dir=pathlib.Path.cwd())
-            tokenizer = make_tokenizer(data.tokenizer, data.tokenizer_model)
-            length = data.sequence_length
-        else:
-            source = source_from_spec(
-                path=str(args.input) if args.input else None,
-                builtin=BUILTIN_STDLIB_DOCS if args.builtin else None, fmt=args.format,
-                text_field=args.text_field)
-            tokenizer = make_tokenizer(args.tokenizer, args.tokenizer_model)
-            length = args.sequence_length
-        if not 16 <= length <= 32768:
-            fail(f"--sequence-length: must be in [16, 32768] (got {length})", EXIT_INVALID)
-        canaries = (make_canaries(tokenizer, count=args.canaries, length=min(length, 100))
-                    if args.canaries > 0 else [])
-        dataset = prepare_dataset(source, tokenizer, sequence_length=length,
-                                  out_dir=args.output, canaries=canaries,
-                                  canary_repeats=args.canary_repeats, progress=progress)
-    except (DataError, ValueError) as error:
-        _bad_input(error)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrepareRequest:
+    """What ``dptrain prepare-data`` is asked: a job's ``spec.data``, or explicit sources.
+
+    Attributes:
+        output: where the prepared sequences go.
+        config: a DPTrainingJob manifest whose ``spec.data`` to prepare (else the fields below).
+        input: a file or directory of documents.
+        builtin: use the built-in corpus.
+        fmt: ``jsonl`` or ``text``.
+        text_field: the JSONL key of the text.
+        tokenizer: ``byte`` or ``sentencepiece``.
+        tokenizer_model: the sentencepiece model.
+        sequence_length: tokens per sequence.
+        canaries: random canaries to insert (memorization audits).
+        canary_repeats: copies of each canary.
+        report_status: merge-patch ``status.dataset`` of the pod's job.
+        progress: show a progress bar.
+    """
+
+    output: pathlib.Path
+    config: pathlib.Path | None = None
+    input: pathlib.Path | None = None
+    builtin: bool = False
+    fmt: str = "jsonl"
+    text_field: str = "text"
+    tokenizer: str = "byte"
+    tokenizer_model: pathlib.Path | None = None
+    sequence_length: int = 1024
+    canaries: int = 0
+    canary_repeats: int = 10
+    report_status: bool = False
+    progress: bool = True
+
+
+def prepare_data(request: PrepareRequest) -> dict[str, Any]:
+    """Tokenize and pack documents into sequences; returns the prepared dataset's summary.
+
+    Raises:
+        InvalidInputError: a bad sequence length or config.
+        DataError, ValueError: the documents cannot be read or prepared.
+        StatusReportError: ``status.dataset`` could not be patched (the data is prepared).
+    """
+    from dptrain.trainer._audit import make_canaries
+
+    if request.config is not None:
+        job, _ = load_pod_config(request.config)
+        data = job.spec.data
+        source = source_from_spec(path=data.path, builtin=data.builtin, fmt=data.format,
+                                  text_field=data.text_field, base_dir=pathlib.Path.cwd())
+        tokenizer = make_tokenizer(data.tokenizer, data.tokenizer_model)
+        length = data.sequence_length
+    else:
+        source = source_from_spec(
+            path=str(request.input) if request.input else None,
+            builtin=BUILTIN_STDLIB_DOCS if request.builtin else None, fmt=request.fmt,
+            text_field=request.text_field)
+        tokenizer = make_tokenizer(request.tokenizer, request.tokenizer_model)
+        length = request.sequence_length
+    if not MIN_SEQUENCE_LENGTH <= length <= MAX_SEQUENCE_LENGTH:
+        raise InvalidInputError(f"--sequence-length: must be in [{MIN_SEQUENCE_LENGTH}, "
+                                f"{MAX_SEQUENCE_LENGTH}] (got {length})")
+    canaries = (make_canaries(tokenizer, count=request.canaries, length=min(length, 100))
+                if request.canaries > 0 else [])
+    dataset = prepare_dataset(source, tokenizer, sequence_length=length,
+                              out_dir=request.output, canaries=canaries,
+                              canary_repeats=request.canary_repeats, progress=request.progress)
     manifest = dataset.manifest
     result = {"location": str(dataset.directory.resolve()), **manifest.to_dict()}
     result.pop("canaries")
     result["canaries"] = len(manifest.canaries)
-    if args.report == "kubernetes":
-        reporter = KubernetesReporter(KubernetesTarget.from_env())
+    if request.report_status:
         try:
+            reporter = KubernetesReporter(KubernetesTarget.from_env())
             reporter.patch_status({"dataset": {"numSequences": manifest.num_sequences,
                                                "location": result["location"],
                                                "checksum": manifest.source_checksum}})
-        except OSError as error:
-            fail(f"cannot report status.dataset: {error}", EXIT_ERROR)
-    emit(args, result, lambda r: (f"{r['num_sequences']} sequences of {r['sequence_length']} "
-                                  f"tokens from {r['num_documents']} documents → "
-                                  f"{r['location']}"))
-    return 0
-
-
-def _audit_memorization(args: argparse.Namespace) -> int:
-    from dptrain.trainer import audit_checkpoint
-    from dptrain.trainer._audit import default_checkpoint_dir
-    directory = default_checkpoint_dir(args.checkpoint)
-    if not directory.is_dir():
-        fail(f"--checkpoint: no such directory: {args.checkpoint}", EXIT_INVALID)
-    if args.samples < 1:
-        fail(f"--samples: must be ≥ 1 (got {args.samples})", EXIT_INVALID)
-    try:
-        result = audit_checkpoint(directory, samples=args.samples, data_dir=args.data,
-                                  seed=args.seed)
-    except FileNotFoundError as error:
-        fail(f"--checkpoint: {error}", EXIT_INVALID)
-    except ValueError as error:
-        fail(str(error), EXIT_INVALID)
-
-    def human(r: dict[str, Any]) -> str:
-        lines = [f"step {r['step']}: {r['samples']} training prefixes"]
-        groups = [("training", r)] + ([("canaries", r["canaries"])] if "canaries" in r else [])
-        for name, g in groups:
-            lo, hi = g["exact_match_interval"]
-            alo, ahi = g["approximate_match_interval"]
-            lines.append(f"{name}: exact {g['exact_match_rate']:.3f} [{lo:.3f}, {hi:.3f}], "
-                         f"approximate {g['approximate_match_rate']:.3f} [{alo:.3f}, {ahi:.3f}] "
-                         f"(n={g['samples']})")
-        if "canaries" in r:
-            lines.append(f"note: {r['canaries']['repetition_note']}")
-        lines.append(f"note: {r['privacy_note']}")
-        return "\n".join(lines)
-
-    emit(args, result, human)
-    return 0
+        except (OSError, ValueError) as error:
+            raise StatusReportError(f"cannot report status.dataset: {error}") from error
+    return result
