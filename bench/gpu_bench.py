@@ -32,7 +32,7 @@ from dptrain.trainer import (
     make_plain_step,
     model_loss_fn,
 )
-from dptrain.trainer._dpsgd import replicate, shard_batch
+from dptrain.trainer._mesh import replicate, shard_batch
 
 # Dense peak TFLOP/s for fp32 matmuls as XLA runs them (TF32 tensor cores where the chip has them).
 PEAK_TFLOPS = {"H200": 494.7, "H100": 494.7, "A100": 156.0, "L4": 60.0, "TPU v5": 197.0,

@@ -44,7 +44,7 @@ def test_non_private_twin_memorizes_canaries_and_the_dp_model_does_not(tmp_path)
         prepare_dataset,
         source_from_spec,
     )
-    from dptrain.trainer._dpsgd import replicate, shard_batch
+    from dptrain.trainer._mesh import replicate, shard_batch
 
     tokenizer = ByteTokenizer()
     (tmp_path / "filler.jsonl").write_text(

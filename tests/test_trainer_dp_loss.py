@@ -10,7 +10,8 @@ import optax
 import pytest
 
 from dptrain.trainer import DpSgdConfig, build_model, make_dp_step, make_mesh, model_loss_fn
-from dptrain.trainer._dpsgd import global_norms, local_clipped_sum, replicate, shard_batch
+from dptrain.trainer._dpsgd import global_norms, local_clipped_sum
+from dptrain.trainer._mesh import replicate, shard_batch
 
 ROWS, LENGTH, POISON = 8, 16, 2
 

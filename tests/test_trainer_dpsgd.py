@@ -19,7 +19,8 @@ from dptrain.trainer import (
     make_plain_step,
     model_loss_fn,
 )
-from dptrain.trainer._dpsgd import global_norms, replicate, shard_batch
+from dptrain.trainer._dpsgd import global_norms
+from dptrain.trainer._mesh import replicate, shard_batch
 
 ROWS, LENGTH = 8, 16
 NO_CLIP = 1e9  # C/max(‖g‖, C) is exactly 1 for every realistic gradient

@@ -142,7 +142,7 @@ def test_non_finite_rows_get_weight_zero_and_contribute_exactly_zero(micro_shape
 
 def test_dp_step_with_ghost_clipping_matches_the_per_example_step(micro_shape):
     from dptrain.trainer import DpSgdConfig, make_dp_step, make_mesh, make_optimizer
-    from dptrain.trainer._dpsgd import replicate, shard_batch
+    from dptrain.trainer._mesh import replicate, shard_batch
 
     shape = dataclasses.replace(micro_shape, max_seq_len=LENGTH - 1)
     params, static, tokens = _setup(shape)

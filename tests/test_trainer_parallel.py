@@ -20,7 +20,7 @@ if mode == "distributed":
 import equinox as eqx, optax
 from dptrain.planner import ModelShape
 from dptrain.trainer import DpSgdConfig, build_model, make_dp_step, make_mesh, model_loss_fn
-from dptrain.trainer._dpsgd import replicate, shard_batch, to_host
+from dptrain.trainer._mesh import replicate, shard_batch, to_host
 
 shape = ModelShape(name="micro", vocab_size=259, d_model=16, n_layers=1, n_heads=2,
                    n_kv_heads=1, head_dim=8, d_ff=32, max_seq_len=16)

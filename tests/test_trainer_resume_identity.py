@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dptrain.trainer._loop import _same_run
+from dptrain.trainer._resume import same_run as _same_run
 
 PLAN = {"modelPreset": "tiny", "batchSize": 8, "iterations": 12, "noiseMultiplier": 1.0,
         "samplingRate": 0.02, "physicalBatchSize": 32, "datasetSize": 400, "clipNorm": 1.0,

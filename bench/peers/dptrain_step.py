@@ -28,7 +28,7 @@ from dptrain.trainer import (
     make_plain_step,
     model_loss_fn,
 )
-from dptrain.trainer._dpsgd import replicate, shard_batch
+from dptrain.trainer._mesh import replicate, shard_batch
 
 
 def main() -> None:

@@ -2,12 +2,13 @@
 
 Modules, one concept each: ``_model`` (the decoder), ``_tokenizer`` and ``_data`` (documents to
 memory-mapped sequences), ``_keys`` (the secret job key and per-execution keys), ``_sampling``
-(Poisson batches), ``_noise`` (Gaussian noise without a cut-off tail), ``_dpsgd`` (the step),
-``_ledger`` (durable steps charged), ``_reporters`` (a file or the job's status),
-``_checkpoint`` (orbax), ``_loop`` (training with the budget guard), ``_report`` (report.json
-and plots), ``_audit`` (memorization), ``_distributed`` (multi-host start-up), ``_metrics``
-(Prometheus), ``_config`` (resolved settings, keeping the plan), ``_entry`` (the pod and local
-entry points: ``dptrain run``, ``train``, ``prepare-data``).
+(Poisson batches), ``_noise`` (Gaussian noise without a cut-off tail), ``_ghost`` (ghost
+clipping), ``_dpsgd`` (the step), ``_mesh`` (devices), ``_optimizer``, ``_ledger`` (durable steps
+charged), ``_reporters`` (a file or the job's status), ``_checkpoint`` (orbax), ``_resume``
+(checkpoint metadata, resume rules, the job's key), ``_loop`` (training with the budget guard),
+``_report`` (report.json and plots), ``_audit`` (memorization), ``_distributed`` (multi-host
+start-up), ``_metrics`` (Prometheus), ``_config`` (resolved settings, keeping the plan),
+``_entry`` (the pod and local entry points: ``dptrain run``, ``train``, ``prepare-data``).
 """
 
 from dptrain.trainer._audit import (
@@ -41,8 +42,6 @@ from dptrain.trainer._dpsgd import (
     add_noise,
     clip_and_sum,
     make_dp_step,
-    make_mesh,
-    make_optimizer,
     make_plain_step,
     model_loss_fn,
 )
@@ -75,8 +74,10 @@ from dptrain.trainer._loop import (
     mechanism_for,
     train,
 )
+from dptrain.trainer._mesh import make_mesh
 from dptrain.trainer._metrics import TrainerMetrics
 from dptrain.trainer._model import Decoder, build_model, count_params, sequence_loss
+from dptrain.trainer._optimizer import make_optimizer
 from dptrain.trainer._report import REPORT_KEYS, write_report
 from dptrain.trainer._reporters import (
     FileReporter,

@@ -56,17 +56,16 @@ from typing import Any, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dptrain.privacy import round_up_to_float32
 from dptrain.trainer._ghost import ghost_norms, weighted_grad_sum
+from dptrain.trainer._mesh import DATA_AXIS
 from dptrain.trainer._model import Decoder, sequence_loss
 from dptrain.trainer._noise import secure_normal
 
-DATA_AXIS = "data"
 CLIPPING_MODES = ("ghost", "per-example")
 Params = Any  # a pytree of arrays
 LossFn = Callable[[Params, jax.Array], jax.Array]
@@ -318,12 +317,6 @@ def noise_std(noise_multiplier: jax.Array, clip_norm: float) -> jax.Array:
     return jnp.where(product > 0, jnp.nextafter(product, jnp.float32(jnp.inf)), product)
 
 
-def make_mesh(devices: Any = None) -> Mesh:
-    """A one-axis data-parallel mesh over ``devices`` (default: all devices of all processes)."""
-    devices = jax.devices() if devices is None else devices
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
-
-
 StepFn = Callable[..., tuple[Params, Any, StepMetrics]]
 
 
@@ -421,61 +414,3 @@ def make_plain_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
 
     replicated = NamedSharding(mesh, P())
     return jax.jit(step, donate_argnums=(0, 1), out_shardings=replicated)
-
-
-def make_optimizer(name: str, *, learning_rate: float, total_steps: int, warmup_steps: int = 0,
-                   weight_decay: float = 0.0) -> optax.GradientTransformation:
-    """AdamW (default) or SGD with linear warm-up then cosine decay to 10% of the peak."""
-    if learning_rate <= 0:
-        raise ValueError(f"spec.training.learningRate must be > 0 (got {learning_rate})")
-    warmup = max(0, min(warmup_steps, total_steps - 1))
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup else learning_rate, peak_value=learning_rate,
-        warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
-        end_value=0.1 * learning_rate)
-    if name == "adamw":
-        return optax.adamw(schedule, weight_decay=weight_decay)
-    if name == "sgd":
-        return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(schedule))
-    raise ValueError(f"spec.training.optimizer: must be adamw or sgd (got {name!r})")
-
-
-def shard_batch(mesh: Mesh, tokens: np.ndarray, mask: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """Place this process's rows of the global batch on its devices.
-
-    Every process holds the whole sampled batch (sampling is replicated) and contributes the rows
-    of its own devices, so the global array is the same however many processes there are.
-    """
-    sharding = NamedSharding(mesh, P(DATA_AXIS))
-    rows = tokens.shape[0]
-    if rows % mesh.devices.size:
-        raise ValueError(f"physical batch ({rows}) must be a multiple of the device count "
-                         f"({mesh.devices.size})")
-
-    def place(array: np.ndarray) -> jax.Array:
-        return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
-
-    return place(tokens), place(mask)
-
-
-def replicate(mesh: Mesh, tree: Any) -> Any:
-    """Put every array of ``tree`` on every device of ``mesh`` (works across processes)."""
-    sharding = NamedSharding(mesh, P())
-
-    def place(leaf: Any) -> Any:
-        if not isinstance(leaf, jax.Array | np.ndarray):
-            return leaf
-        host = np.asarray(leaf) if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable \
-            else np.asarray(leaf.addressable_data(0))
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-    return jax.tree_util.tree_map(place, tree)
-
-
-def to_host(tree: Any) -> Any:
-    """Copy a replicated pytree to numpy (reads this process's copy; valid on any process)."""
-    def fetch(leaf: Any) -> Any:
-        if isinstance(leaf, jax.Array):
-            return np.asarray(leaf.addressable_data(0))
-        return leaf
-    return jax.tree_util.tree_map(fetch, tree)

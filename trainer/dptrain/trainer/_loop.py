@@ -52,32 +52,26 @@ from tqdm import tqdm
 from dptrain.api import EXIT_BUDGET_EXHAUSTED, EXIT_OK, FieldError, InvalidJobError
 from dptrain.planner import ModelShape, plan_curve
 from dptrain.privacy import DpSgdMechanism, PrivacyLedger, round_up_to_float32
-from dptrain.trainer._checkpoint import Checkpointer, shape_to_dict
+from dptrain.trainer._checkpoint import Checkpointer
 from dptrain.trainer._config import TrainConfig
 from dptrain.trainer._data import load_dataset
 from dptrain.trainer._distributed import ProcessInfo
-from dptrain.trainer._dpsgd import (
-    DpSgdConfig,
-    StepFn,
-    make_dp_step,
-    make_mesh,
-    make_optimizer,
-    model_loss_fn,
-    replicate,
-    shard_batch,
-    to_host,
-)
+from dptrain.trainer._dpsgd import DpSgdConfig, StepFn, make_dp_step, model_loss_fn
 from dptrain.trainer._keys import (
-    LOCAL_KEY_FILE,
-    MissingKeyError,
     key_fingerprint,
-    local_key,
     noise_key_data,
-    read_key,
 )
 from dptrain.trainer._ledger import DurableLedger, LedgerFile, Progress, Reporter
+from dptrain.trainer._mesh import make_mesh, replicate, shard_batch, to_host
 from dptrain.trainer._metrics import TrainerMetrics
 from dptrain.trainer._model import build_model
+from dptrain.trainer._optimizer import make_optimizer
+from dptrain.trainer._resume import (
+    check_compatible,
+    checkpoint_meta,
+    job_key,
+    read_history,
+)
 from dptrain.trainer._sampling import PoissonSampler
 
 log = logging.getLogger(__name__)
@@ -174,53 +168,6 @@ def loss_bound_for(vocab_size: int) -> float:
     return 2.0 * math.log(max(vocab_size, 2))
 
 
-def _checkpoint_meta(config: TrainConfig, ledger: PrivacyLedger, checksum: str,
-                     fingerprint: str) -> dict[str, Any]:
-    return {"job": config.job_name, "seed": config.seed, "key_fingerprint": fingerprint,
-            "ledger": ledger.to_dict(), "model_shape": shape_to_dict(config.shape),
-            "dataset": {"checksum": checksum, "num_sequences": config.dataset_size,
-                        "sequence_length": config.sequence_length, "dir": str(config.data_dir)},
-            # The plan as it is (status.plan's form), and what the job adds to it.
-            "plan": config.plan.model_dump(mode="json", by_alias=True, exclude_none=True),
-            "training": {"optimizer": config.optimizer, "epsilon_budget": config.epsilon_budget,
-                         "delta": config.delta}}
-
-
-#: Fields an accepted spec change may alter on resume: they do not change the mechanism (the
-#: budget only moves where the ledger stops; more iterations only extend the schedule, and with
-#: them the plan's maxSteps, planned ε, compute and predicted loss; the generation just counts).
-RESUMABLE_PLAN_FIELDS = frozenset({"epsilon_budget", "iterations", "maxSteps", "epsilonPlanned",
-                                   "specGeneration", "computeFlops", "predictedLoss"})
-#: The plan record of checkpoints written before plans were stored as they are.
-_LEGACY_PLAN_KEYS = {"batch_size": "batchSize", "iterations": "iterations",
-                     "noise_multiplier": "noiseMultiplier", "clip_norm": "clipNorm",
-                     "physical_batch_size": "physicalBatchSize",
-                     "learning_rate": "learningRate", "accountant": "accountant"}
-
-
-def _run_identity(meta: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """What must match for a checkpoint to be resumed, and whether the record is the old one.
-
-    The plan and the training settings, without the fields a resume may change.
-    """
-    plan = dict(meta.get("plan") or {})
-    legacy = "batch_size" in plan  # written before plans were stored as they are
-    if legacy:
-        identity = {_LEGACY_PLAN_KEYS[k]: v for k, v in plan.items() if k in _LEGACY_PLAN_KEYS}
-        identity.update({k: plan.get(k) for k in ("optimizer", "epsilon_budget", "delta")})
-    else:
-        identity = {**plan, **(meta.get("training") or {})}
-    return {k: v for k, v in identity.items() if k not in RESUMABLE_PLAN_FIELDS}, legacy
-
-
-def _same_run(meta: dict[str, Any], expected: dict[str, Any]) -> bool:
-    got, legacy = _run_identity(meta)
-    want, _ = _run_identity(expected)
-    if legacy:  # the flat record held fewer fields: compare those it has
-        want = {k: want.get(k) for k in got}
-    return got == want
-
-
 def mechanism_fingerprint(config: TrainConfig, *, rows: int, sigma: float,
                           checksum: str) -> dict[str, Any]:
     """``status.progress.mechanism``: the mechanism this trainer runs, as the operator checks it.
@@ -232,56 +179,6 @@ def mechanism_fingerprint(config: TrainConfig, *, rows: int, sigma: float,
             "delta": config.delta, "datasetSize": config.dataset_size,
             "physicalBatchSize": rows, "clipNorm": config.clip_norm,
             "accountant": config.accountant, "datasetChecksum": checksum}
-
-
-def _check_compatible(meta: dict[str, Any], expected: dict[str, Any], where: pathlib.Path) -> None:
-    if meta.get("key_fingerprint") != expected["key_fingerprint"]:
-        raise InvalidJobError([FieldError(
-            "spec.checkpoint.path", f"the checkpoint in {where} was made with another secret "
-            f"job key (fingerprint {meta.get('key_fingerprint') or 'absent'}, this run's "
-            f"{expected['key_fingerprint']}); restore the job's key file or use a fresh "
-            "checkpoint directory")])
-    for key in ("seed", "model_shape", "plan"):
-        same = _same_run(meta, expected) if key == "plan" else meta.get(key) == expected[key]
-        if not same:
-            raise InvalidJobError([FieldError(
-                "spec.checkpoint.path", f"the checkpoint in {where} belongs to another "
-                f"configuration ({key} differs); use a fresh checkpoint directory")])
-    if meta.get("dataset", {}).get("checksum") != expected["dataset"]["checksum"]:
-        raise InvalidJobError([FieldError(
-            "spec.checkpoint.path", f"the checkpoint in {where} was trained on other data "
-            "(dataset checksum differs)")])
-
-
-def _read_history(path: pathlib.Path, up_to_step: int) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    by_step: dict[int, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            if record["step"] <= up_to_step:
-                by_step[record["step"]] = record
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def job_key(config: TrainConfig, *, resuming: bool) -> bytes:
-    """The job's secret key (see ``dptrain.trainer._keys``).
-
-    Raises:
-        InvalidJobError: the key is missing for a resumed run, or missing where it must be
-            provided (pods), or unreadable.
-    """
-    path = config.key_file or config.output_dir / LOCAL_KEY_FILE
-    try:
-        if config.create_key:
-            return local_key(path, resuming=resuming)
-        if not path.is_file():
-            raise MissingKeyError(f"{path}: the job's secret key is not there (the operator "
-                                  "mounts it from the job's Secret)")
-        return read_key(path)
-    except (MissingKeyError, ValueError, OSError) as error:
-        raise InvalidJobError([FieldError("key file", str(error))]) from None
 
 
 def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
@@ -336,14 +233,14 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
                               eqx.is_array)
     params = replicate(mesh, params)
     opt_state = replicate(mesh, optimizer.init(params))
-    meta_template = _checkpoint_meta(config, ledger.state, dataset.manifest.source_checksum,
+    meta_template = checkpoint_meta(config, ledger.state, dataset.manifest.source_checksum,
                                      fingerprint)
 
     step = 0
     checkpoint_count = 0
     if checkpointer.latest_step() is not None:
         restored = checkpointer.restore(params, opt_state)
-        _check_compatible(restored.meta, meta_template, checkpointer.directory)
+        check_compatible(restored.meta, meta_template, checkpointer.directory)
         params, opt_state, step = restored.params, restored.opt_state, restored.step
         checkpoint_count = int(restored.meta["ledger"]["steps_charged"])
     charged = ledger.resume(start_count, checkpoint_count)
@@ -361,7 +258,7 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
     log.info("starting at step %d with %d steps charged", step, charged)
 
     history_path = config.output_dir / HISTORY_FILE
-    history = _read_history(history_path, step)
+    history = read_history(history_path, step)
     if process.is_leader:
         config.output_dir.mkdir(parents=True, exist_ok=True)
         history_path.write_text("".join(json.dumps(h) + "\n" for h in history))
@@ -382,7 +279,7 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
 
     def save() -> None:
         nonlocal saved_step
-        meta = _checkpoint_meta(config, ledger.state, dataset.manifest.source_checksum,
+        meta = checkpoint_meta(config, ledger.state, dataset.manifest.source_checksum,
                                 fingerprint)
         checkpointer.save(step, params, opt_state, meta)
         saved_step = step
