@@ -28,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                       help="σ-table cache (default: $DPTRAIN_CACHE_DIR or ~/.cache/dptrain)")
     plan.add_argument("--plot", metavar="PNG",
                       help="write the privacy–utility–compute frontier to this PNG")
+    plan.add_argument("--allow-extrapolation", action="store_true",
+                      help="plan even when every affordable configuration rests on the loss "
+                           "model far outside its measured data (default: refuse)")
     plan.set_defaults(handler=_plan)
 
 
@@ -48,7 +51,8 @@ def _plan(args: argparse.Namespace) -> int:
         fail("spec.data.numSequences: required to plan without prepared data (or pass "
              "--dataset-size N)", EXIT_INVALID)
     try:
-        plan = make_plan(spec, dataset_size=n, table=args.table, cache_dir=args.cache_dir)
+        plan = make_plan(spec, dataset_size=n, table=args.table, cache_dir=args.cache_dir,
+                         allow_extrapolation=args.allow_extrapolation)
     except InvalidJobError as error:
         fail("; ".join(error.lines), EXIT_INVALID)
     except (InfeasibleBudgetError, ValueError, KeyError) as error:
@@ -79,25 +83,48 @@ def _human(r: dict[str, Any]) -> str:
         + (f", topology {pod['topology']}" if pod["topology"] else "")
         + f"), microbatch {pod['microbatch_size']} × {pod['accumulation_steps']} accumulation, "
         f"~{pod['memory']['total'] / 2**30:.2f} GiB per chip, "
-        f"est. {pod['est_wall_seconds'] / 3600:.3g} h at {pod['utilization']:.0%} utilisation",
+        f"est. {_duration(pod['est_wall_seconds'])} at {pod['utilization']:.1%} utilisation",
+        f"  rests on: {_SOURCES.get(r['loss_source'], r['loss_source'])}",
+        f"  noise-batch ratio regime: {r['noise_regime']} — {r['noise_regime_guidance']}",
     ]
     rows = r["near_optimal"]
     if rows:
         lines.append("")
-        lines.append("Runners-up (within 1% of the best predicted loss, σ from the σ table):")
+        lines.append("Runners-up (within 1% of the best predicted loss, or the next best; σ from "
+                     "the σ table; wall time on these pods):")
         header = f"  {'model':<14}{'params':>10}{'batch':>9}{'steps':>10}{'σ':>9}{'σ̄':>10}" \
-                 f"{'loss':>9}{'FLOPs':>10}"
+                 f"{'loss':>9}{'FLOPs':>10}{'wall':>10}{'util':>6}"
         lines.append(header)
         for c in rows:
             lines.append(f"  {c['model_preset']:<14}{c['model_params']:>10.3g}"
                          f"{c['batch_size']:>9}{c['iterations']:>10}"
                          f"{c['noise_multiplier']:>9.3g}{c['noise_batch_ratio']:>10.3g}"
-                         f"{c['predicted_loss']:>9.4f}{c['compute_flops']:>10.3g}")
+                         f"{c['predicted_loss']:>9.4f}{c['compute_flops']:>10.3g}"
+                         f"{_duration(c['wall_seconds']):>10}{_pct(c['utilization']):>6}")
     for warning in r["warnings"]:
         lines.append(f"warning: {warning}")
     if r.get("plot"):
         lines.append(f"frontier plot: {r['plot']}")
     return "\n".join(lines)
+
+
+_SOURCES = {"measured": "the measured loss table (see loss_model)",
+            "paper": "the paper's published optima (McKenna et al. 2025, Table 2); no measured "
+                     "data reaches this budget"}
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.3g} h"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
 
 
 def _num(value: float | None) -> str:
