@@ -141,6 +141,10 @@ def make_plan(spec: DPTrainingJobSpec, *, dataset_size: int,
                               max_chips_per_host=compute.max_chips_per_host,
                               topology=compute.tpu_topology)
     order = _preference(result, budget is not None or training.iterations is not None)
+    if source == "paper":
+        # The anchor's steps first, then shorter runs: the table cannot rank what it does not
+        # reach, so its predicted losses play no part here.
+        order = np.argsort(-result.steps, kind="stable")
     params = np.array([s.param_count for s in shapes], float)[result.model_index]
     collapsed = np.asarray(timing.collapsed(result.batch.astype(float) * seq_len), bool)
     supported = np.ones(len(result), bool)
@@ -235,14 +239,17 @@ def _supported(loss_model: LossModel, params: np.ndarray, steps: np.ndarray,
 def _anchored_grid(anchor: PaperAnchor, shapes: list[ModelShape], n: int, seq_len: int,
                    budget: float | None,
                    space: SearchSpace) -> tuple[list[ModelShape], np.ndarray, np.ndarray]:
-    """The paper-anchored configuration: nearest model, batch and steps within the budget."""
+    """The paper-anchored grid: nearest model and batch, steps within the budget (and less)."""
     shape = min(shapes, key=lambda s: abs(math.log(s.param_count / anchor.model_params)))
     batch = int(min(n, max(1, round(anchor.batch_size))))
     steps = max(1, round(anchor.iterations))
     if budget is not None:
         steps = max(1, min(steps, math.floor(budget / (6.0 * shape.param_count * batch
                                                        * seq_len))))
-    return [shape], np.array([batch]), np.array([steps])
+    # Shorter runs too (down to a quarter), for when the pods' wall time, not the FLOPs, binds.
+    shorter = {max(1, round(steps * 2.0 ** (-k / space.grid_per_octave)))
+               for k in range(2 * space.grid_per_octave + 1)}
+    return [shape], np.array([batch]), np.array(sorted(shorter))
 
 
 def _placeholder_sigma(q: np.ndarray, steps: np.ndarray) -> np.ndarray:
@@ -412,7 +419,8 @@ def _finalize(spec: DPTrainingJobSpec, shapes: list[ModelShape], result: SearchR
     warnings += list(context.notes)
     if context.source == "paper":
         predicted = None
-        warnings.append(f"planned from the paper's published optima, not measured data: "
+        warnings.append(f"planned from the paper's published optima (no measured table reaches "
+                        f"this budget): "
                         f"{context.anchor.note}; no loss is predicted for this model family "
                         f"(the paper's BERT cross-entropy there is "
                         f"{context.anchor.paper_ce:.2f}: compare trends only)")
@@ -463,9 +471,11 @@ def _devices(pod: PodPlan, accelerator: AcceleratorSpec) -> tuple[int, int]:
 
 def _runners_up(result: SearchResult, chosen: int, shapes: list[ModelShape],
                 context: _Context, pod: PodPlan, seq_len: int) -> tuple[Candidate, ...]:
-    """Eligible configurations within 1% of the best eligible loss (at least
-    ``MIN_RUNNERS_UP`` alternatives), best first, one per (model, batch), with their wall time on
-    the chosen plan's pods."""
+    """Eligible configurations near the best, with their wall time on the chosen pods.
+
+    Within 1% of the best eligible loss (at least ``MIN_RUNNERS_UP`` alternatives), best first,
+    one per (model, batch).
+    """
     eligible = np.flatnonzero(context.eligible)
     if len(eligible) == 0:
         return ()

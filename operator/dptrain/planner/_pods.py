@@ -22,8 +22,8 @@ from typing import Any
 
 from dptrain.planner._accelerators import GIB, AcceleratorSpec, Slice
 from dptrain.planner._errors import InfeasibleBudgetError
-from dptrain.planner._step_time import StepTimeModel, step_time_model
 from dptrain.planner._presets import ModelShape
+from dptrain.planner._step_time import StepTimeModel, step_time_model
 
 MEMORY_HEADROOM = 0.85
 """Share of a chip's memory the estimate may fill (XLA workspace, fragmentation)."""
@@ -70,7 +70,8 @@ class PodPlan:
         resources: the container's ``resources`` (requests and limits).
         node_selector: the pod's nodeSelector.
         tolerations: the pod's tolerations.
-        utilization: the model-FLOP utilisation assumed for the wall-time estimate.
+        utilization: the model-FLOP utilisation the step-time model predicts at this batch
+            (per-step overhead included).
         est_wall_seconds: estimated training time.
         accelerator_hours: chips × estimated hours.
     """
@@ -172,6 +173,8 @@ def size_pod(shape: ModelShape, accelerator: AcceleratorSpec, slices: list[Slice
             accelerator's).
         target_wall_seconds: wall-time goal (a deadline); default one day. When no slice meets
             a default goal, the fastest is used; a deadline that cannot be met is an error.
+        step_time: per-step overhead and utilisation by batch (default: the accelerator
+            kind's :class:`StepTimeModel`); wall time is ``iterations`` × its step time.
 
     Raises:
         InfeasibleBudgetError: ``memory`` if no slice fits one example, ``deadline`` if a
