@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import pathlib
 from typing import Any
 
 from dptrain.cli._output import EXIT_INVALID, emit, fail
@@ -31,6 +32,16 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     plan.add_argument("--allow-extrapolation", action="store_true",
                       help="plan even when every affordable configuration rests on the loss "
                            "model far outside its measured data (default: refuse)")
+    plan.add_argument("--verify", type=int, default=0, metavar="K",
+                      help="train the top K candidates and perturbations of the pick (B×4, "
+                           "B÷4, another model size) at the planned compute and ε, and print "
+                           "predicted vs realised held-out loss (public data only)")
+    plan.add_argument("--verify-plot", metavar="PNG",
+                      help="with --verify: write predicted vs realised loss to this PNG")
+    plan.add_argument("--public-data", action="store_true",
+                      help="with --verify: declare a local spec.data.path public")
+    plan.add_argument("--data-dir", type=pathlib.Path, default=None,
+                      help="with --verify: where the prepared dataset is kept")
     plan.set_defaults(handler=_plan)
 
 
@@ -50,6 +61,12 @@ def _plan(args: argparse.Namespace) -> int:
     if n is None:
         fail("spec.data.numSequences: required to plan without prepared data (or pass "
              "--dataset-size N)", EXIT_INVALID)
+    if args.verify < 0:
+        fail(f"--verify: must be >= 0, got {args.verify}", EXIT_INVALID)
+    if args.verify:
+        from dptrain.cli._plan_verify import check_public
+
+        check_public(spec, args.public_data)  # refuse before any work
     try:
         plan = make_plan(spec, dataset_size=n, table=args.table, cache_dir=args.cache_dir,
                          allow_extrapolation=args.allow_extrapolation)
@@ -61,6 +78,17 @@ def _plan(args: argparse.Namespace) -> int:
     if args.plot:
         _plot(args, spec, n, plan)
         result["plot"] = args.plot
+    if args.verify:
+        from dptrain.cli._plan_verify import plot, verify
+        from dptrain.planner import TableLossModel, default_loss_model
+
+        loss_model = TableLossModel.from_csv(args.table) if args.table else default_loss_model()
+        result["verify"] = verify(plan, spec, args.verify, loss_model=loss_model,
+                                  public_data=args.public_data, data_dir=args.data_dir,
+                                  progress=not args.json)
+        if args.verify_plot:
+            plot(result["verify"], args.verify_plot)
+            result["verify"]["plot"] = args.verify_plot
     emit(args, result, _human)
     return 0
 
@@ -105,6 +133,12 @@ def _human(r: dict[str, Any]) -> str:
         lines.append(f"warning: {warning}")
     if r.get("plot"):
         lines.append(f"frontier plot: {r['plot']}")
+    if r.get("verify"):
+        from dptrain.cli._plan_verify import human
+
+        lines += human(r["verify"])
+        if r["verify"].get("plot"):
+            lines.append(f"verification plot: {r['verify']['plot']}")
     return "\n".join(lines)
 
 

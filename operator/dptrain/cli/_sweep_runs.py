@@ -110,12 +110,13 @@ class Measured:
 
 
 def train_and_evaluate(dataset: Any, shape: Any, *, batch_size: int, steps: int, sigma: float,
-                       learning_rate: float, settings: SweepSettings,
-                       compiled: Any = None) -> tuple[list[Measured], bool, float]:
+                       learning_rate: float, settings: SweepSettings, compiled: Any = None,
+                       train_rows: int | None = None) -> tuple[list[Measured], bool, float]:
     """Train ``shape`` with the DP-SGD step at noise multiplier ``sigma`` and measure it.
 
     The training rows are the dataset's first N − ``heldout_rows`` sequences (Poisson-sampled
-    at rate B / (N − H)); the held-out loss is measured on the last H at ``settings.eval_steps``.
+    at rate B / (N − H); ``train_rows`` uses only the first that many); the held-out loss is
+    measured on the last H at ``settings.eval_steps``.
     Returns the measured points, whether the loss diverged (the run then stops), and the median
     seconds per training step after compilation.
     """
@@ -132,6 +133,8 @@ def train_and_evaluate(dataset: Any, shape: Any, *, batch_size: int, steps: int,
         dataset, shape, batch_size=batch_size, learning_rate=learning_rate, settings=s,
         steps=steps)
     n_train = dataset.num_sequences - s.heldout_rows
+    if train_rows is not None:
+        n_train = min(n_train, train_rows)
     physical = physical_batch_size(batch_size, n_train, devices=jax.device_count(),
                                    microbatch=s.microbatch_size, override=s.physical_batch_size)
     replicated = NamedSharding(mesh, P())
@@ -146,7 +149,8 @@ def train_and_evaluate(dataset: Any, shape: Any, *, batch_size: int, steps: int,
     sampler = PoissonSampler(dataset_size=n_train, expected_batch_size=batch_size,
                              physical_batch_size=physical, seed=s.seed)
     pad = dataset.tokenizer.pad_id
-    heldout = dataset.gather(np.arange(n_train, dataset.num_sequences), pad)
+    heldout = dataset.gather(np.arange(dataset.num_sequences - s.heldout_rows,
+                                       dataset.num_sequences), pad)
     logged = set(x for x in s.eval_steps if x <= steps) | {steps}
     points: list[Measured] = []
     window: list[Any] = []  # device scalars: no host sync until the window is logged
