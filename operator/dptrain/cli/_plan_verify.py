@@ -1,8 +1,8 @@
 """`dptrain plan --verify K`: train the planner's top candidates and check its predictions.
 
-The plan's pick, its next K − 1 runners-up and three perturbations of the pick at equal compute
-(B × 4 with T ÷ 4, B ÷ 4 with T × 4, and the neighbouring model size with T scaled to keep
-6·M·B·S·T) are each trained with the real DP-SGD step (the sweep's harness,
+The plan's pick, its next K − 1 runners-up and perturbations of the pick at equal compute
+(B × 4 with T ÷ 4, B ÷ 4 with T × 4, the same by 2, and the neighbouring model size with T scaled
+to keep 6·M·B·S·T) are each trained with the real DP-SGD step (the sweep's harness,
 :func:`dptrain.cli._sweep_runs.train_and_evaluate`) at the noise multiplier their (q, T) needs for
 the job's ε, and their held-out loss is compared with the loss model's prediction.
 
@@ -65,10 +65,11 @@ def candidates(plan: Any, k: int, spec: Any, loss_model: Any) -> list[VerifyCand
         wanted.append((f"runner-up {i + 1}", c.model_preset, c.model_params, c.batch_size,
                        c.iterations))
     b, t, m = plan.batch_size, plan.iterations, plan.model_params
-    if 4 * b <= n and t >= 4:
-        wanted.append(("B×4, T÷4", plan.model_shape.name, m, 4 * b, t // 4))
-    if b >= 4:
-        wanted.append(("B÷4, T×4", plan.model_shape.name, m, b // 4, 4 * t))
+    for f in (4, 2):
+        if f * b <= n and t >= f:
+            wanted.append((f"B×{f}, T÷{f}", plan.model_shape.name, m, f * b, t // f))
+        if b >= f:
+            wanted.append((f"B÷{f}, T×{f}", plan.model_shape.name, m, b // f, f * t))
     other = scaled_shape(plan.model_shape.non_embedding_params * 4)
     if other.param_count == m:
         other = scaled_shape(plan.model_shape.non_embedding_params / 4)
