@@ -319,7 +319,8 @@ def _argv(args: argparse.Namespace) -> list[str]:
 
 def _report(args: argparse.Namespace, provenance: dict[str, Any], json_path: pathlib.Path,
             rows: Sequence[dict[str, Any]]) -> int:
-    from dptrain.planner import TableLossModel
+    from dptrain.planner import TableLossModel, read_results_csv
+    from dptrain.planner._loss_model import leave_one_out
 
     runs = provenance["runs"]
     best: dict[tuple[str, int, float], float] = {}
@@ -338,6 +339,13 @@ def _report(args: argparse.Namespace, provenance: dict[str, Any], json_path: pat
         described = TableLossModel.from_csv(args.output).describe()
         loss_model = {k: described[k] for k in ("model_params", "noise_batch_ratios",
                                                   "measured_steps", "dropped")}
+        cells = leave_one_out(read_results_csv(args.output), source=str(args.output))
+        if cells:
+            errors = [abs(c["relative_error"]) for c in cells]
+            loss_model["leave_one_out"] = {
+                "cells": len(cells), "mean_abs_relative_error": sum(errors) / len(errors),
+                "max_abs_relative_error": max(errors), "target": 0.03,
+                "method": "each interior σ̄ held out, predicted at each model's last step"}
     except ValueError as error:
         warnings.append(f"the planner cannot use this table: {error}")
     result = {"output": str(args.output), "provenance": str(json_path), "rows": len(rows),
@@ -361,5 +369,10 @@ def _human(r: dict[str, Any]) -> str:
         loss = "diverged" if f["heldout_loss"] is None else f"{f['heldout_loss']:.4f}"
         lines.append(f"  {f['preset']:<16}{f['model_params']:>10.3g}{f['batch_size']:>7}"
                      f"{f['noise_batch_ratio']:>12.3g}{loss:>10}")
+    loo = (r.get("loss_model") or {}).get("leave_one_out")
+    if loo:
+        lines.append(f"leave-one-out over {loo['cells']} held-out cells: mean |error| "
+                     f"{loo['mean_abs_relative_error']:.1%}, "
+                     f"max {loo['max_abs_relative_error']:.1%} (target {loo['target']:.0%})")
     lines += [f"warning: {w}" for w in r["warnings"]]
     return "\n".join(lines)

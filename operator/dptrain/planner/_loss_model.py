@@ -391,3 +391,43 @@ def _axis(values: np.ndarray) -> np.ndarray:
 
 def _pad(values: np.ndarray, axis: int) -> np.ndarray:
     return values if values.shape[axis] > 1 else np.repeat(values, 2, axis=axis)
+
+
+def leave_one_out(rows: Sequence[Mapping[str, float]], *,
+                  source: str = "<rows>") -> list[dict[str, float]]:
+    """Leave-one-out error of :class:`TableLossModel` on held-out sweep cells.
+
+    Each interior noise-batch ratio σ̄ of the table is removed in turn (for every model size, so
+    the rest is still a full grid), the model is rebuilt from the others, and its prediction at
+    the removed σ̄ is compared with the measured loss at each model's last measured step (the
+    minimum over learning rates and batches, smoothed as the model smooths it: the mean of the
+    last ``ROLLING_WINDOW`` logged points).
+
+    Returns:
+        One record per (model size, held-out σ̄): ``model_params``, ``noise_batch_ratio``,
+        ``step``, ``measured``, ``predicted`` and ``relative_error`` (predicted / measured − 1).
+    """
+    ratios = sorted({float(r["noise_batch_ratio"]) for r in rows if r["noise_batch_ratio"] > 0})
+    out: list[dict[str, float]] = []
+    for held in ratios[1:-1]:
+        kept = [r for r in rows if float(r["noise_batch_ratio"]) != held]
+        model = TableLossModel(kept, source=f"{source} without σ̄={held:g}")
+        by_curve: dict[tuple[float, float, float], list[tuple[float, float]]] = defaultdict(list)
+        for r in rows:
+            if float(r["noise_batch_ratio"]) == held:
+                by_curve[(float(r["model_params"]), float(r["learning_rate"]),
+                          float(r.get("batch_size", 0.0)))].append(
+                    (float(r["step"]), float(r["loss"])))
+        best: dict[float, tuple[float, float]] = {}
+        for (m, _lr, _b), points in by_curve.items():
+            points.sort()
+            step = points[-1][0]
+            measured = float(np.mean([p[1] for p in points[-ROLLING_WINDOW:]]))
+            if m not in best or measured < best[m][1]:
+                best[m] = (step, measured)
+        for m, (step, measured) in sorted(best.items()):
+            predicted = float(model.predict(np.array(m), np.array(step), np.array(held)))
+            out.append({"model_params": m, "noise_batch_ratio": held, "step": step,
+                        "measured": measured, "predicted": predicted,
+                        "relative_error": predicted / measured - 1})
+    return out
