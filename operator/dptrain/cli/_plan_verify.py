@@ -61,9 +61,6 @@ def candidates(plan: Any, k: int, spec: Any, loss_model: Any) -> list[VerifyCand
     n = plan.dataset_size
     wanted: list[tuple[str, str, int, int, int]] = [
         ("pick", plan.model_shape.name, plan.model_params, plan.batch_size, plan.iterations)]
-    for i, c in enumerate(plan.near_optimal[:max(0, k - 1)]):
-        wanted.append((f"runner-up {i + 1}", c.model_preset, c.model_params, c.batch_size,
-                       c.iterations))
     b, t, m = plan.batch_size, plan.iterations, plan.model_params
     for f in (4, 2):
         if f * b <= n and t >= f:
@@ -76,6 +73,12 @@ def candidates(plan: Any, k: int, spec: Any, loss_model: Any) -> list[VerifyCand
     if other.param_count != m:
         steps = max(1, round(t * m / other.param_count))
         wanted.append((f"model {other.name}", other.name, other.param_count, b, steps))
+    # K − 1 runners-up that are not already a perturbation.
+    taken = {(w[2], w[3], w[4]) for w in wanted}
+    ups = [c for c in plan.near_optimal
+           if (c.model_params, c.batch_size, c.iterations) not in taken][:max(0, k - 1)]
+    wanted[1:1] = [(f"runner-up {i + 1}", c.model_preset, c.model_params, c.batch_size,
+                    c.iterations) for i, c in enumerate(ups)]
     seen: set[tuple[int, int, int]] = set()
     out: list[VerifyCandidate] = []
     for label, preset, params, batch, steps in wanted:
