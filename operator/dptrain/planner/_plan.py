@@ -28,7 +28,9 @@ class Candidate:
         noise_batch_ratio: σ̄ = σ/B.
         predicted_loss: L(M, T, σ̄).
         compute_flops: 6·M·B·S·T.
-        wall_seconds: estimated training time on the chosen plan's pods (step-time model).
+        wall_seconds: estimated training time on the chosen plan's pods (step-time model, at
+            the expected batch; the pick's own estimate uses its truncation-safe physical
+            batch, which for small batches is noticeably larger).
         utilization: the batch's utilisation as a fraction of the accelerator's peak.
     """
 
