@@ -1,8 +1,8 @@
 """`dptrain plan --verify K`: train the planner's top candidates and check its predictions.
 
 The plan's pick, its next K − 1 runners-up and perturbations of the pick at equal compute
-(B × 4 with T ÷ 4, B ÷ 4 with T × 4, the same by 2, and the neighbouring model size with T scaled
-to keep 6·M·B·S·T) are each trained with the real DP-SGD step (the sweep's harness,
+(B × and ÷ 2, 4 and 8 with T the other way, and the neighbouring model sizes with T scaled to
+keep 6·M·B·S·T) are each trained with the real DP-SGD step (the sweep's harness,
 :func:`dptrain.cli._sweep_runs.train_and_evaluate`) at the noise multiplier their (q, T) needs for
 the job's ε, and their held-out loss is compared with the loss model's prediction.
 
@@ -62,17 +62,16 @@ def candidates(plan: Any, k: int, spec: Any, loss_model: Any) -> list[VerifyCand
     wanted: list[tuple[str, str, int, int, int]] = [
         ("pick", plan.model_shape.name, plan.model_params, plan.batch_size, plan.iterations)]
     b, t, m = plan.batch_size, plan.iterations, plan.model_params
-    for f in (4, 2):
+    for f in (4, 2, 8):
         if f * b <= n and t >= f:
             wanted.append((f"B×{f}, T÷{f}", plan.model_shape.name, m, f * b, t // f))
         if b >= f:
             wanted.append((f"B÷{f}, T×{f}", plan.model_shape.name, m, b // f, f * t))
-    other = scaled_shape(plan.model_shape.non_embedding_params * 4)
-    if other.param_count == m:
-        other = scaled_shape(plan.model_shape.non_embedding_params / 4)
-    if other.param_count != m:
-        steps = max(1, round(t * m / other.param_count))
-        wanted.append((f"model {other.name}", other.name, other.param_count, b, steps))
+    for factor in (4.0, 0.25):  # the neighbouring model sizes, at equal compute
+        other = scaled_shape(plan.model_shape.non_embedding_params * factor)
+        if other.param_count != m:
+            steps = max(1, round(t * m / other.param_count))
+            wanted.append((f"model {other.name}", other.name, other.param_count, b, steps))
     # K − 1 runners-up that are not already a perturbation.
     taken = {(w[2], w[3], w[4]) for w in wanted}
     ups = [c for c in plan.near_optimal
