@@ -38,8 +38,9 @@ def main() -> None:
             start = time.perf_counter()
             make_plan(spec, dataset_size=N, cache_dir=cache)
             warm_s.append(time.perf_counter() - start)
+    loss = "n/a" if plan.predicted_loss is None else f"{plan.predicted_loss:.4f}"
     print(f"plan: {plan.model_shape.name}, B={plan.batch_size}, T={plan.iterations}, "
-          f"σ={plan.noise_multiplier:.4g}, loss={plan.predicted_loss:.4f}")
+          f"σ={plan.noise_multiplier:.4g}, loss={loss} (rests on: {plan.loss_source})")
     print(f"sigma_table_build_s median {statistics.median(table_s):.2f} "
           f"({len(table.slice_indices(1.0 / N, 1.0))} q-slices)")
     print(f"plan_cold_s median {statistics.median(cold_s):.2f}")

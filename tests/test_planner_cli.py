@@ -45,10 +45,14 @@ def test_plan_json_has_the_documented_keys(job: pathlib.Path,
 def test_plan_prints_a_table_and_writes_the_frontier_png(
         job: pathlib.Path, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
     png = tmp_path / "frontier.png"
+    # 1e13 FLOPs: within the measured table's reach, so the plan has measured runners-up.
+    job.write_text(JOB.replace("flops: 1.0e+15", "flops: 1.0e+13"))
     assert main(["plan", str(job), "--plot", str(png)]) == 0
     text = capsys.readouterr().out
     assert text.startswith("Plan (")
     assert "Runners-up" in text
+    assert "rests on: the measured loss table" in text
+    assert "noise-batch ratio regime:" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -51,11 +51,12 @@ def test_vaultgemma_on_tpu_v6e_uses_tpu_labels_and_smaller_microbatches() -> Non
                                  "cloud.google.com/gke-tpu-topology": "4x4"}
     assert tpu.memory.total <= MEMORY_HEADROOM * 32e9
     assert tpu.microbatch_size < gpu.microbatch_size  # 32 GB HBM vs 80 GB
-    # Same work: wall time scales with chips × peak × utilisation.
+    # Same work: wall time scales with chips × peak × utilisation, up to the per-step
+    # overhead and the utilisation each chip's share of the batch reaches (step-time model).
     work_gpu = gpu.est_wall_seconds * gpu.hosts * gpu.chips_per_host * 989e12 * 0.4
     work_tpu = tpu.est_wall_seconds * 16 * 918e12 * 0.45
     assert work_tpu / work_gpu == pytest.approx(
-        tpu.physical_batch_size / gpu.physical_batch_size, rel=1e-9)
+        tpu.physical_batch_size / gpu.physical_batch_size, rel=0.05)
 
 
 def test_memory_estimate_counts_state_grads_and_activations() -> None:

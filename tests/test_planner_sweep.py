@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import itertools
 import json
 import math
 import pathlib
@@ -48,9 +49,10 @@ def _corpus(directory: pathlib.Path) -> pathlib.Path:
 def _sweep_args(tmp: pathlib.Path, *extra: str) -> list[str]:
     return ["sweep", "--presets", "tiny", "--noise-batch-ratios", ",".join(map(str, RATIOS)),
             "--learning-rates", "3e-3", "--steps", str(STEPS), "--batch-size", "4",
-            "--sequence-length", "32", "--log-every", str(LOG_EVERY), "--public-data",
-            "--input", str(tmp / "corpus"), "--format", "text", "--data-dir", str(tmp / "data"),
-            "--output", str(tmp / "out" / "table.csv"), "--json", *extra]
+            "--sequence-length", "32", "--log-every", str(LOG_EVERY), "--input",
+            str(tmp / "corpus"), "--format", "text", "--data-dir", str(tmp / "data"),
+            "--output", str(tmp / "out" / "table.csv"), "--public-data", "--heldout-rows", "16",
+            "--json", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +86,11 @@ def test_a_tiny_sweep_writes_a_table_the_planner_reads(swept: dict[str, Any]) ->
     with table.open() as handle:
         header = next(csv.reader(handle))
     assert header[:5] == ["model_params", "noise_batch_ratio", "learning_rate", "step", "loss"]
-    assert {"preset", "noise_multiplier", "batch_size"} <= set(header)
+    assert {"preset", "noise_multiplier", "batch_size", "train_loss"} <= set(header)
+    with table.open() as handle:
+        raw = list(csv.DictReader(handle))
+    # `loss` is the held-out loss, measured apart from the training loss of the same steps.
+    assert any(abs(float(r["loss"]) - float(r["train_loss"])) > 1e-4 for r in raw)
 
     model = TableLossModel.from_csv(table)
     assert model.describe()["noise_batch_ratios"] == pytest.approx(list(RATIOS))
@@ -102,8 +108,11 @@ def test_the_sweep_records_its_provenance(swept: dict[str, Any]) -> None:
     assert "no privacy guarantee" in info["privacy"]
     assert info["grid"]["presets"] == ["tiny"]
     assert info["grid"]["noise_batch_ratios"] == pytest.approx(list(RATIOS))
-    assert info["settings"]["steps"] == STEPS and info["settings"]["batch_size"] == 4
-    assert info["settings"]["physical_batch_size"] >= 4
+    assert info["settings"]["steps"] == STEPS and info["grid"]["batch_sizes"] == [4]
+    assert info["grid"]["physical_batch_sizes"]["4"] >= 4
+    assert info["settings"]["heldout_rows"] == 16
+    assert info["settings"]["eval_steps"] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
+    assert "held-out" in info["loss"]
     assert info["settings"]["sequence_length"] == 32
     assert info["command"].startswith("dptrain sweep ") and "--steps 10" in info["command"]
     env = info["environment"]
@@ -112,7 +121,8 @@ def test_the_sweep_records_its_provenance(swept: dict[str, Any]) -> None:
     assert len(info["runs"]) == len(RATIOS)
     for run in info["runs"]:
         assert run["noise_multiplier"] == pytest.approx(run["noise_batch_ratio"] * 4)
-        assert not run["diverged"] and run["steps"] == STEPS
+        assert not run["diverged"] and run["steps"] == STEPS and run["batch_size"] == 4
+        assert run["step_seconds"] > 0
 
 
 @pytest.mark.slow
@@ -146,6 +156,23 @@ def test_bad_options_exit_3_naming_the_option(option: str, value: str, message: 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
     assert not (tmp_path / "t.csv").exists()
+
+
+def test_private_input_is_refused_without_public_data(
+        tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sweep", "--input", str(tmp_path), "--output", str(tmp_path / "t.csv")]) == 3
+    err = capsys.readouterr().err
+    assert "--public-data" in err and "--input" in err
+    assert not (tmp_path / "t.csv").exists()
+
+
+def test_log_spaced_eval_steps_end_at_the_last_step() -> None:
+    from dptrain.cli._sweep_runs import eval_steps
+
+    steps = eval_steps(1024, points=11, every=None)
+    assert steps[0] == 1 and steps[-1] == 1024 and len(steps) == 11
+    assert all(b / a == pytest.approx(2.0) for a, b in itertools.pairwise(steps))
+    assert eval_steps(10, points=5, every=4) == (4, 8, 10)
 
 
 def test_too_long_sequences_and_unknown_presets_are_refused(
@@ -229,7 +256,8 @@ def test_plans_with_the_measured_table_warn_about_extrapolation_not_placeholders
                      cache_dir=tmp_path_factory.getbasetemp() / "planner-cache")
     text = " ".join(plan.warnings)
     assert "not measured" not in text
-    assert "loss model:" in text  # far outside a CPU-measured table: says it extrapolates
+    # Far outside a CPU-measured table: the plan rests on the paper's optima and says so.
+    assert plan.loss_source == "paper" and "paper's published optima" in text
 
 
 def test_steps_far_beyond_the_shipped_table_are_held_flat_and_said_so() -> None:

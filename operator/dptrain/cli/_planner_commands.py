@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import pathlib
 from typing import Any
 
 from dptrain.cli._output import EXIT_INVALID, emit, fail
@@ -28,6 +29,19 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                       help="σ-table cache (default: $DPTRAIN_CACHE_DIR or ~/.cache/dptrain)")
     plan.add_argument("--plot", metavar="PNG",
                       help="write the privacy–utility–compute frontier to this PNG")
+    plan.add_argument("--allow-extrapolation", action="store_true",
+                      help="plan even when every affordable configuration rests on the loss "
+                           "model far outside its measured data (default: refuse)")
+    plan.add_argument("--verify", type=int, default=0, metavar="K",
+                      help="train the top K candidates and perturbations of the pick (B×4, "
+                           "B÷4, another model size) at the planned compute and ε, and print "
+                           "predicted vs realised held-out loss (public data only)")
+    plan.add_argument("--verify-plot", metavar="PNG",
+                      help="with --verify: write predicted vs realised loss to this PNG")
+    plan.add_argument("--public-data", action="store_true",
+                      help="with --verify: declare a local spec.data.path public")
+    plan.add_argument("--data-dir", type=pathlib.Path, default=None,
+                      help="with --verify: where the prepared dataset is kept")
     plan.set_defaults(handler=_plan)
 
 
@@ -47,8 +61,15 @@ def _plan(args: argparse.Namespace) -> int:
     if n is None:
         fail("spec.data.numSequences: required to plan without prepared data (or pass "
              "--dataset-size N)", EXIT_INVALID)
+    if args.verify < 0:
+        fail(f"--verify: must be >= 0, got {args.verify}", EXIT_INVALID)
+    if args.verify:
+        from dptrain.cli._plan_verify import check_public
+
+        check_public(spec, args.public_data)  # refuse before any work
     try:
-        plan = make_plan(spec, dataset_size=n, table=args.table, cache_dir=args.cache_dir)
+        plan = make_plan(spec, dataset_size=n, table=args.table, cache_dir=args.cache_dir,
+                         allow_extrapolation=args.allow_extrapolation)
     except InvalidJobError as error:
         fail("; ".join(error.lines), EXIT_INVALID)
     except (InfeasibleBudgetError, ValueError, KeyError) as error:
@@ -57,6 +78,17 @@ def _plan(args: argparse.Namespace) -> int:
     if args.plot:
         _plot(args, spec, n, plan)
         result["plot"] = args.plot
+    if args.verify:
+        from dptrain.cli._plan_verify import plot, verify
+        from dptrain.planner import TableLossModel, default_loss_model
+
+        loss_model = TableLossModel.from_csv(args.table) if args.table else default_loss_model()
+        result["verify"] = verify(plan, spec, args.verify, loss_model=loss_model,
+                                  public_data=args.public_data, data_dir=args.data_dir,
+                                  progress=not args.json)
+        if args.verify_plot:
+            plot(result["verify"], args.verify_plot)
+            result["verify"]["plot"] = args.verify_plot
     emit(args, result, _human)
     return 0
 
@@ -79,25 +111,54 @@ def _human(r: dict[str, Any]) -> str:
         + (f", topology {pod['topology']}" if pod["topology"] else "")
         + f"), microbatch {pod['microbatch_size']} × {pod['accumulation_steps']} accumulation, "
         f"~{pod['memory']['total'] / 2**30:.2f} GiB per chip, "
-        f"est. {pod['est_wall_seconds'] / 3600:.3g} h at {pod['utilization']:.0%} utilisation",
+        f"est. {_duration(pod['est_wall_seconds'])} at {pod['utilization']:.1%} utilisation",
+        f"  rests on: {_SOURCES.get(r['loss_source'], r['loss_source'])}",
+        f"  noise-batch ratio regime: {r['noise_regime']} — {r['noise_regime_guidance']}",
     ]
     rows = r["near_optimal"]
     if rows:
         lines.append("")
-        lines.append("Runners-up (within 1% of the best predicted loss, σ from the σ table):")
+        lines.append("Runners-up (within 1% of the best predicted loss, or the next best; σ from "
+                     "the σ table; wall time on these pods):")
         header = f"  {'model':<14}{'params':>10}{'batch':>9}{'steps':>10}{'σ':>9}{'σ̄':>10}" \
-                 f"{'loss':>9}{'FLOPs':>10}"
+                 f"{'loss':>9}{'FLOPs':>10}{'wall':>10}{'util':>6}"
         lines.append(header)
         for c in rows:
             lines.append(f"  {c['model_preset']:<14}{c['model_params']:>10.3g}"
                          f"{c['batch_size']:>9}{c['iterations']:>10}"
                          f"{c['noise_multiplier']:>9.3g}{c['noise_batch_ratio']:>10.3g}"
-                         f"{c['predicted_loss']:>9.4f}{c['compute_flops']:>10.3g}")
+                         f"{c['predicted_loss']:>9.4f}{c['compute_flops']:>10.3g}"
+                         f"{_duration(c['wall_seconds']):>10}{_pct(c['utilization']):>6}")
     for warning in r["warnings"]:
         lines.append(f"warning: {warning}")
     if r.get("plot"):
         lines.append(f"frontier plot: {r['plot']}")
+    if r.get("verify"):
+        from dptrain.cli._plan_verify import human
+
+        lines += human(r["verify"])
+        if r["verify"].get("plot"):
+            lines.append(f"verification plot: {r['verify']['plot']}")
     return "\n".join(lines)
+
+
+_SOURCES = {"measured": "the measured loss table (see loss_model)",
+            "paper": "the paper's published optima (McKenna et al. 2025, Table 2); no measured "
+                     "data reaches this budget"}
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.3g} h"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
 
 
 def _num(value: float | None) -> str:

@@ -1,17 +1,20 @@
 """`dptrain sweep`: measure a loss table for the planner with the real DP-SGD step.
 
-The sweep trains every (model preset, noise-batch ratio σ̄, learning rate) of a grid for the same
-number of steps on the same data and logs the training loss every ``--log-every`` steps. The rows
-(``model_params, noise_batch_ratio, learning_rate, step, loss`` plus metadata columns) are the
+The sweep trains every (model preset, batch B, noise-batch ratio σ̄, learning rate) of a grid for
+the same number of steps on the same data, and measures the **held-out** loss (the dataset's last
+``--heldout-rows`` sequences, never sampled for training) at log-spaced steps (or every
+``--log-every``), with the training loss and the step time alongside. The rows (``model_params,
+noise_batch_ratio, learning_rate, step, loss`` plus ``batch_size`` and metadata columns) are the
 results table :class:`dptrain.planner.TableLossModel` reads; a provenance JSON next to it records
 the grid, the settings, the data and the environment (``"measured": true``). How one run trains is
-in ``_sweep_runs``; no privacy is accounted or claimed (see ``PRIVACY_NOTE``).
+in ``_sweep_runs``; no privacy is accounted or claimed (see ``PRIVACY_NOTE``), so only public data
+may be swept (``--public-data`` declares an ``--input`` public; the built-in corpus is).
 
-Runs are ordered preset → learning rate → σ̄, so that one compiled step (σ is an argument) serves
-all σ̄ of a (preset, learning rate), and every run shares the seed (initialisation, batches and the
-noise direction), so that differences between σ̄ are not sampling luck. The table is rewritten
-after every run, so ``--resume`` can continue an interrupted sweep, or extend its grid (e.g. a long
-one on GPUs). JAX and the trainer are imported inside the handler only.
+Runs are ordered preset → B → learning rate → σ̄, so that one compiled step (σ is an argument)
+serves all σ̄ of a (preset, B, learning rate), and every run shares the seed (initialisation,
+batches and the noise direction), so that differences between σ̄ are not sampling luck. The table
+is rewritten after every run, so ``--resume`` can continue an interrupted sweep, or extend its
+grid (e.g. a long one on GPUs). JAX and the trainer are imported inside the handler only.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from dptrain.cli._sweep_runs import (
     SweepSettings,
     SweepTrainer,
     environment,
+    eval_steps,
     finished_runs,
     physical_batch_size,
     table_rows,
@@ -69,11 +73,19 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                             f"{DEFAULT_LEARNING_RATES}; the planner takes the minimum loss)")
     sweep.add_argument("--steps", type=int, default=200, help="steps per run (default 200)")
     sweep.add_argument("--batch-size", type=int, default=16,
-                       help="expected batch B in sequences (default 16)")
+                       help="expected batch B in sequences (default 16; see --batch-sizes)")
+    sweep.add_argument("--batch-sizes", default=None, metavar="LIST",
+                       help="comma-separated expected batches B to sweep (overrides "
+                            "--batch-size; e.g. 8,64,512)")
+    sweep.add_argument("--heldout-rows", type=int, default=256, metavar="H",
+                       help="the dataset's last H sequences are never trained on; the table's "
+                            "loss is measured on them (default 256)")
+    sweep.add_argument("--eval-points", type=int, default=12, metavar="K",
+                       help="measure the held-out loss at K log-spaced steps (default 12)")
     sweep.add_argument("--sequence-length", type=int, default=64,
                        help="tokens per sequence (default 64)")
-    sweep.add_argument("--log-every", type=int, default=10, metavar="K",
-                       help="log the mean loss of every K steps (default 10)")
+    sweep.add_argument("--log-every", type=int, default=None, metavar="K",
+                       help="measure every K steps instead of log-spaced (--eval-points)")
     sweep.add_argument("--physical-batch-size", type=int, default=None,
                        help="rows per step (default: B + 3 std of the Poisson batch size)")
     sweep.add_argument("--microbatch-size", type=int, default=None,
@@ -135,18 +147,34 @@ def _list(args: argparse.Namespace, option: str, *, allow_zero: bool = False) ->
     return sorted(set(values))
 
 
-def _check_args(args: argparse.Namespace) -> tuple[list[str], list[float], list[float]]:
+def _check_args(args: argparse.Namespace) -> tuple[list[str], list[float], list[float],
+                                                  list[int]]:
     presets = list(dict.fromkeys(p.strip() for p in args.presets.split(",") if p.strip()))
     if not presets:
         fail("--presets: name at least one model preset", EXIT_INVALID)
     ratios = _list(args, "--noise-batch-ratios", allow_zero=True)
     rates = _list(args, "--learning-rates")
+    if args.input is not None and not args.public_data:
+        fail("--input: a sweep's results table is published un-noised, so only public data "
+             "may be swept; pass --public-data to declare the input public", EXIT_INVALID)
+    batches = [args.batch_size]
+    if args.batch_sizes is not None:
+        try:
+            batches = sorted({int(b) for b in args.batch_sizes.split(",") if b.strip()})
+        except ValueError:
+            fail(f"--batch-sizes: must be comma-separated integers, got {args.batch_sizes!r}",
+                 EXIT_INVALID)
+        if not batches or min(batches) < 1:
+            fail(f"--batch-sizes: every value must be >= 1, got {args.batch_sizes!r}",
+                 EXIT_INVALID)
     for option, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
                                ("--sequence-length", args.sequence_length, 2),
-                               ("--log-every", args.log_every, 1)):
+                               ("--log-every", args.log_every or 1, 1),
+                               ("--heldout-rows", args.heldout_rows, 1),
+                               ("--eval-points", args.eval_points, 2)):
         if value < low:
             fail(f"{option}: must be >= {low}, got {value}", EXIT_INVALID)
-    if args.log_every > args.steps:
+    if args.log_every is not None and args.log_every > args.steps:
         fail(f"--log-every: must be <= --steps ({args.steps}), got {args.log_every}",
              EXIT_INVALID)
     if not 0 <= args.warmup_fraction < 1:
@@ -157,7 +185,7 @@ def _check_args(args: argparse.Namespace) -> tuple[list[str], list[float], list[
                           ("--microbatch-size", args.microbatch_size)):
         if value is not None and value < 1:
             fail(f"{option}: must be >= 1, got {value}", EXIT_INVALID)
-    return presets, ratios, rates
+    return presets, ratios, rates, batches
 
 
 # -------------------------------------------------------------------------------------- sweep
@@ -171,7 +199,7 @@ def _sweep(args: argparse.Namespace) -> int:
         fail("--input: a sweep publishes training losses of its input outside any privacy "
              "guarantee (no ε is accounted); pass --public-data to declare the input public, "
              "or use --builtin", EXIT_INVALID)
-    presets, ratios, rates = _check_args(args)
+    presets, ratios, rates, batches = _check_args(args)
     import jax
     from tqdm import tqdm
 
@@ -208,22 +236,28 @@ def _sweep(args: argparse.Namespace) -> int:
     except (DataError, ValueError) as error:
         fail(str(error), EXIT_INVALID)
     n = dataset.num_sequences
-    if args.batch_size > n:
-        fail(f"--batch-size: must be <= the dataset's {n} sequences, got {args.batch_size}",
+    if args.heldout_rows >= n:
+        fail(f"--heldout-rows: must be < the dataset's {n} sequences, got {args.heldout_rows}",
              EXIT_INVALID)
+    if max(batches) > n - args.heldout_rows:
+        fail(f"--batch-size: must be <= the dataset's {n - args.heldout_rows} training "
+             f"sequences, got {max(batches)}", EXIT_INVALID)
 
     settings = SweepSettings(
-        steps=args.steps, batch_size=args.batch_size, sequence_length=args.sequence_length,
-        physical_batch_size=physical_batch_size(
-            args.batch_size, n, devices=jax.device_count(), microbatch=args.microbatch_size,
-            override=args.physical_batch_size),
-        log_every=args.log_every, clip_norm=args.clip_norm, optimizer=args.optimizer,
+        steps=args.steps, sequence_length=args.sequence_length,
+        eval_steps=eval_steps(args.steps, points=args.eval_points, every=args.log_every),
+        heldout_rows=args.heldout_rows, clip_norm=args.clip_norm, optimizer=args.optimizer,
         weight_decay=args.weight_decay, warmup_steps=round(args.warmup_fraction * args.steps),
-        microbatch_size=args.microbatch_size, seed=args.seed)
+        microbatch_size=args.microbatch_size, physical_batch_size=args.physical_batch_size,
+        seed=args.seed)
+    physical = {b: physical_batch_size(b, n - args.heldout_rows, devices=jax.device_count(),
+                                       microbatch=args.microbatch_size,
+                                       override=args.physical_batch_size) for b in batches}
     provenance_path = args.provenance or args.output.with_suffix(".json")
-    runs = [SweepRun(p, r, lr) for p in presets for lr in rates for r in ratios]
+    runs = [SweepRun(p, b, r, lr) for p in presets for b in batches for lr in rates
+            for r in ratios]
     rows: list[dict[str, Any]] = []
-    done: dict[tuple[str, float, float], dict[str, Any]] = {}
+    done: dict[tuple[str, int, float, float], dict[str, Any]] = {}
     if args.resume:
         try:
             rows, done = finished_runs(args.output, provenance_path,
@@ -237,13 +271,17 @@ def _sweep(args: argparse.Namespace) -> int:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "grid": {"presets": presets,
                  "model_params": {p: shapes[p].param_count for p in presets},
+                 "batch_sizes": batches, "physical_batch_sizes": physical,
                  "noise_batch_ratios": ratios, "learning_rates": rates},
         "settings": settings.to_dict(dataset), "loss": LOSS_NOTE,
         "dataset": {"name": source.name, "num_sequences": n,
                     "num_tokens": dataset.manifest.num_tokens,
                     "checksum": dataset.manifest.source_checksum,
-                    "tokens_per_run": args.steps * args.batch_size * (args.sequence_length - 1),
-                    "epochs_per_run": args.steps * args.batch_size / n},
+                    "heldout_rows": args.heldout_rows,
+                    "tokens_per_run": {b: args.steps * b * (args.sequence_length - 1)
+                                       for b in batches},
+                    "epochs_per_run": {b: args.steps * b / (n - args.heldout_rows)
+                                       for b in batches}},
         "environment": environment(),
         "columns": list(TABLE_COLUMNS),
         "runs": [done[run.key] for run in runs if run.key in done],
@@ -253,7 +291,8 @@ def _sweep(args: argparse.Namespace) -> int:
     trainer = SweepTrainer(dataset, settings)
     try:
         for run in todo:
-            bar.set_postfix_str(f"{run.preset} σ̄={run.ratio:.3g} lr={run.learning_rate:g}")
+            bar.set_postfix_str(f"{run.preset} B={run.batch_size} σ̄={run.ratio:.3g} "
+                                f"lr={run.learning_rate:g}")
             record, curve = trainer.run(shapes[run.preset], run)
             done[run.key] = record
             rows += table_rows(shapes[run.preset].param_count, run, curve, settings)
@@ -273,7 +312,11 @@ def _argv(args: argparse.Namespace) -> list[str]:
     """The options that reproduce the sweep (defaults included), however it was invoked."""
     out = []
     for key, value in sorted(vars(args).items()):
-        if key in {"handler", "command", "json", "no_progress", "resume"} or value is None:
+        if key in {"handler", "command", "json", "no_progress", "resume"} or value in (None,
+                                                                                   False):
+            continue
+        if value is True:
+            out.append("--" + key.replace("_", "-"))
             continue
         flag = "--" + key.replace("_", "-")
         out += [flag, str(value)]
@@ -282,32 +325,41 @@ def _argv(args: argparse.Namespace) -> list[str]:
 
 def _report(args: argparse.Namespace, provenance: dict[str, Any], json_path: pathlib.Path,
             rows: Sequence[dict[str, Any]]) -> int:
-    from dptrain.planner import TableLossModel
+    from dptrain.planner import TableLossModel, read_results_csv
+    from dptrain.planner._loss_model import leave_one_out
 
     runs = provenance["runs"]
-    best: dict[tuple[str, float], float] = {}
+    best: dict[tuple[str, int, float], float] = {}
     for r in runs:
         if r["final_loss"] is not None and not r["diverged"]:
-            key = (r["preset"], r["noise_batch_ratio"])
+            key = (r["preset"], r["batch_size"], r["noise_batch_ratio"])
             best[key] = min(best.get(key, math.inf), r["final_loss"])
     grid = provenance["grid"]
-    missing = [(p, s) for p in grid["presets"] for s in grid["noise_batch_ratios"]
-               if (p, s) not in best]
-    warnings = [f"every learning rate diverged at {p}, σ̄={s:g}: the table has a hole"
-                for p, s in missing]
+    cells = [(p, b, s) for p in grid["presets"] for b in grid["batch_sizes"]
+             for s in grid["noise_batch_ratios"]]
+    missing = [c for c in cells if c not in best]
+    warnings = [f"every learning rate diverged at {p}, B={b}, σ̄={s:g}: the table has a hole"
+                for p, b, s in missing]
     loss_model: dict[str, Any] | None = None
     try:
         described = TableLossModel.from_csv(args.output).describe()
         loss_model = {k: described[k] for k in ("model_params", "noise_batch_ratios",
                                                   "measured_steps", "dropped")}
+        cells = leave_one_out(read_results_csv(args.output), source=str(args.output))
+        if cells:
+            errors = [abs(c["relative_error"]) for c in cells]
+            loss_model["leave_one_out"] = {
+                "cells": len(cells), "mean_abs_relative_error": sum(errors) / len(errors),
+                "max_abs_relative_error": max(errors), "target": 0.03,
+                "method": "each interior σ̄ held out, predicted at each model's last step"}
     except ValueError as error:
         warnings.append(f"the planner cannot use this table: {error}")
     result = {"output": str(args.output), "provenance": str(json_path), "rows": len(rows),
               "runs": len(runs), "diverged": sum(bool(r["diverged"]) for r in runs),
               "wall_seconds": provenance["wall_seconds"], "privacy": PRIVACY_NOTE,
               "final_losses": [{"preset": p, "model_params": grid["model_params"][p],
-                                "noise_batch_ratio": s, "loss": best.get((p, s))}
-                               for p in grid["presets"] for s in grid["noise_batch_ratios"]],
+                                "batch_size": b, "noise_batch_ratio": s,
+                                "heldout_loss": best.get((p, b, s))} for p, b, s in cells],
               "loss_model": loss_model, "warnings": warnings}
     emit(args, result, _human)
     return EXIT_ERROR if missing else 0
@@ -317,11 +369,16 @@ def _human(r: dict[str, Any]) -> str:
     lines = [f"Measured {r['runs']} runs in {r['wall_seconds']:.0f} s: {r['rows']} rows → "
              f"{r['output']} (provenance {r['provenance']})",
              f"note: {r['privacy']}", "",
-             "Final loss (min over learning rates):",
-             f"  {'preset':<16}{'params':>10}{'σ̄':>12}{'loss':>10}"]
+             "Final held-out loss (min over learning rates):",
+             f"  {'preset':<16}{'params':>10}{'B':>7}{'σ̄':>12}{'loss':>10}"]
     for f in r["final_losses"]:
-        loss = "diverged" if f["loss"] is None else f"{f['loss']:.4f}"
-        lines.append(f"  {f['preset']:<16}{f['model_params']:>10.3g}"
+        loss = "diverged" if f["heldout_loss"] is None else f"{f['heldout_loss']:.4f}"
+        lines.append(f"  {f['preset']:<16}{f['model_params']:>10.3g}{f['batch_size']:>7}"
                      f"{f['noise_batch_ratio']:>12.3g}{loss:>10}")
+    loo = (r.get("loss_model") or {}).get("leave_one_out")
+    if loo:
+        lines.append(f"leave-one-out over {loo['cells']} held-out cells: mean |error| "
+                     f"{loo['mean_abs_relative_error']:.1%}, "
+                     f"max {loo['max_abs_relative_error']:.1%} (target {loo['target']:.0%})")
     lines += [f"warning: {w}" for w in r["warnings"]]
     return "\n".join(lines)

@@ -2,7 +2,10 @@
 
 ``make_plan(spec, dataset_size=N)`` searches model size, batch, steps and noise the way McKenna et
 al. (2025) do — a σ table from our accountant and a loss model interpolated from measured
-results — and sizes the pods that run the plan. No JAX: the operator imports this.
+results — and sizes the pods that run the plan. Cost is counted in time as well as FLOPs (a
+step-time model; batches that leave the hardware idle are not picked unless nothing else fits);
+beyond the measured table the plan rests on the paper's published optima (Table 2); far
+extrapolation of the table is refused unless allowed. No JAX: the operator imports this.
 """
 
 from dptrain.planner._accelerators import (
@@ -18,13 +21,14 @@ from dptrain.planner._defaults import (
     default_loss_model,
     default_provenance,
 )
-from dptrain.planner._errors import InfeasibleBudgetError
+from dptrain.planner._errors import ExtrapolationError, InfeasibleBudgetError
 from dptrain.planner._loss_model import (
     REQUIRED_COLUMNS,
     LossModel,
     TableLossModel,
     read_results_csv,
 )
+from dptrain.planner._paper import TABLE2, PaperAnchor, noise_regime, paper_optimum
 from dptrain.planner._plan import Bound, Candidate, Plan
 from dptrain.planner._plan_privacy import (
     GEOMETRIC_POINTS,
@@ -53,10 +57,17 @@ from dptrain.planner._presets import (
 )
 from dptrain.planner._search import SearchSpace
 from dptrain.planner._sigma_table import SigmaSurface, SigmaTable, default_cache_dir
+from dptrain.planner._step_time import (
+    COLLAPSE_FRACTION,
+    STEP_TIME_MODELS,
+    StepTimeModel,
+    step_time_model,
+)
 
 __all__ = [
     "ACCELERATORS",
     "BYTE_VOCAB_SIZE",
+    "COLLAPSE_FRACTION",
     "DEFAULT_LEARNING_RATE",
     "DEFAULT_PROVENANCE",
     "DEFAULT_TABLE",
@@ -66,13 +77,17 @@ __all__ = [
     "MAX_SCALED_LAYERS",
     "PRESETS",
     "REQUIRED_COLUMNS",
+    "STEP_TIME_MODELS",
+    "TABLE2",
     "AcceleratorSpec",
     "Bound",
     "Candidate",
+    "ExtrapolationError",
     "InfeasibleBudgetError",
     "LossModel",
     "MemoryEstimate",
     "ModelShape",
+    "PaperAnchor",
     "Plan",
     "PlanMechanismFields",
     "PodPlan",
@@ -80,6 +95,7 @@ __all__ = [
     "SigmaSurface",
     "SigmaTable",
     "Slice",
+    "StepTimeModel",
     "TableLossModel",
     "candidate_slices",
     "default_cache_dir",
@@ -92,9 +108,12 @@ __all__ = [
     "make_plan",
     "mechanism_of",
     "memory_estimate",
+    "noise_regime",
+    "paper_optimum",
     "plan_curve",
     "plan_grid",
     "read_results_csv",
     "scaled_shape",
     "size_pod",
+    "step_time_model",
 ]

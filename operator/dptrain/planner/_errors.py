@@ -30,3 +30,18 @@ class InfeasibleBudgetError(ValueError):
         self.available = available
         where = f"{field}: " if field else ""
         super().__init__(f"{where}infeasible {budget} budget: {message}")
+
+
+class ExtrapolationError(ValueError):
+    """Every affordable configuration would rest on the loss model far outside its data.
+
+    The planner refuses rather than guess; ``allow_extrapolation=True`` (``dptrain plan
+    --allow-extrapolation``) plans anyway, with the extrapolation named in the warnings.
+
+    Attributes:
+        reasons: how the best affordable configuration leaves the data.
+    """
+
+    def __init__(self, message: str, reasons: list[str]) -> None:
+        self.reasons = reasons
+        super().__init__(message)

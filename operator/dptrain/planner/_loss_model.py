@@ -10,7 +10,7 @@ linearly in log L over (log M, log T, log σ̄). Smoothing, in order:
    ``SHORT_CURVE_DROP_FRACTION`` of each curve's steps instead (the warm-up transient).
 2. A centred rolling mean over ``ROLLING_WINDOW`` logged points per curve.
 3. Each curve is resampled in (log T, log L) onto common T nodes spanning all curves' ranges.
-4. Minimum over learning rates (the learning rate is tuned, not modelled; the argmin at the
+4. Minimum over learning rates and batches (both tuned, not modelled; the argmin at the
    last node is kept as the suggested learning rate).
 5. Isotonic regression: non-increasing in T, then non-decreasing in σ̄; a final running min/max
    pass makes both hold exactly (a running min over T keeps monotonicity in σ̄).
@@ -44,6 +44,10 @@ from scipy.interpolate import RegularGridInterpolator
 from scipy.optimize import isotonic_regression
 
 REQUIRED_COLUMNS = ("model_params", "noise_batch_ratio", "learning_rate", "step", "loss")
+OPTIONAL_COLUMNS = ("batch_size",)
+"""Read when present: curves of several batches at one (M, σ̄) are folded like learning rates
+(the minimum is taken), since the paper's law has no B of its own (B enters through σ̄ and the
+compute); a table without the column is one batch per curve."""
 PAPER_MIN_STEP = 1000
 MIN_POINTS_AFTER_DROP = 5
 SHORT_CURVE_DROP_FRACTION = 0.1
@@ -109,6 +113,13 @@ def read_results_csv(path: str | os.PathLike[str]) -> list[dict[str, float]]:
                     raise ValueError(f"{path}:{line}: column {column} must be finite and >= 0, "
                                      f"got {raw[column]!r}")
                 row[column] = value
+            for column in OPTIONAL_COLUMNS:
+                if raw.get(column) not in (None, ""):
+                    try:
+                        row[column] = float(raw[column])
+                    except ValueError:
+                        raise ValueError(f"{path}:{line}: column {column} must be a number, got "
+                                         f"{raw[column]!r}") from None
             rows.append(row)
     if not rows:
         raise ValueError(f"{path}: the results table has no rows")
@@ -159,11 +170,12 @@ class TableLossModel:
                  metadata: Mapping[str, Any] | None = None) -> None:
         self.source = source
         self.metadata = dict(metadata or {})
-        grouped: dict[tuple[float, float, float], list[tuple[float, float]]] = defaultdict(list)
+        grouped: dict[tuple[float, float, float, float], list[tuple[float, float]]] = \
+            defaultdict(list)
         raw_max = 0.0
         for row in rows:
             key = (float(row["model_params"]), float(row["noise_batch_ratio"]),
-                   float(row["learning_rate"]))
+                   float(row["learning_rate"]), float(row.get("batch_size", 0.0)))
             grouped[key].append((float(row["step"]), float(row["loss"])))
             raw_max = max(raw_max, float(row["loss"]))
         grouped = {k: v for k, v in grouped.items() if k[1] > 0}  # σ̄ = 0 has no log
@@ -209,7 +221,7 @@ class TableLossModel:
             keep = np.ones_like(keep)
         return _Curve(curve.steps[keep], _rolling_mean(curve.losses[keep], ROLLING_WINDOW))
 
-    def _build_grid(self, curves: Mapping[tuple[float, float, float], _Curve]) -> None:
+    def _build_grid(self, curves: Mapping[tuple[float, float, float, float], _Curve]) -> None:
         models = sorted({k[0] for k in curves})
         ratios = sorted({k[1] for k in curves})
         missing = [(m, r) for m in models for r in ratios
@@ -229,7 +241,7 @@ class TableLossModel:
         log_loss = np.full((len(models), n_nodes, len(ratios)), np.inf)
         best_lr: dict[tuple[float, float], float] = {}
         best_final = np.full((len(models), len(ratios)), np.inf)
-        for (m, r, lr), curve in sorted(curves.items()):
+        for (m, r, lr, _batch), curve in sorted(curves.items()):
             i, k = models.index(m), ratios.index(r)
             resampled = np.interp(log_nodes, np.log(curve.steps), np.log(curve.losses))
             log_loss[i, :, k] = np.minimum(log_loss[i, :, k], resampled)
@@ -379,3 +391,43 @@ def _axis(values: np.ndarray) -> np.ndarray:
 
 def _pad(values: np.ndarray, axis: int) -> np.ndarray:
     return values if values.shape[axis] > 1 else np.repeat(values, 2, axis=axis)
+
+
+def leave_one_out(rows: Sequence[Mapping[str, float]], *,
+                  source: str = "<rows>") -> list[dict[str, float]]:
+    """Leave-one-out error of :class:`TableLossModel` on held-out sweep cells.
+
+    Each interior noise-batch ratio σ̄ of the table is removed in turn (for every model size, so
+    the rest is still a full grid), the model is rebuilt from the others, and its prediction at
+    the removed σ̄ is compared with the measured loss at each model's last measured step (the
+    minimum over learning rates and batches, smoothed as the model smooths it: the mean of the
+    last ``ROLLING_WINDOW`` logged points).
+
+    Returns:
+        One record per (model size, held-out σ̄): ``model_params``, ``noise_batch_ratio``,
+        ``step``, ``measured``, ``predicted`` and ``relative_error`` (predicted / measured − 1).
+    """
+    ratios = sorted({float(r["noise_batch_ratio"]) for r in rows if r["noise_batch_ratio"] > 0})
+    out: list[dict[str, float]] = []
+    for held in ratios[1:-1]:
+        kept = [r for r in rows if float(r["noise_batch_ratio"]) != held]
+        model = TableLossModel(kept, source=f"{source} without σ̄={held:g}")
+        by_curve: dict[tuple[float, float, float], list[tuple[float, float]]] = defaultdict(list)
+        for r in rows:
+            if float(r["noise_batch_ratio"]) == held:
+                by_curve[(float(r["model_params"]), float(r["learning_rate"]),
+                          float(r.get("batch_size", 0.0)))].append(
+                    (float(r["step"]), float(r["loss"])))
+        best: dict[float, tuple[float, float]] = {}
+        for (m, _lr, _b), points in by_curve.items():
+            points.sort()
+            step = points[-1][0]
+            measured = float(np.mean([p[1] for p in points[-ROLLING_WINDOW:]]))
+            if m not in best or measured < best[m][1]:
+                best[m] = (step, measured)
+        for m, (step, measured) in sorted(best.items()):
+            predicted = float(model.predict(np.array(m), np.array(step), np.array(held)))
+            out.append({"model_params": m, "noise_batch_ratio": held, "step": step,
+                        "measured": measured, "predicted": predicted,
+                        "relative_error": predicted / measured - 1})
+    return out

@@ -28,6 +28,10 @@ class Candidate:
         noise_batch_ratio: σ̄ = σ/B.
         predicted_loss: L(M, T, σ̄).
         compute_flops: 6·M·B·S·T.
+        wall_seconds: estimated training time on the chosen plan's pods (step-time model, at
+            the expected batch; the pick's own estimate uses its truncation-safe physical
+            batch, which for small batches is noticeably larger).
+        utilization: the batch's utilisation as a fraction of the accelerator's peak.
     """
 
     model_preset: str
@@ -38,6 +42,8 @@ class Candidate:
     noise_batch_ratio: float
     predicted_loss: float
     compute_flops: float
+    wall_seconds: float | None = None
+    utilization: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -74,6 +80,13 @@ class Plan:
         warnings: extrapolation and other caveats.
         pinned: the spec fields that were pinned.
         loss_model: the loss model's description.
+        loss_source: what the plan rests on: ``measured`` (the loss table) or ``paper`` (the
+            paper's Table 2 optima, where the table cannot reach).
+        paper_anchor: the configuration the paper's results imply for this budget.
+        noise_regime: the σ̄ regime (``noise-dominated``, ``high-noise``,
+            ``compute-efficient``, ``near-non-private``).
+        noise_regime_guidance: the paper's guidance for that regime.
+        step_time: the step-time model behind the wall-time estimates.
     """
 
     model_shape: ModelShape
@@ -100,6 +113,11 @@ class Plan:
     warnings: tuple[str, ...] = ()
     pinned: tuple[str, ...] = ()
     loss_model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    loss_source: str = "measured"
+    paper_anchor: dict[str, Any] = dataclasses.field(default_factory=dict)
+    noise_regime: str = ""
+    noise_regime_guidance: str = ""
+    step_time: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def model_params(self) -> int:
@@ -151,5 +169,10 @@ class Plan:
             "warnings": list(self.warnings),
             "pinned": list(self.pinned),
             "loss_model": self.loss_model,
+            "loss_source": self.loss_source,
+            "paper_anchor": self.paper_anchor,
+            "noise_regime": self.noise_regime,
+            "noise_regime_guidance": self.noise_regime_guidance,
+            "step_time": self.step_time,
         })
         return out

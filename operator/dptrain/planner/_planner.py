@@ -9,6 +9,7 @@ report the runners-up and what bounds the plan. The same inputs and tables give 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import math
 import os
@@ -20,9 +21,10 @@ import numpy as np
 from dptrain.api import DPTrainingJobSpec, FieldError, InvalidJobError
 from dptrain.planner._accelerators import AcceleratorSpec, candidate_slices, get_accelerator
 from dptrain.planner._defaults import default_loss_model
-from dptrain.planner._errors import InfeasibleBudgetError
+from dptrain.planner._errors import ExtrapolationError, InfeasibleBudgetError
 from dptrain.planner._exact import ExactAccounting
 from dptrain.planner._loss_model import LossModel, TableLossModel
+from dptrain.planner._paper import PaperAnchor, noise_regime, paper_optimum
 from dptrain.planner._plan import Bound, Candidate, Plan
 from dptrain.planner._plan_privacy import PricedPoint, mechanism_of
 from dptrain.planner._pods import PodPlan, size_pod
@@ -36,15 +38,27 @@ from dptrain.planner._presets import (
 )
 from dptrain.planner._search import NEAR_OPTIMAL_RTOL, SearchResult, SearchSpace, search
 from dptrain.planner._sigma_table import SigmaTable, default_cache_dir
+from dptrain.planner._step_time import StepTimeModel, step_time_model
 from dptrain.privacy import PrivacyParameterError, physical_batch_size_for
 
 DEFAULT_LEARNING_RATE = {"adamw": 1e-3, "sgd": 0.1}
 """Peak learning rate when neither the spec nor the loss table suggests one."""
 MAX_RUNNERS_UP = 10
+MIN_RUNNERS_UP = 3
+"""Alternatives shown even when fewer are within 1% (each with its wall time)."""
 MAX_HARDWARE_TRIES = 200
 SEARCHED_PRESETS = ("tiny", "small", "base", "medium", "large", "xl")
 """Named presets the unpinned search considers besides the scaled family (vaultgemma-1b has
 Gemma's 256K vocabulary and is used only when pinned)."""
+SUPPORT_T_FACTOR = 8.0
+"""Guard rail: the loss model is trusted up to this multiple of its longest measured curve."""
+SUPPORT_M_FACTOR = 2.0
+"""Guard rail: … and within this factor of its smallest and largest model."""
+SUPPORT_RATIO_FACTOR = 4.0
+"""Guard rail: … and up to this multiple of its noisiest σ̄ (less noise is pessimistic: allowed)."""
+PAPER_ABOVE_TABLE = 2.0
+"""The paper's Table 2 anchors a plan when its optimal M exceeds the table's largest model by
+more than this factor (the measured table cannot reach the configuration the paper implies)."""
 
 
 def make_plan(spec: DPTrainingJobSpec, *, dataset_size: int,
@@ -52,7 +66,8 @@ def make_plan(spec: DPTrainingJobSpec, *, dataset_size: int,
               model: ModelShape | None = None, sigma_table: SigmaTable | None = None,
               cache_dir: str | os.PathLike[str] | None = None,
               search_space: SearchSpace | None = None,
-              now: dt.datetime | None = None) -> Plan:
+              now: dt.datetime | None = None, allow_extrapolation: bool = False,
+              step_time: StepTimeModel | None = None) -> Plan:
     """Plan a DP training job.
 
     Args:
@@ -66,11 +81,15 @@ def make_plan(spec: DPTrainingJobSpec, *, dataset_size: int,
             ``$DPTRAIN_CACHE_DIR`` or ``~/.cache/dptrain``).
         search_space: grid bounds.
         now: the time deadlines are measured from (default: the current time).
+        allow_extrapolation: plan even when every affordable configuration rests on the loss
+            model far outside its data (default: refuse, see :class:`ExtrapolationError`).
+        step_time: per-step time model (default: the accelerator kind's).
 
     Raises:
         InvalidJobError: a pin breaks a rule (names the spec field).
         InfeasibleBudgetError: no configuration fits the budgets (names the budget, the
             shortfall and the nearest feasible value).
+        ExtrapolationError: only far extrapolation would plan (see ``allow_extrapolation``).
     """
     cache = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
     loss_model = _loss_model(table)
@@ -88,13 +107,21 @@ def make_plan(spec: DPTrainingJobSpec, *, dataset_size: int,
             required=1.0 / n, available=delta)
     accelerator = get_accelerator(compute.accelerator)
     shapes, pins = _check_pins(spec, n, model, accelerator)
-    util = compute.utilization or accelerator.default_utilization
+    timing = step_time or step_time_model(accelerator.kind)
+    util = compute.utilization or timing.peak_utilization or accelerator.default_utilization
     budget = _compute_budget(spec, accelerator, util)
 
     batches = (np.array([training.batch_size]) if training.batch_size is not None
                else space.batches(n))
     steps = (np.array([training.iterations]) if training.iterations is not None
              else space.steps())
+    free = len(shapes) > 1 and training.batch_size is None and training.iterations is None
+    anchor = paper_optimum(n, eps, budget, seq_len)
+    source = "measured"
+    if free and anchor.in_domain and \
+            anchor.model_params > PAPER_ABOVE_TABLE * _table_max_params(loss_model):
+        source = "paper"
+        shapes, batches, steps = _anchored_grid(anchor, shapes, n, seq_len, budget, space)
     table_sigma = sigma_table or SigmaTable(delta, cache_dir=cache)
     fully_pinned = training.noise_multiplier is not None and training.iterations is not None
     one_point = len(shapes) == 1 and len(batches) == 1 and len(steps) == 1
@@ -115,6 +142,37 @@ def make_plan(spec: DPTrainingJobSpec, *, dataset_size: int,
                               max_chips_per_host=compute.max_chips_per_host,
                               topology=compute.tpu_topology)
     order = _preference(result, budget is not None or training.iterations is not None)
+    if source == "paper":
+        # The anchor's steps first, then shorter runs: the table cannot rank what it does not
+        # reach, so its predicted losses play no part here.
+        order = np.argsort(-result.steps, kind="stable")
+    params = np.array([s.param_count for s in shapes], float)[result.model_index]
+    collapsed = np.asarray(timing.collapsed(result.batch.astype(float) * seq_len), bool)
+    supported = np.ones(len(result), bool)
+    guard_notes: list[str] = []
+    if source == "measured" and free:
+        supported = _supported(loss_model, params, result.steps, result.ratio)
+        if not supported.any():
+            best = int(order[0])
+            reasons = loss_model.extrapolation(float(params[best]), float(result.steps[best]),
+                                               float(result.ratio[best]))
+            if not allow_extrapolation:
+                raise ExtrapolationError(
+                    "refused: every affordable configuration rests on the loss model far "
+                    "outside its data (" + "; ".join(reasons) + "); measure a table that "
+                    "covers this budget (dptrain sweep), or plan anyway with "
+                    "--allow-extrapolation", reasons)
+            guard_notes.append("planned with --allow-extrapolation: " + "; ".join(reasons))
+            supported[:] = True
+    # Tiers: supported and not collapsed; supported but collapsed (only when nothing else
+    # fits); each tier in the preference order.
+    tiers = [order[supported[order] & ~collapsed[order]],
+             order[supported[order] & collapsed[order]]]
+    order = np.concatenate(tiers)
+    context = _Context(source=source, anchor=anchor, timing=timing, util=util,
+                       accelerator=accelerator,
+                       eligible=supported & ~collapsed if len(tiers[0]) else supported,
+                       notes=tuple(guard_notes))
     errors: list[InfeasibleBudgetError] = []
     for idx in order[:MAX_HARDWARE_TRIES]:
         shape = shapes[int(result.model_index[idx])]
@@ -126,7 +184,8 @@ def make_plan(spec: DPTrainingJobSpec, *, dataset_size: int,
                            physical_batch=physical, optimizer=training.optimizer,
                            microbatch_size=training.microbatch_size,
                            physical_pinned=training.physical_batch_size is not None,
-                           utilization=util, target_wall_seconds=deadline_s)
+                           utilization=util, target_wall_seconds=deadline_s,
+                           step_time=timing)
         except InfeasibleBudgetError as error:
             errors.append(error)
             continue
@@ -139,8 +198,59 @@ def make_plan(spec: DPTrainingJobSpec, *, dataset_size: int,
                 available=compute.accelerator_hours))
             continue
         return _finalize(spec, shapes, result, int(idx), pod, n, loss_model, budget, pins,
-                         ExactAccounting(cache))
+                         ExactAccounting(cache), context)
     raise errors[0] if errors else InfeasibleBudgetError("compute", "no configuration fits")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Context:
+    """What the search decided besides the ranking, for the plan's report."""
+
+    source: str
+    anchor: PaperAnchor
+    timing: StepTimeModel
+    util: float
+    accelerator: AcceleratorSpec
+    eligible: np.ndarray
+    notes: tuple[str, ...]
+
+
+def _table_max_params(loss_model: LossModel) -> float:
+    models = loss_model.describe().get("model_params") or []
+    return float(max(models)) if models else math.inf
+
+
+def _supported(loss_model: LossModel, params: np.ndarray, steps: np.ndarray,
+               ratio: np.ndarray) -> np.ndarray:
+    """Configurations whose prediction stays near the loss model's data (the guard rails)."""
+    info = loss_model.describe()
+    models, measured = info.get("model_params"), info.get("measured_steps")
+    ratios = info.get("noise_batch_ratios")
+    ok = np.ones(len(params), bool)
+    if models:
+        ok &= (params <= SUPPORT_M_FACTOR * max(models)) & \
+            (params >= min(models) / SUPPORT_M_FACTOR)
+    if measured:
+        ok &= steps <= SUPPORT_T_FACTOR * float(measured[-1])
+    if ratios:
+        ok &= ratio <= SUPPORT_RATIO_FACTOR * max(ratios)
+    return ok
+
+
+def _anchored_grid(anchor: PaperAnchor, shapes: list[ModelShape], n: int, seq_len: int,
+                   budget: float | None,
+                   space: SearchSpace) -> tuple[list[ModelShape], np.ndarray, np.ndarray]:
+    """The paper-anchored grid: nearest model and batch, steps within the budget (and less)."""
+    shape = min(shapes, key=lambda s: abs(math.log(s.param_count / anchor.model_params)))
+    batch = int(min(n, max(1, round(anchor.batch_size))))
+    steps = max(1, round(anchor.iterations))
+    if budget is not None:
+        steps = max(1, min(steps, math.floor(budget / (6.0 * shape.param_count * batch
+                                                       * seq_len))))
+    # Shorter runs too (down to a quarter), for when the pods' wall time, not the FLOPs, binds.
+    shorter = {max(1, round(steps * 2.0 ** (-k / space.grid_per_octave)))
+               for k in range(2 * space.grid_per_octave + 1)}
+    return [shape], np.array([batch]), np.array(sorted(shorter))
 
 
 def _placeholder_sigma(q: np.ndarray, steps: np.ndarray) -> np.ndarray:
@@ -257,7 +367,7 @@ def _preference(result: SearchResult, bounded: bool) -> np.ndarray:
 
 def _finalize(spec: DPTrainingJobSpec, shapes: list[ModelShape], result: SearchResult,
               idx: int, pod: PodPlan, n: int, loss_model: LossModel, budget: float | None,
-              pins: tuple[str, ...], exact: ExactAccounting) -> Plan:
+              pins: tuple[str, ...], exact: ExactAccounting, context: _Context) -> Plan:
     privacy, training = spec.privacy, spec.training
     shape = shapes[int(result.model_index[idx])]
     b, t = int(result.batch[idx]), int(result.steps[idx])
@@ -306,12 +416,30 @@ def _finalize(spec: DPTrainingJobSpec, shapes: list[ModelShape], result: SearchR
                         f"stop there (BudgetExhausted)")
     eps_planned = exact.epsilon(mechanism, max_steps)
     ratio = sigma / b
-    predicted = float(loss_model.predict(np.array(shape.param_count), np.array(max_steps),
-                                         np.array(ratio)))
-    warnings += [f"loss model: {w}" for w in
-                 loss_model.extrapolation(shape.param_count, max_steps, ratio)]
+    predicted: float | None = float(loss_model.predict(
+        np.array(shape.param_count), np.array(max_steps), np.array(ratio)))
+    warnings += list(context.notes)
+    if context.source == "paper":
+        predicted = None
+        warnings.append(f"planned from the paper's published optima (no measured table reaches "
+                        f"this budget): "
+                        f"{context.anchor.note}; no loss is predicted for this model family "
+                        f"(the paper's BERT cross-entropy there is "
+                        f"{context.anchor.paper_ce:.2f}: compare trends only)")
+        if budget is not None and context.anchor.compute < budget * 0.99:
+            warnings.append(f"the paper's results saturate at {context.anchor.compute:.3g} "
+                            f"FLOPs for this (N, ε): the rest of the {budget:.3g} budget would "
+                            f"not lower the loss")
+    else:
+        warnings += [f"loss model: {w}" for w in
+                     loss_model.extrapolation(shape.param_count, max_steps, ratio)]
+    if not context.eligible[idx] or bool(context.timing.collapsed(
+            float(b) * spec.data.sequence_length)):
+        warnings.append(f"batch {b} leaves the {context.accelerator.name} mostly idle "
+                        f"(utilisation below half its peak): chosen only because no larger "
+                        f"batch fits the budgets")
     provenance = loss_model.describe().get("metadata") or {}
-    if provenance.get("measured") is False:
+    if context.source == "measured" and provenance.get("measured") is False:
         warnings.append(f"loss model: the table is {provenance.get('kind', 'not measured')} "
                         f"(not measured); predicted losses are indicative only")
     if budget is None and training.iterations is None:
@@ -320,6 +448,7 @@ def _finalize(spec: DPTrainingJobSpec, shapes: list[ModelShape], result: SearchR
     lr = training.learning_rate or loss_model.learning_rate(shape.param_count, ratio) or \
         DEFAULT_LEARNING_RATE[training.optimizer]
     flops = 6.0 * shape.param_count * b * spec.data.sequence_length * t
+    regime, guidance = noise_regime(ratio)
     return Plan(
         model_shape=shape, batch_size=b, iterations=t, noise_multiplier=float(sigma),
         sampling_rate=q, physical_batch_size=physical, dataset_size=n,
@@ -327,19 +456,38 @@ def _finalize(spec: DPTrainingJobSpec, shapes: list[ModelShape], result: SearchR
         learning_rate=float(lr), predicted_loss=predicted, compute_flops=flops,
         max_steps=int(max_steps), epsilon_planned=float(eps_planned),
         epsilon_budget=privacy.epsilon, delta=privacy.delta, accountant=privacy.accountant,
-        compute_budget=budget, pod=pod, near_optimal=_runners_up(result, idx, shapes),
+        compute_budget=budget, pod=pod,
+        near_optimal=_runners_up(result, idx, shapes, context, pod, spec.data.sequence_length),
         bound=_bound(result, idx, b, t, n, budget, spec), warnings=tuple(warnings), pinned=pins,
-        loss_model=loss_model.describe())
+        loss_model=loss_model.describe(), loss_source=context.source,
+        paper_anchor=context.anchor.to_dict(), noise_regime=regime,
+        noise_regime_guidance=guidance, step_time=context.timing.to_dict())
 
 
-def _runners_up(result: SearchResult, chosen: int,
-                shapes: list[ModelShape]) -> tuple[Candidate, ...]:
-    """Configurations within 1% of the best loss, best first, one per (model, batch)."""
-    limit = result.loss[0] * (1 + NEAR_OPTIMAL_RTOL)
+def _devices(pod: PodPlan, accelerator: AcceleratorSpec) -> tuple[int, int]:
+    """(JAX devices the batch is split over, chips/cores whose peak FLOP/s add up)."""
+    if accelerator.kind == "cpu":
+        return pod.hosts, pod.hosts * int(pod.resources["requests"]["cpu"])
+    return pod.hosts * pod.chips_per_host, pod.hosts * pod.chips_per_host
+
+
+def _runners_up(result: SearchResult, chosen: int, shapes: list[ModelShape],
+                context: _Context, pod: PodPlan, seq_len: int) -> tuple[Candidate, ...]:
+    """Eligible configurations near the best, with their wall time on the chosen pods.
+
+    Within 1% of the best eligible loss (at least ``MIN_RUNNERS_UP`` alternatives), best first,
+    one per (model, batch).
+    """
+    eligible = np.flatnonzero(context.eligible)
+    if len(eligible) == 0:
+        return ()
+    limit = float(result.loss[eligible].min()) * (1 + NEAR_OPTIMAL_RTOL)
     seen = {(int(result.model_index[chosen]), int(result.batch[chosen]))}
     out: list[Candidate] = []
-    for i in range(len(result)):
-        if result.loss[i] > limit or len(out) >= MAX_RUNNERS_UP:
+    split, chips = _devices(pod, context.accelerator)
+    for i in eligible:
+        if (result.loss[i] > limit and len(out) >= MIN_RUNNERS_UP) or \
+                len(out) >= MAX_RUNNERS_UP:
             break
         key = (int(result.model_index[i]), int(result.batch[i]))
         if key in seen:
@@ -350,7 +498,14 @@ def _runners_up(result: SearchResult, chosen: int,
             model_preset=shape.name, model_params=shape.param_count,
             batch_size=int(result.batch[i]), iterations=int(result.steps[i]),
             noise_multiplier=float(result.sigma[i]), noise_batch_ratio=float(result.ratio[i]),
-            predicted_loss=float(result.loss[i]), compute_flops=float(result.flops[i])))
+            predicted_loss=float(result.loss[i]), compute_flops=float(result.flops[i]),
+            wall_seconds=float(result.steps[i]) * float(context.timing.step_seconds(
+                float(result.flops[i]) / float(result.steps[i]),
+                float(result.batch[i]) * seq_len / split, devices=chips,
+                peak_flops_per_device=context.accelerator.peak_flops,
+                peak_utilization=context.util)),
+            utilization=float(context.timing.relative_utilization(
+                float(result.batch[i]) * seq_len / split))))
     return tuple(out)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from dptrain.planner._accelerators import GIB, AcceleratorSpec, Slice
 from dptrain.planner._errors import InfeasibleBudgetError
 from dptrain.planner._presets import ModelShape
+from dptrain.planner._step_time import StepTimeModel, step_time_model
 
 MEMORY_HEADROOM = 0.85
 """Share of a chip's memory the estimate may fill (XLA workspace, fragmentation)."""
@@ -69,7 +70,8 @@ class PodPlan:
         resources: the container's ``resources`` (requests and limits).
         node_selector: the pod's nodeSelector.
         tolerations: the pod's tolerations.
-        utilization: the model-FLOP utilisation assumed for the wall-time estimate.
+        utilization: the model-FLOP utilisation the step-time model predicts at this batch
+            (per-step overhead included).
         est_wall_seconds: estimated training time.
         accelerator_hours: chips × estimated hours.
     """
@@ -152,7 +154,8 @@ def size_pod(shape: ModelShape, accelerator: AcceleratorSpec, slices: list[Slice
              seq_len: int, iterations: int, physical_batch: int, optimizer: str = "adamw",
              microbatch_size: int | None = None, physical_pinned: bool = False,
              utilization: float | None = None,
-             target_wall_seconds: float | None = None) -> PodPlan:
+             target_wall_seconds: float | None = None,
+             step_time: StepTimeModel | None = None) -> PodPlan:
     """Choose the smallest slice that fits memory and finishes within the target time.
 
     Args:
@@ -166,15 +169,20 @@ def size_pod(shape: ModelShape, accelerator: AcceleratorSpec, slices: list[Slice
         optimizer: ``adamw`` or ``sgd`` (optimiser state size).
         microbatch_size: pinned microbatch per chip, if any.
         physical_pinned: keep ``physical_batch`` exactly (the user pinned it).
-        utilization: assumed model-FLOP utilisation (default: the accelerator's).
+        utilization: peak model-FLOP utilisation (default: the step-time model's, else the
+            accelerator's).
         target_wall_seconds: wall-time goal (a deadline); default one day. When no slice meets
             a default goal, the fastest is used; a deadline that cannot be met is an error.
+        step_time: per-step overhead and utilisation by batch (default: the accelerator
+            kind's :class:`StepTimeModel`); wall time is ``iterations`` × its step time.
 
     Raises:
         InfeasibleBudgetError: ``memory`` if no slice fits one example, ``deadline`` if a
             deadline cannot be met.
     """
-    util = utilization if utilization is not None else accelerator.default_utilization
+    timing = step_time or step_time_model(accelerator.kind)
+    util = (utilization if utilization is not None else timing.peak_utilization
+            if timing.peak_utilization is not None else accelerator.default_utilization)
     deadline = target_wall_seconds is not None
     target = (target_wall_seconds if target_wall_seconds is not None
               else DEFAULT_TARGET_WALL_SECONDS)
@@ -199,9 +207,13 @@ def size_pod(shape: ModelShape, accelerator: AcceleratorSpec, slices: list[Slice
             est = memory_estimate(shape, seq_len=seq_len, microbatch=mb, optimizer=optimizer,
                                   chips=chips, shard_state=est.sharded_state)
         physical = physical_batch if physical_pinned else chips * mb * accumulation
-        flops = step_flops(shape, seq_len=seq_len, physical_batch=physical) * iterations
-        wall = flops / (sl.chips * accelerator.peak_flops * util)
-        best = _pod(accelerator, sl, mb, accumulation, physical, est, util, wall)
+        per_step = step_flops(shape, seq_len=seq_len, physical_batch=physical)
+        tokens = physical / chips * seq_len
+        wall = iterations * float(timing.step_seconds(
+            per_step, tokens, devices=sl.chips, peak_flops_per_device=accelerator.peak_flops,
+            peak_utilization=util))
+        achieved = per_step * iterations / (wall * sl.chips * accelerator.peak_flops)
+        best = _pod(accelerator, sl, mb, accumulation, physical, est, achieved, wall)
         if wall <= target:
             return best
     if best is None:
