@@ -16,10 +16,11 @@ import tempfile
 import time
 
 from dptrain.api import DPTrainingJobSpec
-from dptrain.cli._sweep_runs import SweepSettings, eval_steps, train_and_evaluate
 from dptrain.planner import default_cache_dir, make_plan
+from dptrain.planner._sweep_table import SweepSettings, eval_steps
 from dptrain.privacy import calibrate_noise_multiplier
 from dptrain.trainer import make_tokenizer, prepare_or_reuse, shape_for, source_from_spec
+from dptrain.trainer._sweep import train_and_evaluate
 
 SPEC = {"privacy": {"epsilon": 8.0, "delta": 1e-6},
         "data": {"builtin": "stdlib-docs", "sequenceLength": 64, "numSequences": 14086},

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 
-from dptrain.cli._sweep_runs import SweepSettings, eval_steps, train_and_evaluate
 from dptrain.planner import ACCELERATORS, default_cache_dir, step_time_model
+from dptrain.planner._sweep_table import SweepSettings, eval_steps
 from dptrain.trainer import make_tokenizer, prepare_or_reuse, shape_for, source_from_spec
+from dptrain.trainer._sweep import train_and_evaluate
 
 
 def main() -> None:

@@ -167,7 +167,7 @@ def test_private_input_is_refused_without_public_data(
 
 
 def test_log_spaced_eval_steps_end_at_the_last_step() -> None:
-    from dptrain.cli._sweep_runs import eval_steps
+    from dptrain.planner._sweep_table import eval_steps
 
     steps = eval_steps(1024, points=11, every=None)
     assert steps[0] == 1 and steps[-1] == 1024 and len(steps) == 11

@@ -3,7 +3,7 @@
 The plan's pick, its next K − 1 runners-up and perturbations of the pick at equal compute
 (B × and ÷ 2, 4 and 8 with T the other way, and the neighbouring model sizes with T scaled to
 keep 6·M·B·S·T) are each trained with the real DP-SGD step (the sweep's harness,
-:func:`dptrain.cli._sweep_runs.train_and_evaluate`) at the noise multiplier their (q, T) needs for
+:func:`dptrain.trainer._sweep.train_and_evaluate`) at the noise multiplier their (q, T) needs for
 the job's ε, and their held-out loss is compared with the loss model's prediction.
 
 Only public data may be verified: the runs publish un-noised per-step losses and claim no privacy
@@ -100,9 +100,10 @@ def verify(plan: Any, spec: Any, k: int, *, loss_model: Any, public_data: bool,
            data_dir: pathlib.Path | None, progress: bool) -> dict[str, Any]:
     """Train every candidate; return predicted vs realised held-out loss per candidate."""
     check_public(spec, public_data)
-    from dptrain.cli._sweep_runs import SweepSettings, eval_steps, train_and_evaluate
     from dptrain.planner import default_cache_dir
+    from dptrain.planner._sweep_table import SweepSettings, eval_steps
     from dptrain.trainer import make_tokenizer, prepare_or_reuse, shape_for, source_from_spec
+    from dptrain.trainer._sweep import train_and_evaluate
 
     data = spec.data
     tokenizer = make_tokenizer(data.tokenizer, data.tokenizer_model)

@@ -7,8 +7,10 @@ the same number of steps on the same data, and measures the **held-out** loss (t
 noise_batch_ratio, learning_rate, step, loss`` plus ``batch_size`` and metadata columns) are the
 results table :class:`dptrain.planner.TableLossModel` reads; a provenance JSON next to it records
 the grid, the settings, the data and the environment (``"measured": true``). How one run trains is
-in ``_sweep_runs``; no privacy is accounted or claimed (see ``PRIVACY_NOTE``), so only public data
-may be swept (``--public-data`` declares an ``--input`` public; the built-in corpus is).
+the trainer's (``dptrain.trainer._sweep``), the grid and table the planner's
+(``dptrain.planner._sweep_table``); no privacy is accounted or claimed (see ``PRIVACY_NOTE``),
+so only public data may be swept (``--public-data`` declares an ``--input`` public; the
+built-in corpus is).
 
 Runs are ordered preset → B → learning rate → σ̄, so that one compiled step (σ is an argument)
 serves all σ̄ of a (preset, B, learning rate), and every run shares the seed (initialisation,
@@ -30,16 +32,13 @@ from typing import Any
 
 from dptrain.api import InvalidJobError
 from dptrain.cli._output import EXIT_ERROR, EXIT_INVALID, emit, fail
-from dptrain.cli._sweep_runs import (
+from dptrain.planner._sweep_table import (
     LOSS_NOTE,
     TABLE_COLUMNS,
     SweepRun,
     SweepSettings,
-    SweepTrainer,
-    environment,
     eval_steps,
     finished_runs,
-    physical_batch_size,
     table_rows,
     write_table,
 )
@@ -211,6 +210,7 @@ def _sweep(args: argparse.Namespace) -> int:
         shape_for,
         source_from_spec,
     )
+    from dptrain.trainer._sweep import SweepTrainer, environment, physical_batch_size
 
     progress = not args.no_progress and not args.json
     try:

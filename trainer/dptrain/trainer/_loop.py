@@ -62,7 +62,7 @@ from dptrain.trainer._keys import (
     noise_key_data,
 )
 from dptrain.trainer._ledger import DurableLedger, LedgerFile, Progress, Reporter
-from dptrain.trainer._mesh import make_mesh, replicate, shard_batch, to_host
+from dptrain.trainer._mesh import fill_devices, make_mesh, replicate, shard_batch, to_host
 from dptrain.trainer._metrics import TrainerMetrics
 from dptrain.trainer._model import build_model
 from dptrain.trainer._optimizer import make_optimizer
@@ -139,8 +139,8 @@ def physical_rows(config: TrainConfig, devices: int) -> int:
     Rounding up only lowers the chance of truncation, so the accountant's (smaller) batch stays a
     conservative description of the sampler.
     """
-    unit = devices * (config.microbatch_size or 1)
-    return -(-config.physical_batch_size // unit) * unit
+    return fill_devices(config.physical_batch_size, devices=devices,
+                        microbatch=config.microbatch_size)
 
 
 @functools.lru_cache(maxsize=8)

@@ -17,6 +17,11 @@ from jax.sharding import PartitionSpec as P
 DATA_AXIS = "data"
 
 
+def fill_devices(rows: int, *, devices: int, microbatch: int | None) -> int:
+    """``rows`` rounded up to fill every device's microbatches (more rows, never fewer)."""
+    unit = devices * (microbatch or 1)
+    return -(-rows // unit) * unit
+
 def make_mesh(devices: Any = None) -> Mesh:
     """A one-axis data-parallel mesh over ``devices`` (default: all devices of all processes)."""
     devices = jax.devices() if devices is None else devices

@@ -1,0 +1,144 @@
+"""The sweep's grid, settings and results table: what ``dptrain sweep`` measures and writes.
+
+A sweep trains one run per grid point (:class:`SweepRun`; the training harness is the
+trainer's, ``dptrain.trainer._sweep``) under shared :class:`SweepSettings`, and writes the
+results table the planner's loss model reads (``read_results_csv``: :data:`TABLE_COLUMNS`) with
+its provenance, atomically; a resumed sweep keeps the runs it already finished
+(:func:`finished_runs`). Pure Python: the CLI imports this without JAX.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import pathlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+TABLE_COLUMNS = ("model_params", "noise_batch_ratio", "learning_rate", "step", "loss", "preset",
+                 "noise_multiplier", "batch_size", "sequence_length", "seed", "train_loss")
+LOSS_NOTE = ("held-out loss: the mean next-token cross-entropy (nats/token) of the model after "
+             "`step` updates on the dataset's last `heldout_rows` sequences, which no run samples "
+             "for training; train_loss: the mean over the Poisson-sampled sequences of the steps "
+             "since the previous logged step, each computed before its step's update")
+SCHEDULE_NOTE = "linear warm-up, cosine decay to 10% of the peak over --steps (as jobs)"
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepRun:
+    """One grid point."""
+
+    preset: str
+    batch_size: int
+    ratio: float
+    learning_rate: float
+
+    @property
+    def key(self) -> tuple[str, int, float, float]:
+        """(preset, B, σ̄, learning rate)."""
+        return (self.preset, self.batch_size, self.ratio, self.learning_rate)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SweepSettings:
+    """What every run of a sweep shares (a resumed sweep must match it exactly)."""
+
+    steps: int
+    sequence_length: int
+    eval_steps: tuple[int, ...]
+    heldout_rows: int
+    clip_norm: float
+    optimizer: str
+    weight_decay: float
+    warmup_steps: int
+    microbatch_size: int | None
+    physical_batch_size: int | None
+    seed: int
+
+    def to_dict(self, dataset: Any) -> dict[str, Any]:
+        """JSON form, with the data it was measured on."""
+        out = dataclasses.asdict(self)
+        out["eval_steps"] = list(self.eval_steps)
+        return {**out, "schedule": SCHEDULE_NOTE,
+                "dataset_checksum": dataset.manifest.source_checksum,
+                "tokenizer": dataset.manifest.tokenizer}
+
+
+def eval_steps(steps: int, *, points: int, every: int | None) -> tuple[int, ...]:
+    """Steps at which the held-out loss is measured (always including the last).
+
+    Every ``every`` steps, or ``points`` log-spaced ones.
+    """
+    if every is not None:
+        grid = set(range(every, steps + 1, every))
+    else:
+        grid = {max(1, round(steps ** (k / max(1, points - 1)))) for k in range(points)}
+    return tuple(sorted(grid | {steps}))
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """One logged point of a run: held-out loss, training loss and time so far."""
+
+    step: int
+    heldout_loss: float
+    train_loss: float
+    seconds: float
+
+
+def table_rows(params: int, run: SweepRun, curve: Iterable[Measured],
+               settings: SweepSettings) -> list[dict[str, Any]]:
+    """The CSV rows of one run (``loss`` is the held-out loss)."""
+    return [{"model_params": params, "noise_batch_ratio": repr(run.ratio),
+             "learning_rate": repr(run.learning_rate), "step": m.step,
+             "loss": f"{m.heldout_loss:.6f}", "preset": run.preset,
+             "noise_multiplier": f"{run.ratio * run.batch_size:.6g}",
+             "batch_size": run.batch_size, "sequence_length": settings.sequence_length,
+             "seed": settings.seed, "train_loss": f"{m.train_loss:.6f}"} for m in curve]
+
+
+def write_table(csv_path: pathlib.Path, json_path: pathlib.Path,
+                rows: Sequence[dict[str, Any]], provenance: dict[str, Any]) -> None:
+    """Rewrite the table and its provenance atomically (a reader never sees half a file)."""
+    for path in (csv_path, json_path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = csv_path.with_name(csv_path.name + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=TABLE_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, csv_path)
+    tmp = json_path.with_name(json_path.name + ".tmp")
+    tmp.write_text(json.dumps(provenance, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, json_path)
+
+
+def finished_runs(csv_path: pathlib.Path, json_path: pathlib.Path, settings: dict[str, Any],
+                  grid: Iterable[SweepRun]) -> tuple[list[dict[str, Any]],
+                                                     dict[tuple[str, int, float, float],
+                                                          dict[str, Any]]]:
+    """Rows and records of an earlier sweep's runs that belong to ``grid``.
+
+    Raises:
+        ValueError: the earlier sweep is unreadable or was measured with other settings.
+    """
+    if not csv_path.is_file() or not json_path.is_file():
+        return [], {}
+    old = json.loads(json_path.read_text(encoding="utf-8"))
+    with csv_path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if old.get("settings") != settings:
+        changed = sorted(k for k in settings if old.get("settings", {}).get(k) != settings[k])
+        raise ValueError(f"{csv_path} was measured with other settings ({', '.join(changed)})")
+
+    def key(r: dict[str, Any]) -> tuple[str, int, float, float]:
+        return (r["preset"], int(r["batch_size"]), float(r["noise_batch_ratio"]),
+                float(r["learning_rate"]))
+
+    wanted = {run.key for run in grid}
+    with_rows = {key(r) for r in rows}
+    done = {key(r): r for r in old.get("runs", [])
+            if key(r) in wanted and (key(r) in with_rows or r.get("diverged"))}
+    return [r for r in rows if key(r) in done], done
