@@ -27,13 +27,13 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 # write; this entry point points the trainer's reporter at the token file the test projects.
 ENTRY = """
 import dataclasses, os, pathlib, sys
-from dptrain.trainer import _ledger
-_from_env = _ledger.KubernetesTarget.from_env.__func__
+from dptrain.trainer import _reporters
+_from_env = _reporters.KubernetesTarget.from_env.__func__
 def _projected(cls, env=None):
     target = _from_env(cls, env)
     return dataclasses.replace(target, token_path=pathlib.Path(os.environ["TEST_TOKEN_FILE"]),
                                ca_path=None)
-_ledger.KubernetesTarget.from_env = classmethod(_projected)
+_reporters.KubernetesTarget.from_env = classmethod(_projected)
 from dptrain.cli import main
 sys.exit(main())
 """

@@ -39,9 +39,9 @@ from kube_client import KubeHTTP
 ENTRY = r"""
 import dataclasses, os, pathlib, signal, sys
 
-from dptrain.trainer import _ledger, _loop
+from dptrain.trainer import _ledger, _loop, _reporters
 
-_from_env = _ledger.KubernetesTarget.from_env.__func__
+_from_env = _reporters.KubernetesTarget.from_env.__func__
 
 def _projected(cls, env=None):
     target = _from_env(cls, env)
@@ -50,7 +50,7 @@ def _projected(cls, env=None):
         return target
     return dataclasses.replace(target, token_path=pathlib.Path(token), ca_path=None)
 
-_ledger.KubernetesTarget.from_env = classmethod(_projected)
+_reporters.KubernetesTarget.from_env = classmethod(_projected)
 
 _fault = os.environ.get("DPTRAIN_TEST_FAULT", "")
 _where, _, _n = _fault.partition(":")
