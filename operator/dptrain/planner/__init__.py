@@ -22,6 +22,7 @@ from dptrain.planner._defaults import (
     default_provenance,
 )
 from dptrain.planner._errors import ExtrapolationError, InfeasibleBudgetError
+from dptrain.planner._finalize import DEFAULT_LEARNING_RATE
 from dptrain.planner._loss_model import (
     REQUIRED_COLUMNS,
     LossModel,
@@ -38,7 +39,7 @@ from dptrain.planner._plan_privacy import (
     plan_curve,
     plan_grid,
 )
-from dptrain.planner._planner import DEFAULT_LEARNING_RATE, frontier, make_plan
+from dptrain.planner._planner import frontier, make_plan
 from dptrain.planner._pods import (
     DEFAULT_TARGET_WALL_SECONDS,
     MemoryEstimate,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 BudgetName = Literal["compute", "privacy", "data", "memory", "deadline"]
@@ -45,3 +46,17 @@ class ExtrapolationError(ValueError):
     def __init__(self, message: str, reasons: list[str]) -> None:
         self.reasons = reasons
         super().__init__(message)
+
+
+def round_up(x: float) -> float:
+    """X rounded up to two significant digits."""
+    if x <= 0 or not math.isfinite(x):
+        return x
+    scale = 10.0 ** (math.floor(math.log10(x)) - 1)
+    return math.ceil(x / scale - 1e-9) * scale
+
+
+def round_down(x: float) -> float:
+    """X rounded down to one significant digit."""
+    scale = 10.0 ** math.floor(math.log10(x))
+    return math.floor(x / scale + 1e-9) * scale
