@@ -23,12 +23,7 @@ from dptrain.planner._defaults import (
 )
 from dptrain.planner._errors import ExtrapolationError, InfeasibleBudgetError
 from dptrain.planner._finalize import DEFAULT_LEARNING_RATE
-from dptrain.planner._loss_model import (
-    REQUIRED_COLUMNS,
-    LossModel,
-    TableLossModel,
-    read_results_csv,
-)
+from dptrain.planner._loss_model import LossModel, TableLossModel
 from dptrain.planner._paper import TABLE2, PaperAnchor, noise_regime, paper_optimum
 from dptrain.planner._plan import Bound, Candidate, Plan
 from dptrain.planner._plan_privacy import (
@@ -64,6 +59,7 @@ from dptrain.planner._step_time import (
     StepTimeModel,
     step_time_model,
 )
+from dptrain.planner._sweep_table import REQUIRED_COLUMNS, read_results_csv
 
 __all__ = [
     "ACCELERATORS",

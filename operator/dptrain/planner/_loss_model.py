@@ -31,7 +31,6 @@ clamped. :meth:`TableLossModel.extrapolation` says which of these applied.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import os
@@ -43,11 +42,8 @@ import numpy as np
 from scipy.interpolate import RegularGridInterpolator
 from scipy.optimize import isotonic_regression
 
-REQUIRED_COLUMNS = ("model_params", "noise_batch_ratio", "learning_rate", "step", "loss")
-OPTIONAL_COLUMNS = ("batch_size",)
-"""Read when present: curves of several batches at one (M, σ̄) are folded like learning rates
-(the minimum is taken), since the paper's law has no B of its own (B enters through σ̄ and the
-compute); a table without the column is one batch per curve."""
+from dptrain.planner._sweep_table import read_results_csv
+
 PAPER_MIN_STEP = 1000
 MIN_POINTS_AFTER_DROP = 5
 SHORT_CURVE_DROP_FRACTION = 0.1
@@ -86,44 +82,6 @@ class LossModel(Protocol):
 class _Curve:
     steps: np.ndarray
     losses: np.ndarray
-
-
-def read_results_csv(path: str | os.PathLike[str]) -> list[dict[str, float]]:
-    """Rows of a results table; extra columns (metadata) are ignored.
-
-    Raises:
-        ValueError: naming the file, row and column of a missing or bad value.
-    """
-    rows: list[dict[str, float]] = []
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(row for row in handle if not row.startswith("#"))
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or ())]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; a results "
-                             f"table needs {', '.join(REQUIRED_COLUMNS)}")
-        for line, raw in enumerate(reader, start=2):
-            row: dict[str, float] = {}
-            for column in REQUIRED_COLUMNS:
-                try:
-                    value = float(raw[column])
-                except (TypeError, ValueError):
-                    raise ValueError(f"{path}:{line}: column {column} must be a number, got "
-                                     f"{raw[column]!r}") from None
-                if not math.isfinite(value) or value < 0:
-                    raise ValueError(f"{path}:{line}: column {column} must be finite and >= 0, "
-                                     f"got {raw[column]!r}")
-                row[column] = value
-            for column in OPTIONAL_COLUMNS:
-                if raw.get(column) not in (None, ""):
-                    try:
-                        row[column] = float(raw[column])
-                    except ValueError:
-                        raise ValueError(f"{path}:{line}: column {column} must be a number, got "
-                                         f"{raw[column]!r}") from None
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: the results table has no rows")
-    return rows
 
 
 def _rolling_mean(values: np.ndarray, window: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The sweep's grid, settings and results table: what ``dptrain sweep`` measures and writes.
+"""The results table: what ``dptrain sweep`` measures and writes, and the planner reads.
 
 A sweep trains one run per grid point (:class:`SweepRun`; the training harness is the
 trainer's, ``dptrain.trainer._sweep``) under shared :class:`SweepSettings`, and writes the
@@ -12,11 +12,17 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 import pathlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+REQUIRED_COLUMNS = ("model_params", "noise_batch_ratio", "learning_rate", "step", "loss")
+OPTIONAL_COLUMNS = ("batch_size",)
+"""Read when present: curves of several batches at one (M, σ̄) are folded like learning rates
+(the minimum is taken), since the paper's law has no B of its own (B enters through σ̄ and the
+compute); a table without the column is one batch per curve."""
 TABLE_COLUMNS = ("model_params", "noise_batch_ratio", "learning_rate", "step", "loss", "preset",
                  "noise_multiplier", "batch_size", "sequence_length", "seed", "train_loss")
 LOSS_NOTE = ("held-out loss: the mean next-token cross-entropy (nats/token) of the model after "
@@ -142,3 +148,41 @@ def finished_runs(csv_path: pathlib.Path, json_path: pathlib.Path, settings: dic
     done = {key(r): r for r in old.get("runs", [])
             if key(r) in wanted and (key(r) in with_rows or r.get("diverged"))}
     return [r for r in rows if key(r) in done], done
+
+
+def read_results_csv(path: str | os.PathLike[str]) -> list[dict[str, float]]:
+    """Rows of a results table; extra columns (metadata) are ignored.
+
+    Raises:
+        ValueError: naming the file, row and column of a missing or bad value.
+    """
+    rows: list[dict[str, float]] = []
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(row for row in handle if not row.startswith("#"))
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or ())]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; a results "
+                             f"table needs {', '.join(REQUIRED_COLUMNS)}")
+        for line, raw in enumerate(reader, start=2):
+            row: dict[str, float] = {}
+            for column in REQUIRED_COLUMNS:
+                try:
+                    value = float(raw[column])
+                except (TypeError, ValueError):
+                    raise ValueError(f"{path}:{line}: column {column} must be a number, got "
+                                     f"{raw[column]!r}") from None
+                if not math.isfinite(value) or value < 0:
+                    raise ValueError(f"{path}:{line}: column {column} must be finite and >= 0, "
+                                     f"got {raw[column]!r}")
+                row[column] = value
+            for column in OPTIONAL_COLUMNS:
+                if raw.get(column) not in (None, ""):
+                    try:
+                        row[column] = float(raw[column])
+                    except ValueError:
+                        raise ValueError(f"{path}:{line}: column {column} must be a number, got "
+                                         f"{raw[column]!r}") from None
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: the results table has no rows")
+    return rows
