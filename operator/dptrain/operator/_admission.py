@@ -63,6 +63,7 @@ def dataset_gate(d: StatusDraft, out: Decision, spec: DPTrainingJobSpec, plan: P
 
 
 def wait_for_dataset(d: StatusDraft, reason: str, message: str) -> Decision:
+    """Hold the job ``Pending`` on its dataset's budget (and tell the dataset, once)."""
     before = find(d.conditions, "DatasetBudget")
     d.condition("DatasetBudget", "False", reason, message, event="Warning")
     if before is None or (before.reason, before.message) != (reason, message):

@@ -174,11 +174,13 @@ class StatusDraft:
 
 
 def dump_model(model: pydantic.BaseModel | None) -> Any:
+    """A model as it is written into a status (camelCase JSON, no nulls)."""
     return None if model is None else model.model_dump(mode="json", by_alias=True,
                                                       exclude_none=True)
 
 
 def parse_status(raw: Any) -> DPTrainingJobStatus:
+    """A job's status, or a fresh one keeping its ledger when it cannot be read."""
     try:
         return DPTrainingJobStatus.model_validate(raw or {})
     except pydantic.ValidationError:

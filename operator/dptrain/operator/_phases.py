@@ -23,6 +23,7 @@ from dptrain.operator._observed import Observed, Settings, Tools
 
 
 def delete_existing(out: Decision, observed: Observed) -> None:
+    """Ask to delete the workload and the data-preparation Job, where they exist."""
     if observed.workload is not None and not observed.workload.deleting:
         out.delete.append("workload")
     if observed.prepare is not None and not observed.prepare.deleting:
@@ -31,6 +32,7 @@ def delete_existing(out: Decision, observed: Observed) -> None:
 
 def fail(d: StatusDraft, out: Decision, observed: Observed, reason: str, message: str,
           condition: str | None = None) -> Decision:
+    """End the job ``Failed`` (with ``reason``), deleting its workload; the ledger stays."""
     if condition is not None:
         d.condition(condition, "False", reason, message, event="Warning")
     d.condition("Failed", "True", reason, message)

@@ -51,6 +51,7 @@ def validated_spec(body: Mapping[str, Any], dataset_size: int | None
 
 
 def applied_spec(body: Mapping[str, Any]) -> DPTrainingJobSpec | None:
+    """The spec in force, from the applied-spec annotation (None: absent or unreadable)."""
     raw = ((body.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_APPLIED_SPEC)
     if not raw:
         return None
@@ -81,6 +82,7 @@ def changed_fields(old: DPTrainingJobSpec, new: DPTrainingJobSpec) -> list[tuple
 
 
 def trainer_relevant(old: PlanStatus, new: tuple[PlanStatus, PrivacyLedgerStatus]) -> bool:
+    """Whether an amended plan changes what the running trainer does (its steps)."""
     plan, _ = new
     return (plan.max_steps, plan.iterations) != (old.max_steps, old.iterations)
 
