@@ -41,149 +41,91 @@ paths, ports and exit codes are defined once, in ``dptrain.api._contract``):
 from __future__ import annotations
 
 import base64
-import dataclasses
-import hashlib
 import json
 import posixpath
-from collections.abc import Mapping
 from typing import Any
 
 from dptrain.api import (
     API_VERSION,
-    CHECKPOINT_MOUNT,
     CONFIG_FILE,
+    COORDINATOR_PORT,
     DATA_MOUNT,
     GROUP,
     KEY_FILE,
     KIND,
     PLURAL,
+    TRAINER_METRICS_PORT,
     DatasetStatus,
     DPTrainingJobSpec,
     PlanStatus,
 )
+from dptrain.operator._names import (
+    ANNOTATION_PLAN_GENERATION,
+    ANNOTATION_RESTART,
+    COMPLETION_INDEX_FIELD,
+    KEY_FILE_MODE,
+    LABEL_COMPONENT,
+    LABEL_JOB,
+    LABEL_MANAGED_BY,
+    LABEL_NAME,
+    MANAGER,
+    TERMINATION_GRACE_SECONDS,
+    ChildNames,
+    JobRef,
+    PodSizing,
+    checkpoint_dir,
+    child_meta,
+    key_secret_name,
+    labels,
+    owner_reference,
+    prepared_dir,
+)
+from dptrain.operator._workloads import (
+    build_headless_service,
+    build_jobset,
+    build_prepare_job,
+    build_trainer_job,
+    trainer_env,
+)
 
-LABEL_JOB = "dptrain.io/job"
-LABEL_COMPONENT = "app.kubernetes.io/component"
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-LABEL_NAME = "app.kubernetes.io/name"
-MANAGER = "dptrain-operator"
-ANNOTATION_RESTART = "dptrain.io/restart"
-ANNOTATION_PLAN_GENERATION = "dptrain.io/plan-generation"
-
-COMPLETION_INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
-TERMINATION_GRACE_SECONDS = 60  # time for the trainer to save its last checkpoint on SIGTERM
-KEY_FILE_MODE = 0o440  # owner root, group fsGroup (the trainer's): read-only, nobody else
-
-
-
-# ------------------------------------------------------------------------------ identities
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class JobRef:
-    """The identity of a DPTrainingJob, enough to own and name its children."""
-
-    name: str
-    namespace: str
-    uid: str
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> JobRef:
-        """Read the identity from a job's body."""
-        meta = body["metadata"]
-        return cls(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PodSizing:
-    """Where and how big each trainer pod is (from the planner).
-
-    Attributes:
-        hosts: pods of the workload (one JAX process each).
-        resources: container ``resources`` (``requests``/``limits``).
-        node_selector: node labels the pods must land on (e.g. GKE TPU labels).
-        tolerations: tolerations for tainted accelerator nodes.
-    """
-
-    hosts: int = 1
-    resources: Mapping[str, Mapping[str, str]] = dataclasses.field(
-        default_factory=lambda: {"requests": {"cpu": "1", "memory": "2Gi"},
-                                 "limits": {"memory": "2Gi"}})
-    node_selector: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    tolerations: tuple[Mapping[str, Any], ...] = ()
-
-
-def _shorten(base: str, suffix: str, limit: int) -> str:
-    """``<base>-<suffix>`` within ``limit`` characters, hashing long bases (stable, unique)."""
-    name = f"{base}-{suffix}"
-    if len(name) <= limit:
-        return name
-    digest = hashlib.sha256(base.encode()).hexdigest()[:6]
-    keep = limit - len(suffix) - len(digest) - 2
-    return f"{base[:keep].rstrip('-')}-{digest}-{suffix}"
-
-
-@dataclasses.dataclass(frozen=True)
-class ChildNames:
-    """Deterministic names of every child of one job."""
-
-    config_map: str
-    service_account: str
-    role: str
-    role_binding: str
-    service: str
-    workload: str
-    prepare: str
-
-    @classmethod
-    def of(cls, job: str) -> ChildNames:
-        """Names for the children of job ``job``."""
-        # Pod hostnames are "<job-name>-<index>" and must stay a DNS label (≤ 63): keep room
-        # for a 4-digit index. Service names must start with a letter (DNS-1035).
-        service_base = job if job[0].isalpha() else f"j{job}"
-        trainer = _shorten(job, "trainer", 63)
-        return cls(
-            config_map=_shorten(job, "config", 63),
-            service_account=trainer,
-            role=trainer,
-            role_binding=trainer,
-            service=_shorten(service_base, "hosts", 63),
-            workload=_shorten(job, "train", 52),
-            prepare=_shorten(job, "prepare", 52),
-        )
-
-
-def owner_reference(job: JobRef) -> dict[str, Any]:
-    """The ownerReference that makes ``job`` the controller of a child."""
-    return {"apiVersion": API_VERSION, "kind": KIND, "name": job.name, "uid": job.uid,
-            "controller": True, "blockOwnerDeletion": True}
-
-
-def labels(job: JobRef, component: str) -> dict[str, str]:
-    """Labels every child carries (the operator watches Jobs by them)."""
-    return {LABEL_NAME: "dptrain", LABEL_COMPONENT: component, LABEL_MANAGED_BY: MANAGER,
-            LABEL_JOB: job.name}
-
-
-def child_meta(job: JobRef, name: str, component: str) -> dict[str, Any]:
-    return {"name": name, "namespace": job.namespace, "labels": labels(job, component),
-            "ownerReferences": [owner_reference(job)]}
-
+# The builders of a job's children, in one namespace (the workloads' are in ``_workloads``).
+__all__ = [
+    "ANNOTATION_PLAN_GENERATION",
+    "ANNOTATION_RESTART",
+    "COMPLETION_INDEX_FIELD",
+    "COORDINATOR_PORT",
+    "KEY_FILE_MODE",
+    "LABEL_COMPONENT",
+    "LABEL_JOB",
+    "LABEL_MANAGED_BY",
+    "LABEL_NAME",
+    "MANAGER",
+    "TERMINATION_GRACE_SECONDS",
+    "TRAINER_METRICS_PORT",
+    "ChildNames",
+    "JobRef",
+    "PodSizing",
+    "build_config_map",
+    "build_headless_service",
+    "build_jobset",
+    "build_key_secret",
+    "build_prepare_job",
+    "build_role",
+    "build_role_binding",
+    "build_service_account",
+    "build_trainer_job",
+    "checkpoint_dir",
+    "child_meta",
+    "key_secret_name",
+    "labels",
+    "owner_reference",
+    "pod_spec_manifest",
+    "prepared_dir",
+    "trainer_config",
+    "trainer_env",
+]
 
 # ------------------------------------------------------------------------------ trainer config
-
-
-def checkpoint_dir(spec: DPTrainingJobSpec, job: JobRef) -> str:
-    """The checkpoint directory inside the pod."""
-    if spec.checkpoint.volume is None:
-        return CHECKPOINT_MOUNT
-    relative = (spec.checkpoint.path or job.name).lstrip("/")
-    return posixpath.join(CHECKPOINT_MOUNT, relative)
-
-
-def prepared_dir(spec: DPTrainingJobSpec, job: JobRef) -> str:
-    """Where data preparation writes the prepared sequences inside the pod."""
-    return posixpath.join(checkpoint_dir(spec, job), "prepared")
 
 
 def pod_spec_manifest(spec: DPTrainingJobSpec, job: JobRef) -> dict[str, Any]:
@@ -247,11 +189,6 @@ def build_config_map(spec: DPTrainingJobSpec, job: JobRef, plan: PlanStatus | No
 
 
 # ------------------------------------------------------------------------------ secret key
-
-
-def key_secret_name(job: JobRef) -> str:
-    """The name of the job's key Secret: includes the uid, so a re-created job gets a new key."""
-    return _shorten(job.name, f"key-{job.uid.replace('-', '')[:8]}", 63)
 
 
 def build_key_secret(job: JobRef, key: bytes) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from dptrain.api import (
     prepare_command,
     trainer_command,
 )
-from dptrain.operator._children import (
+from dptrain.operator._names import (
     ANNOTATION_PLAN_GENERATION,
     ANNOTATION_RESTART,
     COMPLETION_INDEX_FIELD,
