@@ -19,7 +19,8 @@ and the trainer reads them (``dptrain.trainer``); neither writes them down again
   preparation) at :func:`status_path` of its job on the API server (:data:`IN_CLUSTER_API_SERVER`
   unless told otherwise); it resumes from :func:`steps_charged_of` the job's status.
 - **Exit codes**: :data:`EXIT_OK` done, :data:`EXIT_BUDGET_EXHAUSTED` stopped at the last step
-  within the budget (final: never retried); anything else is an error (the CLI's codes below).
+  within the budget (final: never retried), :data:`EXIT_INTERRUPTED` stopped by SIGTERM after
+  saving a checkpoint; anything else is an error (the CLI's codes below).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ EXIT_ERROR = 1  # any other failure (one line on stderr)
 EXIT_USAGE = 2  # bad command line (argparse's own code)
 EXIT_INVALID = 3  # the job or an input is invalid (the message names the field and the rule)
 EXIT_BUDGET_EXHAUSTED = 4  # the trainer stopped at the last step within the privacy budget
+EXIT_INTERRUPTED = 143  # 128 + SIGTERM: stopped on request (pod deletion), last checkpoint saved
 
 # ------------------------------------------------------------------------------ files and mounts
 CONFIG_DIR = "/etc/dptrain"

@@ -13,13 +13,14 @@ from typing import Any, NoReturn
 from dptrain.api import (
     EXIT_BUDGET_EXHAUSTED,
     EXIT_ERROR,
+    EXIT_INTERRUPTED,
     EXIT_INVALID,
     EXIT_OK,
     EXIT_USAGE,
 )
 
-__all__ = ["EXIT_BUDGET_EXHAUSTED", "EXIT_ERROR", "EXIT_INVALID", "EXIT_OK", "EXIT_USAGE",
-           "CliError", "emit", "fail", "json_parent"]
+__all__ = ["EXIT_BUDGET_EXHAUSTED", "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_INVALID", "EXIT_OK",
+           "EXIT_USAGE", "CliError", "emit", "fail", "json_parent"]
 
 
 class CliError(Exception):

@@ -1,10 +1,10 @@
 """`dptrain run`, `dptrain train`, `dptrain prepare-data` and `dptrain audit memorization`.
 
 Argument parsing and exit codes only: the work is the trainer's (``dptrain.trainer._entry``),
-which raises typed errors that are mapped here (bad input → ``EXIT_INVALID``, SIGTERM → 143, a
-status that cannot be reported → ``EXIT_ERROR``, a dataset budget that refuses the run →
-``EXIT_BUDGET_EXHAUSTED``). JAX is imported inside the handlers only, so that the rest of the CLI
-starts fast.
+which raises typed errors that are mapped here (bad input → ``EXIT_INVALID``, SIGTERM →
+``EXIT_INTERRUPTED``, a status that cannot be reported → ``EXIT_ERROR``, a dataset budget that
+refuses the run → ``EXIT_BUDGET_EXHAUSTED``). JAX is imported inside the handlers only, so that
+the rest of the CLI starts fast.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dptrain.api import InvalidJobError
 from dptrain.cli._output import (
     EXIT_BUDGET_EXHAUSTED,
     EXIT_ERROR,
+    EXIT_INTERRUPTED,
     EXIT_INVALID,
     emit,
     fail,
@@ -27,9 +28,6 @@ from dptrain.cli._output import (
 
 if TYPE_CHECKING:
     from dptrain.trainer import LocalRun, RunOptions, RunOutcome
-
-EXIT_SIGTERM = 143  # 128 + SIGTERM: the run stopped on request, its last checkpoint saved
-
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Add the trainer's commands (each with `--help` and `--json`)."""
@@ -139,7 +137,7 @@ def _typed_errors(*, bad_values: bool = False) -> Iterator[None]:
     try:
         yield
     except TrainingInterruptedError as error:
-        fail(str(error), EXIT_SIGTERM)
+        fail(str(error), EXIT_INTERRUPTED)
     except StatusReportError as error:
         fail(str(error), EXIT_ERROR)
     except (InvalidJobError, InvalidInputError, DataError, ValueError) as error:
