@@ -34,7 +34,7 @@ def test_the_plan_curve_is_never_below_the_exact_epsilon_and_exact_on_its_grid()
             assert value == pytest.approx(exact, rel=1e-12, abs=1e-12)
 
 
-def test_the_plan_curve_has_a_point_at_least_every_sixteenth_of_its_steps():
+def test_the_plan_curve_has_a_point_at_least_every_linear_fraction_of_its_steps():
     steps = plan_curve(PLAN, DELTA).steps
     widest = max(b - a for a, b in itertools.pairwise(steps))
     assert widest <= -(-PLAN.max_steps // LINEAR_POINTS)

@@ -58,7 +58,7 @@ def epsilon_points(result: TrainResult) -> list[tuple[int, float]]:
 
     Each ε is the one reported for that count (the plan's curve: what the progress bar and the
     job's status show), an upper bound of the exact ε; the plan's grid is fine enough (a point
-    at least every 1/16 of its steps, ``dptrain.planner.plan_curve``) that this is the curve,
+    at least every 1/8 of its steps, ``dptrain.planner.plan_curve``) that this is the curve,
     not a coarse staircase. The x axis is the ledger's count, which after restarts runs ahead
     of the model's step.
     """
