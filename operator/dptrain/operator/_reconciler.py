@@ -489,6 +489,12 @@ class Reconciler:
                          decision: Decision) -> None:
         privacy = dict((body.get("status") or {}).get("privacy") or {})
         privacy.update(decision.status.get("privacy") or {})
+        if "epsilonBudget" not in privacy and decision.spec is not None:
+            # Accepted but not planned yet (Pending, Preparing, waiting for a dataset): the
+            # ledger does not exist, but the budget is known and nothing is spent. Dashboards
+            # and alerts see the job from the start, not only once it is planned.
+            privacy = {"epsilonBudget": decision.spec.privacy.epsilon, "epsilonSpent": 0.0,
+                       "stepsCharged": 0, **privacy}
         _metrics.observe_job(
             namespace, name, phase=decision.phase,
             epsilon_spent=privacy.get("epsilonSpent"),
