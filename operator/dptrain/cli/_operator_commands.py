@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 
 from dptrain.cli._output import fail
+
+_DNS_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -47,6 +50,21 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     parser.add_argument("--restart-backoff", type=float, default=10.0,
                         help="first delay in seconds before restarting a failed trainer; "
                              "doubles per restart (default 10)")
+    ha = parser.add_argument_group(
+        "high availability",
+        "Run several replicas with --peering NAME: the replica with the highest priority works, "
+        "the others stand by and take over within about --peering-lifetime seconds when it "
+        "goes. Needs kopf's ClusterKopfPeering (or, with --namespace, KopfPeering) CRD and an "
+        "object named NAME (the Helm chart creates both when replicas > 1).")
+    ha.add_argument("--peering", metavar="NAME", default=os.environ.get("DPTRAIN_PEERING"),
+                    help="name of the peering object the replicas share (default "
+                         "$DPTRAIN_PEERING; unset: run alone, without peering)")
+    ha.add_argument("--priority", type=int, default=None,
+                    help="this replica's priority (default: by start time, older first; "
+                         "replicas with equal priorities all pause)")
+    ha.add_argument("--peering-lifetime", type=int, default=15, metavar="SECONDS",
+                    help="seconds a replica's keep-alive stays valid: a dead active replica "
+                         "is replaced after at most this long (default 15)")
     parser.set_defaults(handler=_run_operator)
 
 
@@ -59,6 +77,12 @@ def _run_operator(args: argparse.Namespace) -> int:
             fail(f"--{flag.replace('_', '-')} must be > 0")
     if not args.restart_backoff >= 0:
         fail("--restart-backoff must be >= 0")
+    if args.peering is not None and not _DNS_NAME.fullmatch(args.peering):
+        fail("--peering must be a lowercase DNS name (a-z, 0-9, '-', '.'), at most 253 "
+             "characters")
+    if not 10 <= args.peering_lifetime <= 300:
+        fail("--peering-lifetime must be in 10..300 seconds (keep-alives are sent 5-10 s "
+             "before it ends)")
     # Lazy: kopf and the kubernetes client load only for this command.
     from dptrain.operator import OperatorOptions, run
 
@@ -67,6 +91,7 @@ def _run_operator(args: argparse.Namespace) -> int:
         health_port=args.health_port, log_format=args.log_format, verbose=args.verbose,
         pod_api_server=args.pod_api_server, jobset=args.workload, cache_dir=args.cache_dir,
         timer_interval=args.timer_interval, stall_timeout=args.stall_timeout,
-        restart_backoff=args.restart_backoff)
+        restart_backoff=args.restart_backoff, peering=args.peering or None,
+        priority=args.priority, peering_lifetime=args.peering_lifetime)
     run(options)
     return 0

@@ -52,11 +52,14 @@ from dptrain.operator._decisions import (
 )
 from dptrain.operator._kube import ApiError, KubeClient, resource_path
 from dptrain.operator._ledger_record import ANNOTATION_LEDGER
+from dptrain.operator._peering import PeeringIdentity, standing_by
 from dptrain.operator._planning import OperatorTools
 
 logger = logging.getLogger("dptrain.operator")
 
 JOBSET_API = "jobset.x-k8s.io/v1alpha2"
+SELF_TRIGGERS = frozenset({"requeue", "dataset"})
+"""Triggers the operator schedules itself (kopf's peering pause does not stop them)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -68,12 +71,14 @@ class ReconcilerConfig:
         pod_api_server: the API server URL given to pods (``DPTRAIN_API_SERVER``).
         use_jobset: run the workload as a JobSet instead of an Indexed Job + Service.
         error_backoff: first retry delay after a failed reconcile (doubles, capped at 60 s).
+        peering: this replica's peering identity when several replicas run (None: alone).
     """
 
     decisions: Settings = dataclasses.field(default_factory=Settings)
     pod_api_server: str = DEFAULT_API_SERVER
     use_jobset: bool = False
     error_backoff: float = 1.0
+    peering: PeeringIdentity | None = None
 
 
 @dataclasses.dataclass
@@ -187,6 +192,10 @@ class Reconciler:
 
     async def poke(self, namespace: str, name: str, trigger: str) -> None:
         """Reconcile a job now, or once more right after the reconcile in flight."""
+        if trigger in SELF_TRIGGERS and await self._standing_by(namespace):
+            # kopf paused this replica (a peer is active) but not our own requeues: drop it.
+            # When this replica resumes, kopf lists every job again and pokes each.
+            return
         state = self._jobs.setdefault((namespace, name), _JobState())
         state.dirty = True
         if state.running:
@@ -198,6 +207,19 @@ class Reconciler:
                 await self._reconcile_timed(namespace, name, trigger, state)
         finally:
             state.running = False
+
+    async def _standing_by(self, namespace: str) -> bool:
+        """Whether another replica is active for ``namespace`` (kopf's peering rule)."""
+        peer = self.config.peering
+        if peer is None:
+            return False
+        try:
+            body = await self.client.get(peer.path(namespace))
+        except ApiError as error:
+            logger.warning("cannot read the peering object %s (%s): not acting", peer.name,
+                           error)
+            return True
+        return standing_by(body, peer.identity, peer.priority, dt.datetime.now(dt.UTC))
 
     def forget(self, namespace: str, name: str) -> None:
         """Drop a deleted job: its requeue and its metric series."""
