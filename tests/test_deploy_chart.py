@@ -87,8 +87,9 @@ def test_default_render_installs_the_operator_cluster_wide(
 
 def test_crd_is_kept_on_uninstall(rendered: dict[str, tuple[dict[str, Any], ...]]) -> None:
     crds = dr.of_kind(rendered["default"], "CustomResourceDefinition")
-    assert sorted(c["metadata"]["name"] for c in crds) == ["dpdatasets.dptrain.io",
-                                                           "dptrainingjobs.dptrain.io"]
+    assert sorted(c["metadata"]["name"] for c in crds) == [
+        "clusterkopfpeerings.kopf.dev", "dpdatasets.dptrain.io", "dptrainingjobs.dptrain.io",
+        "kopfpeerings.kopf.dev"]
     for crd in crds:
         assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     assert "CustomResourceDefinition" not in _kinds(rendered["namespaced"])  # crds.enabled=false
@@ -221,3 +222,38 @@ def test_values_schema_is_closed_everywhere() -> None:
         if not path.endswith(("/if", "/then"))
     ]
     assert loose == []
+
+
+def test_one_replica_runs_alone_and_two_run_with_peering(
+    rendered: dict[str, tuple[dict[str, Any], ...]],
+) -> None:
+    alone = dr.one(rendered["default"], "Deployment")["spec"]
+    assert alone["replicas"] == 1 and alone["strategy"] == {"type": "Recreate"}
+    assert "--peering" not in _operator_command(rendered["default"])
+
+    objects = rendered["ha"]
+    spec = dr.one(objects, "Deployment")["spec"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"]["type"] == "RollingUpdate"
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    command = _operator_command(objects)
+    assert command[command.index("--peering") + 1] == "dptrain-operator"
+    (container,) = spec["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    operator_role = dr.one(objects, "ClusterRole", "dptrain-operator")
+    peering_rules = [r for r in operator_role["rules"] if r["apiGroups"] == ["kopf.dev"]]
+    assert peering_rules == [{"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings"],
+                              "verbs": ["get", "list", "watch", "create", "patch"]}]
+    crds = {c["metadata"]["name"]: c for c in dr.of_kind(objects, "CustomResourceDefinition")}
+    assert crds["clusterkopfpeerings.kopf.dev"]["spec"]["scope"] == "Cluster"
+    assert crds["kopfpeerings.kopf.dev"]["spec"]["scope"] == "Namespaced"
+
+
+def test_namespaced_replicas_peer_in_each_watched_namespace() -> None:
+    objects = dr.helm_template(dr.CASES_BY_NAME["namespaced"], set_values=["replicas=2"])
+    for role in dr.of_kind(objects, "Role"):
+        if role["metadata"]["name"] == "dptrain-operator":
+            assert {"apiGroups": ["kopf.dev"], "resources": ["kopfpeerings"],
+                    "verbs": ["get", "list", "watch", "create", "patch"]} in role["rules"]
+    assert "--peering" in _operator_command(tuple(objects))

@@ -110,7 +110,8 @@ def test_rendered_output_reads_the_same_with_yaml_1_1_tools_and_crd_numbers_are_
             for version in crd["spec"]["versions"]:
                 _numbers_in_schema(version["schema"]["openAPIV3Schema"],
                                    f"{dr.object_id(crd)}:{version['name']}", found)
-            assert len(found) > 10, found  # the walk reached the bounds
+            if crd["spec"]["group"] == "dptrain.io":
+                assert len(found) > 10, found  # the walk reached the bounds
             assert [(p, v) for p, v in found if not _is_number(v)] == [], key
         # kubernetes-validate's own CLI (it reads YAML 1.1 too), strict, on the built-in kinds.
         builtin = [d for d in as_yaml_1_1
@@ -123,4 +124,4 @@ def test_rendered_output_reads_the_same_with_yaml_1_1_tools_and_crd_numbers_are_
                               str(path)], capture_output=True, text=True, timeout=120,
                              check=False)
         assert cli.returncode == 0, f"{key}: {cli.stdout}{cli.stderr}"
-    assert crds >= 4  # both CRDs in the default chart and in manifests/ at least
+    assert crds >= 8  # ours and kopf's peering CRDs, in the default chart and manifests/

@@ -63,6 +63,7 @@ RENDER_CASES: tuple[RenderCase, ...] = (
     RenderCase("default", "default-values.yaml"),
     RenderCase("monitoring", "monitoring-values.yaml", api_versions=(MONITORING_API,)),
     RenderCase("namespaced", "namespaced-values.yaml"),
+    RenderCase("ha", "ha-values.yaml"),
 )
 CASES_BY_NAME = {case.name: case for case in RENDER_CASES}
 

@@ -116,3 +116,20 @@ class PeeringIdentity:
     def path(self, namespace: str) -> str:
         """The peering object that governs work in ``namespace``."""
         return peering_path(self.name, None if self.clusterwide else namespace)
+
+
+def peering_object(name: str, namespace: str | None) -> dict[str, Any]:
+    """The (empty) peering object the replicas share; the operator creates it if missing."""
+    if namespace is None:
+        return {"apiVersion": f"{PEERING_GROUP}/{PEERING_VERSION}", "kind": "ClusterKopfPeering",
+                "metadata": {"name": name}}
+    return {"apiVersion": f"{PEERING_GROUP}/{PEERING_VERSION}", "kind": "KopfPeering",
+            "metadata": {"name": name, "namespace": namespace}}
+
+
+def collection_path(namespace: str | None) -> str:
+    """Where peering objects are created."""
+    base = f"/apis/{PEERING_GROUP}/{PEERING_VERSION}"
+    if namespace is None:
+        return f"{base}/clusterkopfpeerings"
+    return f"{base}/namespaces/{namespace}/kopfpeerings"

@@ -112,7 +112,7 @@ def build(options: OperatorOptions, peer: PeeringIdentity | None = None
         pod_api_server=options.pod_api_server, peering=peer)
     memo = kopf.Memo(dptrain=_handlers.OperatorMemo(
         config=config, jobset=options.jobset, cache_dir=options.cache_dir,
-        timer_interval=options.timer_interval))
+        timer_interval=options.timer_interval, namespaces=tuple(options.namespaces)))
     return registry, memo
 
 
