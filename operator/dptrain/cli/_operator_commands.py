@@ -50,6 +50,12 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     parser.add_argument("--restart-backoff", type=float, default=10.0,
                         help="first delay in seconds before restarting a failed trainer; "
                              "doubles per restart (default 10)")
+    parser.add_argument("--config", metavar="FILE",
+                        default=os.environ.get("DPTRAIN_OPERATOR_CONFIG"),
+                        help="operator configuration (YAML): accelerator profiles, i.e. node "
+                             "selectors, tolerations and extra resources per accelerator "
+                             "(gpuProfile: generic|gke|eks, tpuProfile: gke, profiles: {...}); "
+                             "default $DPTRAIN_OPERATOR_CONFIG, else generic GPUs and GKE TPUs")
     ha = parser.add_argument_group(
         "high availability",
         "Run several replicas with --peering NAME: the replica with the highest priority works, "
@@ -85,6 +91,15 @@ def _run_operator(args: argparse.Namespace) -> int:
              "before it ends)")
     # Lazy: kopf and the kubernetes client load only for this command.
     from dptrain.operator import OperatorOptions, run
+    from dptrain.operator._profiles import ConfigError, load_config, placements
+
+    config = None
+    if args.config:
+        try:
+            config = load_config(args.config)
+            placements(config)  # every chosen profile places every accelerator of its kind
+        except ConfigError as error:
+            fail(f"--config {error}")
 
     options = OperatorOptions(
         namespaces=tuple(args.namespace), metrics_port=args.metrics_port,
@@ -92,6 +107,6 @@ def _run_operator(args: argparse.Namespace) -> int:
         pod_api_server=args.pod_api_server, jobset=args.workload, cache_dir=args.cache_dir,
         timer_interval=args.timer_interval, stall_timeout=args.stall_timeout,
         restart_backoff=args.restart_backoff, peering=args.peering or None,
-        priority=args.priority, peering_lifetime=args.peering_lifetime)
+        priority=args.priority, peering_lifetime=args.peering_lifetime, config=config)
     run(options)
     return 0

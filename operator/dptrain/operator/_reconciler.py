@@ -54,6 +54,7 @@ from dptrain.operator._kube import ApiError, KubeClient, resource_path
 from dptrain.operator._ledger_record import ANNOTATION_LEDGER
 from dptrain.operator._peering import PeeringIdentity, standing_by
 from dptrain.operator._planning import OperatorTools
+from dptrain.operator._profiles import Placements, placements
 
 logger = logging.getLogger("dptrain.operator")
 
@@ -72,6 +73,8 @@ class ReconcilerConfig:
         use_jobset: run the workload as a JobSet instead of an Indexed Job + Service.
         error_backoff: first retry delay after a failed reconcile (doubles, capped at 60 s).
         peering: this replica's peering identity when several replicas run (None: alone).
+        placements: node selectors, tolerations and extra resources per accelerator (the
+            accelerator profiles of the operator configuration).
     """
 
     decisions: Settings = dataclasses.field(default_factory=Settings)
@@ -79,6 +82,7 @@ class ReconcilerConfig:
     use_jobset: bool = False
     error_backoff: float = 1.0
     peering: PeeringIdentity | None = None
+    placements: Placements = dataclasses.field(default_factory=placements)
 
 
 @dataclasses.dataclass
@@ -497,6 +501,7 @@ class Reconciler:
         spec = decision.spec
         assert spec is not None
         sizing = await asyncio.to_thread(self.tools.pod_sizing, spec, plan)
+        sizing = self.config.placements.place(sizing, spec.compute.accelerator)
         if self.config.use_jobset:
             body = build_jobset(spec, job, plan, sizing, api_server=self.config.pod_api_server,
                                 restart=decision.restart)

@@ -22,6 +22,7 @@ from dptrain.operator._peering import (
     own_identity,
     start_time_priority,
 )
+from dptrain.operator._profiles import OperatorConfig, placements
 from dptrain.operator._reconciler import ReconcilerConfig
 
 logger = logging.getLogger("dptrain.operator")
@@ -47,6 +48,7 @@ class OperatorOptions:
             no peering). See :mod:`dptrain.operator._peering`.
         priority: this replica's peering priority (None: by start time, older first).
         peering_lifetime: seconds this replica's keep-alive stays valid (takeover delay).
+        config: the operator configuration (accelerator profiles); None: the defaults.
     """
 
     namespaces: Sequence[str] = ()
@@ -63,6 +65,7 @@ class OperatorOptions:
     peering: str | None = None
     priority: int | None = None
     peering_lifetime: int = DEFAULT_LIFETIME
+    config: OperatorConfig | None = None
 
 
 class _JsonFormatter(logging.Formatter):
@@ -109,7 +112,8 @@ def build(options: OperatorOptions, peer: PeeringIdentity | None = None
     config = ReconcilerConfig(
         decisions=Settings(stall_timeout=options.stall_timeout,
                            restart_backoff=options.restart_backoff),
-        pod_api_server=options.pod_api_server, peering=peer)
+        pod_api_server=options.pod_api_server, peering=peer,
+        placements=placements(options.config))
     memo = kopf.Memo(dptrain=_handlers.OperatorMemo(
         config=config, jobset=options.jobset, cache_dir=options.cache_dir,
         timer_interval=options.timer_interval, namespaces=tuple(options.namespaces)))
