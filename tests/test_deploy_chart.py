@@ -68,7 +68,7 @@ def test_default_render_installs_the_operator_cluster_wide(
     objects = rendered["default"]
     assert _kinds(objects) == {
         "CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
-        "Deployment", "Service",
+        "Deployment", "Service", "ConfigMap",
     }
     names = {obj["metadata"]["name"] for obj in dr.of_kind(objects, "ClusterRole")}
     assert names == {
@@ -78,7 +78,8 @@ def test_default_render_installs_the_operator_cluster_wide(
     command = _operator_command(objects)
     assert command == [
         "dptrain", "operator", "--all-namespaces", "--metrics-port", "9090",
-        "--health-port", "8080", "--log-format", "json",
+        "--health-port", "8080", "--log-format", "json", "--config",
+        "/etc/dptrain/operator.yaml",
     ]
     deployment = dr.one(objects, "Deployment")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
@@ -168,7 +169,9 @@ def test_monitoring_objects_need_the_prometheus_operator_api() -> None:
     assert "ConfigMap" in kinds  # the Grafana dashboard needs no CRD
     with_api = _kinds(dr.chart_objects("monitoring"))
     assert with_api >= dr.PROMETHEUS_OPERATOR_KINDS
-    assert not _kinds(dr.chart_objects("default")) & (dr.PROMETHEUS_OPERATOR_KINDS | {"ConfigMap"})
+    assert not _kinds(dr.chart_objects("default")) & dr.PROMETHEUS_OPERATOR_KINDS
+    assert [c["metadata"]["name"] for c in dr.of_kind(dr.chart_objects("default"), "ConfigMap")
+            ] == ["dptrain-operator-config"]  # no dashboard
 
 
 @pytest.mark.parametrize(
@@ -257,3 +260,29 @@ def test_namespaced_replicas_peer_in_each_watched_namespace() -> None:
             assert {"apiGroups": ["kopf.dev"], "resources": ["kopfpeerings"],
                     "verbs": ["get", "list", "watch", "create", "patch"]} in role["rules"]
     assert "--peering" in _operator_command(tuple(objects))
+
+
+def test_accelerator_profiles_reach_the_operator_configuration(tmp_path: Path) -> None:
+    from dptrain.operator._profiles import load_config, placements
+
+    custom = {"onprem": {"accelerators": {name: {
+        "nodeSelector": {"example.com/gpu": name},
+        "tolerations": [{"key": "example.com/gpu", "operator": "Exists"}]}
+        for name in ("nvidia-a100-80gb", "nvidia-h100-80gb", "nvidia-h200")}}}
+    values = tmp_path / "values.yaml"
+    values.write_text(json.dumps({"acceleratorProfiles": {"gpu": "onprem", "custom": custom}}))
+    objects = dr.helm_template(dr.CASES_BY_NAME["default"], values_files=[values])
+    config = dr.one(objects, "ConfigMap", "dptrain-operator-config")
+    path = tmp_path / "operator.yaml"
+    path.write_text(config["data"]["operator.yaml"])
+    chosen = placements(load_config(path))  # what the operator reads at startup
+    assert chosen.gpu_name == "onprem" and chosen.tpu_name == "gke"
+    placement = chosen.for_accelerator("nvidia-h100-80gb")
+    assert placement is not None
+    assert placement.node_selector == {"example.com/gpu": "nvidia-h100-80gb"}
+    deployment = dr.one(objects, "Deployment")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == "dptrain-operator-config"
+    with pytest.raises(dr.ToolError, match="operator"):
+        dr.helm_template(dr.CASES_BY_NAME["default"],
+                         set_values=["acceleratorProfiles.custom.x.accelerators.a.operator=1"])

@@ -37,7 +37,7 @@ def test_every_manifest_is_valid(manifests: tuple[dict[str, Any], ...]) -> None:
         "CustomResourceDefinition", "CustomResourceDefinition", "ServiceAccount",
         "ClusterRole", "ClusterRole",
         "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding", "Service",
-        "Deployment",
+        "Deployment", "ConfigMap",
     ])
 
 
