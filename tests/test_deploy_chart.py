@@ -270,13 +270,19 @@ def test_accelerator_profiles_reach_the_operator_configuration(tmp_path: Path) -
         "tolerations": [{"key": "example.com/gpu", "operator": "Exists"}]}
         for name in ("nvidia-a100-80gb", "nvidia-h100-80gb", "nvidia-h200")}}}
     values = tmp_path / "values.yaml"
-    values.write_text(json.dumps({"acceleratorProfiles": {"gpu": "onprem", "custom": custom}}))
+    values.write_text(json.dumps({"acceleratorProfiles": {"gpu": "onprem", "custom": custom},
+                                  "trainer": {"image": "mirror.local/trainer:1",
+                                              "pullPolicy": "Always",
+                                              "imagePullSecrets": ["mirror"]}}))
     objects = dr.helm_template(dr.CASES_BY_NAME["default"], values_files=[values])
     config = dr.one(objects, "ConfigMap", "dptrain-operator-config")
     path = tmp_path / "operator.yaml"
     path.write_text(config["data"]["operator.yaml"])
     chosen = placements(load_config(path))  # what the operator reads at startup
     assert chosen.gpu_name == "onprem" and chosen.tpu_name == "gke"
+    assert chosen.trainer.image == "mirror.local/trainer:1"
+    assert chosen.trainer.image_pull_policy == "Always"
+    assert chosen.trainer.image_pull_secrets == ("mirror",)
     placement = chosen.for_accelerator("nvidia-h100-80gb")
     assert placement is not None
     assert placement.node_selector == {"example.com/gpu": "nvidia-h100-80gb"}

@@ -86,7 +86,8 @@ def test_bad_configuration_names_the_field(tmp_path, config, message):
 def test_operator_with_the_eks_profile_creates_gpu_pods_for_eks(kube, kube_api, start_operator,
                                                                 tmp_path):
     config = tmp_path / "operator.yaml"
-    config.write_text("gpuProfile: eks\n")
+    config.write_text("gpuProfile: eks\ntrainer: {image: registry.example/dptrain/trainer:9, "
+                      "imagePullPolicy: Always, imagePullSecrets: [mirror]}\n")
     start_operator("--config", str(config))
     kube.create_job(job_manifest("eksgpu", compute={"accelerator": "nvidia-h100-80gb"}))
     job = wait_for(lambda: kube.get("batch/v1/jobs", "default", "eksgpu-train"),
@@ -96,6 +97,10 @@ def test_operator_with_the_eks_profile_creates_gpu_pods_for_eks(kube, kube_api, 
     assert pod["tolerations"] == [GPU_TAINT]
     (container,) = pod["containers"]
     assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    # The operator's pod defaults: this job names no image.
+    assert container["image"] == "registry.example/dptrain/trainer:9"
+    assert container["imagePullPolicy"] == "Always"
+    assert pod["imagePullSecrets"] == [{"name": "mirror"}]
     clean = {k: v for k, v in job.items() if k != "status"}
     clean["metadata"] = {k: job["metadata"][k] for k in ("name", "namespace", "labels")}
     kubernetes_validate.validate(clean, "1.32", strict=True)
@@ -109,3 +114,22 @@ def test_cli_refuses_a_bad_configuration_with_one_line(tmp_path, capsys):
     assert main(["operator", "--config", str(path), "--metrics-port", "0"]) != 0
     err = capsys.readouterr().err
     assert "gpuProfile: unknown profile 'aks'" in err and err.count("\n") == 1
+
+
+def test_trainer_defaults_apply_to_jobs_without_an_image_of_their_own():
+    from dptrain.api import DEFAULT_TRAINER_IMAGE, parse_job
+    from dptrain.operator._profiles import TrainerDefaults
+
+    defaults = TrainerDefaults(image="mirror.local/trainer:1", image_pull_policy="Never",
+                               image_pull_secrets=("a", "b"))
+    plain = parse_job(job_manifest("x")).spec
+    assert plain.image == DEFAULT_TRAINER_IMAGE
+    assert defaults.spec(plain).image == "mirror.local/trainer:1"
+    own = parse_job(job_manifest("y", image="example.com/mine:2")).spec
+    assert defaults.spec(own).image == "example.com/mine:2"  # the job's choice wins
+    jobset = {"kind": "JobSet", "spec": {"replicatedJobs": [{"template": {"spec": {
+        "template": {"spec": {"containers": [{"name": "trainer"}]}}}}}]}}
+    pod = defaults.apply(jobset)["spec"]["replicatedJobs"][0]["template"]["spec"]["template"][
+        "spec"]
+    assert pod["containers"][0]["imagePullPolicy"] == "Never"
+    assert pod["imagePullSecrets"] == [{"name": "a"}, {"name": "b"}]

@@ -17,6 +17,9 @@ one for GPUs and one for TPUs and may define its own:
 
 A selector a profile does not know for an accelerator is an error at configuration time, not
 a pod that stays Pending: every profile must place every accelerator it is chosen for.
+
+The same configuration holds operator-wide pod defaults (``trainer``): the image of jobs that
+name none, the pull policy and pull secrets (e.g. a private registry mirror on-prem).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
+from dptrain.api import DEFAULT_TRAINER_IMAGE, DPTrainingJobSpec
 from dptrain.operator._children import PodSizing
 from dptrain.planner import ACCELERATORS
 
@@ -70,9 +74,43 @@ class Profile(_Model):
     accelerators: dict[str, Placement]
 
 
+class TrainerDefaults(_Model):
+    """Operator-wide defaults of the pods the operator creates (trainers, data preparation)."""
+
+    image: str | None = Field(default=None, min_length=1, max_length=512, pattern=r"^[^\s]+$")
+    """Image of jobs that do not name one (``spec.image`` unset or the built-in default)."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    image_pull_secrets: tuple[str, ...] = ()
+    """Secrets (in each job's namespace) to pull the image with."""
+
+    def spec(self, spec: DPTrainingJobSpec) -> DPTrainingJobSpec:
+        """``spec`` with the default image when it names none of its own."""
+        if self.image is None or spec.image != DEFAULT_TRAINER_IMAGE:
+            return spec
+        return spec.model_copy(update={"image": self.image})
+
+    def apply(self, workload: dict[str, Any]) -> dict[str, Any]:
+        """Pull policy and pull secrets on every pod template of a Job or JobSet (in place)."""
+        for pod in _pod_specs(workload):
+            for container in pod.get("containers", []) + pod.get("initContainers", []):
+                container["imagePullPolicy"] = self.image_pull_policy
+            if self.image_pull_secrets:
+                pod["imagePullSecrets"] = [{"name": n} for n in self.image_pull_secrets]
+        return workload
+
+
+def _pod_specs(workload: Mapping[str, Any]) -> list[dict[str, Any]]:
+    spec = workload.get("spec") or {}
+    if workload.get("kind") == "JobSet":
+        return [job["template"]["spec"]["template"]["spec"]
+                for job in spec.get("replicatedJobs", [])]
+    return [spec["template"]["spec"]] if "template" in spec else []
+
+
 class OperatorConfig(_Model):
     """The operator configuration file (``--config``)."""
 
+    trainer: TrainerDefaults = Field(default_factory=TrainerDefaults)
     gpu_profile: str = "generic"
     tpu_profile: str = "gke"
     profiles: dict[str, Profile] = Field(default_factory=dict)
@@ -117,12 +155,13 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Placements:
-    """The chosen profiles: placement of each accelerator."""
+    """The chosen profiles (placement of each accelerator) and the pod defaults."""
 
     gpu: Profile
     tpu: Profile
     gpu_name: str = "generic"
     tpu_name: str = "gke"
+    trainer: TrainerDefaults = dataclasses.field(default_factory=TrainerDefaults)
 
     def for_accelerator(self, accelerator: str) -> Placement | None:
         """The placement of ``accelerator`` (None: CPU, which needs none)."""
@@ -166,7 +205,8 @@ def placements(config: OperatorConfig | None = None) -> Placements:
                               f"{', '.join(missing)} (add profiles.{name}.accelerators.<name>)")
         chosen[field] = known[name]
     return Placements(gpu=chosen["gpuProfile"], tpu=chosen["tpuProfile"],
-                      gpu_name=config.gpu_profile, tpu_name=config.tpu_profile)
+                      gpu_name=config.gpu_profile, tpu_name=config.tpu_profile,
+                      trainer=config.trainer)
 
 
 def load_config(path: str | Path) -> OperatorConfig:

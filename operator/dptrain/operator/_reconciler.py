@@ -19,7 +19,14 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from dptrain.api import API_VERSION, DATASET_KIND, PLURAL, TERMINAL_PHASES, PlanStatus
+from dptrain.api import (
+    API_VERSION,
+    DATASET_KIND,
+    PLURAL,
+    TERMINAL_PHASES,
+    DPTrainingJobSpec,
+    PlanStatus,
+)
 from dptrain.operator import _metrics
 from dptrain.operator._children import (
     CONFIG_FILE,
@@ -438,6 +445,8 @@ class Reconciler:
             elif child == "config":
                 await self.client.delete(resource_path("v1", "configmaps", ns, names.config_map))
         spec, plan = decision.spec, decision.plan
+        if spec is not None:  # the operator's default image for jobs that name none
+            spec = self.config.placements.trainer.spec(spec)
         dataset = decision.dataset
         created_config = False
         for child in dict.fromkeys(decision.create):
@@ -463,11 +472,12 @@ class Reconciler:
                 # (AlreadyExists keeps the first key, so restarts reuse it); never logged.
                 await self.client.create(resource_path("v1", "secrets", ns),
                                          build_key_secret(job, secrets.token_bytes(32)))
-                await self._create_workload(job, decision, plan)
+                await self._create_workload(job, decision, plan, spec)
             elif child == "prepare":
-                await self.client.create(resource_path("batch/v1", "jobs", ns),
-                                         build_prepare_job(spec, job,
-                                                           api_server=self.config.pod_api_server))
+                await self.client.create(
+                    resource_path("batch/v1", "jobs", ns),
+                    self.config.placements.trainer.apply(
+                        build_prepare_job(spec, job, api_server=self.config.pod_api_server)))
         if decision.update_config and not created_config and spec is not None:
             # The ConfigMap is immutable: a new config is a new object (delete, then create).
             config = build_config_map(spec, job, plan, dataset)
@@ -497,10 +507,10 @@ class Reconciler:
             _metrics.HALTED.labels(decision.halted).inc()
             logger.info("%s/%s halted: %s (%s)", ns, job.name, decision.phase, decision.halted)
 
-    async def _create_workload(self, job: JobRef, decision: Decision, plan: PlanStatus) -> None:
-        spec = decision.spec
-        assert spec is not None
-        sizing = await asyncio.to_thread(self.tools.pod_sizing, spec, plan)
+    async def _create_workload(self, job: JobRef, decision: Decision, plan: PlanStatus,
+                               spec: DPTrainingJobSpec) -> None:
+        planned = decision.spec if decision.spec is not None else spec  # the planner's key
+        sizing = await asyncio.to_thread(self.tools.pod_sizing, planned, plan)
         sizing = self.config.placements.place(sizing, spec.compute.accelerator)
         if self.config.use_jobset:
             body = build_jobset(spec, job, plan, sizing, api_server=self.config.pod_api_server,
@@ -509,7 +519,8 @@ class Reconciler:
             body = build_trainer_job(spec, job, plan, sizing,
                                      api_server=self.config.pod_api_server,
                                      restart=decision.restart)
-        await self.client.create(self._workload_path(job.namespace), body)
+        await self.client.create(self._workload_path(job.namespace),
+                                 self.config.placements.trainer.apply(body))
 
     @staticmethod
     def _observe_metrics(namespace: str, name: str, body: Mapping[str, Any],
