@@ -65,3 +65,19 @@ def test_two_replicas_one_acts_and_the_standby_takes_over_when_it_dies(kube, sta
     assert "Resuming operations" in standby.tail(400)  # kopf's pause lifted by peering
     assert phase_of(kube, "ha") == "Running"
     assert child_kinds(kube, "ha") == kinds  # nothing duplicated, nothing lost
+
+    # A rolling update: a new replica starts as a standby (younger), the old one exits cleanly
+    # (SIGTERM removes its keep-alive) and the new one takes over without waiting out a lifetime.
+    newcomer = start_operator("--peering", "dptrain")
+    wait_for(lambda: len((kube.get(PEERING, None, "dptrain") or {}).get("status") or {}) == 2,
+             what="the newcomer's keep-alive")
+    kube_ledger.report(kube, "ha", stepsCharged=6, step=6)
+    wait_for(lambda: steps_charged(kube, "ha") == 6, what="6 steps charged by the active one")
+    assert 'name="ha"' not in newcomer.metrics(), "a younger replica took over a live one"
+    standby.stop()
+    stopped = time.monotonic()
+    kube_ledger.report(kube, "ha", stepsCharged=7, step=7)
+    wait_for(lambda: steps_charged(kube, "ha") == 7, timeout=10,
+             what="the newcomer taking over after a clean exit", describe=newcomer.tail)
+    print(f"takeover after a clean exit: {time.monotonic() - stopped:.1f} s")
+    assert child_kinds(kube, "ha") == kinds
