@@ -60,8 +60,9 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
         "high availability",
         "Run several replicas with --peering NAME: the replica with the highest priority works, "
         "the others stand by and take over within about --peering-lifetime seconds when it "
-        "goes. Needs kopf's ClusterKopfPeering (or, with --namespace, KopfPeering) CRD and an "
-        "object named NAME (the Helm chart creates both when replicas > 1).")
+        "goes. Needs kopf's ClusterKopfPeering (or, with --namespace, KopfPeering) CRD, which "
+        "manifests/ and the Helm chart install; the operator creates the object NAME if "
+        "missing. The chart runs replicas > 1 this way.")
     ha.add_argument("--peering", metavar="NAME", default=os.environ.get("DPTRAIN_PEERING"),
                     help="name of the peering object the replicas share (default "
                          "$DPTRAIN_PEERING; unset: run alone, without peering)")
@@ -83,7 +84,8 @@ def _run_operator(args: argparse.Namespace) -> int:
             fail(f"--{flag.replace('_', '-')} must be > 0")
     if not args.restart_backoff >= 0:
         fail("--restart-backoff must be >= 0")
-    if args.peering is not None and not _DNS_NAME.fullmatch(args.peering):
+    if args.peering is not None and (len(args.peering) > 253
+                                     or not _DNS_NAME.fullmatch(args.peering)):
         fail("--peering must be a lowercase DNS name (a-z, 0-9, '-', '.'), at most 253 "
              "characters")
     if not 10 <= args.peering_lifetime <= 300:
