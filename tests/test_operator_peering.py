@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 
+import pytest
+
 from dptrain.operator._peering import (
     PeeringIdentity,
     peering_path,
@@ -74,3 +76,16 @@ def test_a_standing_by_replica_drops_its_own_requeues_but_not_kopf_triggers():
     assert client.paths == ["/apis/kopf.dev/v1/clusterkopfpeerings/p"]  # and nothing else
     asyncio.run(reconciler.poke("default", "job", "event"))  # kopf only calls us when active
     assert client.paths[1] == "/apis/dptrain.io/v1alpha1/namespaces/default/dptrainingjobs/job"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--peering", "Bad_Name"], "--peering must be a lowercase DNS name"),
+    (["--peering", "a" * 254], "--peering must be a lowercase DNS name"),
+    (["--peering", "ok", "--peering-lifetime", "5"], "--peering-lifetime must be in 10..300"),
+])
+def test_cli_refuses_bad_peering_flags_with_one_line(args, message, capsys):
+    from dptrain.cli import main
+
+    assert main(["operator", "--metrics-port", "0", *args]) != 0
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
