@@ -81,3 +81,18 @@ def test_two_replicas_one_acts_and_the_standby_takes_over_when_it_dies(kube, sta
              what="the newcomer taking over after a clean exit", describe=newcomer.tail)
     print(f"takeover after a clean exit: {time.monotonic() - stopped:.1f} s")
     assert child_kinds(kube, "ha") == kinds
+
+
+def test_a_namespaced_replica_peers_in_its_namespace_and_works_alone(kube, start_operator):
+    namespaced = "kopf.dev/v1/kopfpeerings"
+    # A namespaced kopf serves the listed namespaces that exist (the emulator starts with none).
+    kube.create("v1/namespaces", None, {"apiVersion": "v1", "kind": "Namespace",
+                                         "metadata": {"name": "default"}})
+    operator = start_operator("--namespace", "default", "--peering", "team")
+    peering = wait_for(lambda: (kube.get(namespaced, "default", "team") or {}).get("status"),
+                       what="its keep-alive in the KopfPeering it created",
+                       describe=lambda: operator.tail() + repr(kube.list(namespaced, "default")))
+    assert len(peering) == 1 and kube.get(PEERING, None, "team") is None
+    kube.create_job(job_manifest("solo"))
+    wait_for(lambda: phase_of(kube, "solo") == "Running", what="the job running",
+             describe=operator.tail)
