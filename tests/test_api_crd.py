@@ -105,3 +105,20 @@ def test_strict_schema_rejects_unknown_fields_and_wrong_types():
 
 def test_crd_json_output_is_the_same_object():
     assert json.loads(json.dumps(crd_manifest())) == yaml.safe_load(crd_yaml())
+
+
+def test_bounds_go_tools_would_write_as_1e_plus_30_are_cel_rules_and_still_enforced():
+    flops = crd_schema()["properties"]["spec"]["properties"]["compute"]["properties"]["flops"]
+    assert "maximum" not in flops and flops["minimum"] == 0 and flops["exclusiveMinimum"] is True
+    assert flops["x-kubernetes-validations"] == [
+        {"rule": "self <= 1e+30", "message": "must be less than or equal to 1e+30"}]
+    hours = crd_schema()["properties"]["spec"]["properties"]["compute"]["properties"][
+        "acceleratorHours"]
+    assert hours["maximum"] == 10_000_000 and isinstance(hours["maximum"], int)
+    # The emulator's validator (what the API server enforces, CEL included) still has the bound.
+    validator = jsonschema.Draft4Validator(validating_schema())
+    job = yaml.safe_load((ROOT / "manifests" / "samples" / "gpu-h100.yaml").read_text())
+    job["spec"].setdefault("compute", {})["flops"] = 2e30
+    assert any(list(e.absolute_path)[-1] == "flops" for e in validator.iter_errors(job))
+    job["spec"]["compute"]["flops"] = 1e30
+    assert not any(list(e.absolute_path)[-1:] == ["flops"] for e in validator.iter_errors(job))

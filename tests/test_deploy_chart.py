@@ -68,7 +68,7 @@ def test_default_render_installs_the_operator_cluster_wide(
     objects = rendered["default"]
     assert _kinds(objects) == {
         "CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
-        "Deployment", "Service",
+        "Deployment", "Service", "ConfigMap",
     }
     names = {obj["metadata"]["name"] for obj in dr.of_kind(objects, "ClusterRole")}
     assert names == {
@@ -78,7 +78,8 @@ def test_default_render_installs_the_operator_cluster_wide(
     command = _operator_command(objects)
     assert command == [
         "dptrain", "operator", "--all-namespaces", "--metrics-port", "9090",
-        "--health-port", "8080", "--log-format", "json",
+        "--health-port", "8080", "--log-format", "json", "--config",
+        "/etc/dptrain/operator.yaml",
     ]
     deployment = dr.one(objects, "Deployment")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
@@ -87,8 +88,9 @@ def test_default_render_installs_the_operator_cluster_wide(
 
 def test_crd_is_kept_on_uninstall(rendered: dict[str, tuple[dict[str, Any], ...]]) -> None:
     crds = dr.of_kind(rendered["default"], "CustomResourceDefinition")
-    assert sorted(c["metadata"]["name"] for c in crds) == ["dpdatasets.dptrain.io",
-                                                           "dptrainingjobs.dptrain.io"]
+    assert sorted(c["metadata"]["name"] for c in crds) == [
+        "clusterkopfpeerings.kopf.dev", "dpdatasets.dptrain.io", "dptrainingjobs.dptrain.io",
+        "kopfpeerings.kopf.dev"]
     for crd in crds:
         assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     assert "CustomResourceDefinition" not in _kinds(rendered["namespaced"])  # crds.enabled=false
@@ -167,7 +169,9 @@ def test_monitoring_objects_need_the_prometheus_operator_api() -> None:
     assert "ConfigMap" in kinds  # the Grafana dashboard needs no CRD
     with_api = _kinds(dr.chart_objects("monitoring"))
     assert with_api >= dr.PROMETHEUS_OPERATOR_KINDS
-    assert not _kinds(dr.chart_objects("default")) & (dr.PROMETHEUS_OPERATOR_KINDS | {"ConfigMap"})
+    assert not _kinds(dr.chart_objects("default")) & dr.PROMETHEUS_OPERATOR_KINDS
+    assert [c["metadata"]["name"] for c in dr.of_kind(dr.chart_objects("default"), "ConfigMap")
+            ] == ["dptrain-operator-config"]  # no dashboard
 
 
 @pytest.mark.parametrize(
@@ -221,3 +225,70 @@ def test_values_schema_is_closed_everywhere() -> None:
         if not path.endswith(("/if", "/then"))
     ]
     assert loose == []
+
+
+def test_one_replica_runs_alone_and_two_run_with_peering(
+    rendered: dict[str, tuple[dict[str, Any], ...]],
+) -> None:
+    alone = dr.one(rendered["default"], "Deployment")["spec"]
+    assert alone["replicas"] == 1 and alone["strategy"] == {"type": "Recreate"}
+    assert "--peering" not in _operator_command(rendered["default"])
+
+    objects = rendered["ha"]
+    spec = dr.one(objects, "Deployment")["spec"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"]["type"] == "RollingUpdate"
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    command = _operator_command(objects)
+    assert command[command.index("--peering") + 1] == "dptrain-operator"
+    (container,) = spec["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    operator_role = dr.one(objects, "ClusterRole", "dptrain-operator")
+    peering_rules = [r for r in operator_role["rules"] if r["apiGroups"] == ["kopf.dev"]]
+    assert peering_rules == [{"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings"],
+                              "verbs": ["get", "list", "watch", "create", "patch"]}]
+    crds = {c["metadata"]["name"]: c for c in dr.of_kind(objects, "CustomResourceDefinition")}
+    assert crds["clusterkopfpeerings.kopf.dev"]["spec"]["scope"] == "Cluster"
+    assert crds["kopfpeerings.kopf.dev"]["spec"]["scope"] == "Namespaced"
+
+
+def test_namespaced_replicas_peer_in_each_watched_namespace() -> None:
+    objects = dr.helm_template(dr.CASES_BY_NAME["namespaced"], set_values=["replicas=2"])
+    for role in dr.of_kind(objects, "Role"):
+        if role["metadata"]["name"] == "dptrain-operator":
+            assert {"apiGroups": ["kopf.dev"], "resources": ["kopfpeerings"],
+                    "verbs": ["get", "list", "watch", "create", "patch"]} in role["rules"]
+    assert "--peering" in _operator_command(tuple(objects))
+
+
+def test_accelerator_profiles_reach_the_operator_configuration(tmp_path: Path) -> None:
+    from dptrain.operator._profiles import load_config, placements
+
+    custom = {"onprem": {"accelerators": {name: {
+        "nodeSelector": {"example.com/gpu": name},
+        "tolerations": [{"key": "example.com/gpu", "operator": "Exists"}]}
+        for name in ("nvidia-a100-80gb", "nvidia-h100-80gb", "nvidia-h200")}}}
+    values = tmp_path / "values.yaml"
+    values.write_text(json.dumps({"acceleratorProfiles": {"gpu": "onprem", "custom": custom},
+                                  "trainer": {"image": "mirror.local/trainer:1",
+                                              "pullPolicy": "Always",
+                                              "imagePullSecrets": ["mirror"]}}))
+    objects = dr.helm_template(dr.CASES_BY_NAME["default"], values_files=[values])
+    config = dr.one(objects, "ConfigMap", "dptrain-operator-config")
+    path = tmp_path / "operator.yaml"
+    path.write_text(config["data"]["operator.yaml"])
+    chosen = placements(load_config(path))  # what the operator reads at startup
+    assert chosen.gpu_name == "onprem" and chosen.tpu_name == "gke"
+    assert chosen.trainer.image == "mirror.local/trainer:1"
+    assert chosen.trainer.image_pull_policy == "Always"
+    assert chosen.trainer.image_pull_secrets == ("mirror",)
+    placement = chosen.for_accelerator("nvidia-h100-80gb")
+    assert placement is not None
+    assert placement.node_selector == {"example.com/gpu": "nvidia-h100-80gb"}
+    deployment = dr.one(objects, "Deployment")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == "dptrain-operator-config"
+    with pytest.raises(dr.ToolError, match="operator"):
+        dr.helm_template(dr.CASES_BY_NAME["default"],
+                         set_values=["acceleratorProfiles.custom.x.accelerators.a.operator=1"])

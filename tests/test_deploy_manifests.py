@@ -33,10 +33,11 @@ def test_every_manifest_is_valid(manifests: tuple[dict[str, Any], ...]) -> None:
         dr.validate_object(obj)
     kinds = sorted(obj["kind"] for obj in manifests)
     assert kinds == sorted([
-        "Namespace", "CustomResourceDefinition", "CustomResourceDefinition", "ServiceAccount",
+        "Namespace", "CustomResourceDefinition", "CustomResourceDefinition",
+        "CustomResourceDefinition", "CustomResourceDefinition", "ServiceAccount",
         "ClusterRole", "ClusterRole",
         "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding", "Service",
-        "Deployment",
+        "Deployment", "ConfigMap",
     ])
 
 

@@ -214,7 +214,7 @@ def test_alert_templates_survive_helm(monitoring: tuple[dict[str, Any], ...]) ->
 def test_grafana_dashboard_queries_parse_and_use_exported_metrics(
     monitoring: tuple[dict[str, Any], ...], exported: set[str]
 ) -> None:
-    config_map = dr.one(monitoring, "ConfigMap")
+    config_map = dr.one(monitoring, "ConfigMap", "dptrain-operator-dashboard")
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     (payload,) = config_map["data"].values()
     dashboard = json.loads(payload)
@@ -304,7 +304,7 @@ def test_phase_matchers_name_real_phases(monitoring: tuple[dict[str, Any], ...])
 
     phases = set(get_args(Phase))
     exprs = [rule["expr"] for rule in _rules(dr.one(monitoring, "PrometheusRule"))]
-    (payload,) = dr.one(monitoring, "ConfigMap")["data"].values()
+    (payload,) = dr.one(monitoring, "ConfigMap", "dptrain-operator-dashboard")["data"].values()
     exprs += [t["expr"] for p in json.loads(payload)["panels"] for t in p["targets"]]
     used = {
         value

@@ -42,6 +42,9 @@ OPERATOR_ALLOWED: dict[tuple[str, str], frozenset[str]] = {
     ("rbac.authorization.k8s.io", "roles"): MANAGE,
     ("rbac.authorization.k8s.io", "rolebindings"): MANAGE,
     ("jobset.x-k8s.io", "jobsets"): READ | MANAGE,
+    # kopf peering (several replicas): keep-alives in the peering object, created if missing.
+    ("kopf.dev", "clusterkopfpeerings"): READ | {"create", "patch"},
+    ("kopf.dev", "kopfpeerings"): READ | {"create", "patch"},
 }
 # Cluster-scoped resources: the only ones a namespaced-scope operator may reach cluster-wide.
 CLUSTER_DISCOVERY = {("", "namespaces"), ("apiextensions.k8s.io", "customresourcedefinitions")}
@@ -252,8 +255,12 @@ def test_operator_pods_are_locked_down(
     for name, objects in renderings.items():
         deployment = dr.one(objects, "Deployment")
         spec = deployment["spec"]
-        assert spec["replicas"] == 1, name  # kopf has no leader election
-        assert spec["strategy"] == {"type": "Recreate"}, name
+        command = spec["template"]["spec"]["containers"][0]["command"]
+        if "--peering" in command:  # several replicas, one active (kopf peering)
+            assert spec["replicas"] >= 2 and spec["strategy"]["type"] == "RollingUpdate", name
+        else:  # alone: never two operators (two ledger writers) at once, even in an upgrade
+            assert spec["replicas"] == 1, name
+            assert spec["strategy"] == {"type": "Recreate"}, name
         pod = spec["template"]["spec"]
         assert pod_security_violations(pod, f"{name}:{dr.object_id(deployment)}") == []
         (container,) = pod["containers"]

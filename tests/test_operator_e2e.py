@@ -187,3 +187,20 @@ def test_deleted_job_takes_its_children_and_metric_series(kube, start_operator):
                                      o["metadata"].get("creationTimestamp"))
                                     for o in children(kube, "doomed")]))
     wait_for(lambda: 'name="doomed"' not in operator.metrics(), what="the series gone")
+
+
+def test_budget_series_exist_from_acceptance_before_any_plan(kube, start_operator):
+    operator = start_operator()
+    kube.create_job(job_manifest("early", data={"numSequences": None}))  # N unknown: prepare
+    job = wait_phase(kube, "early", "Preparing")
+    assert "plan" not in job["status"] and "privacy" not in job["status"]
+    series = {
+        'dptrain_job_epsilon_budget{name="early",namespace="default"} 2.0',
+        'dptrain_job_epsilon_spent{name="early",namespace="default"} 0.0',
+        'dptrain_job_steps_charged{name="early",namespace="default"} 0.0',
+        'dptrain_job_phase{name="early",namespace="default",phase="Preparing"} 1.0',
+    }
+    wait_for(lambda: series <= set(operator.metrics().splitlines()),
+             what="the budget series of a job in Preparing",
+             describe=lambda: "\n".join(line for line in operator.metrics().splitlines()
+                                        if 'name="early"' in line))

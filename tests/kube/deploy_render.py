@@ -63,6 +63,7 @@ RENDER_CASES: tuple[RenderCase, ...] = (
     RenderCase("default", "default-values.yaml"),
     RenderCase("monitoring", "monitoring-values.yaml", api_versions=(MONITORING_API,)),
     RenderCase("namespaced", "namespaced-values.yaml"),
+    RenderCase("ha", "ha-values.yaml"),
 )
 CASES_BY_NAME = {case.name: case for case in RENDER_CASES}
 
@@ -113,15 +114,16 @@ def run_tool(args: Sequence[str], *, timeout: float = 120) -> str:
     return proc.stdout
 
 
-class _Yaml12Loader(yaml.SafeLoader):
+class Yaml12Loader(yaml.SafeLoader):
     """SafeLoader that also reads YAML 1.2 floats without a dot (``1e+30``), as Go tools write them.
 
-    PyYAML implements YAML 1.1, where ``1e+30`` is a string; helm and kustomize (Go, YAML 1.2) emit
-    large floats that way, and the API server reads them as numbers.
+    PyYAML implements YAML 1.1, where ``1e+30`` is a string; the API server (YAML 1.2) reads a
+    number. What dptrain ships must read the same either way: tests load rendered output with
+    PyYAML's ``safe_load`` (:func:`load_documents`) and compare it with this loader.
     """
 
 
-_Yaml12Loader.add_implicit_resolver(
+Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
@@ -129,8 +131,8 @@ _Yaml12Loader.add_implicit_resolver(
 
 
 def load_documents(text: str) -> list[dict[str, Any]]:
-    """All non-empty YAML documents of a multi-document stream."""
-    return [doc for doc in yaml.load_all(text, Loader=_Yaml12Loader) if doc]
+    """All non-empty YAML documents of a multi-document stream, read as YAML 1.1 tools do."""
+    return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
 def helm_template_args(
@@ -160,15 +162,26 @@ def helm_template(
 
 
 @functools.cache
+def rendered_text(key: str) -> str:
+    """The raw output of one rendering (``chart:<case>`` or ``manifests``), once per session."""
+    if key == "manifests":
+        return run_tool([kubectl_binary(), "kustomize", str(MANIFESTS)])
+    return run_tool(helm_template_args(CASES_BY_NAME[key.removeprefix("chart:")]))
+
+
+RENDERINGS: tuple[str, ...] = (*(f"chart:{case.name}" for case in RENDER_CASES), "manifests")
+
+
+@functools.cache
 def chart_objects(case_name: str) -> tuple[dict[str, Any], ...]:
     """The chart rendered for a named case, once per session."""
-    return tuple(helm_template(CASES_BY_NAME[case_name]))
+    return tuple(load_documents(rendered_text(f"chart:{case_name}")))
 
 
 @functools.cache
 def manifest_objects() -> tuple[dict[str, Any], ...]:
     """``kubectl kustomize manifests/``, once per session."""
-    return tuple(load_documents(run_tool([kubectl_binary(), "kustomize", str(MANIFESTS)])))
+    return tuple(load_documents(rendered_text("manifests")))
 
 
 def all_rendered() -> dict[str, tuple[dict[str, Any], ...]]:

@@ -5,7 +5,8 @@ a kube-apiserver that a real ``kopf run`` and our trainer can talk to it:
 
 - discovery seeded with exactly the resources dptrain uses (v1 namespaces, our CRD with its
   ``status`` subresource, batch/v1 jobs, configmaps, services, serviceaccounts, RBAC roles and
-  rolebindings, v1 and events.k8s.io events; JobSet only when asked);
+  rolebindings, v1 and events.k8s.io events, kopf's ClusterKopfPeering and KopfPeering; JobSet
+  only when asked);
 - ``uid``, ``resourceVersion``, ``creationTimestamp``, ``generation`` and the namespace from the
   URL stamped on create; ``generateName`` honoured; ``resourceVersion`` bumped on every write and
   ``generation`` on spec changes; 409 on duplicates and on a stale ``resourceVersion``;
@@ -66,6 +67,8 @@ parsing.parse_path = _parse_path
 CRD_RESOURCE = "dptrain.io/v1alpha1/dptrainingjobs"
 DATASET_RESOURCE = "dptrain.io/v1alpha1/dpdatasets"
 JOBSET_RESOURCE = "jobset.x-k8s.io/v1alpha2/jobsets"
+PEERING_RESOURCE = "kopf.dev/v1/clusterkopfpeerings"
+NAMESPACED_PEERING_RESOURCE = "kopf.dev/v1/kopfpeerings"
 
 _VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
 
@@ -84,6 +87,9 @@ BASE_RESOURCES: dict[str, tuple[str, bool, tuple[str, ...]]] = {
     "rbac.authorization.k8s.io/v1/rolebindings": ("RoleBinding", True, ()),
     CRD_RESOURCE: ("DPTrainingJob", True, ("status",)),
     DATASET_RESOURCE: ("DPDataset", True, ("status",)),
+    # kopf peering (HA replicas): status is a plain field there, as in kopf's own CRDs.
+    PEERING_RESOURCE: ("ClusterKopfPeering", False, ()),
+    NAMESPACED_PEERING_RESOURCE: ("KopfPeering", True, ()),
 }
 
 

@@ -23,7 +23,8 @@ def free_port() -> int:
 
 
 class OperatorProcess:
-    """Start/stop `dptrain operator --all-namespaces` with KUBECONFIG; logs go to a file."""
+    """Start/stop `dptrain operator --all-namespaces` (or the ``--namespace`` flags given in
+    ``extra_args``) with KUBECONFIG; logs go to a file."""
 
     def __init__(self, kubeconfig: Path, log_path: Path, *, extra_args: tuple[str, ...] = (),
                  env: dict[str, str] | None = None) -> None:
@@ -39,7 +40,8 @@ class OperatorProcess:
     def start(self, *, ready_timeout: float = 60.0) -> OperatorProcess:
         env = dict(os.environ, KUBECONFIG=str(self.kubeconfig), PYTHONUNBUFFERED="1",
                    **self.env)
-        args = [sys.executable, "-c", _ENTRY, "operator", "--all-namespaces",
+        scope = [] if "--namespace" in self.extra_args else ["--all-namespaces"]
+        args = [sys.executable, "-c", _ENTRY, "operator", *scope,
                 "--metrics-port", str(self.metrics_port), "--health-port", str(self.health_port),
                 "--log-format", "plain", *self.extra_args]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()

@@ -120,6 +120,12 @@ holds those rights itself.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+{{- /* Peering (several replicas): kopf watches and patches the peering object, which the
+operator creates at startup if missing. Cluster scope: one ClusterKopfPeering; namespaced: a
+KopfPeering in each watched namespace. */}}
+- apiGroups: ["kopf.dev"]
+  resources: [{{ ternary "clusterkopfpeerings" "kopfpeerings" (eq .Values.watch.scope "cluster") | quote }}]
+  verbs: ["get", "list", "watch", "create", "patch"]
 {{- /* JobSets are always watched; they are managed unless workload=job. */}}
 - apiGroups: ["jobset.x-k8s.io"]
   resources: ["jobsets"]
@@ -144,5 +150,12 @@ matchNames:
   {{- end }}
 {{- else }}
 any: true
+{{- end }}
+{{- end }}
+
+{{/* Whether the replicas run with kopf peering: more than one replica, or asked for. */}}
+{{- define "dptrain.peering" -}}
+{{- if or (gt (int .Values.replicas) 1) .Values.peering.enabled }}
+{{- default (include "dptrain.fullname" .) .Values.peering.name }}
 {{- end }}
 {{- end }}

@@ -111,8 +111,58 @@ def _structural(node: JsonObject) -> JsonObject:
     return node
 
 
+# Go's YAML and JSON encoders (helm's ``toYaml``, kustomize) write a float64 in exponent form
+# (``1e+30``) outside [1e-4, 1e21); YAML 1.1 readers (PyYAML, kubernetes-validate's CLI) then read
+# ``1e+30`` as a string. Bounds inside the range are written as plain numbers; the others become
+# CEL rules (a string survives every tool), which the API server enforces the same way.
+_PLAIN_FLOAT_RANGE = (1e-4, 1e21)
+
+
+def _portable_number(value: float) -> int | float:
+    """``value`` as every tool writes it the same way: integral floats as ints."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < _PLAIN_FLOAT_RANGE[1]:
+        return int(value)
+    return value
+
+
+def _plain(value: float) -> bool:
+    low, high = _PLAIN_FLOAT_RANGE
+    return isinstance(value, int) or value == 0 or low <= abs(value) < high
+
+
+def _portable_bounds(node: Any) -> Any:
+    """Rewrite ``minimum``/``maximum`` so that YAML 1.1 and YAML 1.2 tools read numbers."""
+    if isinstance(node, list):
+        return [_portable_bounds(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _portable_bounds(v) for k, v in node.items()}
+    for bound, cmp, words in (("minimum", ">", "greater than"), ("maximum", "<", "less than")):
+        value = out.get(bound)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        value = _portable_number(value)
+        if _plain(value):
+            out[bound] = value
+            continue
+        exclusive = bool(out.pop("exclusive" + bound.capitalize(), False))
+        del out[bound]
+        literal = repr(float(value))
+        op = cmp if exclusive else cmp + "="
+        rule = {"rule": f"self {op} {literal}",
+                "message": f"must be {words}{'' if exclusive else ' or equal to'} {literal}"}
+        out["x-kubernetes-validations"] = [*out.get("x-kubernetes-validations", []), rule]
+    return out
+
+
 def crd_schema(model: type[BaseModel] = DPTrainingJob) -> JsonObject:
     """The structural ``openAPIV3Schema`` of DPTrainingJob (or of DPDataset)."""
+    schema: JsonObject = _portable_bounds(_numeric_schema(model))
+    return schema
+
+
+def _numeric_schema(model: type[BaseModel]) -> JsonObject:
+    """The structural schema with every numeric bound as a JSON-Schema keyword."""
     raw = model.model_json_schema(by_alias=True, mode="validation")
     defs = raw.pop("$defs", {})
     schema = _structural(_resolve(raw, defs))
@@ -265,7 +315,8 @@ def validating_schema(strict: bool = True, model: type[BaseModel] = DPTrainingJo
     Mirrors the API server's checks: OpenAPI ``nullable`` becomes a ``null`` type, and with
     ``strict`` unknown fields are errors (``kubectl --validate=strict``, the default since
     Kubernetes 1.27) instead of being pruned. CEL rules are not evaluated here; the same rules
-    run in :func:`dptrain.api.semantic_errors`.
+    run in :func:`dptrain.api.semantic_errors`, except numeric bounds, which stay JSON-Schema
+    keywords here even where the CRD states them as CEL rules.
     """
 
     def convert(node: Any, *, is_metadata: bool = False) -> Any:
@@ -285,6 +336,7 @@ def validating_schema(strict: bool = True, model: type[BaseModel] = DPTrainingJo
             out["additionalProperties"] = False
         return out
 
-    schema: JsonObject = convert(crd_schema(model))
+    # Numeric bounds that the CRD states as CEL rules (see _portable_bounds) stay keywords here.
+    schema: JsonObject = convert(_numeric_schema(model))
     schema["$schema"] = "http://json-schema.org/draft-04/schema#"
     return schema

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 
 from dptrain.api import IN_CLUSTER_API_SERVER
 from dptrain.cli._output import fail
+
+_DNS_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -48,6 +51,28 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     parser.add_argument("--restart-backoff", type=float, default=10.0,
                         help="first delay in seconds before restarting a failed trainer; "
                              "doubles per restart (default 10)")
+    parser.add_argument("--config", metavar="FILE",
+                        default=os.environ.get("DPTRAIN_OPERATOR_CONFIG"),
+                        help="operator configuration (YAML): accelerator profiles, i.e. node "
+                             "selectors, tolerations and extra resources per accelerator "
+                             "(gpuProfile: generic|gke|eks, tpuProfile: gke, profiles: {...}); "
+                             "default $DPTRAIN_OPERATOR_CONFIG, else generic GPUs and GKE TPUs")
+    ha = parser.add_argument_group(
+        "high availability",
+        "Run several replicas with --peering NAME: the replica with the highest priority works, "
+        "the others stand by and take over within about --peering-lifetime seconds when it "
+        "goes. Needs kopf's ClusterKopfPeering (or, with --namespace, KopfPeering) CRD, which "
+        "manifests/ and the Helm chart install; the operator creates the object NAME if "
+        "missing. The chart runs replicas > 1 this way.")
+    ha.add_argument("--peering", metavar="NAME", default=os.environ.get("DPTRAIN_PEERING"),
+                    help="name of the peering object the replicas share (default "
+                         "$DPTRAIN_PEERING; unset: run alone, without peering)")
+    ha.add_argument("--priority", type=int, default=None,
+                    help="this replica's priority (default: by start time, older first; "
+                         "replicas with equal priorities all pause)")
+    ha.add_argument("--peering-lifetime", type=int, default=15, metavar="SECONDS",
+                    help="seconds a replica's keep-alive stays valid: a dead active replica "
+                         "is replaced after at most this long (default 15)")
     parser.set_defaults(handler=_run_operator)
 
 
@@ -60,14 +85,31 @@ def _run_operator(args: argparse.Namespace) -> int:
             fail(f"--{flag.replace('_', '-')} must be > 0")
     if not args.restart_backoff >= 0:
         fail("--restart-backoff must be >= 0")
+    if args.peering is not None and (len(args.peering) > 253
+                                     or not _DNS_NAME.fullmatch(args.peering)):
+        fail("--peering must be a lowercase DNS name (a-z, 0-9, '-', '.'), at most 253 "
+             "characters")
+    if not 10 <= args.peering_lifetime <= 300:
+        fail("--peering-lifetime must be in 10..300 seconds (keep-alives are sent 5-10 s "
+             "before it ends)")
     # Lazy: kopf and the kubernetes client load only for this command.
     from dptrain.operator import OperatorOptions, run
+    from dptrain.operator._profiles import ConfigError, load_config, placements
+
+    config = None
+    if args.config:
+        try:
+            config = load_config(args.config)
+            placements(config)  # every chosen profile places every accelerator of its kind
+        except ConfigError as error:
+            fail(f"--config {error}")
 
     options = OperatorOptions(
         namespaces=tuple(args.namespace), metrics_port=args.metrics_port,
         health_port=args.health_port, log_format=args.log_format, verbose=args.verbose,
         pod_api_server=args.pod_api_server, jobset=args.workload, cache_dir=args.cache_dir,
         timer_interval=args.timer_interval, stall_timeout=args.stall_timeout,
-        restart_backoff=args.restart_backoff)
+        restart_backoff=args.restart_backoff, peering=args.peering or None,
+        priority=args.priority, peering_lifetime=args.peering_lifetime, config=config)
     run(options)
     return 0

@@ -20,6 +20,7 @@ from dptrain.api import (
     API_VERSION,
     IN_CLUSTER_API_SERVER,
     PLURAL,
+    DPTrainingJobSpec,
     PlanStatus,
     status_path,
 )
@@ -38,6 +39,8 @@ from dptrain.operator._draft import Decision
 from dptrain.operator._kube import ApiError, KubeClient, resource_path
 from dptrain.operator._ledger_record import ANNOTATION_LEDGER
 from dptrain.operator._observed import Settings
+from dptrain.operator._peering import PeeringIdentity
+from dptrain.operator._profiles import Placements, placements
 from dptrain.operator._spec_changes import ANNOTATION_APPLIED_SPEC
 from dptrain.operator._tools import OperatorTools
 from dptrain.operator._workloads import (
@@ -62,12 +65,17 @@ class ReconcilerConfig:
         pod_api_server: the API server URL given to pods (``DPTRAIN_API_SERVER``).
         use_jobset: run the workload as a JobSet instead of an Indexed Job + Service.
         error_backoff: first retry delay after a failed reconcile (doubles, capped at 60 s).
+        peering: this replica's peering identity when several replicas run (None: alone).
+        placements: node selectors, tolerations and extra resources per accelerator (the
+            accelerator profiles of the operator configuration).
     """
 
     decisions: Settings = dataclasses.field(default_factory=Settings)
     pod_api_server: str = IN_CLUSTER_API_SERVER
     use_jobset: bool = False
     error_backoff: float = 1.0
+    peering: PeeringIdentity | None = None
+    placements: Placements = dataclasses.field(default_factory=placements)
 
 
 def workload_path(config: ReconcilerConfig, namespace: str, name: str | None = None) -> str:
@@ -97,6 +105,8 @@ async def apply_decision(client: KubeClient, config: ReconcilerConfig, tools: Op
         elif child == "config":
             await client.delete(resource_path("v1", "configmaps", ns, names.config_map))
     spec, plan = decision.spec, decision.plan
+    if spec is not None:  # the operator's default image for jobs that name none
+        spec = config.placements.trainer.spec(spec)
     dataset = decision.dataset
     created_config = False
     for child in dict.fromkeys(decision.create):
@@ -122,10 +132,12 @@ async def apply_decision(client: KubeClient, config: ReconcilerConfig, tools: Op
             # (AlreadyExists keeps the first key, so restarts reuse it); never logged.
             await client.create(resource_path("v1", "secrets", ns),
                                 build_key_secret(job, secrets.token_bytes(32)))
-            await _create_workload(client, config, tools, job, decision, plan)
+            await _create_workload(client, config, tools, job, decision, plan, spec)
         elif child == "prepare":
-            await client.create(resource_path("batch/v1", "jobs", ns),
-                                build_prepare_job(spec, job, api_server=config.pod_api_server))
+            await client.create(
+                resource_path("batch/v1", "jobs", ns),
+                config.placements.trainer.apply(
+                    build_prepare_job(spec, job, api_server=config.pod_api_server)))
     if decision.update_config and not created_config and spec is not None:
         # The ConfigMap is immutable: a new config is a new object (delete, then create).
         config_map = build_config_map(spec, job, plan, dataset)
@@ -157,10 +169,11 @@ async def apply_decision(client: KubeClient, config: ReconcilerConfig, tools: Op
 
 
 async def _create_workload(client: KubeClient, config: ReconcilerConfig, tools: OperatorTools,
-                           job: JobRef, decision: Decision, plan: PlanStatus) -> None:
-    spec = decision.spec
-    assert spec is not None
-    sizing = await asyncio.to_thread(tools.pod_sizing, spec, plan)
+                           job: JobRef, decision: Decision, plan: PlanStatus,
+                           spec: DPTrainingJobSpec) -> None:
+    planned = decision.spec if decision.spec is not None else spec  # the planner's key
+    sizing = await asyncio.to_thread(tools.pod_sizing, planned, plan)
+    sizing = config.placements.place(sizing, spec.compute.accelerator)
     if config.use_jobset:
         workload = build_jobset(spec, job, plan, sizing, api_server=config.pod_api_server,
                                 restart=decision.restart)
@@ -168,4 +181,5 @@ async def _create_workload(client: KubeClient, config: ReconcilerConfig, tools: 
         workload = build_trainer_job(spec, job, plan, sizing,
                                      api_server=config.pod_api_server,
                                      restart=decision.restart)
-    await client.create(workload_path(config, job.namespace), workload)
+    await client.create(workload_path(config, job.namespace),
+                        config.placements.trainer.apply(workload))

@@ -25,6 +25,7 @@ import kopf
 from dptrain.api import DATASET_PLURAL, GROUP, PLURAL, VERSION
 from dptrain.operator._children import LABEL_JOB, LABEL_MANAGED_BY, MANAGER
 from dptrain.operator._kube import KubeClient
+from dptrain.operator._peering import collection_path, peering_object
 from dptrain.operator._reconciler import JOBSET_API, Reconciler, ReconcilerConfig
 from dptrain.operator._tools import OperatorTools
 
@@ -39,6 +40,7 @@ class OperatorMemo:
     jobset: str = "auto"
     cache_dir: str | None = None
     timer_interval: float = 60.0
+    namespaces: tuple[str, ...] = ()
     connection: kopf.ConnectionInfo | None = None
     reconciler: Reconciler | None = None
 
@@ -76,6 +78,14 @@ async def startup(*, memo: Any, settings: kopf.OperatorSettings, logger: Any,
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 10
     state: OperatorMemo = memo.dptrain
+    peer = state.config.peering
+    if peer is not None:
+        # kopf only patches an existing peering object, and a replica stays paused until it
+        # sees one: create it (a CR cannot ship in the same Helm release or kustomization as
+        # its CRD on a first install). Idempotent: AlreadyExists is fine.
+        client = _reconciler(memo).client
+        for namespace in ([None] if peer.clusterwide else state.namespaces):
+            await client.create(collection_path(namespace), peering_object(peer.name, namespace))
     if state.jobset != "auto":
         use = state.jobset == "jobset"
     else:

@@ -50,13 +50,17 @@ from dptrain.operator._observation import (
     fingerprint,
 )
 from dptrain.operator._observed import ChildState, Observed, Settings
+from dptrain.operator._peering import standing_by
 from dptrain.operator._tools import OperatorTools
 
-__all__ = ["JOBSET_API", "Reconciler", "ReconcilerConfig", "fingerprint"]
+__all__ = ["JOBSET_API", "SELF_TRIGGERS", "Reconciler", "ReconcilerConfig", "fingerprint"]
 
 logger = logging.getLogger("dptrain.operator")
 
 DEFAULT_CONFIG = ReconcilerConfig()
+SELF_TRIGGERS = frozenset({"requeue", "dataset"})
+"""Triggers the operator schedules itself (kopf's peering pause does not stop them)."""
+
 
 @dataclasses.dataclass
 class _JobState:
@@ -93,6 +97,10 @@ class Reconciler:
 
     async def poke(self, namespace: str, name: str, trigger: str) -> None:
         """Reconcile a job now, or once more right after the reconcile in flight."""
+        if trigger in SELF_TRIGGERS and await self._standing_by(namespace):
+            # kopf paused this replica (a peer is active) but not our own requeues: drop it.
+            # When this replica resumes, kopf lists every job again and pokes each.
+            return
         state = self._jobs.setdefault((namespace, name), _JobState())
         state.dirty = True
         if state.running:
@@ -104,6 +112,19 @@ class Reconciler:
                 await self._reconcile_timed(namespace, name, trigger, state)
         finally:
             state.running = False
+
+    async def _standing_by(self, namespace: str) -> bool:
+        """Whether another replica is active for ``namespace`` (kopf's peering rule)."""
+        peer = self.config.peering
+        if peer is None:
+            return False
+        try:
+            body = await self.client.get(peer.path(namespace))
+        except ApiError as error:
+            logger.warning("cannot read the peering object %s (%s): not acting", peer.name,
+                           error)
+            return True
+        return standing_by(body, peer.identity, peer.priority, dt.datetime.now(dt.UTC))
 
     def forget(self, namespace: str, name: str) -> None:
         """Drop a deleted job: its requeue and its metric series."""
@@ -304,6 +325,12 @@ class Reconciler:
                          decision: Decision) -> None:
         privacy = dict((body.get("status") or {}).get("privacy") or {})
         privacy.update(decision.status.get("privacy") or {})
+        if "epsilonBudget" not in privacy and decision.spec is not None:
+            # Accepted but not planned yet (Pending, Preparing, waiting for a dataset): the
+            # ledger does not exist, but the budget is known and nothing is spent. Dashboards
+            # and alerts see the job from the start, not only once it is planned.
+            privacy = {"epsilonBudget": decision.spec.privacy.epsilon, "epsilonSpent": 0.0,
+                       "stepsCharged": 0, **privacy}
         _metrics.observe_job(
             namespace, name, phase=decision.phase,
             epsilon_spent=privacy.get("epsilonSpent"),

@@ -54,6 +54,10 @@ from dptrain.privacy._errors import (
     check_sampling_rate,
     check_steps,
 )
+from dptrain.privacy._quiet import silence_convergence_warnings
+
+# dp-accounting logs one harmless warning per RDP order it leaves out (it only raises ε).
+silence_convergence_warnings()
 
 AccountantName = Literal["pld", "rdp"]
 ACCOUNTANTS: tuple[AccountantName, ...] = ("pld", "rdp")
