@@ -139,11 +139,18 @@ async def apply_decision(client: KubeClient, config: ReconcilerConfig, tools: Op
                 config.placements.trainer.apply(
                     build_prepare_job(spec, job, api_server=config.pod_api_server)))
     if decision.update_config and not created_config and spec is not None:
-        # The ConfigMap is immutable: a new config is a new object (delete, then create).
+        # The ConfigMap is immutable: a new config is a new object (delete, then create) —
+        # but only when it differs: a pass repeated after a lost status write re-plans the same
+        # config, and replacing it then would churn the trainer's config under its feet.
         config_map = build_config_map(spec, job, plan, dataset)
-        await client.delete(resource_path("v1", "configmaps", ns, names.config_map))
-        if not await client.create(resource_path("v1", "configmaps", ns), config_map):
-            raise ApiError(409, "AlreadyExists", "the old ConfigMap is still being deleted")
+        path = resource_path("v1", "configmaps", ns, names.config_map)
+        existing = await client.get(path)
+        unchanged = (existing is not None and existing.get("data") == config_map.get("data")
+                     and not (existing.get("metadata") or {}).get("deletionTimestamp"))
+        if not unchanged:
+            await client.delete(path)
+            if not await client.create(resource_path("v1", "configmaps", ns), config_map):
+                raise ApiError(409, "AlreadyExists", "the old ConfigMap is still being deleted")
     job_path = resource_path(API_VERSION, PLURAL, ns, job.name)
     annotations: dict[str, str] = {}
     if decision.applied_spec is not None:
