@@ -174,11 +174,26 @@ class ComputeSpec(_Model):
     """Optional wall-clock deadline; plans that would finish later are rejected."""
 
 
+class PretrainedSpec(_Model):
+    """A pretrained checkpoint to start from (its architecture and weights)."""
+
+    format: Literal["huggingface"] = "huggingface"
+    """Checkpoint format: a Hugging Face directory (config.json + *.safetensors) of model type
+    vaultgemma or gemma2."""
+    path: SafePath
+    """The checkpoint directory (inside `volume` when set, else on the host)."""
+    volume: VolumeSource | None = None
+    """PersistentVolumeClaim holding `path`."""
+
+
 class ModelSpec(_Model):
     """Pin the model instead of letting the planner choose."""
 
     preset: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9.-]{0,62}$")] | None = None
     """Named model preset (tiny, small, base, medium, large, xl, vaultgemma-1b)."""
+    pretrained: PretrainedSpec | None = None
+    """Fine-tune a pretrained checkpoint (exclusive with `preset`): the model is fixed, the
+    planner plans batch, iterations, σ and learning rate for it."""
 
 
 class TrainingSpec(_Model):

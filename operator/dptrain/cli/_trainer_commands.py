@@ -165,10 +165,15 @@ def _dataset_for(job: DPTrainingJob, *, base_dir: pathlib.Path, prepared_dir: pa
                             out_dir=prepared_dir, progress=progress)
 
 
-def _plan(job: DPTrainingJob, dataset_size: int) -> tuple[PlanStatus, Any]:
+def _plan(job: DPTrainingJob, dataset_size: int,
+          base_dir: pathlib.Path | None = None) -> tuple[PlanStatus, Any]:
     from dptrain.planner import InfeasibleBudgetError, make_plan
+    model = None
+    if job.spec.model.pretrained is not None:  # the checkpoint fixes the model
+        from dptrain.trainer import pretrained_model
+        model = pretrained_model(job, base_dir=base_dir or pathlib.Path.cwd())[0]
     try:
-        plan = make_plan(job.spec, dataset_size=dataset_size)
+        plan = make_plan(job.spec, dataset_size=dataset_size, model=model)
     except InfeasibleBudgetError as error:
         fail(str(error), EXIT_INVALID)
     return plan.to_status(), plan.model_shape
@@ -204,7 +209,9 @@ def _train_and_report(job: DPTrainingJob, plan: PlanStatus, shape: Any, dataset:
     )
     process = initialize_from_env() if env_reporters else ProcessInfo(process_id=0,
                                                                       num_processes=1)
+    file = getattr(args, "file", None)
     config = config_from_plan(job, plan, dataset=dataset, output_dir=output, shape=shape,
+                              base_dir=file.resolve().parent if file is not None else None,
                               metrics_port=_metrics_port(args) if process.is_leader else None,
                               progress=not args.no_progress and not args.json,
                               ledger_block=args.ledger_block,
@@ -247,7 +254,7 @@ def _run(args: argparse.Namespace) -> int:
         dataset = _dataset_for(job, base_dir=args.file.resolve().parent,
                                prepared_dir=output / "data",
                                progress=not args.no_progress and not args.json)
-        plan, shape = _plan(job, dataset.num_sequences)
+        plan, shape = _plan(job, dataset.num_sequences, args.file.resolve().parent)
         if args.dataset_ledger is None:
             return _train_and_report(job, plan, shape, dataset, output, args)
         return _run_on_dataset(job, plan, shape, dataset, output, args)

@@ -73,6 +73,7 @@ from dptrain.trainer._dpsgd import (
     shard_batch,
     to_host,
 )
+from dptrain.trainer._hf import load_pretrained
 from dptrain.trainer._keys import (
     LOCAL_KEY_FILE,
     MissingKeyError,
@@ -83,7 +84,7 @@ from dptrain.trainer._keys import (
 )
 from dptrain.trainer._ledger import DurableLedger, LedgerFile, Progress, Reporter
 from dptrain.trainer._metrics import TrainerMetrics
-from dptrain.trainer._model import build_model
+from dptrain.trainer._model import Architecture, build_model
 from dptrain.trainer._sampling import PoissonSampler
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,8 @@ def physical_rows(config: TrainConfig, devices: int) -> int:
 def compiled_step(shape: ModelShape, optimizer: tuple[Any, ...], clip_norm: float,
                   expected_batch: float, microbatch: int | None, pad_id: int,
                   mesh: Mesh, loss_bound: float = 16.0,
-                  clipping: str = "ghost") -> tuple[StepFn, Any, Any]:
+                  clipping: str = "ghost",
+                  arch: Architecture | None = None) -> tuple[StepFn, Any, Any]:
     """The jitted DP step, optimizer and model skeleton for a configuration.
 
     Memoised, so that restarts within one process (and tests) compile once.
@@ -171,7 +173,8 @@ def compiled_step(shape: ModelShape, optimizer: tuple[Any, ...], clip_norm: floa
     name, lr, total, warmup, decay = optimizer
     opt = make_optimizer(name, learning_rate=lr, total_steps=total, warmup_steps=warmup,
                          weight_decay=decay)
-    _, static = eqx.partition(build_model(shape, key=jax.random.key(0)), eqx.is_array)
+    _, static = eqx.partition(build_model(shape, key=jax.random.key(0),
+                                          arch=arch or Architecture()), eqx.is_array)
     step = make_dp_step(model_loss_fn(static, pad_id), opt,
                         DpSgdConfig(clip_norm=clip_norm, expected_batch_size=expected_batch,
                                     microbatch_size=microbatch, pad_id=pad_id,
@@ -188,6 +191,9 @@ def _checkpoint_meta(config: TrainConfig, ledger: PrivacyLedger, checksum: str,
                      fingerprint: str) -> dict[str, Any]:
     return {"job": config.job_name, "seed": config.seed, "key_fingerprint": fingerprint,
             "ledger": ledger.to_dict(), "model_shape": shape_to_dict(config.shape),
+            "architecture": config.architecture.to_dict(),
+            "pretrained": None if config.pretrained_dir is None else {
+                "format": "huggingface", "path": str(config.pretrained_dir)},
             "dataset": {"checksum": checksum, "num_sequences": config.dataset_size,
                         "sequence_length": config.sequence_length, "dir": str(config.data_dir)},
             "plan": {"batch_size": config.batch_size, "iterations": config.iterations,
@@ -223,8 +229,8 @@ def _check_compatible(meta: dict[str, Any], expected: dict[str, Any], where: pat
             f"job key (fingerprint {meta.get('key_fingerprint') or 'absent'}, this run's "
             f"{expected['key_fingerprint']}); restore the job's key file or use a fresh "
             "checkpoint directory")])
-    for key in ("seed", "model_shape", "plan"):
-        got, want = meta.get(key), expected[key]
+    for key in ("seed", "model_shape", "plan", "architecture"):
+        got, want = meta.get(key, expected[key] if key == "architecture" else None), expected[key]
         if key == "plan" and isinstance(got, dict):
             got = {k: v for k, v in got.items() if k not in RESUMABLE_PLAN_FIELDS}
             want = {k: v for k, v in want.items() if k not in RESUMABLE_PLAN_FIELDS}
@@ -313,11 +319,15 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
     step_fn, optimizer, _ = compiled_step(
         config.shape, optimizer_key, config.clip_norm, float(config.batch_size),
         config.microbatch_size, pad_id, mesh, loss_bound_for(config.shape.vocab_size),
-        config.clipping)
-    # The public seed initialises the model, and nothing else.
-    seed_key = jax.random.key(config.seed)
-    params, _ = eqx.partition(build_model(config.shape, key=jax.random.fold_in(seed_key, 0)),
-                              eqx.is_array)
+        config.clipping, config.architecture)
+    if config.pretrained_dir is not None:
+        model = load_pretrained(config.pretrained_dir)[0]
+    else:
+        # The public seed initialises the model, and nothing else.
+        seed_key = jax.random.key(config.seed)
+        model = build_model(config.shape, key=jax.random.fold_in(seed_key, 0),
+                            arch=config.architecture)
+    params, _ = eqx.partition(model, eqx.is_array)
     params = replicate(mesh, params)
     opt_state = replicate(mesh, optimizer.init(params))
     meta_template = _checkpoint_meta(config, ledger.state, dataset.manifest.source_checksum,
