@@ -23,11 +23,11 @@ from dptrain.trainer._hf import (
 from dptrain.trainer._model import sequence_loss
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from hf_checkpoints import make_checkpoint  # noqa: E402
+from hf_checkpoints import make_checkpoint
 
 # Prompts of several lengths: shorter and longer than the sliding window (5), with repeats.
 PROMPTS = [[1, 72, 101, 108, 108, 111], [1, 5, 9, 200, 7, 7, 7, 31, 44, 12, 90, 3, 250, 11],
-           list(range(3, 40, 2)) + [1, 2, 3, 4, 5, 6, 7, 8, 9]]
+           [*range(3, 40, 2), 1, 2, 3, 4, 5, 6, 7, 8, 9]]
 LOGIT_TOLERANCE = 1e-4  # absolute, in logits (fp32)
 
 
@@ -119,5 +119,5 @@ def test_configs_dptrain_cannot_represent_are_rejected_naming_the_key(checkpoint
 
 
 def test_missing_files_are_named(tmp_path):
-    with pytest.raises(PretrainedError, match="config.json"):
+    with pytest.raises(PretrainedError, match=r"config\.json"):
         load_pretrained(tmp_path)
