@@ -378,6 +378,8 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
         nonlocal saved_step
         meta = _checkpoint_meta(config, ledger.state, dataset.manifest.source_checksum,
                                 fingerprint)
+        # Public: what export and generation need to decode the model's ids (no data, no key).
+        meta["tokenizer"] = dict(dataset.manifest.tokenizer)
         checkpointer.save(step, params, opt_state, meta)
         saved_step = step
 

@@ -316,6 +316,37 @@ class Block(eqx.Module):
                 mlp_out, get("mlp_post_norm"))
         return x + mlp_out, taps
 
+    def decode(self, x: jax.Array, position: jax.Array, cache: tuple[jax.Array, jax.Array],
+               window: jax.Array | int) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """One position of incremental decoding with a key/value cache.
+
+        Args:
+            x: the hidden state of the new token, ``[1, d_model]``.
+            position: its position (scalar int).
+            cache: keys and values of every position so far, ``[T, kv, head_dim]`` each (entries
+                at and after ``position`` are overwritten or masked).
+            window: this layer's attention window.
+
+        Returns:
+            The block's output ``[1, d_model]`` and the updated cache. The same mathematics as
+            :meth:`forward` (tested token for token against it).
+        """
+        keys, values = cache
+        attn_in = self.attn_norm(x)
+        q, k, v = self.attn.project(attn_in, positions=position[None])
+        keys = jax.lax.dynamic_update_slice(keys, k, (position, 0, 0))
+        values = jax.lax.dynamic_update_slice(values, v, (position, 0, 0))
+        visible = visibility(position[None], jnp.arange(keys.shape[0]), window)
+        attn_out = jnp.einsum("lhk,hkd->ld", self.attn.attend(q, keys, values, visible),
+                              self.attn.wo)
+        if self.attn_post_norm is not None:
+            attn_out = self.attn_post_norm(attn_out)
+        x = x + attn_out
+        mlp_out = self.mlp(self.mlp_norm(x))
+        if self.mlp_post_norm is not None:
+            mlp_out = self.mlp_post_norm(mlp_out)
+        return x + mlp_out, (keys, values)
+
 
 class Decoder(eqx.Module):
     """The decoder-only language model for one sequence of token ids."""
@@ -383,10 +414,38 @@ class Decoder(eqx.Module):
             block_arrays, block_probes, window = xs
             return eqx.combine(block_arrays, static).forward(h, block_probes, window)
 
-        x, block_taps = jax.lax.scan(layer, x, (arrays, get("blocks"), windows))
+        x, block_taps = jax.lax.scan(layer, x, (arrays, get("blocks"), jnp.asarray(windows)))
         head, final_normed = self.final_norm.forward(x, get("final_norm"))
         logits = self.head(head, get("logits"))
         return logits, {"blocks": block_taps, "final_norm": final_normed, "head": head}
+
+
+    def decode(self, token: jax.Array, position: jax.Array,
+               cache: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Next-token logits ``[vocab]`` after ``token`` at ``position``, with a KV cache.
+
+        ``cache``: keys and values ``[n_layers, T, kv, head_dim]`` (see :func:`empty_cache`).
+        """
+        arrays, static = eqx.partition(self.blocks, eqx.is_array)
+        keys, values = cache
+        windows = jnp.asarray(self.arch.windows(self.n_layers, keys.shape[1]))
+
+        def layer(h: jax.Array, xs: tuple[Block, jax.Array, jax.Array, jax.Array]
+                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+            block_arrays, layer_keys, layer_values, window = xs
+            block = eqx.combine(block_arrays, static)
+            return block.decode(h, position, (layer_keys, layer_values), window)
+
+        x = self.embed(token[None])
+        x, cache = jax.lax.scan(layer, x, (arrays, keys, values, windows))
+        return self.head(self.final_norm(x))[0], cache
+
+
+def empty_cache(model: Decoder, length: int) -> tuple[jax.Array, jax.Array]:
+    """Zero keys and values for ``length`` positions of every layer."""
+    n_layers, _, n_kv, head_dim = model.blocks.attn.wk.shape
+    zeros = jnp.zeros((n_layers, length, n_kv, head_dim), jnp.float32)
+    return zeros, zeros
 
 
 def zero_probes(model: Decoder, length: int) -> Taps:
