@@ -173,3 +173,25 @@ def test_dptrain_run_fine_tunes_a_pretrained_checkpoint_then_exports(tmp_path, c
         ours = np.asarray(trained(jax.numpy.asarray(tokens)))
         assert np.max(np.abs(_logits(reloaded, tokens) - ours)) < 1e-4
         assert np.max(np.abs(_logits(reloaded, tokens) - _logits(torch_model, tokens))) > 1e-4
+
+
+def test_plan_keeps_a_pretrained_model_fixed_and_says_so(tmp_path, capsys):
+    make_checkpoint(tmp_path / "base", "vaultgemma", seed=6)
+    job = yaml.safe_load((ROOT / "manifests" / "samples" / "tiny-cpu.yaml").read_text())
+    job["spec"]["model"] = {"pretrained": {"path": "base"}}
+    job["spec"]["data"]["numSequences"] = 20000
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    assert main(["plan", str(tmp_path / "job.yaml"), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    model, config = load_pretrained(tmp_path / "base")
+    shape, _ = shape_and_arch(config)
+    assert plan["model_preset"] == "hf-vaultgemma"
+    assert plan["model_params"] == shape.param_count
+    assert plan["model_fixed_by"].startswith("spec.model.pretrained")
+    assert main(["plan", str(tmp_path / "job.yaml")]) == 0
+    assert "model fixed by spec.model.pretrained" in capsys.readouterr().out
+    # A preset and a checkpoint at once is a validation error naming the field.
+    job["spec"]["model"]["preset"] = "tiny"
+    (tmp_path / "both.yaml").write_text(yaml.safe_dump(job))
+    assert main(["plan", str(tmp_path / "both.yaml")]) == 3
+    assert "spec.model.pretrained" in capsys.readouterr().err
