@@ -183,7 +183,7 @@ def test_plan_keeps_a_pretrained_model_fixed_and_says_so(tmp_path, capsys):
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     assert main(["plan", str(tmp_path / "job.yaml"), "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    model, config = load_pretrained(tmp_path / "base")
+    _, config = load_pretrained(tmp_path / "base")
     shape, _ = shape_and_arch(config)
     assert plan["model_preset"] == "hf-vaultgemma"
     assert plan["model_params"] == shape.param_count

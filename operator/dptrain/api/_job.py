@@ -140,10 +140,12 @@ class DataSpec(_Model):
     """jsonl (one JSON object per line), text (one document per file), prepared (dptrain's)."""
     text_field: Annotated[str, StringConstraints(min_length=1, max_length=128)] = "text"
     """Key of the document text in each JSONL record."""
-    tokenizer: Literal["byte", "sentencepiece"] = "byte"
-    """Byte-level tokenizer (default) or a SentencePiece model."""
+    tokenizer: Literal["byte", "sentencepiece", "huggingface"] = "byte"
+    """Byte-level tokenizer (default), a SentencePiece model, or a Hugging Face tokenizer.json
+    (read with the `tokenizers` library)."""
     tokenizer_model: SafePath | None = None
-    """SentencePiece .model file, required when tokenizer is sentencepiece."""
+    """SentencePiece .model file (sentencepiece), or tokenizer.json or its directory
+    (huggingface; default: the model.pretrained checkpoint's)."""
     sequence_length: int = Field(default=1024, ge=16, le=32768)
     """Tokens per training sequence; documents are packed or split to this length."""
     num_sequences: int | None = Field(default=None, ge=1, le=10**13)

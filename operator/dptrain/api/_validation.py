@@ -31,6 +31,11 @@ def semantic_errors(spec: DPTrainingJobSpec, *, dataset_size: int | None = None,
     if data.tokenizer == "sentencepiece" and data.tokenizer_model is None:
         errors.append(FieldError(f"{prefix}.data.tokenizerModel",
                                  "is required when tokenizer is sentencepiece"))
+    if (data.tokenizer == "huggingface" and data.tokenizer_model is None
+            and spec.model.pretrained is None):
+        errors.append(FieldError(f"{prefix}.data.tokenizerModel",
+                                 "is required when tokenizer is huggingface, unless "
+                                 "model.pretrained names a checkpoint with a tokenizer.json"))
     if data.format == "prepared" and data.builtin is not None:
         errors.append(FieldError(f"{prefix}.data.format",
                                  "must not be prepared for a builtin corpus"))

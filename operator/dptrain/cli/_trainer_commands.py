@@ -160,6 +160,9 @@ def _dataset_for(job: DPTrainingJob, *, base_dir: pathlib.Path, prepared_dir: pa
     if data.tokenizer_model is not None:
         model_path = pathlib.Path(data.tokenizer_model)
         model_path = model_path if model_path.is_absolute() else base_dir / model_path
+    elif data.tokenizer == "huggingface" and job.spec.model.pretrained is not None:
+        model_path = pathlib.Path(job.spec.model.pretrained.path)  # the checkpoint's tokenizer
+        model_path = model_path if model_path.is_absolute() else base_dir / model_path
     tokenizer = make_tokenizer(data.tokenizer, model_path)
     return prepare_or_reuse(source, tokenizer, sequence_length=data.sequence_length,
                             out_dir=prepared_dir, progress=progress)

@@ -234,7 +234,7 @@ def export_huggingface(checkpoint_dir: str | pathlib.Path, output: str | pathlib
     tokenizer_info = meta.get("tokenizer") or {}
     config = hf_config(shape, model.arch, base=base_config,
                        special_tokens=None if base_config else _special_tokens(meta))
-    if not base_config and tokenizer_info.get("kind") in ("byte", "sentencepiece"):
+    if not base_config and tokenizer_info.get("kind") in ("byte", "sentencepiece", "huggingface"):
         config["dptrain_tokenizer"] = {k: v for k, v in tokenizer_info.items() if k != "model"}
     out.mkdir(parents=True, exist_ok=True)
     files = ["config.json", "model.safetensors", "generation_config.json", "README.md"]
@@ -254,11 +254,13 @@ def export_huggingface(checkpoint_dir: str | pathlib.Path, output: str | pathlib
             if (pretrained_dir / name).is_file():
                 shutil.copyfile(pretrained_dir / name, out / name)
                 files.append(name)
-    elif tokenizer_info.get("kind") == "sentencepiece" and tokenizer_info.get("model"):
+    elif tokenizer_info.get("kind") in ("sentencepiece", "huggingface") \
+            and tokenizer_info.get("model"):
         model_file = pathlib.Path(tokenizer_info["model"])
+        name = "tokenizer.model" if tokenizer_info["kind"] == "sentencepiece" else "tokenizer.json"
         if model_file.is_file():
-            shutil.copyfile(model_file, out / "tokenizer.model")
-            files.append("tokenizer.model")
+            shutil.copyfile(model_file, out / name)
+            files.append(name)
     (out / "README.md").write_text(model_card(
         privacy, shape=shape, config=config, meta=meta,
         base_model=str(pretrained_dir) if pretrained_dir is not None else None))

@@ -166,10 +166,10 @@ def _dptrain_codec(info: dict[str, Any], base: pathlib.Path) -> TextCodec | None
     """
     from dptrain.trainer._tokenizer import tokenizer_from_description
 
-    if info.get("kind") not in ("byte", "sentencepiece"):
+    if info.get("kind") not in ("byte", "sentencepiece", "huggingface"):
         return None
-    if info.get("kind") == "sentencepiece":
-        local = base / "tokenizer.model"
+    if info.get("kind") in ("sentencepiece", "huggingface"):
+        local = base / ("tokenizer.model" if info["kind"] == "sentencepiece" else "tokenizer.json")
         info = {**info, "model": str(local)} if local.is_file() else info
         if not info.get("model") or not pathlib.Path(str(info["model"])).is_file():
             return None
