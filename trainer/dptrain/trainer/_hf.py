@@ -24,6 +24,7 @@ cannot represent exactly is rejected with :class:`UnsupportedConfigError`, which
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import struct
@@ -317,8 +318,11 @@ def load_pretrained(directory: str | pathlib.Path) -> tuple[Decoder, dict[str, A
         else:
             stacked.setdefault(leaf, [None] * shape.n_layers)[layer] = value
     arrays = single | {leaf: np.stack(values) for leaf, values in stacked.items()}  # type: ignore[arg-type]
-    # The structure (with static fields) of a decoder of this shape; its values are replaced.
-    template = build_model(shape, key=jax.random.key(0), arch=arch)
+    # The structure and static fields of the decoder; every array is replaced below, so a
+    # one-unit-wide stand-in avoids initialising (and holding) a second full-size model.
+    stand_in = dataclasses.replace(shape, vocab_size=1, d_model=1, n_layers=1, n_heads=1,
+                                   n_kv_heads=1, head_dim=1, d_ff=1)
+    template = build_model(stand_in, key=jax.random.key(0), arch=arch)
     getters = _leaf_getters()
     model = eqx.tree_at(lambda m: [getters[leaf](m) for leaf in arrays], template,
                         [jnp.asarray(value, jnp.float32) for value in arrays.values()])
