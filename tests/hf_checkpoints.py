@@ -25,7 +25,7 @@ def tiny_config(model_type: str, **overrides: object):
     settings = dict(vocab_size=BYTE_VOCAB_SIZE, hidden_size=64, intermediate_size=128,
                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                     query_pre_attn_scalar=24, sliding_window=5, max_position_embeddings=128,
-                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0, rms_norm_eps=1e-5,
+                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0, rms_norm_eps=1e-3,
                     rope_parameters={"rope_type": "default", "rope_theta": 500.0},
                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
     settings.update(overrides)
