@@ -125,8 +125,8 @@ def test_sampling_respects_top_k_and_is_reproducible(exported):
     _, _, model, _, _ = exported
     prompt = PROMPTS[1]
     logits = np.asarray(model(jax.numpy.asarray(prompt)))[-1]
-    one, _ = generate_ids(model, prompt, max_new_tokens=1, greedy=False, top_k=1, seed=3)
-    assert one == [int(np.argmax(logits))]  # top-1 sampling is greedy
+    one, _ = generate_ids(model, prompt, max_new_tokens=6, greedy=False, top_k=1, seed=3)
+    assert one[0] == int(np.argmax(logits))  # top-1 sampling is greedy
     a = generate_ids(model, prompt, max_new_tokens=6, greedy=False, temperature=1.5, seed=4)
     b = generate_ids(model, prompt, max_new_tokens=6, greedy=False, temperature=1.5, seed=4)
     assert a == b

@@ -25,7 +25,6 @@ mathematics is one code path.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -35,65 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from dptrain.planner import ModelShape
-
-_ROPE_BASE = 10_000.0
-_NORM_EPS = 1e-6
-
-
-@dataclasses.dataclass(frozen=True)
-class Architecture:
-    """The architecture switches beyond :class:`ModelShape` (static; hashable).
-
-    Attributes:
-        attn_softcap: attention logits become ``cap·tanh(s/cap)`` before masking (None: off).
-        final_softcap: output logits become ``cap·tanh(z/cap)`` (None: off).
-        query_scale: factor on the queries (None: ``head_dim ** -0.5``); Gemma 2 uses
-            ``query_pre_attn_scalar ** -0.5``.
-        post_norms: Gemma 2's RMSNorm on the attention and MLP outputs before the residual add.
-        sliding_window: window ``W`` of the sliding layers: position ``l`` sees ``m`` when
-            ``l - W < m <= l``.
-        sliding_layers: one flag per layer (empty: no sliding layers).
-        rope_theta: RoPE base.
-        norm_eps: RMSNorm epsilon.
-    """
-
-    attn_softcap: float | None = None
-    final_softcap: float | None = None
-    query_scale: float | None = None
-    post_norms: bool = False
-    sliding_window: int | None = None
-    sliding_layers: tuple[bool, ...] = ()
-    rope_theta: float = _ROPE_BASE
-    norm_eps: float = _NORM_EPS
-
-    def windows(self, n_layers: int, length: int) -> np.ndarray:
-        """Each layer's attention window (``length`` or more: full causal attention)."""
-        full = max(length, 1)
-        if not self.sliding_layers or self.sliding_window is None:
-            return np.full((n_layers,), full, np.int32)
-        if len(self.sliding_layers) != n_layers:
-            raise ValueError(f"sliding_layers has {len(self.sliding_layers)} entries for "
-                             f"{n_layers} layers")
-        return np.asarray([min(self.sliding_window, full) if sliding else full
-                           for sliding in self.sliding_layers], np.int32)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (for checkpoint metadata)."""
-        out = dataclasses.asdict(self)
-        out["sliding_layers"] = list(self.sliding_layers)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Architecture:
-        """Inverse of :meth:`to_dict`."""
-        return cls(**{**data, "sliding_layers": tuple(data.get("sliding_layers", ()))})
-
-
-def softcap(x: jax.Array, cap: float | None) -> jax.Array:
-    """``cap·tanh(x/cap)`` (identity when ``cap`` is None)."""
-    return x if cap is None else jnp.tanh(x / np.float32(cap)) * np.float32(cap)
+from dptrain.trainer._architecture import NORM_EPS as _NORM_EPS
+from dptrain.trainer._architecture import ROPE_BASE as _ROPE_BASE
+from dptrain.trainer._architecture import Architecture, softcap, visibility
 
 Taps = dict[str, Any]  # layer name -> array (or nested Taps for the stacked blocks)
+_DEFAULT_ARCH = Architecture()
 
 
 def _probe(y: jax.Array, probes: Taps | None, name: str) -> jax.Array:
@@ -183,10 +129,10 @@ class Attention(eqx.Module):
     wk: jax.Array  # [d_model, n_kv_heads, head_dim]
     wv: jax.Array  # [d_model, n_kv_heads, head_dim]
     wo: jax.Array  # [n_heads, head_dim, d_model]
-    arch: Architecture = eqx.field(static=True, default=Architecture())
+    arch: Architecture = eqx.field(static=True, default=_DEFAULT_ARCH)
 
     def __init__(self, shape: ModelShape, *, rng: np.random.Generator,
-                 arch: Architecture = Architecture()) -> None:
+                 arch: Architecture = _DEFAULT_ARCH) -> None:
         d, h, g, k = shape.d_model, shape.n_heads, shape.n_kv_heads, shape.head_dim
         self.wq = _normal(rng, (d, h, k), d)
         self.wk = _normal(rng, (d, g, k), d)
@@ -237,14 +183,6 @@ class Attention(eqx.Module):
         return _probe(jnp.einsum("lhk,hkd->ld", out, self.wo), probes, "o"), {"o": out}
 
 
-def visibility(query_pos: Any, key_pos: Any, window: jax.Array | int | None) -> jax.Array:
-    """``[L, M]``: key ``m`` is visible from query ``l`` when ``l - window < m <= l``."""
-    q = jnp.asarray(query_pos)[:, None]
-    k = jnp.asarray(key_pos)[None, :]
-    causal = k <= q
-    return causal if window is None else causal & (k > q - window)
-
-
 class GeGLU(eqx.Module):
     """``down(gelu(gate(x)) * up(x))``: Gemma's gated MLP."""
 
@@ -282,7 +220,7 @@ class Block(eqx.Module):
     mlp_post_norm: RMSNorm | None = None
 
     def __init__(self, shape: ModelShape, *, rng: np.random.Generator,
-                 arch: Architecture = Architecture()) -> None:
+                 arch: Architecture = _DEFAULT_ARCH) -> None:
         self.attn_norm = RMSNorm(shape.d_model, arch.norm_eps)
         self.attn = Attention(shape, rng=rng, arch=arch)
         self.mlp_norm = RMSNorm(shape.d_model, arch.norm_eps)
@@ -355,10 +293,10 @@ class Decoder(eqx.Module):
     blocks: Block  # every array has a leading n_layers axis
     final_norm: RMSNorm
     max_seq_len: int = eqx.field(static=True)
-    arch: Architecture = eqx.field(static=True, default=Architecture())
+    arch: Architecture = eqx.field(static=True, default=_DEFAULT_ARCH)
 
     def __init__(self, shape: ModelShape, *, key: jax.Array,
-                 arch: Architecture = Architecture()) -> None:
+                 arch: Architecture = _DEFAULT_ARCH) -> None:
         rng = host_rng(key)
         # A small fixed scale (GPT-2's 0.02) keeps initial logits near uniform at every width, so
         # the initial loss starts near ln(vocab) instead of above it.
@@ -471,7 +409,7 @@ def zero_probes(model: Decoder, length: int) -> Taps:
 
 
 def build_model(shape: ModelShape, *, key: jax.Array,
-                arch: Architecture = Architecture()) -> Decoder:
+                arch: Architecture = _DEFAULT_ARCH) -> Decoder:
     """A freshly initialised decoder of ``shape`` (and architecture switches ``arch``)."""
     return Decoder(shape, key=key, arch=arch)
 
