@@ -12,6 +12,7 @@ from dptrain.planner import get_preset
 from dptrain.trainer import build_model, model_loss_fn
 from dptrain.trainer._dpsgd import DpSgdConfig, clip_factor, global_norms, local_clipped_sum
 from dptrain.trainer._ghost import ghost_norms, weighted_grad_sum
+from dptrain.trainer._model import Architecture
 
 # Each test compiles a decoder's ghost and vmap(grad) paths: 10–45 s on 2 shared cores.
 pytestmark = pytest.mark.slow
@@ -20,15 +21,20 @@ ROWS = 6
 LENGTH = 17  # tokens per row (16 predictions): small, and repeats tokens within a row
 
 
-def _setup(shape, *, seed=0):
+def _setup(shape, *, seed=0, arch=None):
+    arch = arch or Architecture()
     # Non-zero norm scales, so the scales' gradients and the (1 + scale) gain are exercised.
-    model = build_model(shape, key=jax.random.key(seed))
+    model = build_model(shape, key=jax.random.key(seed), arch=arch)
     rng = np.random.default_rng(seed)
-    model = eqx.tree_at(lambda m: (m.blocks.attn_norm.scale, m.final_norm.scale), model,
-                        (jnp.asarray(rng.normal(0, 0.3, model.blocks.attn_norm.scale.shape),
-                                     jnp.float32),
-                         jnp.asarray(rng.normal(0, 0.3, model.final_norm.scale.shape),
-                                     jnp.float32)))
+
+    def scales(m):
+        norms = [m.blocks.attn_norm, m.blocks.mlp_norm, m.final_norm]
+        if arch.post_norms:
+            norms += [m.blocks.attn_post_norm, m.blocks.mlp_post_norm]
+        return [norm.scale for norm in norms]
+
+    model = eqx.tree_at(scales, model, [jnp.asarray(rng.normal(0, 0.3, s.shape), jnp.float32)
+                                        for s in scales(model)])
     params, static = eqx.partition(model, eqx.is_array)
     # Few distinct tokens: many repeats, so token-equality grouping and the tied cross term matter.
     tokens = rng.integers(3, 12, size=(ROWS, LENGTH)).astype(np.int32)
@@ -64,12 +70,19 @@ def _shapes():
              for name in ("tiny", "small", "base")]
     # A grouped-query variant, so the ghost path does not rely on one key/value head.
     gqa = dataclasses.replace(small[0], name="gqa", n_kv_heads=2)
-    return [pytest.param(s, id=s.name) for s in [*small, gqa]]
+    cases = [pytest.param((s, Architecture()), id=s.name) for s in [*small, gqa]]
+    # Gemma 2's features (post-norm scales, soft-caps small enough to bend, a sliding window
+    # shorter than the row, a query_pre_attn_scalar): a new parameter kind and new non-linearities.
+    gemma2 = Architecture(attn_softcap=1.0, final_softcap=2.0, query_scale=0.2, post_norms=True,
+                          sliding_window=5, sliding_layers=(True, False), norm_eps=1e-5)
+    tiny2 = dataclasses.replace(gqa, name="gemma2-tiny", n_layers=2)
+    return [*cases, pytest.param((tiny2, gemma2), id="gemma2-tiny")]
 
 
-@pytest.mark.parametrize("shape", _shapes())
-def test_ghost_norms_equal_per_example_gradient_norms(shape):
-    params, static, tokens = _setup(shape)
+@pytest.mark.parametrize("case", _shapes())
+def test_ghost_norms_equal_per_example_gradient_norms(case):
+    shape, arch = case
+    params, static, tokens = _setup(shape, arch=arch)
     _, expected = _reference(params, static, tokens)
     squared, losses, _ = jax.jit(ghost_norms, static_argnums=0)(static, params, tokens)
     np.testing.assert_allclose(np.sqrt(np.asarray(squared)), np.asarray(expected), rtol=1e-5,
@@ -79,9 +92,10 @@ def test_ghost_norms_equal_per_example_gradient_norms(shape):
     np.testing.assert_allclose(np.asarray(losses), np.asarray(reference_losses), rtol=1e-6)
 
 
-@pytest.mark.parametrize("shape", _shapes())
-def test_ghost_clipped_sum_equals_per_example_clipping(shape):
-    params, static, tokens = _setup(shape)
+@pytest.mark.parametrize("case", _shapes())
+def test_ghost_clipped_sum_equals_per_example_clipping(case):
+    shape, arch = case
+    params, static, tokens = _setup(shape, arch=arch)
     _, norms = _reference(params, static, tokens)
     # Midway between two norms (no ties at C): some rows are clipped, some are not.
     real = np.sort(np.asarray(norms)[np.asarray(norms) > 0])

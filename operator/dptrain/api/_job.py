@@ -63,10 +63,12 @@ class DataSpec(_Model):
     """jsonl (one JSON object per line), text (one document per file), prepared (dptrain's)."""
     text_field: Annotated[str, StringConstraints(min_length=1, max_length=128)] = "text"
     """Key of the document text in each JSONL record."""
-    tokenizer: Literal["byte", "sentencepiece"] = "byte"
-    """Byte-level tokenizer (default) or a SentencePiece model."""
+    tokenizer: Literal["byte", "sentencepiece", "huggingface"] = "byte"
+    """Byte-level tokenizer (default), a SentencePiece model, or a Hugging Face tokenizer.json
+    (read with the `tokenizers` library)."""
     tokenizer_model: SafePath | None = None
-    """SentencePiece .model file, required when tokenizer is sentencepiece."""
+    """SentencePiece .model file (sentencepiece), or tokenizer.json or its directory
+    (huggingface; default: the model.pretrained checkpoint's)."""
     sequence_length: int = Field(default=1024, ge=16, le=32768)
     """Tokens per training sequence; documents are packed or split to this length."""
     num_sequences: int | None = Field(default=None, ge=1, le=10**13)
@@ -97,11 +99,26 @@ class ComputeSpec(_Model):
     """Optional wall-clock deadline; plans that would finish later are rejected."""
 
 
+class PretrainedSpec(_Model):
+    """A pretrained checkpoint to start from (its architecture and weights)."""
+
+    format: Literal["huggingface"] = "huggingface"
+    """Checkpoint format: a Hugging Face directory (config.json + *.safetensors) of model type
+    vaultgemma or gemma2."""
+    path: SafePath
+    """The checkpoint directory (inside `volume` when set, else on the host)."""
+    volume: VolumeSource | None = None
+    """PersistentVolumeClaim holding `path`."""
+
+
 class ModelSpec(_Model):
     """Pin the model instead of letting the planner choose."""
 
     preset: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9.-]{0,62}$")] | None = None
     """Named model preset (tiny, small, base, medium, large, xl, vaultgemma-1b)."""
+    pretrained: PretrainedSpec | None = None
+    """Fine-tune a pretrained checkpoint (exclusive with `preset`): the model is fixed, the
+    planner plans batch, iterations, σ and learning rate for it."""
 
 
 class TrainingSpec(_Model):

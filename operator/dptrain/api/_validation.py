@@ -31,6 +31,11 @@ def semantic_errors(spec: DPTrainingJobSpec, *, dataset_size: int | None = None,
     if data.tokenizer == "sentencepiece" and data.tokenizer_model is None:
         errors.append(FieldError(f"{prefix}.data.tokenizerModel",
                                  "is required when tokenizer is sentencepiece"))
+    if (data.tokenizer == "huggingface" and data.tokenizer_model is None
+            and spec.model.pretrained is None):
+        errors.append(FieldError(f"{prefix}.data.tokenizerModel",
+                                 "is required when tokenizer is huggingface, unless "
+                                 "model.pretrained names a checkpoint with a tokenizer.json"))
     if data.format == "prepared" and data.builtin is not None:
         errors.append(FieldError(f"{prefix}.data.format",
                                  "must not be prepared for a builtin corpus"))
@@ -60,13 +65,18 @@ def semantic_errors(spec: DPTrainingJobSpec, *, dataset_size: int | None = None,
         errors.append(FieldError(f"{prefix}.training.warmupSteps",
                                  "must be < training.iterations", str(training.warmup_steps)))
 
-    fully_pinned = (spec.model.preset is not None and training.batch_size is not None
+    if spec.model.preset is not None and spec.model.pretrained is not None:
+        errors.append(FieldError(f"{prefix}.model.pretrained",
+                                 "is exclusive with model.preset (the checkpoint fixes the model)",
+                                 spec.model.preset))
+    model_pinned = spec.model.preset is not None or spec.model.pretrained is not None
+    fully_pinned = (model_pinned and training.batch_size is not None
                     and training.iterations is not None)
     if compute.flops is None and compute.accelerator_hours is None and not fully_pinned:
         errors.append(FieldError(
             f"{prefix}.compute",
-            "must set flops or acceleratorHours unless model.preset, training.batchSize and "
-            "training.iterations are all pinned"))
+            "must set flops or acceleratorHours unless the model (model.preset or "
+            "model.pretrained), training.batchSize and training.iterations are all pinned"))
     if compute.tpu_topology is not None and compute.accelerator not in TPU_ACCELERATORS:
         errors.append(FieldError(f"{prefix}.compute.tpuTopology",
                                  "is only valid with a TPU accelerator", compute.accelerator))

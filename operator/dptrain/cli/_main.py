@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from dptrain.cli import (
     _api_commands,
+    _model_commands,
     _operator_commands,
     _planner_commands,
     _privacy_commands,
@@ -17,7 +18,7 @@ from dptrain.cli import (
 from dptrain.cli._output import EXIT_USAGE, CliError, json_parent
 
 _GROUPS = (_privacy_commands, _api_commands, _planner_commands, _sweep_commands,
-           _trainer_commands, _operator_commands)
+           _trainer_commands, _model_commands, _operator_commands)
 
 
 class _Parser(argparse.ArgumentParser):

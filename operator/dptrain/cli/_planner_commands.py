@@ -67,14 +67,21 @@ def _plan(args: argparse.Namespace) -> int:
         from dptrain.cli._plan_verify import check_public
 
         check_public(spec, args.public_data)  # refuse before any work
+    model, fixed_by = None, None
     try:
+        if spec.model.pretrained is not None:  # the checkpoint fixes the model (needs JAX)
+            from dptrain.trainer import pretrained_model
+            model, _, directory = pretrained_model(
+                job, base_dir=pathlib.Path(args.file).resolve().parent)
+            fixed_by = f"spec.model.pretrained ({directory})"
         plan = make_plan(spec, dataset_size=n, table=args.table, cache_dir=args.cache_dir,
-                         allow_extrapolation=args.allow_extrapolation)
+                         allow_extrapolation=args.allow_extrapolation, model=model)
     except InvalidJobError as error:
         fail("; ".join(error.lines), EXIT_INVALID)
     except (InfeasibleBudgetError, ValueError, KeyError) as error:
         fail(str(error).strip("'\""), EXIT_INVALID)
     result = plan.to_dict()
+    result["model_fixed_by"] = fixed_by
     if args.plot:
         _plot(args, spec, n, plan)
         result["plot"] = args.plot
@@ -97,6 +104,8 @@ def _human(r: dict[str, Any]) -> str:
     pod = r["pod"]
     lines = [
         f"Plan ({r['bound']}-bound): {r['model_preset']} ({r['model_params']:.3g} parameters)",
+        *([f"  model fixed by {r['model_fixed_by']}: planned batch, iterations, σ and "
+           "learning rate for it (no model-size search)"] if r.get("model_fixed_by") else []),
         f"  batch B = {r['batch_size']} (physical {r['physical_batch_size']}), "
         f"q = {r['sampling_rate']:.3g}, T = {r['iterations']} steps "
         f"(max within ε: {r['max_steps']})",

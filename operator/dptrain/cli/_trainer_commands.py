@@ -178,7 +178,8 @@ def _run(args: argparse.Namespace) -> int:
     with _typed_errors():
         run = prepare_run(args.file, args.output, progress=options.progress)
         if args.dataset_ledger is None:
-            outcome = train_job(run.job, run.plan, run.shape, run.dataset, run.output, options)
+            outcome = train_job(run.job, run.plan, run.shape, run.dataset, run.output, options,
+                                base_dir=run.base_dir)
         else:
             outcome = _run_on_dataset(run, args, options)
     return _emit_outcome(args, outcome)
@@ -212,7 +213,8 @@ def _run_on_dataset(run: LocalRun, args: argparse.Namespace, options: RunOptions
         print(f"DPDataset {ref}: admitted; composed ε {admission.composed:.4g} of "
               f"{admission.budget:g}", flush=True)
     try:
-        return train_job(job, run.plan, run.shape, run.dataset, output, options)
+        return train_job(job, run.plan, run.shape, run.dataset, output, options,
+                         base_dir=run.base_dir)
     finally:
         ledger = output / "checkpoints" / "ledger.json"
         candidates = [output / "report.json", ledger]

@@ -22,7 +22,7 @@ from dptrain.trainer._audit import (
     training_prompts,
 )
 from dptrain.trainer._checkpoint import Checkpointer, Restored
-from dptrain.trainer._config import TrainConfig, config_from_plan, shape_for
+from dptrain.trainer._config import TrainConfig, config_from_plan, pretrained_model, shape_for
 from dptrain.trainer._data import (
     BUILTIN_STDLIB_DOCS,
     DataError,
@@ -153,6 +153,7 @@ __all__ = [
     "prepare_dataset",
     "prepare_or_reuse",
     "prepare_run",
+    "pretrained_model",
     "reporters_from_env",
     "sequence_loss",
     "shape_for",

@@ -24,7 +24,7 @@ from scipy import stats
 
 from dptrain.trainer._checkpoint import Checkpointer, shape_from_dict
 from dptrain.trainer._data import PreparedDataset, load_dataset
-from dptrain.trainer._model import Decoder, build_model, greedy_continue
+from dptrain.trainer._model import Architecture, Decoder, build_model, greedy_continue
 from dptrain.trainer._tokenizer import Tokenizer
 
 PREFIX_LENGTH = 50
@@ -187,7 +187,9 @@ def audit_checkpoint(checkpoint_dir: str | os.PathLike[str], *, samples: int = 1
     try:
         meta = checkpointer.read_meta(step)
         shape = shape_from_dict(meta["model_shape"])
-        params, static = eqx.partition(build_model(shape, key=jax.random.key(0)), eqx.is_array)
+        arch = Architecture.from_dict(meta.get("architecture") or {})
+        params, static = eqx.partition(build_model(shape, key=jax.random.key(0), arch=arch),
+                                       eqx.is_array)
         restored = checkpointer.restore(params, None, step=meta["step"])
     finally:
         checkpointer.close()

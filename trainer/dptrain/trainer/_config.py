@@ -15,6 +15,7 @@ from dptrain.api import DPTrainingJob, FieldError, InvalidJobError, PlanStatus
 from dptrain.planner import ModelShape, get_preset, mechanism_of
 from dptrain.privacy import DpSgdMechanism
 from dptrain.trainer._data import PreparedDataset
+from dptrain.trainer._model import Architecture
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -53,6 +54,9 @@ class TrainConfig:
         create_key: whether a fresh run may create the key file (local runs); pods only read
             the key the operator mounted.
         release_raw_statistics: also publish raw per-step statistics (an unaccounted release).
+        architecture: the decoder's architecture switches (Gemma 2 features of pretrained
+            models; the default is dptrain's from-scratch decoder).
+        pretrained_dir: a Hugging Face checkpoint to initialise from (None: random init).
     """
 
     job_name: str
@@ -79,6 +83,8 @@ class TrainConfig:
     key_file: pathlib.Path | None = None
     create_key: bool = True
     release_raw_statistics: bool = False
+    architecture: Architecture = dataclasses.field(default_factory=Architecture)
+    pretrained_dir: pathlib.Path | None = None
 
     def __post_init__(self) -> None:
         errors = []
@@ -198,8 +204,12 @@ def config_from_plan(job: DPTrainingJob, plan: PlanStatus, *, dataset: PreparedD
                      checkpoint_dir: pathlib.Path | None = None, metrics_port: int | None = None,
                      progress: bool = True, ledger_block: int = 1,
                      initial_steps_charged: int = 0, key_file: pathlib.Path | None = None,
-                     create_key: bool = True) -> TrainConfig:
+                     create_key: bool = True, base_dir: pathlib.Path | None = None
+                     ) -> TrainConfig:
     """The configuration that carries out ``plan`` for ``job`` on ``dataset``.
+
+    ``base_dir`` resolves a relative ``spec.model.pretrained.path`` (default: the working
+    directory).
 
     Raises:
         InvalidJobError: the plan does not fit the dataset or the model (names the field).
@@ -211,7 +221,17 @@ def config_from_plan(job: DPTrainingJob, plan: PlanStatus, *, dataset: PreparedD
             "status.plan.datasetSize", f"the plan was made for N={plan.dataset_size} sequences "
             f"but the prepared dataset has {manifest.num_sequences}", str(plan.dataset_size))])
     vocab = int(manifest.tokenizer["vocab_size"])
-    model = shape if shape is not None else shape_for(plan.model_preset, vocab_size=vocab)
+    architecture, pretrained_dir = Architecture(), None
+    if spec.model.pretrained is not None:
+        model, architecture, pretrained_dir = pretrained_model(
+            job, base_dir=base_dir or pathlib.Path.cwd())
+        if model.vocab_size != vocab:
+            raise InvalidJobError([FieldError(
+                "spec.data.tokenizer", f"the tokenizer has {vocab} tokens but the pretrained "
+                f"model's vocabulary has {model.vocab_size}; use the checkpoint's tokenizer",
+                spec.data.tokenizer)])
+    else:
+        model = shape if shape is not None else shape_for(plan.model_preset, vocab_size=vocab)
     if model.vocab_size != vocab:
         model = model.with_vocab(vocab)
     training = spec.training
@@ -228,7 +248,37 @@ def config_from_plan(job: DPTrainingJob, plan: PlanStatus, *, dataset: PreparedD
         output_dir=output_dir, ledger_block=ledger_block, metrics_port=metrics_port,
         progress=progress, initial_steps_charged=initial_steps_charged, key_file=key_file,
         create_key=create_key, clipping=training.clipping,
-        release_raw_statistics=spec.monitoring.release_raw_statistics)
+        release_raw_statistics=spec.monitoring.release_raw_statistics,
+        architecture=architecture, pretrained_dir=pretrained_dir)
+
+
+def pretrained_model(job: DPTrainingJob, *, base_dir: pathlib.Path
+                     ) -> tuple[ModelShape, Architecture, pathlib.Path]:
+    """Shape, architecture and directory of ``spec.model.pretrained`` (relative to ``base_dir``).
+
+    Raises:
+        InvalidJobError: unreadable, or a configuration dptrain cannot represent (the field names
+            the config key).
+    """
+    from dptrain.trainer._hf import (
+        PretrainedError,
+        UnsupportedConfigError,
+        read_config,
+        shape_and_arch,
+    )
+
+    pretrained = job.spec.model.pretrained
+    assert pretrained is not None
+    directory = _resolve(base_dir, pretrained.path, "pretrained")
+    try:
+        shape, architecture = shape_and_arch(read_config(directory))
+    except UnsupportedConfigError as error:
+        raise InvalidJobError([FieldError(f"spec.model.pretrained.path: config.json {error.key}",
+                                          str(error), str(directory))]) from None
+    except PretrainedError as error:
+        raise InvalidJobError([FieldError("spec.model.pretrained.path", str(error),
+                                          str(directory))]) from None
+    return shape, architecture, directory
 
 
 def _resolve(base: pathlib.Path, path: str | None, default: str) -> pathlib.Path:

@@ -35,7 +35,7 @@ from dptrain.api import (
     steps_charged_of,
 )
 from dptrain.planner import InfeasibleBudgetError, ModelShape, make_plan
-from dptrain.trainer._config import config_from_plan
+from dptrain.trainer._config import config_from_plan, pretrained_model
 from dptrain.trainer._data import (
     BUILTIN_STDLIB_DOCS,
     PreparedDataset,
@@ -141,19 +141,30 @@ def dataset_for(job: DPTrainingJob, *, base_dir: pathlib.Path, prepared_dir: pat
     if data.tokenizer_model is not None:
         model_path = pathlib.Path(data.tokenizer_model)
         model_path = model_path if model_path.is_absolute() else base_dir / model_path
+    elif data.tokenizer == "huggingface" and job.spec.model.pretrained is not None:
+        model_path = pathlib.Path(job.spec.model.pretrained.path)  # the checkpoint's tokenizer
+        model_path = model_path if model_path.is_absolute() else base_dir / model_path
     tokenizer = make_tokenizer(data.tokenizer, model_path)
     return prepare_or_reuse(source, tokenizer, sequence_length=data.sequence_length,
                             out_dir=prepared_dir, progress=progress)
 
 
-def local_plan(job: DPTrainingJob, dataset_size: int) -> tuple[PlanStatus, ModelShape]:
+def local_plan(job: DPTrainingJob, dataset_size: int,
+               base_dir: pathlib.Path | None = None) -> tuple[PlanStatus, ModelShape]:
     """The planner's plan for ``job`` on N sequences (a local run plans for itself).
+
+    A pretrained checkpoint (``spec.model.pretrained``, relative to ``base_dir``, default the
+    working directory) fixes the model.
 
     Raises:
         InvalidInputError: no plan fits the budgets (the message names the field).
+        InvalidJobError: the pretrained checkpoint cannot be read or represented.
     """
+    model = None
+    if job.spec.model.pretrained is not None:  # the checkpoint fixes the model
+        model = pretrained_model(job, base_dir=base_dir or pathlib.Path.cwd())[0]
     try:
-        plan = make_plan(job.spec, dataset_size=dataset_size)
+        plan = make_plan(job.spec, dataset_size=dataset_size, model=model)
     except InfeasibleBudgetError as error:
         raise InvalidInputError(str(error)) from None
     return plan.to_status(), plan.model_shape
@@ -161,13 +172,17 @@ def local_plan(job: DPTrainingJob, dataset_size: int) -> tuple[PlanStatus, Model
 
 @dataclasses.dataclass(frozen=True)
 class LocalRun:
-    """A local run, resolved: the job, its plan and model, its data and where it writes."""
+    """A local run, resolved: the job, its plan and model, its data and where it writes.
+
+    ``base_dir``: the manifest's directory (relative paths in the job are resolved from it).
+    """
 
     job: DPTrainingJob
     plan: PlanStatus
     shape: ModelShape
     dataset: PreparedDataset
     output: pathlib.Path
+    base_dir: pathlib.Path
 
 
 def prepare_run(file: pathlib.Path, output: pathlib.Path | None, *,
@@ -185,16 +200,18 @@ def prepare_run(file: pathlib.Path, output: pathlib.Path | None, *,
         raise InvalidInputError(f"{file}: no such file") from None
     out = output or pathlib.Path(DEFAULT_RUNS_DIR) / job.metadata.name
     out.mkdir(parents=True, exist_ok=True)
-    dataset = dataset_for(job, base_dir=file.resolve().parent, prepared_dir=out / "data",
-                          progress=progress)
-    plan, shape = local_plan(job, dataset.num_sequences)
-    return LocalRun(job=job, plan=plan, shape=shape, dataset=dataset, output=out)
+    base_dir = file.resolve().parent
+    dataset = dataset_for(job, base_dir=base_dir, prepared_dir=out / "data", progress=progress)
+    plan, shape = local_plan(job, dataset.num_sequences, base_dir)
+    return LocalRun(job=job, plan=plan, shape=shape, dataset=dataset, output=out,
+                    base_dir=base_dir)
 
 
 def train_job(job: DPTrainingJob, plan: PlanStatus, shape: ModelShape | None,
               dataset: PreparedDataset, output: pathlib.Path, options: RunOptions, *,
               initial_steps_charged: int = 0, in_pod: bool = False,
-              key_file: pathlib.Path | None = None) -> RunOutcome:
+              key_file: pathlib.Path | None = None,
+              base_dir: pathlib.Path | None = None) -> RunOutcome:
     """Train ``plan`` for ``job`` and write the report (on the leading process).
 
     Args:
@@ -209,6 +226,8 @@ def train_job(job: DPTrainingJob, plan: PlanStatus, shape: ModelShape | None,
             environment (a pod); else report to ``progress.json`` as one process.
         key_file: the job's secret key (a pod: the mounted Secret); None: ``OUTPUT/job.key``,
             created on a fresh run.
+        base_dir: resolves a relative ``spec.model.pretrained.path`` (a local run: the
+            manifest's directory; None: the working directory).
 
     Raises:
         TrainingInterruptedError: SIGTERM; the last finished step was checkpointed.
@@ -217,7 +236,7 @@ def train_job(job: DPTrainingJob, plan: PlanStatus, shape: ModelShape | None,
     """
     process = initialize_from_env() if in_pod else ProcessInfo(process_id=0, num_processes=1)
     config = config_from_plan(
-        job, plan, dataset=dataset, output_dir=output, shape=shape,
+        job, plan, dataset=dataset, output_dir=output, shape=shape, base_dir=base_dir,
         metrics_port=metrics_port(options.metrics_port) if process.is_leader else None,
         progress=options.progress, ledger_block=options.ledger_block,
         initial_steps_charged=initial_steps_charged, key_file=key_file,

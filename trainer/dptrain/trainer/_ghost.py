@@ -12,7 +12,11 @@ al. 2023 "book-keeping"):
 * the tied embedding's gradient is ``√d·scatter(δ_embed at tokens) + δ_logitsᵀ h``: its squared
   norm is the input part by token-equality grouping (``d·Σ_{l,m: t_l = t_m} δ_l·δ_m``), the output
   part as a linear map, and twice their inner product (``√d·Σ_l δ_l · Σ_m δ_logits[m, t_l] h_m``);
-* RMSNorm scales (``d`` numbers) get exact per-example gradients ``Σ_l δ_l ⊙ x̂_l``.
+* RMSNorm scales (``d`` numbers) get exact per-example gradients ``Σ_l δ_l ⊙ x̂_l`` — the pre-norms,
+  the final norm and, in Gemma-2-style models, the post-norms alike.
+
+Soft-capping, sliding windows and the query scale have no parameters: they only shape the output
+gradients ``δ``, which the backward pass computes through them, so the norms stay exact.
 
 The output gradients ``δ`` come from one backward pass with respect to zero "probes" added to
 every linear output (``Decoder.forward``), which computes no weight gradient; the inputs ``x``
@@ -40,6 +44,9 @@ import jax.numpy as jnp
 from dptrain.trainer._model import Decoder, Taps, token_loss, zero_probes
 
 Params = Any
+
+# Per-block RMSNorms (post-norms exist only in Gemma-2-style models).
+_NORMS = ("attn_norm", "mlp_norm", "attn_post_norm", "mlp_post_norm")
 
 
 class GhostTape(NamedTuple):
@@ -82,7 +89,7 @@ def _norm_scale_grads(tape: GhostTape) -> dict[str, jax.Array]:
     """Exact per-example gradients of the RMSNorm scales (``[B, layers, d]`` / ``[B, d]``)."""
     taps, grads = tape.taps, tape.grads
     return {name: jnp.einsum("bnld,bnld->bnd", taps["blocks"][name], grads["blocks"][name])
-            for name in ("attn_norm", "mlp_norm")} | {
+            for name in _NORMS if name in taps["blocks"]} | {
         "final_norm": jnp.einsum("bld,bld->bd", taps["final_norm"], grads["final_norm"])}
 
 
@@ -152,10 +159,14 @@ def weighted_grad_sum(params: Params, tape: GhostTape, weights: jax.Array) -> Pa
     embed = jnp.einsum("blv,bld->vd", scaled(delta_out), _select(head, keep))
     embed = embed.at[tape.tokens.reshape(-1)].add(
         (math.sqrt(d_model) * scaled(delta_in)).reshape(-1, d_model))
-    return eqx.tree_at(
+    out = eqx.tree_at(
         lambda p: (p.embedding, p.blocks.attn.wq, p.blocks.attn.wk, p.blocks.attn.wv,
                    p.blocks.attn.wo, p.blocks.mlp.w_gate, p.blocks.mlp.w_up, p.blocks.mlp.w_down,
                    p.blocks.attn_norm.scale, p.blocks.mlp_norm.scale, p.final_norm.scale),
         params,
         (embed, new["wq"], new["wk"], new["wv"], new["wo"], new["w_gate"], new["w_up"],
          new["w_down"], scales["attn_norm"], scales["mlp_norm"], scales["final_norm"]))
+    if "attn_post_norm" in scales:
+        out = eqx.tree_at(lambda p: (p.blocks.attn_post_norm.scale, p.blocks.mlp_post_norm.scale),
+                          out, (scales["attn_post_norm"], scales["mlp_post_norm"]))
+    return out

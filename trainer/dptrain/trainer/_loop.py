@@ -57,6 +57,7 @@ from dptrain.trainer._config import TrainConfig
 from dptrain.trainer._data import load_dataset
 from dptrain.trainer._distributed import ProcessInfo
 from dptrain.trainer._dpsgd import DpSgdConfig, StepFn, make_dp_step, model_loss_fn
+from dptrain.trainer._hf import load_pretrained
 from dptrain.trainer._keys import (
     key_fingerprint,
     noise_key_data,
@@ -64,7 +65,7 @@ from dptrain.trainer._keys import (
 from dptrain.trainer._ledger import DurableLedger, LedgerFile, Progress, Reporter
 from dptrain.trainer._mesh import fill_devices, make_mesh, replicate, shard_batch, to_host
 from dptrain.trainer._metrics import TrainerMetrics
-from dptrain.trainer._model import build_model
+from dptrain.trainer._model import Architecture, build_model
 from dptrain.trainer._optimizer import make_optimizer
 from dptrain.trainer._resume import (
     check_compatible,
@@ -147,7 +148,8 @@ def physical_rows(config: TrainConfig, devices: int) -> int:
 def compiled_step(shape: ModelShape, optimizer: tuple[Any, ...], clip_norm: float,
                   expected_batch: float, microbatch: int | None, pad_id: int,
                   mesh: Mesh, loss_bound: float = 16.0,
-                  clipping: str = "ghost") -> tuple[StepFn, Any, Any]:
+                  clipping: str = "ghost",
+                  arch: Architecture | None = None) -> tuple[StepFn, Any, Any]:
     """The jitted DP step, optimizer and model skeleton for a configuration.
 
     Memoised, so that restarts within one process (and tests) compile once.
@@ -155,7 +157,8 @@ def compiled_step(shape: ModelShape, optimizer: tuple[Any, ...], clip_norm: floa
     name, lr, total, warmup, decay = optimizer
     opt = make_optimizer(name, learning_rate=lr, total_steps=total, warmup_steps=warmup,
                          weight_decay=decay)
-    _, static = eqx.partition(build_model(shape, key=jax.random.key(0)), eqx.is_array)
+    _, static = eqx.partition(build_model(shape, key=jax.random.key(0),
+                                          arch=arch or Architecture()), eqx.is_array)
     step = make_dp_step(model_loss_fn(static, pad_id), opt,
                         DpSgdConfig(clip_norm=clip_norm, expected_batch_size=expected_batch,
                                     microbatch_size=microbatch, pad_id=pad_id,
@@ -226,11 +229,15 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
     step_fn, optimizer, _ = compiled_step(
         config.shape, optimizer_key, config.clip_norm, float(config.batch_size),
         config.microbatch_size, pad_id, mesh, loss_bound_for(config.shape.vocab_size),
-        config.clipping)
-    # The public seed initialises the model, and nothing else.
-    seed_key = jax.random.key(config.seed)
-    params, _ = eqx.partition(build_model(config.shape, key=jax.random.fold_in(seed_key, 0)),
-                              eqx.is_array)
+        config.clipping, config.architecture)
+    if config.pretrained_dir is not None:
+        model = load_pretrained(config.pretrained_dir)[0]
+    else:
+        # The public seed initialises the model, and nothing else.
+        seed_key = jax.random.key(config.seed)
+        model = build_model(config.shape, key=jax.random.fold_in(seed_key, 0),
+                            arch=config.architecture)
+    params, _ = eqx.partition(model, eqx.is_array)
     params = replicate(mesh, params)
     opt_state = replicate(mesh, optimizer.init(params))
     meta_template = checkpoint_meta(config, ledger.state, dataset.manifest.source_checksum,
@@ -281,6 +288,8 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
         nonlocal saved_step
         meta = checkpoint_meta(config, ledger.state, dataset.manifest.source_checksum,
                                 fingerprint)
+        # Public: what export and generation need to decode the model's ids (no data, no key).
+        meta["tokenizer"] = dict(dataset.manifest.tokenizer)
         checkpointer.save(step, params, opt_state, meta)
         saved_step = step
 

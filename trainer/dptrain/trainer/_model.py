@@ -9,6 +9,13 @@ embeddings; full causal attention in every layer; GeGLU MLP; input embedding sca
 ``sqrt(d_model)`` and tied with the output projection. Blocks are stacked on a leading axis and run
 with ``lax.scan`` so that compile time does not grow with depth.
 
+:class:`Architecture` (static, default: the above) adds what pretrained Gemma-2-family checkpoints
+need for exact parity with their reference implementation: attention and final logit soft-capping
+(``cap·tanh(x/cap)``), the ``query_pre_attn_scalar`` query scale, Gemma 2's post-norms (an RMSNorm
+on the attention and MLP outputs before the residual add), sliding-window layers, the RoPE base and
+the RMSNorm epsilon. None of them changes the layer interface: the post-norm scales are probed and
+tapped like every other norm scale, so ghost clipping covers them exactly.
+
 Every layer's ``forward(x, probes)`` also returns the inputs of its linear maps (its "taps") and
 adds ``probes`` (zeros, or ``None``) to its linear outputs: differentiating a per-example loss with
 respect to the probes gives each linear output's gradient without any weight gradient, which is
@@ -27,11 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from dptrain.planner import ModelShape
-
-_ROPE_BASE = 10_000.0
-_NORM_EPS = 1e-6
+from dptrain.trainer._architecture import NORM_EPS as _NORM_EPS
+from dptrain.trainer._architecture import ROPE_BASE as _ROPE_BASE
+from dptrain.trainer._architecture import Architecture, softcap, visibility
 
 Taps = dict[str, Any]  # layer name -> array (or nested Taps for the stacked blocks)
+_DEFAULT_ARCH = Architecture()
 
 
 def _probe(y: jax.Array, probes: Taps | None, name: str) -> jax.Array:
@@ -59,9 +67,11 @@ class RMSNorm(eqx.Module):
     """Gemma's RMSNorm: ``x / rms(x) * (1 + scale)``, scale initialised to zero."""
 
     scale: jax.Array
+    eps: float = eqx.field(static=True, default=_NORM_EPS)
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, eps: float = _NORM_EPS) -> None:
         self.scale = jnp.zeros((dim,), jnp.float32)
+        self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalise the last axis."""
@@ -71,71 +81,105 @@ class RMSNorm(eqx.Module):
                                                                             jax.Array]:
         """``(norm(x) + probe, x / rms(x))``: the output and the scale's input."""
         mean_square = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
-        normed = x * jax.lax.rsqrt(mean_square + _NORM_EPS)
+        normed = x * jax.lax.rsqrt(mean_square + np.float32(self.eps))
         gain = (1.0 + self.scale).reshape((1,) * (x.ndim - 1) + (-1,))
         out = normed * gain
         return (out if probe is None else out + probe), normed
 
 
-def rope_tables(length: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+def rope_tables(length: int, head_dim: int,
+                base: float = _ROPE_BASE) -> tuple[np.ndarray, np.ndarray]:
     """``(sin, cos)`` of the rotary angles, ``[L, 1, head_dim // 2]`` float32 constants.
 
     Computed on the host once per shape: inside the program they would be recomputed by every
     layer and every example (``sin``/``cos`` are slow on XLA:CPU).
     """
-    half = head_dim // 2
-    inv_freq = _ROPE_BASE ** (-np.arange(half, dtype=np.float32) / np.float32(half))
+    inv_freq = inverse_frequencies(head_dim, base)
     angles = np.arange(length, dtype=np.float32)[:, None] * inv_freq[None, :]  # [L, half]
     return np.sin(angles)[:, None, :], np.cos(angles)[:, None, :]
 
 
-def apply_rope(x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-    """Rotary position embedding of ``x`` (``[L, heads, head_dim]``) at positions ``0..L-1``.
+def inverse_frequencies(head_dim: int, base: float = _ROPE_BASE) -> np.ndarray:
+    """RoPE's ``base^(-2i/head_dim)`` for ``i < head_dim/2`` (float32, as the reference)."""
+    half = head_dim // 2
+    exponents = np.arange(0, 2 * half, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    return (1.0 / (np.float32(base) ** exponents)).astype(np.float32)
 
-    ``positions`` is accepted for callers of the older signature and must be ``arange(L)``.
+
+def apply_rope(x: jax.Array, positions: jax.Array | None = None,
+               base: float = _ROPE_BASE) -> jax.Array:
+    """Rotary position embedding of ``x`` (``[L, heads, head_dim]``).
+
+    ``positions`` (``[L]`` int, traced) defaults to ``0..L-1`` (tables computed on the host).
     """
-    del positions
     half = x.shape[-1] // 2
-    sin, cos = rope_tables(x.shape[0], x.shape[-1])
+    if positions is None:
+        sin, cos = rope_tables(x.shape[0], x.shape[-1], base)
+    else:
+        angles = positions.astype(jnp.float32)[:, None] * inverse_frequencies(x.shape[-1], base)
+        sin, cos = jnp.sin(angles)[:, None, :], jnp.cos(angles)[:, None, :]
     x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 class Attention(eqx.Module):
-    """Causal multi-query attention with RoPE (no biases)."""
+    """Causal grouped-query attention with RoPE (no biases), optionally soft-capped/windowed."""
 
     wq: jax.Array  # [d_model, n_heads, head_dim]
     wk: jax.Array  # [d_model, n_kv_heads, head_dim]
     wv: jax.Array  # [d_model, n_kv_heads, head_dim]
     wo: jax.Array  # [n_heads, head_dim, d_model]
+    arch: Architecture = eqx.field(static=True, default=_DEFAULT_ARCH)
 
-    def __init__(self, shape: ModelShape, *, rng: np.random.Generator) -> None:
+    def __init__(self, shape: ModelShape, *, rng: np.random.Generator,
+                 arch: Architecture = _DEFAULT_ARCH) -> None:
         d, h, g, k = shape.d_model, shape.n_heads, shape.n_kv_heads, shape.head_dim
         self.wq = _normal(rng, (d, h, k), d)
         self.wk = _normal(rng, (d, g, k), d)
         self.wv = _normal(rng, (d, g, k), d)
         self.wo = _normal(rng, (h, k, d), h * k)
+        self.arch = arch
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Attend over ``x`` (``[L, d_model]``), each position seeing itself and the past."""
         return self.forward(x)[0]
 
-    def forward(self, x: jax.Array, probes: Taps | None = None) -> tuple[jax.Array, Taps]:
-        """The attention output and the input of ``wo`` (``[L, heads, head_dim]``)."""
-        length = x.shape[0]
-        n_heads, head_dim = self.wq.shape[1], self.wq.shape[2]
-        n_kv = self.wk.shape[1]
-        q = apply_rope(_probe(jnp.einsum("ld,dhk->lhk", x, self.wq), probes, "q"))
-        k = apply_rope(_probe(jnp.einsum("ld,dgk->lgk", x, self.wk), probes, "k"))
+    def project(self, x: jax.Array, probes: Taps | None = None,
+                positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Rotated queries (scaled), rotated keys and values of ``x`` at ``positions``."""
+        head_dim, base = self.wq.shape[2], self.arch.rope_theta
+        scale = self.arch.query_scale if self.arch.query_scale is not None else head_dim ** -0.5
+        q = apply_rope(_probe(jnp.einsum("ld,dhk->lhk", x, self.wq), probes, "q"), positions, base)
+        k = apply_rope(_probe(jnp.einsum("ld,dgk->lgk", x, self.wk), probes, "k"), positions, base)
         v = _probe(jnp.einsum("ld,dgk->lgk", x, self.wv), probes, "v")
+        return q * np.float32(scale), k, v
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
+        """Attention of queries ``[L, heads, hd]`` over keys/values ``[M, kv, hd]``.
+
+        ``visible`` (``[L, M]`` bool) says which key each query may see. Returns the input of
+        ``wo`` (``[L, heads, head_dim]``).
+        """
+        length, n_heads, head_dim = q.shape
+        n_kv = k.shape[1]
         # Query heads are grouped over the shared key/value heads (one group per kv head).
-        q = q.reshape(length, n_kv, n_heads // n_kv, head_dim) * np.float32(1 / math.sqrt(head_dim))
-        scores = jnp.einsum("lgrk,mgk->grlm", q, k)
-        causal = np.tril(np.ones((length, length), dtype=bool))
+        q = q.reshape(length, n_kv, n_heads // n_kv, head_dim)
+        scores = softcap(jnp.einsum("lgrk,mgk->grlm", q, k), self.arch.attn_softcap)
         # A finite minimum (not -inf) keeps gradients finite on fully masked entries.
-        scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
+        scores = jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
         weights = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("grlm,mgk->lgrk", weights, v).reshape(length, n_heads, head_dim)
+        return jnp.einsum("grlm,mgk->lgrk", weights, v).reshape(length, n_heads, head_dim)
+
+    def forward(self, x: jax.Array, probes: Taps | None = None,
+                window: jax.Array | int | None = None) -> tuple[jax.Array, Taps]:
+        """The attention output and the input of ``wo`` (``[L, heads, head_dim]``).
+
+        ``window``: this layer's attention window (None: full causal attention).
+        """
+        length = x.shape[0]
+        q, k, v = self.project(x, probes)
+        visible = visibility(np.arange(length), np.arange(length), window)
+        out = self.attend(q, k, v, visible)
         return _probe(jnp.einsum("lhk,hkd->ld", out, self.wo), probes, "o"), {"o": out}
 
 
@@ -163,34 +207,83 @@ class GeGLU(eqx.Module):
 
 
 class Block(eqx.Module):
-    """One pre-norm decoder block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+    """One pre-norm decoder block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``.
+
+    With post-norms (Gemma 2): ``x + post_norm(attn(norm(x)))`` and likewise for the MLP.
+    """
 
     attn_norm: RMSNorm
     attn: Attention
     mlp_norm: RMSNorm
     mlp: GeGLU
+    attn_post_norm: RMSNorm | None = None
+    mlp_post_norm: RMSNorm | None = None
 
-    def __init__(self, shape: ModelShape, *, rng: np.random.Generator) -> None:
-        self.attn_norm = RMSNorm(shape.d_model)
-        self.attn = Attention(shape, rng=rng)
-        self.mlp_norm = RMSNorm(shape.d_model)
+    def __init__(self, shape: ModelShape, *, rng: np.random.Generator,
+                 arch: Architecture = _DEFAULT_ARCH) -> None:
+        self.attn_norm = RMSNorm(shape.d_model, arch.norm_eps)
+        self.attn = Attention(shape, rng=rng, arch=arch)
+        self.mlp_norm = RMSNorm(shape.d_model, arch.norm_eps)
         self.mlp = GeGLU(shape, rng=rng)
+        if arch.post_norms:
+            self.attn_post_norm = RMSNorm(shape.d_model, arch.norm_eps)
+            self.mlp_post_norm = RMSNorm(shape.d_model, arch.norm_eps)
+        else:
+            self.attn_post_norm = self.mlp_post_norm = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """The block's residual update of ``x`` (``[L, d_model]``)."""
         return self.forward(x)[0]
 
-    def forward(self, x: jax.Array, probes: Taps | None = None) -> tuple[jax.Array, Taps]:
+    def forward(self, x: jax.Array, probes: Taps | None = None,
+                window: jax.Array | int | None = None) -> tuple[jax.Array, Taps]:
         """The block's output and its taps (inputs of every linear map and norm scale)."""
         get = (lambda name: None) if probes is None else probes.__getitem__
         attn_in, attn_normed = self.attn_norm.forward(x, get("attn_norm"))
-        attn_out, attn_taps = self.attn.forward(attn_in, probes)
+        attn_out, attn_taps = self.attn.forward(attn_in, probes, window)
+        taps = {"attn_norm": attn_normed, "attn_in": attn_in, **attn_taps}
+        if self.attn_post_norm is not None:
+            attn_out, taps["attn_post_norm"] = self.attn_post_norm.forward(
+                attn_out, get("attn_post_norm"))
         x = x + attn_out
         mlp_in, mlp_normed = self.mlp_norm.forward(x, get("mlp_norm"))
         mlp_out, mlp_taps = self.mlp.forward(mlp_in, probes)
-        taps = {"attn_norm": attn_normed, "attn_in": attn_in, "mlp_norm": mlp_normed,
-                "mlp_in": mlp_in, **attn_taps, **mlp_taps}
+        taps |= {"mlp_norm": mlp_normed, "mlp_in": mlp_in, **mlp_taps}
+        if self.mlp_post_norm is not None:
+            mlp_out, taps["mlp_post_norm"] = self.mlp_post_norm.forward(
+                mlp_out, get("mlp_post_norm"))
         return x + mlp_out, taps
+
+    def decode(self, x: jax.Array, position: jax.Array, cache: tuple[jax.Array, jax.Array],
+               window: jax.Array | int) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """One position of incremental decoding with a key/value cache.
+
+        Args:
+            x: the hidden state of the new token, ``[1, d_model]``.
+            position: its position (scalar int).
+            cache: keys and values of every position so far, ``[T, kv, head_dim]`` each (entries
+                at and after ``position`` are overwritten or masked).
+            window: this layer's attention window.
+
+        Returns:
+            The block's output ``[1, d_model]`` and the updated cache. The same mathematics as
+            :meth:`forward` (tested token for token against it).
+        """
+        keys, values = cache
+        attn_in = self.attn_norm(x)
+        q, k, v = self.attn.project(attn_in, positions=position[None])
+        keys = jax.lax.dynamic_update_slice(keys, k, (position, 0, 0))
+        values = jax.lax.dynamic_update_slice(values, v, (position, 0, 0))
+        visible = visibility(position[None], jnp.arange(keys.shape[0]), window)
+        attn_out = jnp.einsum("lhk,hkd->ld", self.attn.attend(q, keys, values, visible),
+                              self.attn.wo)
+        if self.attn_post_norm is not None:
+            attn_out = self.attn_post_norm(attn_out)
+        x = x + attn_out
+        mlp_out = self.mlp(self.mlp_norm(x))
+        if self.mlp_post_norm is not None:
+            mlp_out = self.mlp_post_norm(mlp_out)
+        return x + mlp_out, (keys, values)
 
 
 class Decoder(eqx.Module):
@@ -200,20 +293,40 @@ class Decoder(eqx.Module):
     blocks: Block  # every array has a leading n_layers axis
     final_norm: RMSNorm
     max_seq_len: int = eqx.field(static=True)
+    arch: Architecture = eqx.field(static=True, default=_DEFAULT_ARCH)
 
-    def __init__(self, shape: ModelShape, *, key: jax.Array) -> None:
+    def __init__(self, shape: ModelShape, *, key: jax.Array,
+                 arch: Architecture = _DEFAULT_ARCH) -> None:
         rng = host_rng(key)
         # A small fixed scale (GPT-2's 0.02) keeps initial logits near uniform at every width, so
         # the initial loss starts near ln(vocab) instead of above it.
         self.embedding = _normal(rng, (shape.vocab_size, shape.d_model), 1, scale=0.02)
-        blocks = [Block(shape, rng=rng) for _ in range(shape.n_layers)]
+        blocks = [Block(shape, rng=rng, arch=arch) for _ in range(shape.n_layers)]
         self.blocks = jax.tree_util.tree_map(lambda *layers: jnp.stack(layers), *blocks)
-        self.final_norm = RMSNorm(shape.d_model)
+        self.final_norm = RMSNorm(shape.d_model, arch.norm_eps)
         self.max_seq_len = shape.max_seq_len
+        self.arch = arch
+
+    @property
+    def n_layers(self) -> int:
+        """Number of decoder blocks."""
+        return int(self.blocks.attn.wq.shape[0])
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """Next-token logits ``[L, vocab]`` for ``tokens`` (``[L]`` int)."""
         return self.forward(tokens)[0]
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """Scaled input embeddings ``[L, d_model]`` (Gemma's ``sqrt(d_model)``)."""
+        d_model = self.embedding.shape[1]
+        return self.embedding[tokens] * np.float32(math.sqrt(d_model))
+
+    def head(self, h: jax.Array, probe: jax.Array | None = None) -> jax.Array:
+        """Logits of final hidden states ``h`` (tied projection, then the final soft-cap)."""
+        logits = h @ self.embedding.T
+        if probe is not None:
+            logits = logits + probe
+        return softcap(logits, self.arch.final_softcap)
 
     def forward(self, tokens: jax.Array, probes: Taps | None = None) -> tuple[jax.Array, Taps]:
         """Logits and taps; ``probes`` (see :func:`zero_probes`) are added to linear outputs.
@@ -228,23 +341,49 @@ class Decoder(eqx.Module):
         if tokens.shape[0] > self.max_seq_len:
             raise ValueError(f"sequence of {tokens.shape[0]} tokens exceeds the model's "
                              f"max_seq_len {self.max_seq_len}")
-        d_model = self.embedding.shape[1]
         get = (lambda name: None) if probes is None else probes.__getitem__
-        x = self.embedding[tokens] * np.float32(math.sqrt(d_model))
+        x = self.embed(tokens)
         if probes is not None:
             x = x + probes["embed"]
         arrays, static = eqx.partition(self.blocks, eqx.is_array)
+        windows = self.arch.windows(self.n_layers, tokens.shape[0])
 
-        def layer(h: jax.Array, xs: tuple[Block, Taps | None]) -> tuple[jax.Array, Taps]:
-            block_arrays, block_probes = xs
-            return eqx.combine(block_arrays, static).forward(h, block_probes)
+        def layer(h: jax.Array, xs: tuple[Block, Taps | None, jax.Array]) -> tuple[jax.Array, Taps]:
+            block_arrays, block_probes, window = xs
+            return eqx.combine(block_arrays, static).forward(h, block_probes, window)
 
-        x, block_taps = jax.lax.scan(layer, x, (arrays, get("blocks")))
+        x, block_taps = jax.lax.scan(layer, x, (arrays, get("blocks"), jnp.asarray(windows)))
         head, final_normed = self.final_norm.forward(x, get("final_norm"))
-        logits = head @ self.embedding.T
-        if probes is not None:
-            logits = logits + probes["logits"]
+        logits = self.head(head, get("logits"))
         return logits, {"blocks": block_taps, "final_norm": final_normed, "head": head}
+
+
+    def decode(self, token: jax.Array, position: jax.Array,
+               cache: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Next-token logits ``[vocab]`` after ``token`` at ``position``, with a KV cache.
+
+        ``cache``: keys and values ``[n_layers, T, kv, head_dim]`` (see :func:`empty_cache`).
+        """
+        arrays, static = eqx.partition(self.blocks, eqx.is_array)
+        keys, values = cache
+        windows = jnp.asarray(self.arch.windows(self.n_layers, keys.shape[1]))
+
+        def layer(h: jax.Array, xs: tuple[Block, jax.Array, jax.Array, jax.Array]
+                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+            block_arrays, layer_keys, layer_values, window = xs
+            block = eqx.combine(block_arrays, static)
+            return block.decode(h, position, (layer_keys, layer_values), window)
+
+        x = self.embed(token[None])
+        x, cache = jax.lax.scan(layer, x, (arrays, keys, values, windows))
+        return self.head(self.final_norm(x))[0], cache
+
+
+def empty_cache(model: Decoder, length: int) -> tuple[jax.Array, jax.Array]:
+    """Zero keys and values for ``length`` positions of every layer."""
+    n_layers, _, n_kv, head_dim = model.blocks.attn.wk.shape
+    zeros = jnp.zeros((n_layers, length, n_kv, head_dim), jnp.float32)
+    return zeros, zeros
 
 
 def zero_probes(model: Decoder, length: int) -> Taps:
@@ -261,14 +400,18 @@ def zero_probes(model: Decoder, length: int) -> Taps:
               "v": zeros(n_layers, length, n_kv, head_dim), "o": zeros(n_layers, length, d_model),
               "mlp_norm": zeros(n_layers, length, d_model), "gate": zeros(n_layers, length, d_ff),
               "up": zeros(n_layers, length, d_ff), "down": zeros(n_layers, length, d_model)}
+    if model.blocks.attn_post_norm is not None:
+        blocks |= {"attn_post_norm": zeros(n_layers, length, d_model),
+                   "mlp_post_norm": zeros(n_layers, length, d_model)}
     return {"embed": zeros(length, d_model), "blocks": blocks,
             "final_norm": zeros(length, d_model),
             "logits": zeros(length, model.embedding.shape[0])}
 
 
-def build_model(shape: ModelShape, *, key: jax.Array) -> Decoder:
-    """A freshly initialised decoder of ``shape``."""
-    return Decoder(shape, key=key)
+def build_model(shape: ModelShape, *, key: jax.Array,
+                arch: Architecture = _DEFAULT_ARCH) -> Decoder:
+    """A freshly initialised decoder of ``shape`` (and architecture switches ``arch``)."""
+    return Decoder(shape, key=key, arch=arch)
 
 
 def count_params(model: Decoder) -> int:

@@ -3,9 +3,9 @@
 A checkpoint's metadata (public, like everything the job publishes) holds the plan as it is
 (``status.plan``'s form), the training settings, the ledger, the model shape, the dataset's
 identity and the fingerprint of the secret key, never the key. A checkpoint is resumed only by
-the same key, seed, model, data and plan, up to the fields a spec change may alter
-(:data:`RESUMABLE_PLAN_FIELDS`); checkpoints written before plans were stored as they are are
-read too.
+the same key, seed, model (shape and architecture), data and plan, up to the fields a spec change
+may alter (:data:`RESUMABLE_PLAN_FIELDS`); checkpoints written before plans were stored as they
+are, or before architectures were recorded, are read too.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ def checkpoint_meta(config: TrainConfig, ledger: PrivacyLedger, checksum: str,
                      fingerprint: str) -> dict[str, Any]:
     return {"job": config.job_name, "seed": config.seed, "key_fingerprint": fingerprint,
             "ledger": ledger.to_dict(), "model_shape": shape_to_dict(config.shape),
+            "architecture": config.architecture.to_dict(),
+            "pretrained": None if config.pretrained_dir is None else {
+                "format": "huggingface", "path": str(config.pretrained_dir)},
             "dataset": {"checksum": checksum, "num_sequences": config.dataset_size,
                         "sequence_length": config.sequence_length, "dir": str(config.data_dir)},
             # The plan as it is (status.plan's form), and what the job adds to it.
@@ -75,8 +78,12 @@ def check_compatible(meta: dict[str, Any], expected: dict[str, Any], where: path
             f"job key (fingerprint {meta.get('key_fingerprint') or 'absent'}, this run's "
             f"{expected['key_fingerprint']}); restore the job's key file or use a fresh "
             "checkpoint directory")])
-    for key in ("seed", "model_shape", "plan"):
-        same = same_run(meta, expected) if key == "plan" else meta.get(key) == expected[key]
+    for key in ("seed", "model_shape", "plan", "architecture"):
+        if key == "plan":
+            same = same_run(meta, expected)
+        else:  # an older checkpoint without an architecture: the expected one
+            got = meta.get(key, expected[key] if key == "architecture" else None)
+            same = got == expected[key]
         if not same:
             raise InvalidJobError([FieldError(
                 "spec.checkpoint.path", f"the checkpoint in {where} belongs to another "

@@ -9,9 +9,10 @@ document, and byte ``b`` is ``b + 3``. Its vocabulary size is
 from __future__ import annotations
 
 import hashlib
+import json
 import pathlib
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from dptrain.planner import BYTE_VOCAB_SIZE
 
@@ -145,6 +146,99 @@ class SentencePieceTokenizer:
                 "model_sha256": digest}
 
 
+class HuggingFaceTokenizer:
+    """A Hugging Face ``tokenizer.json`` read with the ``tokenizers`` library (no transformers).
+
+    Special tokens come from ``tokenizer_config.json`` beside it when present (``pad_token``,
+    ``bos_token``, ``eos_token``), else from the usual names (``<pad>``, ``<bos>``/``<s>``,
+    ``<eos>``/``</s>``). A tokenizer without a padding token gets an extra id appended after its
+    vocabulary, so that padding can never be confused with a real token.
+    """
+
+    _NAMES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "pad": ("<pad>", "[PAD]", "<|pad|>"), "bos": ("<bos>", "<s>", "<|begin_of_text|>"),
+        "eos": ("<eos>", "</s>", "<|end_of_text|>", "<|endoftext|>")}
+
+    def __init__(self, path: str | pathlib.Path) -> None:
+        path = pathlib.Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise ValueError(f"spec.data.tokenizerModel: file not found: {path}")
+        try:
+            from tokenizers import Tokenizer as _Tokenizer
+        except ImportError:
+            raise ValueError("spec.data.tokenizer: 'huggingface' needs the Python package "
+                             "tokenizers, which is not installed") from None
+        try:
+            self._tok = _Tokenizer.from_file(str(path))
+        except Exception as error:  # the library raises a bare Exception on bad files
+            raise ValueError(f"spec.data.tokenizerModel: {path}: not a tokenizer.json "
+                             f"({error})") from None
+        self._path = path
+        config: dict[str, Any] = {}
+        config_file = path.parent / "tokenizer_config.json"
+        if config_file.is_file():
+            try:
+                loaded = json.loads(config_file.read_text())
+                config = loaded if isinstance(loaded, dict) else {}
+            except ValueError:
+                config = {}
+        base = int(self._tok.get_vocab_size(with_added_tokens=True))
+        ids = {role: self._special(config.get(f"{role}_token"), names)
+               for role, names in self._NAMES.items()}
+        self._pad = ids["pad"] if ids["pad"] is not None else base
+        self._vocab = base if ids["pad"] is not None else base + 1
+        self._bos = ids["bos"] if ids["bos"] is not None else self._pad
+        self._eos = ids["eos"] if ids["eos"] is not None else self._pad
+        self._base = base
+
+    def _special(self, configured: Any, names: Sequence[str]) -> int | None:
+        if isinstance(configured, dict):
+            configured = configured.get("content")
+        for name in ([configured] if isinstance(configured, str) else []) + list(names):
+            token_id = self._tok.token_to_id(name)
+            if token_id is not None:
+                return int(token_id)
+        return None
+
+    @property
+    def vocab_size(self) -> int:
+        """Vocabulary with added tokens (plus the appended pad id, if any)."""
+        return self._vocab
+
+    @property
+    def pad_id(self) -> int:
+        """Padding id."""
+        return self._pad
+
+    @property
+    def bos_id(self) -> int:
+        """Begin-of-document id."""
+        return self._bos
+
+    @property
+    def eos_id(self) -> int:
+        """End-of-document id."""
+        return self._eos
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no special tokens added: documents are framed by the packer)."""
+        return [int(i) for i in self._tok.encode(text, add_special_tokens=False).ids]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` (padding and special tokens dropped)."""
+        return str(self._tok.decode([int(i) for i in ids if int(i) != self._pad
+                                     and int(i) < self._base], skip_special_tokens=True))
+
+    def describe(self) -> dict[str, Any]:
+        """Manifest entry: the tokenizer file and its checksum."""
+        digest = hashlib.sha256(self._path.read_bytes()).hexdigest()
+        return {"kind": "huggingface", "vocab_size": self._vocab, "pad_id": self._pad,
+                "bos_id": self._bos, "eos_id": self._eos, "model": str(self._path),
+                "model_sha256": digest}
+
+
 def make_tokenizer(kind: str, model_path: str | pathlib.Path | None = None) -> Tokenizer:
     """The tokenizer a job's ``spec.data`` asks for.
 
@@ -157,7 +251,14 @@ def make_tokenizer(kind: str, model_path: str | pathlib.Path | None = None) -> T
         if model_path is None:
             raise ValueError("spec.data.tokenizerModel: required when tokenizer is sentencepiece")
         return SentencePieceTokenizer(model_path)
-    raise ValueError(f"spec.data.tokenizer: must be 'byte' or 'sentencepiece' (got {kind!r})")
+    if kind == "huggingface":
+        if model_path is None:
+            raise ValueError("spec.data.tokenizerModel: required when tokenizer is huggingface "
+                             "(a tokenizer.json, or its directory), unless model.pretrained "
+                             "names a checkpoint that has one")
+        return HuggingFaceTokenizer(model_path)
+    raise ValueError(f"spec.data.tokenizer: must be 'byte', 'sentencepiece' or 'huggingface' "
+                     f"(got {kind!r})")
 
 
 def tokenizer_from_description(description: dict[str, Any]) -> Tokenizer:
