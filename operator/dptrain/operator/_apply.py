@@ -105,16 +105,19 @@ async def apply_decision(client: KubeClient, config: ReconcilerConfig, tools: Op
         elif child == "config":
             await client.delete(resource_path("v1", "configmaps", ns, names.config_map))
     spec, plan = decision.spec, decision.plan
-    if spec is not None:  # the operator's default image for jobs that name none
+    # The ConfigMap holds the job's own spec (the decision verifies it against that); the
+    # operator's default image for jobs that name none goes into the pods only.
+    config_spec = spec
+    if spec is not None:
         spec = config.placements.trainer.spec(spec)
     dataset = decision.dataset
     created_config = False
     for child in dict.fromkeys(decision.create):
-        assert spec is not None
+        assert spec is not None and config_spec is not None
         if child == "config":
             created_config = await client.create(
                 resource_path("v1", "configmaps", ns),
-                build_config_map(spec, job, plan, dataset))
+                build_config_map(config_spec, job, plan, dataset))
         elif child == "rbac":
             await client.create(resource_path("v1", "serviceaccounts", ns),
                                 build_service_account(job))
@@ -138,11 +141,11 @@ async def apply_decision(client: KubeClient, config: ReconcilerConfig, tools: Op
                 resource_path("batch/v1", "jobs", ns),
                 config.placements.trainer.apply(
                     build_prepare_job(spec, job, api_server=config.pod_api_server)))
-    if decision.update_config and not created_config and spec is not None:
+    if decision.update_config and not created_config and config_spec is not None:
         # The ConfigMap is immutable: a new config is a new object (delete, then create) —
         # but only when it differs: a pass repeated after a lost status write re-plans the same
         # config, and replacing it then would churn the trainer's config under its feet.
-        config_map = build_config_map(spec, job, plan, dataset)
+        config_map = build_config_map(config_spec, job, plan, dataset)
         path = resource_path("v1", "configmaps", ns, names.config_map)
         existing = await client.get(path)
         unchanged = (existing is not None and existing.get("data") == config_map.get("data")
