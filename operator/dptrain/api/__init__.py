@@ -82,6 +82,12 @@ from dptrain.api._job import (
     VolumeSource,
 )
 from dptrain.api._loading import load_job, load_manifests, parse_job
+from dptrain.api._pod_overrides import (
+    ContainerOverride,
+    PodMetadataOverride,
+    PodSpecOverride,
+    PodTemplateOverrides,
+)
 from dptrain.api._status import (
     Condition,
     DatasetStatus,
@@ -138,6 +144,7 @@ __all__ = [
     "CheckpointSpec",
     "ComputeSpec",
     "Condition",
+    "ContainerOverride",
     "DPDataset",
     "DPDatasetSpec",
     "DPDatasetStatus",
@@ -155,6 +162,9 @@ __all__ = [
     "ObjectMeta",
     "Phase",
     "PlanStatus",
+    "PodMetadataOverride",
+    "PodSpecOverride",
+    "PodTemplateOverrides",
     "PretrainedSpec",
     "PrivacyLedgerStatus",
     "PrivacySpec",

@@ -21,6 +21,7 @@ from dptrain.api._base import (
     SafePath,
     _Model,
 )
+from dptrain.api._pod_overrides import PodTemplateOverrides
 from dptrain.api._status import DPTrainingJobStatus
 
 # ----------------------------------------------------------------------------------------- spec
@@ -199,6 +200,10 @@ class DPTrainingJobSpec(_Model):
     """Suspend: delete the workload, keep the ledger; resume recreates it from the checkpoint."""
     max_restarts: int = Field(default=3, ge=0, le=100)
     """Trainer failures retried (each resuming from the ledger) before the job fails."""
+    pod_template_overrides: PodTemplateOverrides | None = None
+    """A partial PodTemplateSpec applied last to the trainer and data-preparation pods
+    (labels, annotations, scheduling, identity, volumes, env, resources); fields the operator
+    owns are refused."""
 
 
 class ObjectMeta(BaseModel):

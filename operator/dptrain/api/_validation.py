@@ -82,6 +82,9 @@ def semantic_errors(spec: DPTrainingJobSpec, *, dataset_size: int | None = None,
                                  "is only valid with a TPU accelerator", compute.accelerator))
     if spec.checkpoint.volume is not None and spec.checkpoint.path is None:
         errors.append(FieldError(f"{prefix}.checkpoint.path", "is required when volume is set"))
+    if spec.pod_template_overrides is not None:
+        for field, rule in spec.pod_template_overrides.mount_problems():
+            errors.append(FieldError(f"{prefix}.podTemplateOverrides.{field}", rule))
     return errors
 
 
