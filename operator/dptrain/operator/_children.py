@@ -228,14 +228,20 @@ def build_role(job: JobRef) -> dict[str, Any]:
     }
 
 
-def build_role_binding(job: JobRef) -> dict[str, Any]:
-    """Binds the per-job Role to the per-job ServiceAccount."""
+def build_role_binding(job: JobRef, service_account: str | None = None) -> dict[str, Any]:
+    """Binds the per-job Role to the per-job ServiceAccount, or to the pods' own account.
+
+    ``service_account``: the existing account the pods run as
+    (``spec.podTemplateOverrides.spec.serviceAccountName``: a cloud identity such as EKS IRSA
+    or GKE Workload Identity); None binds the per-job account the operator creates.
+    """
     names = ChildNames.of(job.name)
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
         "metadata": child_meta(job, names.role_binding, "trainer"),
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": names.role},
-        "subjects": [{"kind": "ServiceAccount", "name": names.service_account,
+        "subjects": [{"kind": "ServiceAccount",
+                      "name": service_account or names.service_account,
                       "namespace": job.namespace}],
     }

@@ -66,6 +66,8 @@ class ChildState:
     complete: bool = False
     failed: bool = False
     deleting: bool = False
+    suspended: bool = False
+    """``spec.suspend`` is true: waiting for admission (Kueue), or preempted by it."""
     message: str = ""
     created: dt.datetime | None = None
     finished: dt.datetime | None = None

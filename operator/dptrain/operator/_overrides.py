@@ -22,7 +22,7 @@ import copy
 from collections.abc import Iterator
 from typing import Any
 
-from dptrain.api import PodTemplateOverrides
+from dptrain.api import DPTrainingJobSpec, PodTemplateOverrides
 from dptrain.api._pod_overrides import ContainerOverride
 
 # What of the ``trainer`` entry also reaches the data-preparation container (same data, same
@@ -118,6 +118,12 @@ def _apply_container(container: dict[str, Any], over: ContainerOverride,
     if "security_context" in fields and over.security_context is not None:
         container["securityContext"] = merge_security_context(
             container.get("securityContext") or {}, over.security_context)
+
+
+def service_account(spec: DPTrainingJobSpec) -> str | None:
+    """The existing ServiceAccount the pods run as, if the override names one."""
+    overrides = spec.pod_template_overrides
+    return overrides.spec.service_account_name if overrides is not None else None
 
 
 def merge_security_context(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from dptrain.api import (
     PrivacyLedgerStatus,
     WorkloadRef,
 )
+from dptrain.operator import _kueue as kueue
 from dptrain.operator._children import ChildNames
 from dptrain.operator._conditions import find, parse_time, timestamp
 from dptrain.operator._draft import Decision, StatusDraft
@@ -69,6 +70,9 @@ def prepare(d: StatusDraft, spec: DPTrainingJobSpec, observed: Observed, setting
         out.create += ["config", "rbac", "prepare"]
     d.condition("DataPrepared", "False", "Preparing",
                 "measuring the dataset size N and preparing sequences", event="Normal")
+    if (prep is None and kueue.queued_at_creation(d)) or (prep is not None and prep.suspended):
+        return kueue.hold(d, "data-preparation Job")
+    kueue.note_admitted(d)
     d.set_phase("Preparing", "Preparing", "running data preparation")
     return d.finish()
 
@@ -176,20 +180,28 @@ def run_workload(d: StatusDraft, out: Decision, spec: DPTrainingJobSpec, plan: P
         out.create += ["config", "rbac", "service", "workload"]
         d.workload = WorkloadRef(api_version=settings.workload_api_version,
                                  kind=settings.workload_kind, name=work_name)
+        if find(d.conditions, "Stalled") is not None:
+            d.condition("Stalled", "False", "Started")
+        if kueue.queued_at_creation(d):
+            # Created suspended: Kueue admits it by unsuspending it (a watch event wakes us).
+            return kueue.hold(d, "trainer workload", requeue_after=settings.stall_timeout)
         d.condition("Running", "True", "WorkloadCreated",
                     f"resuming at {ledger.steps_charged} steps charged" if ledger.steps_charged
                     else "the trainer workload was created", event="Normal")
-        if find(d.conditions, "Stalled") is not None:
-            d.condition("Stalled", "False", "Started")
         d.set_phase("Running", "WorkloadCreated", "the trainer workload was created")
         return d.finish(requeue_after=settings.stall_timeout)
+    if d.workload is None:
+        d.workload = WorkloadRef(api_version=settings.workload_api_version,
+                                 kind=settings.workload_kind, name=work.name)
+    if work.suspended:
+        # Waiting for admission (or preempted by Kueue): no progress expected, no stall clock,
+        # and never unsuspended by us. The watch on the workload wakes the job when it runs.
+        return kueue.hold(d, "trainer workload", requeue_after=settings.stall_timeout)
+    kueue.note_admitted(d)
     # The workload exists and runs: only watch for stalls.
     running = find(d.conditions, "Running")
     if running is None or running.status != "True":
         d.condition("Running", "True", "WorkloadCreated", "the trainer workload is running")
-    if d.workload is None:
-        d.workload = WorkloadRef(api_version=settings.workload_api_version,
-                                 kind=settings.workload_kind, name=work.name)
     d.set_phase("Running", "WorkloadCreated", "the trainer workload is running")
     last = max(filter(None, [
         parse_time(status.progress.last_update) if status.progress else None,
