@@ -20,8 +20,17 @@ from pathlib import Path
 import kubernetes_validate
 
 KUBERNETES_VERSION = "1.33.0"
-ROOTS = ("Affinity", "Toleration", "Volume", "EnvVar", "EnvFromSource", "VolumeMount",
-         "ResourceRequirements", "SecurityContext", "LocalObjectReference")
+ROOTS = (
+    "Affinity",
+    "Toleration",
+    "Volume",
+    "EnvVar",
+    "EnvFromSource",
+    "VolumeMount",
+    "ResourceRequirements",
+    "SecurityContext",
+    "LocalObjectReference",
+)
 OUT = Path(__file__).resolve().parent.parent / "operator/dptrain/api/k8s_pod_schemas.json"
 OBJECT_META = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
 
@@ -37,15 +46,20 @@ def _strip(node: object) -> object:
 def vendored() -> dict[str, object]:
     """The vendored document (deterministic)."""
     base = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
-    defs = json.loads((base / f"v{KUBERNETES_VERSION}-local-strict" / "_definitions.json")
-                      .read_text())["$defs"]
+    defs = json.loads(
+        (base / f"v{KUBERNETES_VERSION}-local-strict" / "_definitions.json").read_text()
+    )["$defs"]
     # An ephemeral volume's claim template carries ObjectMeta; only labels and annotations of it
     # mean anything there (the API server ignores the rest), and its managedFields would drag in
     # free-form FieldsV1.
-    defs[OBJECT_META] = {"type": ["object", "null"], "additionalProperties": False,
-                         "properties": {k: {"type": ["object", "null"],
-                                            "additionalProperties": {"type": "string"}}
-                                        for k in ("labels", "annotations")}}
+    defs[OBJECT_META] = {
+        "type": ["object", "null"],
+        "additionalProperties": False,
+        "properties": {
+            k: {"type": ["object", "null"], "additionalProperties": {"type": "string"}}
+            for k in ("labels", "annotations")
+        },
+    }
     seen: set[str] = set()
 
     def walk(node: object) -> None:
@@ -66,9 +80,11 @@ def vendored() -> dict[str, object]:
         name = f"io.k8s.api.core.v1.{root}"
         seen.add(name)
         walk(defs[name])
-    return {"source": f"kubernetes-validate {kubernetes_validate.__version__}, Kubernetes "
-                      f"v{KUBERNETES_VERSION} (strict), descriptions dropped",
-            "$defs": {name: _strip(defs[name]) for name in sorted(seen)}}
+    return {
+        "source": f"kubernetes-validate {kubernetes_validate.__version__}, Kubernetes "
+        f"v{KUBERNETES_VERSION} (strict), descriptions dropped",
+        "$defs": {name: _strip(defs[name]) for name in sorted(seen)},
+    }
 
 
 def main() -> int:

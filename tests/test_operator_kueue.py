@@ -32,11 +32,23 @@ class FakeTools:
 
     def plan(self, spec, dataset_size):
         return PlanStatus(
-            model_preset="tiny", model_params=1000, batch_size=64, iterations=100,
-            noise_multiplier=1.0, noise_batch_ratio=1 / 64, sampling_rate=64 / dataset_size,
-            physical_batch_size=128, dataset_size=dataset_size, sequence_length=64,
-            clip_norm=1.0, learning_rate=1e-3, compute_flops=1.0, max_steps=100,
-            epsilon_planned=1.0, accountant=spec.privacy.accountant)
+            model_preset="tiny",
+            model_params=1000,
+            batch_size=64,
+            iterations=100,
+            noise_multiplier=1.0,
+            noise_batch_ratio=1 / 64,
+            sampling_rate=64 / dataset_size,
+            physical_batch_size=128,
+            dataset_size=dataset_size,
+            sequence_length=64,
+            clip_norm=1.0,
+            learning_rate=1e-3,
+            compute_flops=1.0,
+            max_steps=100,
+            epsilon_planned=1.0,
+            accountant=spec.privacy.accountant,
+        )
 
     def enforce(self, plan, budget, delta, *, iterations=None):
         return plan
@@ -52,15 +64,37 @@ def merged(old_status, decision):
     status = dict(old_status or {})
     status.update(decision.status)
     return status
+
+
 JOB = JobRef(name="q", namespace="default", uid="uid-1")
 PLAN = PlanStatus(
-    model_preset="tiny", model_params=90624, batch_size=64, iterations=1000,
-    noise_multiplier=1.0, noise_batch_ratio=1 / 64, sampling_rate=0.032,
-    physical_batch_size=128, dataset_size=2000, sequence_length=64, clip_norm=1.0,
-    learning_rate=3e-3, compute_flops=2.2e12, hosts=4, chips_per_host=4, max_steps=31,
-    epsilon_planned=1.99, accountant="rdp", spec_generation=1)
-LABELS = {QUEUE_LABEL: "team-a", PRIORITY_LABEL: "research-high", "team": "nlp",
-          "dptrain.io/job": "spoofed", "app.kubernetes.io/component": "spoofed"}
+    model_preset="tiny",
+    model_params=90624,
+    batch_size=64,
+    iterations=1000,
+    noise_multiplier=1.0,
+    noise_batch_ratio=1 / 64,
+    sampling_rate=0.032,
+    physical_batch_size=128,
+    dataset_size=2000,
+    sequence_length=64,
+    clip_norm=1.0,
+    learning_rate=3e-3,
+    compute_flops=2.2e12,
+    hosts=4,
+    chips_per_host=4,
+    max_steps=31,
+    epsilon_planned=1.99,
+    accountant="rdp",
+    spec_generation=1,
+)
+LABELS = {
+    QUEUE_LABEL: "team-a",
+    PRIORITY_LABEL: "research-high",
+    "team": "nlp",
+    "dptrain.io/job": "spoofed",
+    "app.kubernetes.io/component": "spoofed",
+}
 SETTINGS = Settings(stall_timeout=60.0)
 
 
@@ -74,8 +108,10 @@ def body(labels=LABELS, status=None, **spec):
 
 def test_labels_propagate_and_queued_workloads_start_suspended():
     spec = parse_job(job_manifest("q")).spec
-    for workload in (build_trainer_job(spec, JOB, PLAN, PodSizing(hosts=2)),
-                     build_prepare_job(spec, JOB)):
+    for workload in (
+        build_trainer_job(spec, JOB, PLAN, PodSizing(hosts=2)),
+        build_prepare_job(spec, JOB),
+    ):
         out = for_queue(workload, LABELS)
         meta = out["metadata"]["labels"]
         assert meta[QUEUE_LABEL] == "team-a" and meta[PRIORITY_LABEL] == "research-high"
@@ -89,14 +125,16 @@ def test_labels_propagate_and_queued_workloads_start_suspended():
         assert "suspend" not in workload["spec"]  # a copy
     plain = for_queue(build_trainer_job(spec, JOB, PLAN, PodSizing()), {"team": "nlp"})
     assert "suspend" not in plain["spec"]  # no queue name: not created suspended
-    assert propagated_labels({"kueue.x-k8s.io/queue-name": "a", "batch.kubernetes.io/x": "1",
-                              "job-name": "x"}) == {"kueue.x-k8s.io/queue-name": "a"}
+    assert propagated_labels(
+        {"kueue.x-k8s.io/queue-name": "a", "batch.kubernetes.io/x": "1", "job-name": "x"}
+    ) == {"kueue.x-k8s.io/queue-name": "a"}
 
 
 def test_multi_host_tpu_jobsets_are_exclusive_per_node_pool():
     spec = parse_job(job_manifest("q", compute={"accelerator": "tpu-v6e"})).spec
-    jobset = for_queue(build_jobset(spec, JOB, PLAN, PodSizing(hosts=4)), LABELS,
-                       multi_host_tpu=True)
+    jobset = for_queue(
+        build_jobset(spec, JOB, PLAN, PodSizing(hosts=4)), LABELS, multi_host_tpu=True
+    )
     assert jobset["metadata"]["annotations"][EXCLUSIVE_TOPOLOGY] == "cloud.google.com/gke-nodepool"
     assert jobset["spec"]["suspend"] is True
     assert jobset["metadata"]["labels"][QUEUE_LABEL] == "team-a"
@@ -119,8 +157,13 @@ def test_a_suspended_workload_is_queued_without_a_stall_clock():
     # Hours later, still suspended: Queued, not Stalled, nothing deleted, no restart.
     later = NOW + dt.timedelta(hours=5)
     suspended = ChildState(name="q-train", suspended=True, created=NOW)
-    held = decide(body(status=status), Observed(workload=suspended), later, tools=FakeTools(),
-                  settings=SETTINGS)
+    held = decide(
+        body(status=status),
+        Observed(workload=suspended),
+        later,
+        tools=FakeTools(),
+        settings=SETTINGS,
+    )
     assert held.phase == "Queued" and not held.delete and not held.create
     status = merged(status, held)
     assert "Stalled" not in _conditions(status)
@@ -128,16 +171,26 @@ def test_a_suspended_workload_is_queued_without_a_stall_clock():
     # Admitted (Kueue unsuspended it): Running, and the stall clock starts at admission.
     running = ChildState(name="q-train", created=NOW)
     admitted_at = later + dt.timedelta(minutes=1)
-    go = decide(body(status=status), Observed(workload=running), admitted_at, tools=FakeTools(),
-                settings=SETTINGS)
+    go = decide(
+        body(status=status),
+        Observed(workload=running),
+        admitted_at,
+        tools=FakeTools(),
+        settings=SETTINGS,
+    )
     assert go.phase == "Running"
     status = merged(status, go)
     conds = _conditions(status)
     assert conds["Admitted"]["status"] == "True" and conds["Running"]["status"] == "True"
     assert "Stalled" not in conds
     assert go.requeue_after == pytest.approx(SETTINGS.stall_timeout, abs=1.0)
-    stalled = decide(body(status=status), Observed(workload=running),
-                     admitted_at + dt.timedelta(seconds=61), tools=FakeTools(), settings=SETTINGS)
+    stalled = decide(
+        body(status=status),
+        Observed(workload=running),
+        admitted_at + dt.timedelta(seconds=61),
+        tools=FakeTools(),
+        settings=SETTINGS,
+    )
     assert _conditions(merged(status, stalled))["Stalled"]["status"] == "True"
 
 
@@ -146,17 +199,21 @@ def test_kueue_suspending_a_job_without_a_queue_label_is_also_queued():
     first = decide(body(labels={}), Observed(), NOW, tools=FakeTools(), settings=SETTINGS)
     assert first.phase == "Running"
     status = merged({}, first)
-    held = decide(body(labels={}, status=status),
-                  Observed(workload=ChildState(name="q-train", suspended=True, created=NOW)),
-                  NOW + dt.timedelta(hours=1), tools=FakeTools(), settings=SETTINGS)
+    held = decide(
+        body(labels={}, status=status),
+        Observed(workload=ChildState(name="q-train", suspended=True, created=NOW)),
+        NOW + dt.timedelta(hours=1),
+        tools=FakeTools(),
+        settings=SETTINGS,
+    )
     assert held.phase == "Queued"
-    assert "manageJobsWithoutQueueName" in _conditions(merged(status, held))["Admitted"][
-        "message"]
+    assert "manageJobsWithoutQueueName" in _conditions(merged(status, held))["Admitted"]["message"]
 
 
 def test_data_preparation_waits_in_the_queue_too():
-    first = decide(body(data={"numSequences": None}), Observed(), NOW, tools=FakeTools(),
-                   settings=SETTINGS)
+    first = decide(
+        body(data={"numSequences": None}), Observed(), NOW, tools=FakeTools(), settings=SETTINGS
+    )
     assert "prepare" in first.create and first.phase == "Queued"
 
 
@@ -172,21 +229,25 @@ def _phase(kube, name):
 def test_operator_queues_with_kueue_and_never_unsuspends(kube, start_operator):
     start_operator("--stall-timeout", "2")
     manifest = job_manifest("queued")
-    manifest["metadata"]["labels"] = {QUEUE_LABEL: "team-a", PRIORITY_LABEL: "high",
-                                      "team": "nlp"}
+    manifest["metadata"]["labels"] = {QUEUE_LABEL: "team-a", PRIORITY_LABEL: "high", "team": "nlp"}
     kube.create_job(manifest)
     prep_manifest = job_manifest("queuedprep", data={"numSequences": None})
     prep_manifest["metadata"]["labels"] = {QUEUE_LABEL: "team-a"}
     kube.create_job(prep_manifest)
 
-    work = wait_for(lambda: kube.get("batch/v1/jobs", "default", "queued-train"),
-                    what="the trainer Job", describe=lambda: repr(kube.get_job("queued")))
+    work = wait_for(
+        lambda: kube.get("batch/v1/jobs", "default", "queued-train"),
+        what="the trainer Job",
+        describe=lambda: repr(kube.get_job("queued")),
+    )
     assert work["spec"]["suspend"] is True
     assert work["metadata"]["labels"][QUEUE_LABEL] == "team-a"
     assert work["metadata"]["labels"][PRIORITY_LABEL] == "high"
     assert work["spec"]["template"]["metadata"]["labels"]["team"] == "nlp"
-    prep = wait_for(lambda: kube.get("batch/v1/jobs", "default", "queuedprep-prepare"),
-                    what="the data-preparation Job")
+    prep = wait_for(
+        lambda: kube.get("batch/v1/jobs", "default", "queuedprep-prepare"),
+        what="the data-preparation Job",
+    )
     assert prep["spec"]["suspend"] is True and prep["metadata"]["labels"][QUEUE_LABEL] == "team-a"
     wait_for(lambda: _phase(kube, "queued") == "Queued", what="phase Queued")
     wait_for(lambda: _phase(kube, "queuedprep") == "Queued", what="prep phase Queued")
@@ -205,8 +266,11 @@ def test_operator_queues_with_kueue_and_never_unsuspends(kube, start_operator):
     kube.merge_patch("batch/v1/jobs", "default", "queued-train", {"spec": {"suspend": False}})
     wait_for(lambda: _phase(kube, "queued") == "Running", what="phase Running")
     assert _conditions(kube.get_job("queued")["status"])["Admitted"]["status"] == "True"
-    wait_for(lambda: "Stalled" in _conditions(kube.get_job("queued")["status"]),
-             what="the stall clock running after admission", timeout=20)
+    wait_for(
+        lambda: "Stalled" in _conditions(kube.get_job("queued")["status"]),
+        what="the stall clock running after admission",
+        timeout=20,
+    )
     # Kueue preempts it (suspends again): Queued, the Job kept.
     kube.merge_patch("batch/v1/jobs", "default", "queued-train", {"spec": {"suspend": True}})
     wait_for(lambda: _phase(kube, "queued") == "Queued", what="Queued after preemption")
@@ -232,14 +296,18 @@ def test_operator_makes_queued_exclusive_tpu_jobsets(jobset_kube, tmp_path, plan
     manifest = job_manifest("tpu", compute={"accelerator": "tpu-v6e", "tpuTopology": "4x4"})
     manifest["metadata"]["labels"] = {QUEUE_LABEL: "tpu-queue"}
     kubeconfig = server.write_kubeconfig(tmp_path / "kubeconfig")
-    with OperatorProcess(kubeconfig, tmp_path / "operator.log",
-                         extra_args=("--cache-dir", str(planner_cache_dir))).start():
+    with OperatorProcess(
+        kubeconfig, tmp_path / "operator.log", extra_args=("--cache-dir", str(planner_cache_dir))
+    ).start():
         kube.create_job(manifest)
-        jobset = wait_for(lambda: kube.get("jobset.x-k8s.io/v1alpha2/jobsets", "default",
-                                           "tpu-train"),
-                          what="the JobSet", describe=lambda: repr(kube.get_job("tpu")))
+        jobset = wait_for(
+            lambda: kube.get("jobset.x-k8s.io/v1alpha2/jobsets", "default", "tpu-train"),
+            what="the JobSet",
+            describe=lambda: repr(kube.get_job("tpu")),
+        )
         assert jobset["metadata"]["annotations"][EXCLUSIVE_TOPOLOGY] == (
-            "cloud.google.com/gke-nodepool")
+            "cloud.google.com/gke-nodepool"
+        )
         assert jobset["spec"]["suspend"] is True
         assert jobset["metadata"]["labels"][QUEUE_LABEL] == "tpu-queue"
         assert jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["completions"] == 4

@@ -53,49 +53,110 @@ from dptrain.api._contract import (
     KEY_DIR,
     SERVICE_ACCOUNT_DIR,
 )
-from dptrain.api._pod_schemas import kubernetes_type
+from dptrain.api._pod_schemas import KubernetesType
 
 #: Volumes the operator puts in every pod (names an override may not use).
 OPERATOR_VOLUMES = frozenset({"config", "tmp", "data", "checkpoints", "job-key"})
 #: Paths the operator mounts (an override may not mount at or under them).
-OPERATOR_MOUNTS = (CONFIG_DIR, KEY_DIR, str(SERVICE_ACCOUNT_DIR), "/tmp", DATA_MOUNT,
-                   CHECKPOINT_MOUNT)
+OPERATOR_MOUNTS = (
+    CONFIG_DIR,
+    KEY_DIR,
+    str(SERVICE_ACCOUNT_DIR),
+    "/tmp",
+    DATA_MOUNT,
+    CHECKPOINT_MOUNT,
+)
 #: The pod contract's environment (``DPTRAIN_*`` is reserved as a whole).
-OPERATOR_ENV = frozenset({ENV_JOB_NAME, ENV_JOB_NAMESPACE, ENV_API_SERVER, ENV_REPORT,
-                          ENV_JAX_COORDINATOR, ENV_JAX_NUM_PROCESSES, ENV_JAX_PROCESS_ID})
+OPERATOR_ENV = frozenset(
+    {
+        ENV_JOB_NAME,
+        ENV_JOB_NAMESPACE,
+        ENV_API_SERVER,
+        ENV_REPORT,
+        ENV_JAX_COORDINATOR,
+        ENV_JAX_NUM_PROCESSES,
+        ENV_JAX_PROCESS_ID,
+    }
+)
 #: Label/annotation keys of the operator, of the Job and JobSet controllers, and of Kueue
 #: (whose labels belong on the DPTrainingJob, which propagates them to its workloads).
-RESERVED_KEY_PREFIXES = ("dptrain.io/", "batch.kubernetes.io/", "jobset.sigs.k8s.io/",
-                         "kueue.x-k8s.io/")
-RESERVED_KEYS = frozenset({"app.kubernetes.io/name", "app.kubernetes.io/component",
-                           "app.kubernetes.io/managed-by", "controller-uid", "job-name"})
+RESERVED_KEY_PREFIXES = (
+    "dptrain.io/",
+    "batch.kubernetes.io/",
+    "jobset.sigs.k8s.io/",
+    "kueue.x-k8s.io/",
+)
+RESERVED_KEYS = frozenset(
+    {
+        "app.kubernetes.io/name",
+        "app.kubernetes.io/component",
+        "app.kubernetes.io/managed-by",
+        "controller-uid",
+        "job-name",
+    }
+)
 #: Volume sources the restricted Pod Security Standard allows.
-RESTRICTED_VOLUME_SOURCES = frozenset({"configMap", "csi", "downwardAPI", "emptyDir",
-                                       "ephemeral", "persistentVolumeClaim", "projected",
-                                       "secret"})
-_SELINUX_TYPES = frozenset({"", "container_t", "container_init_t", "container_kvm_t",
-                            "container_engine_t"})
+RESTRICTED_VOLUME_SOURCES = frozenset(
+    {
+        "configMap",
+        "csi",
+        "downwardAPI",
+        "emptyDir",
+        "ephemeral",
+        "persistentVolumeClaim",
+        "projected",
+        "secret",
+    }
+)
+_SELINUX_TYPES = frozenset(
+    {"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
+)
 
 _NAME = r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]"
-_QUALIFIED = re.compile(rf"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-                        rf"{_NAME}$")
+_QUALIFIED = re.compile(
+    rf"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    rf"{_NAME}$"
+)
 _LABEL_VALUE = re.compile(rf"^({_NAME})?$")
-DnsSubdomain = Annotated[str, StringConstraints(
-    pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
-    max_length=253)]
+DnsSubdomain = Annotated[
+    str,
+    StringConstraints(
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$", max_length=253
+    ),
+]
 
-Affinity = kubernetes_type("Affinity", "Pod affinity (Kubernetes Affinity).")
-Toleration = kubernetes_type("Toleration", "A toleration (Kubernetes Toleration).")
-Volume = kubernetes_type("Volume", "A pod volume (Kubernetes Volume); restricted-profile "
-                                   "sources only.")
-EnvVar = kubernetes_type("EnvVar", "An environment variable (Kubernetes EnvVar).")
-EnvFromSource = kubernetes_type("EnvFromSource", "Env from a ConfigMap or Secret.")
-VolumeMount = kubernetes_type("VolumeMount", "A volume mount (Kubernetes VolumeMount).")
-ResourceRequirements = kubernetes_type(
-    "ResourceRequirements", "Resources replacing the planner's, entry by entry.")
-SecurityContext = kubernetes_type(
-    "SecurityContext", "Container security context merged over the operator's (restricted).")
-LocalObjectReference = kubernetes_type("LocalObjectReference", "A Secret to pull images with.")
+Affinity = Annotated[
+    dict[str, Any], KubernetesType("Affinity", "Pod affinity (Kubernetes Affinity).")
+]
+Toleration = Annotated[
+    dict[str, Any], KubernetesType("Toleration", "A toleration (Kubernetes Toleration).")
+]
+Volume = Annotated[
+    dict[str, Any],
+    KubernetesType("Volume", "A pod volume (Kubernetes Volume); restricted-profile sources only."),
+]
+EnvVar = Annotated[
+    dict[str, Any], KubernetesType("EnvVar", "An environment variable (Kubernetes EnvVar).")
+]
+EnvFromSource = Annotated[
+    dict[str, Any], KubernetesType("EnvFromSource", "Env from a ConfigMap or Secret.")
+]
+VolumeMount = Annotated[
+    dict[str, Any], KubernetesType("VolumeMount", "A volume mount (Kubernetes VolumeMount).")
+]
+ResourceRequirements = Annotated[
+    dict[str, Any],
+    KubernetesType("ResourceRequirements", "Resources replacing the planner's, entry by entry."),
+]
+SecurityContext = Annotated[
+    dict[str, Any],
+    KubernetesType(
+        "SecurityContext", "Container security context merged over the operator's (restricted)."
+    ),
+]
+LocalObjectReference = Annotated[
+    dict[str, Any], KubernetesType("LocalObjectReference", "A Secret to pull images with.")
+]
 
 # Fields the operator owns, refused by name (kept out of the CRD schema: the API server's
 # strict field validation refuses them as unknown fields).
@@ -119,8 +180,11 @@ def _keys(value: dict[str, str], *, labels: bool) -> dict[str, str]:
         if not _QUALIFIED.match(key) or len(key.rsplit("/", 1)[-1]) > 63:
             raise ValueError(f"{key!r}: must be a qualified name ([prefix/]name)")
         if key in RESERVED_KEYS or key.startswith(RESERVED_KEY_PREFIXES):
-            hint = (" (put Kueue labels on the DPTrainingJob's metadata.labels)"
-                    if key.startswith("kueue.x-k8s.io/") else "")
+            hint = (
+                " (put Kueue labels on the DPTrainingJob's metadata.labels)"
+                if key.startswith("kueue.x-k8s.io/")
+                else ""
+            )
             raise ValueError(f"{key!r}: is set by the operator or its controllers{hint}")
         if labels and (len(text) > 63 or not _LABEL_VALUE.match(text)):
             raise ValueError(f"{key!r}: {text!r} is not a valid label value")
@@ -171,8 +235,7 @@ def _restricted(context: dict[str, Any]) -> list[str]:
     if context.get("procMount") not in (None, "Default"):
         problems.append("procMount: must be Default")
     selinux = context.get("seLinuxOptions") or {}
-    if selinux.get("type", "") not in _SELINUX_TYPES or selinux.get("user") or selinux.get(
-            "role"):
+    if selinux.get("type", "") not in _SELINUX_TYPES or selinux.get("user") or selinux.get("role"):
         problems.append("seLinuxOptions: only the container_* types, no user or role")
     if (context.get("windowsOptions") or {}).get("hostProcess") is True:
         problems.append("windowsOptions.hostProcess: must not be true")
@@ -185,15 +248,15 @@ class ContainerOverride(_Model):
     name: Literal["trainer", "prepare"]
     """``trainer`` (trainer pods; env, envFrom, volumeMounts and securityContext also reach the
     data-preparation pod) or ``prepare`` (the data-preparation pod only)."""
-    env: list[EnvVar] = Field(default_factory=list)  # type: ignore[valid-type]
+    env: list[EnvVar] = Field(default_factory=list)
     """Environment added to the operator's (the pod contract's variables are refused)."""
-    env_from: list[EnvFromSource] = Field(default_factory=list)  # type: ignore[valid-type]
+    env_from: list[EnvFromSource] = Field(default_factory=list)
     """ConfigMaps and Secrets whose keys become environment variables."""
-    volume_mounts: list[VolumeMount] = Field(default_factory=list)  # type: ignore[valid-type]
+    volume_mounts: list[VolumeMount] = Field(default_factory=list)
     """Mounts of ``spec.volumes`` of this override (not at or under the operator's paths)."""
-    resources: ResourceRequirements | None = None  # type: ignore[valid-type]
+    resources: ResourceRequirements | None = None
     """Requests and limits replacing the planner's, entry by entry."""
-    security_context: SecurityContext | None = None  # type: ignore[valid-type]
+    security_context: SecurityContext | None = None
     """Merged over the operator's restricted context; may not relax it."""
 
     command: _Owned = None
@@ -214,8 +277,10 @@ class ContainerOverride(_Model):
         for index, var in enumerate(value):
             name = str(var.get("name", ""))
             if name in OPERATOR_ENV or name.startswith("DPTRAIN_"):
-                raise ValueError(f"[{index}].name: {name} is set by the operator (the pod "
-                                 "contract's variables and DPTRAIN_* are reserved)")
+                raise ValueError(
+                    f"[{index}].name: {name} is set by the operator (the pod "
+                    "contract's variables and DPTRAIN_* are reserved)"
+                )
         return value
 
     @field_validator("volume_mounts")
@@ -228,8 +293,9 @@ class ContainerOverride(_Model):
             path = posixpath.normpath(str(mount.get("mountPath", "/")))
             for owned in OPERATOR_MOUNTS:
                 if path == owned or path.startswith(owned.rstrip("/") + "/"):
-                    raise ValueError(f"[{index}].mountPath: {path} is at or under the "
-                                     f"operator's mount {owned}")
+                    raise ValueError(
+                        f"[{index}].mountPath: {path} is at or under the operator's mount {owned}"
+                    )
         return value
 
     @field_validator("security_context")
@@ -237,8 +303,9 @@ class ContainerOverride(_Model):
     def _security(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         problems = _restricted(value or {})
         if problems:
-            raise ValueError("must stay within the restricted Pod Security Standard: "
-                             + "; ".join(problems))
+            raise ValueError(
+                "must stay within the restricted Pod Security Standard: " + "; ".join(problems)
+            )
         return value
 
 
@@ -247,19 +314,18 @@ class PodSpecOverride(_Model):
 
     node_selector: dict[str, str] = Field(default_factory=dict)
     """Node labels, merged over the accelerator profile's (these win)."""
-    affinity: Affinity | None = None  # type: ignore[valid-type]
+    affinity: Affinity | None = None
     """Node and pod (anti-)affinity."""
-    tolerations: list[Toleration] = Field(default_factory=list)  # type: ignore[valid-type]
+    tolerations: list[Toleration] = Field(default_factory=list)
     """Tolerations added to the accelerator profile's."""
     priority_class_name: DnsSubdomain | None = None
     """A PriorityClass for the pods."""
-    image_pull_secrets: list[LocalObjectReference] = Field(  # type: ignore[valid-type]
-        default_factory=list)
+    image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list)
     """Secrets to pull the image with, added to the operator's."""
     service_account_name: DnsSubdomain | None = None
     """An existing ServiceAccount the pods run as (cloud identity); the operator binds the
     job's status Role to it instead of creating a per-job account."""
-    volumes: list[Volume] = Field(default_factory=list)  # type: ignore[valid-type]
+    volumes: list[Volume] = Field(default_factory=list)
     """Volumes added to the operator's (restricted-profile sources only)."""
     containers: list[ContainerOverride] = Field(default_factory=list, max_length=2)
     """Changes to the ``trainer`` and ``prepare`` containers."""
@@ -268,13 +334,15 @@ class PodSpecOverride(_Model):
     subdomain: _Owned = None
     automount_service_account_token: _Owned = None
 
-    @field_validator("restart_policy", "subdomain", "automount_service_account_token",
-                     mode="before")
+    @field_validator(
+        "restart_policy", "subdomain", "automount_service_account_token", mode="before"
+    )
     @classmethod
     def _owned(cls, value: Any, info: Any) -> Any:
-        alias = {"restart_policy": "restartPolicy",
-                 "automount_service_account_token": "automountServiceAccountToken"
-                 }.get(info.field_name, info.field_name)
+        alias = {
+            "restart_policy": "restartPolicy",
+            "automount_service_account_token": "automountServiceAccountToken",
+        }.get(info.field_name, info.field_name)
         raise ValueError(f"is owned by the operator: {_OWNED_POD[alias]}")
 
     @field_validator("node_selector")
@@ -299,9 +367,11 @@ class PodSpecOverride(_Model):
             sources = set(volume) - {"name"}
             outside = sorted(sources - RESTRICTED_VOLUME_SOURCES)
             if outside:
-                raise ValueError(f"[{index}].{outside[0]}: not allowed by the restricted Pod "
-                                 "Security Standard (use a PersistentVolumeClaim, csi, "
-                                 "configMap, secret, projected, emptyDir or ephemeral volume)")
+                raise ValueError(
+                    f"[{index}].{outside[0]}: not allowed by the restricted Pod "
+                    "Security Standard (use a PersistentVolumeClaim, csi, "
+                    "configMap, secret, projected, emptyDir or ephemeral volume)"
+                )
         return value
 
     @field_validator("containers")
@@ -332,7 +402,11 @@ class PodTemplateOverrides(_Model):
         for c_index, container in enumerate(self.spec.containers):
             for m_index, mount in enumerate(container.volume_mounts):
                 if mount.get("name") not in declared:
-                    out.append((f"spec.containers[{c_index}].volumeMounts[{m_index}].name",
-                                f"must name a volume of podTemplateOverrides.spec.volumes "
-                                f"(got {mount.get('name')!r})"))
+                    out.append(
+                        (
+                            f"spec.containers[{c_index}].volumeMounts[{m_index}].name",
+                            f"must name a volume of podTemplateOverrides.spec.volumes "
+                            f"(got {mount.get('name')!r})",
+                        )
+                    )
         return out

@@ -5,7 +5,7 @@
 Volume, EnvVar, EnvFromSource, VolumeMount, ResourceRequirements, SecurityContext and
 LocalObjectReference, and of everything they refer to. Two uses:
 
-- :func:`kubernetes_type` makes a pydantic type of one of them: validated with ``jsonschema``
+- :class:`KubernetesType` makes a pydantic type of one of them: validated with ``jsonschema``
   against the upstream definition (unknown fields and wrong types refused, naming the path
   inside the value), and carrying in the CRD the same definition made *structural*
   (:func:`structural`), so the API server checks it too.
@@ -15,14 +15,16 @@ LocalObjectReference, and of everything they refer to. Two uses:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import jsonschema
-from pydantic import AfterValidator, WithJsonSchema
+from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
+from pydantic_core import core_schema
 
 _FILE = Path(__file__).with_name("k8s_pod_schemas.json")
 PREFIX = "io.k8s.api.core.v1."
@@ -41,8 +43,11 @@ def source() -> str:
 
 @functools.cache
 def _validator(name: str) -> jsonschema.Draft202012Validator:
-    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema",
-              "$defs": _document()["$defs"], "$ref": f"#/$defs/{PREFIX}{name}"}
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$defs": _document()["$defs"],
+        "$ref": f"#/$defs/{PREFIX}{name}",
+    }
     return jsonschema.Draft202012Validator(schema)
 
 
@@ -92,8 +97,9 @@ def _structural_node(node: Any, defs: dict[str, Any], depth: int = 0) -> Any:
         return node
     if "$ref" in node:
         target = defs[node["$ref"].split("/")[-1]]
-        return _structural_node({**target, **{k: v for k, v in node.items() if k != "$ref"}},
-                                defs, depth + 1)
+        return _structural_node(
+            {**target, **{k: v for k, v in node.items() if k != "$ref"}}, defs, depth + 1
+        )
     if "oneOf" in node:
         # Quantity and IntOrString: the API server's own spelling of "string or number".
         return {"x-kubernetes-int-or-string": True}
@@ -107,8 +113,7 @@ def _structural_node(node: Any, defs: dict[str, Any], depth: int = 0) -> Any:
             kinds = [v for v in value if v != "null"]
             out["type"] = kinds[0]
         elif key == "properties":
-            out["properties"] = {k: _structural_node(v, defs, depth)
-                                 for k, v in value.items()}
+            out["properties"] = {k: _structural_node(v, defs, depth) for k, v in value.items()}
         elif key in ("items", "additionalProperties"):
             out[key] = _structural_node(value, defs, depth)
         else:
@@ -128,7 +133,23 @@ def structural(name: str) -> dict[str, Any]:
     return schema
 
 
-def kubernetes_type(name: str, description: str) -> Any:
-    """A pydantic type: a mapping validated as the Kubernetes type ``name``."""
-    schema = {**structural(name), "description": description}
-    return Annotated[dict[str, Any], AfterValidator(_validated(name)), WithJsonSchema(schema)]
+@dataclasses.dataclass(frozen=True)
+class KubernetesType:
+    """Marks a ``dict[str, Any]`` as the Kubernetes type ``name``.
+
+    ``Annotated[dict[str, Any], KubernetesType("Affinity", "...")]`` is validated against the
+    upstream schema and carries its structural form in the CRD.
+    """
+
+    name: str
+    description: str
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(_validated(self.name), handler(source))
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> dict[str, Any]:
+        return {**structural(self.name), "description": self.description}

@@ -45,7 +45,8 @@ def propagated_labels(job_labels: Mapping[str, str] | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in (job_labels or {}).items():
         if key.startswith(KUEUE_PREFIX) or not (
-                key in RESERVED_KEYS or key.startswith(RESERVED_KEY_PREFIXES)):
+            key in RESERVED_KEYS or key.startswith(RESERVED_KEY_PREFIXES)
+        ):
             out[str(key)] = str(value)
     return out
 
@@ -63,8 +64,9 @@ def _templates(workload: dict[str, Any]) -> list[dict[str, Any]]:
     return [spec["template"]] if "template" in spec else []
 
 
-def for_queue(workload: dict[str, Any], job_labels: Mapping[str, str] | None, *,
-              multi_host_tpu: bool = False) -> dict[str, Any]:
+def for_queue(
+    workload: dict[str, Any], job_labels: Mapping[str, str] | None, *, multi_host_tpu: bool = False
+) -> dict[str, Any]:
     """``workload`` (a Job or JobSet) with the job's labels, suspended if queued (a copy)."""
     out = copy.deepcopy(workload)
     labels = propagated_labels(job_labels)
@@ -77,8 +79,10 @@ def for_queue(workload: dict[str, Any], job_labels: Mapping[str, str] | None, *,
     if queue_name(job_labels) is not None:
         out["spec"]["suspend"] = True  # Kueue admits it by unsuspending it
     if multi_host_tpu and out.get("kind") == "JobSet":
-        meta["annotations"] = {**(meta.get("annotations") or {}),
-                               EXCLUSIVE_TOPOLOGY: NODE_POOL_LABEL}
+        meta["annotations"] = {
+            **(meta.get("annotations") or {}),
+            EXCLUSIVE_TOPOLOGY: NODE_POOL_LABEL,
+        }
     return out
 
 
@@ -92,8 +96,10 @@ def hold(d: StatusDraft, what: str, *, requeue_after: float | None = None) -> De
     if queue is not None:
         message = f"the {what} waits for admission by Kueue (LocalQueue {queue})"
     else:
-        message = (f"the {what} is suspended, waiting for admission (Kueue with "
-                   "manageJobsWithoutQueueName, or another admission controller)")
+        message = (
+            f"the {what} is suspended, waiting for admission (Kueue with "
+            "manageJobsWithoutQueueName, or another admission controller)"
+        )
     d.condition("Admitted", "False", PENDING, message, event="Normal")
     d.condition("Running", "False", "Queued", message)
     d.set_phase("Queued", PENDING, message)
@@ -104,8 +110,13 @@ def note_admitted(d: StatusDraft) -> None:
     """The workload runs: ``Admitted=True`` where the job was waiting for admission."""
     admitted = find(d.conditions, "Admitted")
     if admitted is not None and admitted.status != "True":
-        d.condition("Admitted", "True", "Admitted", "the workload was admitted and unsuspended",
-                    event="Normal")
+        d.condition(
+            "Admitted",
+            "True",
+            "Admitted",
+            "the workload was admitted and unsuspended",
+            event="Normal",
+        )
 
 
 def queued_at_creation(d: StatusDraft) -> bool:

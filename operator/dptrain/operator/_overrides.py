@@ -40,8 +40,9 @@ def pod_templates(workload: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield spec["template"]
 
 
-def apply_overrides(workload: dict[str, Any], overrides: PodTemplateOverrides | None
-                    ) -> dict[str, Any]:
+def apply_overrides(
+    workload: dict[str, Any], overrides: PodTemplateOverrides | None
+) -> dict[str, Any]:
     """``workload`` with the job's pod template overrides applied to every pod (a copy)."""
     if overrides is None:
         return workload
@@ -51,8 +52,9 @@ def apply_overrides(workload: dict[str, Any], overrides: PodTemplateOverrides | 
     return out
 
 
-def _by_name(items: list[dict[str, Any]], extra: list[dict[str, Any]],
-             key: str = "name") -> list[dict[str, Any]]:
+def _by_name(
+    items: list[dict[str, Any]], extra: list[dict[str, Any]], key: str = "name"
+) -> list[dict[str, Any]]:
     """``items`` then ``extra``, an ``extra`` entry replacing an item of the same ``key``."""
     names = {str(e.get(key)) for e in extra}
     return [i for i in items if str(i.get(key)) not in names] + copy.deepcopy(extra)
@@ -63,8 +65,7 @@ def _apply_pod(template: dict[str, Any], overrides: PodTemplateOverrides) -> Non
     if overrides.metadata.labels:
         meta["labels"] = {**(meta.get("labels") or {}), **overrides.metadata.labels}
     if overrides.metadata.annotations:
-        meta["annotations"] = {**(meta.get("annotations") or {}),
-                               **overrides.metadata.annotations}
+        meta["annotations"] = {**(meta.get("annotations") or {}), **overrides.metadata.annotations}
     pod = template["spec"]
     over = overrides.spec
     if over.node_selector:
@@ -73,13 +74,15 @@ def _apply_pod(template: dict[str, Any], overrides: PodTemplateOverrides) -> Non
         pod["affinity"] = copy.deepcopy(over.affinity)
     if over.tolerations:
         present = list(pod.get("tolerations") or [])
-        pod["tolerations"] = present + [copy.deepcopy(t) for t in over.tolerations
-                                        if t not in present]
+        pod["tolerations"] = present + [
+            copy.deepcopy(t) for t in over.tolerations if t not in present
+        ]
     if over.priority_class_name is not None:
         pod["priorityClassName"] = over.priority_class_name
     if over.image_pull_secrets:
-        pod["imagePullSecrets"] = _by_name(list(pod.get("imagePullSecrets") or []),
-                                           list(over.image_pull_secrets))
+        pod["imagePullSecrets"] = _by_name(
+            list(pod.get("imagePullSecrets") or []), list(over.image_pull_secrets)
+        )
     if over.service_account_name is not None:
         pod["serviceAccountName"] = over.service_account_name
     if over.volumes:
@@ -88,25 +91,28 @@ def _apply_pod(template: dict[str, Any], overrides: PodTemplateOverrides) -> Non
         name = container.get("name")
         trainer = over.container("trainer")
         if name == "trainer" and trainer is not None:
-            _apply_container(container, trainer, _SHARED_WITH_PREPARE + ("resources",))
+            _apply_container(container, trainer, (*_SHARED_WITH_PREPARE, "resources"))
         elif name == "prepare":
             if trainer is not None:
                 _apply_container(container, trainer, _SHARED_WITH_PREPARE)
             prepare = over.container("prepare")
             if prepare is not None:
-                _apply_container(container, prepare, _SHARED_WITH_PREPARE + ("resources",))
+                _apply_container(container, prepare, (*_SHARED_WITH_PREPARE, "resources"))
 
 
-def _apply_container(container: dict[str, Any], over: ContainerOverride,
-                     fields: tuple[str, ...]) -> None:
+def _apply_container(
+    container: dict[str, Any], over: ContainerOverride, fields: tuple[str, ...]
+) -> None:
     if "env" in fields and over.env:
         container["env"] = _by_name(list(container.get("env") or []), list(over.env))
     if "env_from" in fields and over.env_from:
         container["envFrom"] = list(container.get("envFrom") or []) + copy.deepcopy(
-            list(over.env_from))
+            list(over.env_from)
+        )
     if "volume_mounts" in fields and over.volume_mounts:
         container["volumeMounts"] = list(container.get("volumeMounts") or []) + copy.deepcopy(
-            list(over.volume_mounts))
+            list(over.volume_mounts)
+        )
     if "resources" in fields and over.resources is not None:
         resources = copy.deepcopy(container.get("resources") or {})
         for kind in ("requests", "limits"):
@@ -117,7 +123,8 @@ def _apply_container(container: dict[str, Any], over: ContainerOverride,
         container["resources"] = resources
     if "security_context" in fields and over.security_context is not None:
         container["securityContext"] = merge_security_context(
-            container.get("securityContext") or {}, over.security_context)
+            container.get("securityContext") or {}, over.security_context
+        )
 
 
 def service_account(spec: DPTrainingJobSpec) -> str | None:
