@@ -524,3 +524,31 @@ def test_operator_applies_overrides_and_binds_the_given_account(kube, start_oper
         "spec.podTemplateOverrides.spec.containers[0].env: [0].name: JAX_COORDINATOR_ADDRESS"
     ) in message
     assert kube.get("batch/v1/jobs", "default", "wiring-train") is None
+
+
+def test_the_embedded_kubernetes_schemas_are_structural():
+    """What the API server requires of a CRD schema: every node typed (or int-or-string),
+    arrays with items, no $ref/oneOf/nullable-type lists, objects with properties or a map."""
+    root = _crd.crd_schema()["properties"]["spec"]["properties"]["podTemplateOverrides"]
+    seen = 0
+
+    def walk(node, path):
+        nonlocal seen
+        seen += 1
+        assert not {"$ref", "oneOf", "anyOf", "allOf", "$defs"} & set(node), path
+        if node.get("x-kubernetes-int-or-string"):
+            assert "type" not in node, path
+            return
+        assert isinstance(node.get("type"), str), path
+        if node["type"] == "array":
+            walk(node["items"], f"{path}[]")
+        if node["type"] == "object":
+            assert "properties" in node or isinstance(node.get("additionalProperties"), dict), path
+            assert not ("properties" in node and "additionalProperties" in node), path
+            for key, child in node.get("properties", {}).items():
+                walk(child, f"{path}.{key}")
+            if isinstance(node.get("additionalProperties"), dict):
+                walk(node["additionalProperties"], f"{path}{{}}")
+
+    walk(root, "podTemplateOverrides")
+    assert seen > 300  # the Kubernetes types are inlined, not left free-form
