@@ -74,10 +74,11 @@ def test_manifest_example_is_valid_and_builds_valid_workloads(index: int) -> Non
     from dptrain.api import PlanStatus, _crd, parse_job, semantic_errors
     from dptrain.operator import JobRef
     from dptrain.operator._kueue import PRIORITY_LABEL, QUEUE_LABEL, for_queue
+    from dptrain.operator._names import PodSizing
     from dptrain.operator._overrides import apply_overrides
     from dptrain.operator._profiles import placements
-    from dptrain.operator._tools import OperatorTools
     from dptrain.operator._workloads import build_prepare_job, build_trainer_job
+    from dptrain.planner import ACCELERATORS
 
     documents = _documents(MANIFESTS[index])
     by_kind: dict[str, list[dict]] = {}
@@ -96,8 +97,18 @@ def test_manifest_example_is_valid_and_builds_valid_workloads(index: int) -> Non
             physical_batch_size=128, dataset_size=job.spec.data.num_sequences or 1000,
             sequence_length=1024, clip_norm=1.0, learning_rate=1e-3, compute_flops=1.0,
             hosts=1, chips_per_host=8, max_steps=100, epsilon_planned=1.0, accountant="pld")
-        sizing = placements().place(OperatorTools().pod_sizing(job.spec, plan),
-                                    job.spec.compute.accelerator)
+        # A full host of the accelerator, as the planner sizes one (requests of every kind
+        # Kueue admits on); planning itself is not what this checks.
+        accelerator = ACCELERATORS[job.spec.compute.accelerator]
+        chips = accelerator.max_chips_per_host
+        assert accelerator.resource is not None
+        host = {"cpu": str(accelerator.host_cpu_per_chip * chips),
+                "memory": f"{accelerator.host_memory_per_chip * chips // 2**20}Mi",
+                accelerator.resource: str(chips)}
+        sizing = placements().place(
+            PodSizing(hosts=1, resources={"requests": host,
+                                          "limits": {accelerator.resource: str(chips)}}),
+            job.spec.compute.accelerator)
         labels = dict(job.metadata.labels or {})
         for workload in (build_trainer_job(job.spec, ref, plan, sizing),
                          build_prepare_job(job.spec, ref)):
