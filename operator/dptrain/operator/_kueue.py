@@ -94,7 +94,10 @@ def hold(d: StatusDraft, what: str, *, requeue_after: float | None = None) -> De
     labels = (d.original_meta or {}).get("labels") or {}
     queue = queue_name(labels)
     if queue is not None:
-        message = f"the {what} waits for admission by Kueue (LocalQueue {queue})"
+        message = (
+            f"the {what} waits for admission by Kueue in LocalQueue {queue} (if it never "
+            "comes: is Kueue running, and does that LocalQueue exist in this namespace?)"
+        )
     else:
         message = (
             f"the {what} is suspended, waiting for admission (Kueue with "
