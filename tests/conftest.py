@@ -66,6 +66,15 @@ MICRO_SEQUENCE_LENGTH = 16
 # The trainer tests compile many tiny programs: skipping LLVM's optimisations halves compile time,
 # and tiny programs run fast either way. (Only JAX reads XLA_FLAGS; an explicit setting wins.)
 _os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+# One persistent XLA compilation cache for the session's workers and every trainer subprocess
+# they start: the same tiny programs are compiled by dozens of tests. A size limit turns on
+# JAX's file lock, so two workers never read a half-written entry. Entries are keyed by the
+# program, the XLA flags and the JAX version; nothing about training data is in them.
+_os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    str(_Path(__import__("tempfile").gettempdir()) / f"dptrain-tests-jax-cache-{_os.getuid()}"))
+_os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+_os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
 
 
 @_pytest.fixture(scope="session")
