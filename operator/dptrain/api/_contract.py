@@ -6,11 +6,15 @@ and the trainer reads them (``dptrain.trainer``); neither writes them down again
 - **Config**: the ConfigMap's ``config.json`` is mounted read-only at :data:`CONFIG_PATH`: a
   complete ``DPTrainingJob`` manifest with in-pod paths, whose ``status.plan`` the trainer follows
   as is and whose ``status.dataset`` names the prepared data.
-- **Mounts**: the data volume at :data:`DATA_MOUNT`, checkpoints at :data:`CHECKPOINT_MOUNT`, the
+- **Mounts**: the data volume at :data:`DATA_MOUNT`, the pretrained checkpoint's volume read-only
+  at :data:`PRETRAINED_MOUNT`, the evaluation data's at :data:`EVAL_DATA_MOUNT`, checkpoints at
+  :data:`CHECKPOINT_MOUNT`, the
   job's secret key at :data:`KEY_PATH` (never an env var), the ServiceAccount token in
   :data:`SERVICE_ACCOUNT_DIR`.
 - **Environment**: :data:`ENV_JOB_NAME`, :data:`ENV_JOB_NAMESPACE`, :data:`ENV_API_SERVER`,
-  :data:`ENV_REPORT` (:data:`REPORT_KUBERNETES` in pods, :data:`REPORT_FILE` locally) and, for
+  :data:`ENV_REPORT` (:data:`REPORT_KUBERNETES` in pods, :data:`REPORT_FILE` locally),
+  :data:`ENV_EXPORT` (``huggingface``: on success export to :data:`EXPORT_DIR` under the
+  checkpoint directory and report ``status.progress.artifacts``) and, for
   multi-host jobs, :data:`ENV_JAX_COORDINATOR`, :data:`ENV_JAX_NUM_PROCESSES`,
   :data:`ENV_JAX_PROCESS_ID`.
 - **Ports**: JAX's coordinator on :data:`COORDINATOR_PORT`, the trainer's Prometheus metrics on
@@ -45,6 +49,9 @@ CONFIG_FILE = "config.json"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
 DATA_MOUNT = "/data"
 CHECKPOINT_MOUNT = "/checkpoints"
+PRETRAINED_MOUNT = "/pretrained"  # spec.model.pretrained.volume, always read-only
+EVAL_DATA_MOUNT = "/eval-data"  # spec.evaluation.data.volume
+EXPORT_DIR = "export"  # under the checkpoint directory: the automatic Hugging Face export
 KEY_DIR = "/var/run/secrets/dptrain.io"
 KEY_FILE = "key"
 KEY_PATH = f"{KEY_DIR}/{KEY_FILE}"
@@ -55,6 +62,7 @@ ENV_JOB_NAME = "DPTRAIN_JOB_NAME"
 ENV_JOB_NAMESPACE = "DPTRAIN_JOB_NAMESPACE"
 ENV_API_SERVER = "DPTRAIN_API_SERVER"
 ENV_REPORT = "DPTRAIN_REPORT"
+ENV_EXPORT = "DPTRAIN_EXPORT"  # "huggingface": export the final model to <checkpoint>/export
 REPORT_FILE = "file"
 REPORT_KUBERNETES = "kubernetes"
 ENV_JAX_COORDINATOR = "JAX_COORDINATOR_ADDRESS"

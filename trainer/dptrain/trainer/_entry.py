@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import pathlib
 import signal
@@ -24,7 +25,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from dptrain.api import (
+    ENV_EXPORT,
     ENV_REPORT,
+    EXPORT_DIR,
     REPORT_KUBERNETES,
     TRAINER_METRICS_PORT,
     DPTrainingJob,
@@ -45,7 +48,9 @@ from dptrain.trainer._data import (
     source_from_spec,
 )
 from dptrain.trainer._distributed import ProcessInfo, initialize_from_env
-from dptrain.trainer._loop import TrainResult, train
+from dptrain.trainer._evaluation import EVAL_DATA_DIR, data_source, prepare_evaluation
+from dptrain.trainer._ledger import Progress
+from dptrain.trainer._loop import BUDGET_EXHAUSTED, SUCCEEDED, TrainResult, train
 from dptrain.trainer._report import write_report
 from dptrain.trainer._reporters import (
     FileReporter,
@@ -54,6 +59,8 @@ from dptrain.trainer._reporters import (
     reporters_from_env,
 )
 from dptrain.trainer._tokenizer import make_tokenizer
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RUNS_DIR = "runs"
 MIN_SEQUENCE_LENGTH, MAX_SEQUENCE_LENGTH = 16, 32768
@@ -76,11 +83,15 @@ class RunOptions:
             pod, off locally); 0: off.
         ledger_block: steps reserved in the ledger at a time.
         progress: show progress bars.
+        export: ``huggingface``: export the final model to ``<checkpoint dir>/export`` when
+            the run ends with its model final (Succeeded or BudgetExhausted); None: in a pod,
+            what :data:`ENV_EXPORT` says (the operator's setting), locally no export.
     """
 
     metrics_port: int | None = None
     ledger_block: int = 1
     progress: bool = True
+    export: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,8 +146,7 @@ def dataset_for(job: DPTrainingJob, *, base_dir: pathlib.Path, prepared_dir: pat
     location = (job.status.dataset.location if job.status and job.status.dataset else None)
     if location and (pathlib.Path(location) / "manifest.json").is_file():
         return load_dataset(location)
-    source = source_from_spec(path=data.path, builtin=data.builtin, fmt=data.format,
-                              text_field=data.text_field, base_dir=base_dir)
+    source = data_source(job, base_dir)  # minus a held-out split, if any
     model_path = None
     if data.tokenizer_model is not None:
         model_path = pathlib.Path(data.tokenizer_model)
@@ -235,21 +245,66 @@ def train_job(job: DPTrainingJob, plan: PlanStatus, shape: ModelShape | None,
             belongs to another run.
     """
     process = initialize_from_env() if in_pod else ProcessInfo(process_id=0, num_processes=1)
+    eval_dir = output / EVAL_DATA_DIR
+    if process.num_processes > 1:  # the output may be a volume every host shares
+        eval_dir = eval_dir / str(process.process_id)
+    evaluation = prepare_evaluation(job, dataset.tokenizer,
+                                    sequence_length=dataset.manifest.sequence_length,
+                                    out_dir=eval_dir, base_dir=base_dir or pathlib.Path.cwd(),
+                                    progress=options.progress)
     config = config_from_plan(
         job, plan, dataset=dataset, output_dir=output, shape=shape, base_dir=base_dir,
         metrics_port=metrics_port(options.metrics_port) if process.is_leader else None,
         progress=options.progress, ledger_block=options.ledger_block,
         initial_steps_charged=initial_steps_charged, key_file=key_file,
-        create_key=key_file is None)
+        create_key=key_file is None, evaluation=evaluation)
     reporters = reporters_from_env(output) if in_pod else [FileReporter(output)]
     with stop_on_sigterm() as stop:
         result = train(config, reporters=reporters, process=process, stop=stop)
     report: dict[str, Any] = {}
     if process.is_leader:
+        export_format = options.export
+        if export_format is None and in_pod:
+            export_format = os.environ.get(ENV_EXPORT) or None
+        artifacts = finish_artifacts(result, output, export_format)
         report = write_report(result, output, extra={
             "job": job.metadata.name, "plan": plan.model_dump(mode="json", by_alias=True),
-            "report": str(output / "report.json")})
+            "report": str(output / "report.json"), "artifacts": artifacts})
+        if in_pod or export_format:
+            final = Progress(steps_charged=result.steps_charged, step=result.step,
+                             epsilon_spent=result.epsilon_spent, end_state=result.end_state,
+                             artifacts=artifacts)
+            for reporter in reporters:
+                reporter.report(final)
     return RunOutcome(result=result, report=report)
+
+
+def finish_artifacts(result: TrainResult, output: pathlib.Path,
+                     export_format: str | None) -> dict[str, Any]:
+    """Export the final model if asked (``huggingface``); where the run's outputs lie.
+
+    Exports only a final model (Succeeded or BudgetExhausted). An export that fails is logged
+    and reported (``exportError``), not raised: the training and its ledger stand, and a
+    restarted pod would only fail the same way.
+    """
+    artifacts: dict[str, Any] = {"checkpoint": str(result.checkpoint_dir),
+                                 "report": str(output / "report.json")}
+    if export_format is None or result.end_state not in (SUCCEEDED, BUDGET_EXHAUSTED):
+        return artifacts
+    if export_format != "huggingface":
+        artifacts["exportError"] = f"{ENV_EXPORT}: unknown export format {export_format!r}"
+        return artifacts
+    from dptrain.trainer._export import export_huggingface
+
+    target = result.checkpoint_dir / EXPORT_DIR
+    try:
+        export_huggingface(result.checkpoint_dir, target, overwrite=True)
+    except Exception as error:  # any failure is reported; the run stands
+        log.error("export to %s failed: %s", target, error)
+        artifacts["exportError"] = f"{type(error).__name__}: {error}"
+    else:
+        artifacts["export"] = str(target)
+    return artifacts
 
 
 def load_pod_config(path: pathlib.Path) -> tuple[DPTrainingJob, int]:
@@ -340,8 +395,8 @@ def prepare_data(request: PrepareRequest) -> dict[str, Any]:
     if request.config is not None:
         job, _ = load_pod_config(request.config)
         data = job.spec.data
-        source = source_from_spec(path=data.path, builtin=data.builtin, fmt=data.format,
-                                  text_field=data.text_field, base_dir=pathlib.Path.cwd())
+        # The trainer's own source (a held-out split excluded): the same N and checksum.
+        source = data_source(job, pathlib.Path.cwd())
         tokenizer = make_tokenizer(data.tokenizer, data.tokenizer_model)
         length = data.sequence_length
     else:
