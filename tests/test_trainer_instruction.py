@@ -61,18 +61,24 @@ def test_loss_is_on_response_tokens_only(tmp_path, micro_shape):
     data = _prepare(tmp_path, SHORT, length=16)
     rows = jnp.asarray(np.asarray(data.sequences, np.int32))
     model = build_model(micro_shape, key=jax.random.key(1))
-    for row in rows[:3]:
+
+    @jax.jit
+    def losses(row):
         # Reference: cross-entropy of the plain ids, averaged over the response (+EOS) targets.
         ids = input_ids(row)
         logits = model(ids[:-1])
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), ids[1:, None], axis=-1)[:, 0]
         response = (row[1:] >= 0) & (row[1:] != 0)
-        expected = jnp.sum(jnp.where(response, nll, 0.0)) / jnp.sum(response)
-        assert float(sequence_loss(model, row, 0)) == pytest.approx(float(expected), rel=1e-6)
-        assert 0 < int(jnp.sum(response)) < 15
+        expected = jnp.sum(jnp.where(response, nll, 0.0)) / jnp.maximum(jnp.sum(response), 1)
+        return sequence_loss(model, row, 0), expected, jnp.sum(response)
+
+    for row in rows[:3]:
+        actual, expected, count = losses(row)
+        assert float(actual) == pytest.approx(float(expected), rel=1e-6)
+        assert 0 < int(count) < 15
     # A row whose prompt fills it has no target: loss 0 (and gradient 0).
     assert np.all(np.asarray(rows[3, 1:]) < 0)
-    assert float(sequence_loss(model, rows[3], 0)) == 0.0
+    assert float(losses(rows[3])[0]) == 0.0
 
 
 def test_ghost_and_per_example_agree_and_padding_rows_add_zero(tmp_path, micro_shape):
@@ -80,22 +86,26 @@ def test_ghost_and_per_example_agree_and_padding_rows_add_zero(tmp_path, micro_s
     rows = np.asarray(data.sequences, np.int32)
     model = build_model(micro_shape, key=jax.random.key(2))
     params, static = eqx.partition(model, eqx.is_array)
-    # Real rows 0..2, then the no-target row 3, then two padding rows (mask False) full of
-    # garbage ids: they must add exactly nothing.
+    # Real rows 0..2, the no-target row 3, then two padding rows (mask False): whatever they
+    # hold (here garbage ids, then padding), they add exactly nothing.
     garbage = np.random.default_rng(0).integers(3, 200, size=(2, 16)).astype(np.int32)
-    tokens = jnp.asarray(np.concatenate([rows, garbage]))
+    with_garbage = jnp.asarray(np.concatenate([rows, garbage]))
+    with_padding = jnp.asarray(np.concatenate([rows, np.zeros_like(garbage)]))
     mask = jnp.asarray([True, True, True, True, False, False])
     results = {}
     for clipping in ("ghost", "per-example"):
         config = DpSgdConfig(clip_norm=0.5, expected_batch_size=4, clipping=clipping)
-        results[clipping] = jax.jit(lambda p, t, m, c=config: local_clipped_sum(
-            model_loss_fn(static), p, t, m, config=c))(params, tokens, mask)
-        only_real = jax.jit(lambda p, t, m, c=config: local_clipped_sum(
-            model_loss_fn(static), p, t, m, config=c))(params, tokens[:4], mask[:4])
-        for a, b in zip(jax.tree_util.tree_leaves(results[clipping][0]),
-                        jax.tree_util.tree_leaves(only_real[0]), strict=True):
+        summed = jax.jit(lambda p, t, m, c=config: local_clipped_sum(
+            model_loss_fn(static), p, t, m, config=c))
+        results[clipping] = summed(params, with_garbage, mask)
+        padded = summed(params, with_padding, mask)
+        for a, b in zip(jax.tree_util.tree_leaves(results[clipping]),
+                        jax.tree_util.tree_leaves(padded), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for a, b in zip(jax.tree_util.tree_leaves(results["ghost"][0]),
                     jax.tree_util.tree_leaves(results["per-example"][0]), strict=True):
         scale = float(jnp.max(jnp.abs(b))) + 1e-12
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-4 * scale)
+    # The clipped sum is not trivially zero: the response rows do contribute.
+    assert max(float(jnp.max(jnp.abs(x)))
+               for x in jax.tree_util.tree_leaves(results["ghost"][0])) > 0
