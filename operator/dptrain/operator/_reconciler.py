@@ -331,8 +331,11 @@ class Reconciler:
             # and alerts see the job from the start, not only once it is planned.
             privacy = {"epsilonBudget": decision.spec.privacy.epsilon, "epsilonSpent": 0.0,
                        "stepsCharged": 0, **privacy}
+        evaluation = (decision.status.get("evaluation")
+                      or (body.get("status") or {}).get("evaluation") or {})
         _metrics.observe_job(
             namespace, name, phase=decision.phase,
             epsilon_spent=privacy.get("epsilonSpent"),
             epsilon_budget=privacy.get("epsilonBudget"),
-            steps_charged=privacy.get("stepsCharged"))
+            steps_charged=privacy.get("stepsCharged"),
+            eval_loss=evaluation.get("loss"), eval_perplexity=evaluation.get("perplexity"))
