@@ -12,9 +12,7 @@ and the trainer reads them (``dptrain.trainer``); neither writes them down again
   job's secret key at :data:`KEY_PATH` (never an env var), the ServiceAccount token in
   :data:`SERVICE_ACCOUNT_DIR`.
 - **Environment**: :data:`ENV_JOB_NAME`, :data:`ENV_JOB_NAMESPACE`, :data:`ENV_API_SERVER`,
-  :data:`ENV_REPORT` (:data:`REPORT_KUBERNETES` in pods, :data:`REPORT_FILE` locally),
-  :data:`ENV_EXPORT` (``huggingface``: on success export to :data:`EXPORT_DIR` under the
-  checkpoint directory and report ``status.progress.artifacts``) and, for
+  :data:`ENV_REPORT` (:data:`REPORT_KUBERNETES` in pods, :data:`REPORT_FILE` locally) and, for
   multi-host jobs, :data:`ENV_JAX_COORDINATOR`, :data:`ENV_JAX_NUM_PROCESSES`,
   :data:`ENV_JAX_PROCESS_ID`.
 - **Ports**: JAX's coordinator on :data:`COORDINATOR_PORT`, the trainer's Prometheus metrics on
@@ -22,6 +20,11 @@ and the trainer reads them (``dptrain.trainer``); neither writes them down again
 - **Reporting**: the trainer merge-patches ``status.progress`` (``status.dataset`` for data
   preparation) at :func:`status_path` of its job on the API server (:data:`IN_CLUSTER_API_SERVER`
   unless told otherwise); it resumes from :func:`steps_charged_of` the job's status.
+- **Export**: once a job has ended with a final model (Succeeded or BudgetExhausted) and its
+  checkpoints are on a volume, an export pod runs :func:`export_command`: it writes the Hugging
+  Face directory to :data:`EXPORT_DIR` under the checkpoint directory and merge-patches
+  ``status.progress.artifacts`` (``checkpoint``, ``export``, ``report``; ``exportError`` on
+  failure), which the operator copies to ``status.artifacts``.
 - **Exit codes**: :data:`EXIT_OK` done, :data:`EXIT_BUDGET_EXHAUSTED` stopped at the last step
   within the budget (final: never retried), :data:`EXIT_INTERRUPTED` stopped by SIGTERM after
   saving a checkpoint; anything else is an error (the CLI's codes below).
@@ -62,7 +65,6 @@ ENV_JOB_NAME = "DPTRAIN_JOB_NAME"
 ENV_JOB_NAMESPACE = "DPTRAIN_JOB_NAMESPACE"
 ENV_API_SERVER = "DPTRAIN_API_SERVER"
 ENV_REPORT = "DPTRAIN_REPORT"
-ENV_EXPORT = "DPTRAIN_EXPORT"  # "huggingface": export the final model to <checkpoint>/export
 REPORT_FILE = "file"
 REPORT_KUBERNETES = "kubernetes"
 ENV_JAX_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
@@ -78,6 +80,13 @@ TRAINER_METRICS_PORT = 9100
 def trainer_command() -> list[str]:
     """The trainer pods' command: train from the mounted config with the mounted key."""
     return ["dptrain", "train", "--config", CONFIG_PATH, "--key-file", KEY_PATH]
+
+
+def export_command(checkpoint: str) -> list[str]:
+    """The export pod's command: the latest checkpoint in ``checkpoint`` to ``EXPORT_DIR``."""
+    return ["dptrain", "export", checkpoint, "--format", "huggingface", "--output",
+            f"{checkpoint.rstrip('/')}/{EXPORT_DIR}", "--overwrite", "--report",
+            REPORT_KUBERNETES]
 
 
 def prepare_command(output: str) -> list[str]:

@@ -85,6 +85,7 @@ from dptrain.operator._names import (
     prepared_dir,
 )
 from dptrain.operator._workloads import (
+    build_export_job,
     build_headless_service,
     build_jobset,
     build_prepare_job,
@@ -110,6 +111,7 @@ __all__ = [
     "JobRef",
     "PodSizing",
     "build_config_map",
+    "build_export_job",
     "build_headless_service",
     "build_jobset",
     "build_key_secret",

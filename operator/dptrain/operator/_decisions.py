@@ -53,7 +53,15 @@ from dptrain.operator._observed import (
     Settings,
     Tools,
 )
-from dptrain.operator._phases import charge, delete_existing, fail, halt, prepare, run_workload
+from dptrain.operator._phases import (
+    charge,
+    delete_existing,
+    export_step,
+    fail,
+    halt,
+    prepare,
+    run_workload,
+)
 from dptrain.operator._spec_changes import (
     ANNOTATION_APPLIED_SPEC,
     MUTABLE_AFTER_START,
@@ -134,7 +142,7 @@ def decide(body: Mapping[str, Any], observed: Observed, now: dt.datetime, *, too
             reopened = True  # an explicit budget raise; the amendment below decides
         else:
             delete_existing(out, observed)
-            return d.finish()
+            return d.finish(requeue_after=export_step(d, out, spec, observed, settings))
 
     # ------------------------------------------------------------------ validation
     applied = applied_spec(body)

@@ -36,7 +36,7 @@ from dptrain.operator._ledger_record import (
 )
 from dptrain.operator._names import JobRef, checkpoint_dir
 
-Child = Literal["config", "rbac", "service", "workload", "prepare"]
+Child = Literal["config", "rbac", "service", "workload", "prepare", "export"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -34,7 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
-from dptrain.api import DEFAULT_TRAINER_IMAGE, ENV_EXPORT, DPTrainingJobSpec
+from dptrain.api import DEFAULT_TRAINER_IMAGE, DPTrainingJobSpec
 from dptrain.operator._children import PodSizing
 from dptrain.planner import ACCELERATORS
 
@@ -83,8 +83,9 @@ class TrainerDefaults(_Model):
     image_pull_secrets: tuple[str, ...] = ()
     """Secrets (in each job's namespace) to pull the image with."""
     export: Literal["huggingface", "none"] = "huggingface"
-    """Export every finished model (Succeeded or BudgetExhausted) as a Hugging Face directory
-    into ``export/`` under its checkpoint directory (``status.artifacts.export``), or not."""
+    """Export every finished model (Succeeded or BudgetExhausted) whose checkpoints are on a
+    volume as a Hugging Face directory into ``export/`` under its checkpoint directory (an
+    export Job; ``status.artifacts.export``), or not."""
 
     def spec(self, spec: DPTrainingJobSpec) -> DPTrainingJobSpec:
         """``spec`` with the default image when it names none of its own."""
@@ -93,16 +94,10 @@ class TrainerDefaults(_Model):
         return spec.model_copy(update={"image": self.image})
 
     def apply(self, workload: dict[str, Any]) -> dict[str, Any]:
-        """Pull policy, pull secrets and (trainers) the export setting on every pod template.
-
-        Works in place on a Job or a JobSet.
-        """
+        """Pull policy and pull secrets on every pod template of a Job or JobSet (in place)."""
         for pod in _pod_specs(workload):
             for container in pod.get("containers", []) + pod.get("initContainers", []):
                 container["imagePullPolicy"] = self.image_pull_policy
-                if container.get("name") == "trainer" and self.export != "none":
-                    env = [e for e in container.get("env", []) if e.get("name") != ENV_EXPORT]
-                    container["env"] = [*env, {"name": ENV_EXPORT, "value": self.export}]
             if self.image_pull_secrets:
                 pod["imagePullSecrets"] = [{"name": n} for n in self.image_pull_secrets]
         return workload

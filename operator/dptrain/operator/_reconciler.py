@@ -307,7 +307,8 @@ class Reconciler:
         job = JobRef.from_body(body)
         names = ChildNames.of(job.name)
         paths = {"workload": workload_path(self.config, job.namespace, names.workload),
-                 "prepare": resource_path("batch/v1", "jobs", job.namespace, names.prepare)}
+                 "prepare": resource_path("batch/v1", "jobs", job.namespace, names.prepare),
+                 "export": resource_path("batch/v1", "jobs", job.namespace, names.export)}
         states: dict[str, ChildState | None] = {}
         for key, path in paths.items():
             state, foreign = child_state(await self.client.get(path), job.uid)
@@ -318,6 +319,7 @@ class Reconciler:
         config = await self.client.get(resource_path("v1", "configmaps", job.namespace,
                                                      names.config_map))
         return Observed(workload=states["workload"], prepare=states["prepare"],
+                        export=states["export"],
                         config=config_state(config), config_observed=True)
 
     @staticmethod

@@ -38,6 +38,7 @@ from dptrain.api import (
     DPTrainingJobSpec,
     PlanStatus,
     VolumeSource,
+    export_command,
     prepare_command,
     trainer_command,
 )
@@ -52,6 +53,7 @@ from dptrain.operator._names import (
     ChildNames,
     JobRef,
     PodSizing,
+    checkpoint_dir,
     child_meta,
     key_secret_name,
     labels,
@@ -280,6 +282,26 @@ def build_jobset(spec: DPTrainingJobSpec, job: JobRef, plan: PlanStatus, sizing:
                                 "template": {"spec": _job_spec(template, sizing.hosts)}}],
         },
     }
+
+
+def build_export_job(spec: DPTrainingJobSpec, job: JobRef, *,
+                     api_server: str = IN_CLUSTER_API_SERVER) -> dict[str, Any]:
+    """The export Job: the final checkpoint as a Hugging Face directory, reported in status.
+
+    Post-processing of the released model (no privacy cost); it runs as the job's per-job
+    ServiceAccount with the same mounts as the trainer (the pretrained checkpoint's tokenizer
+    files are copied from its volume), without the secret key.
+    """
+    names = ChildNames.of(job.name)
+    sizing = PodSizing(resources={"requests": {"cpu": "1", "memory": "2Gi"},
+                                  "limits": {"memory": "8Gi"}})
+    template = _pod_template(
+        spec, job, component="export", command=export_command(checkpoint_dir(spec, job)),
+        env=trainer_env(job, hosts=1, api_server=api_server, coordinator=None),
+        sizing=sizing, subdomain=None, annotations={}, ports=[])
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": child_meta(job, names.export, "export"),
+            "spec": {"backoffLimit": 1, "template": template}}
 
 
 def build_prepare_job(spec: DPTrainingJobSpec, job: JobRef, *,

@@ -25,7 +25,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from dptrain.api import (
-    ENV_EXPORT,
     ENV_REPORT,
     EXPORT_DIR,
     REPORT_KUBERNETES,
@@ -84,8 +83,8 @@ class RunOptions:
         ledger_block: steps reserved in the ledger at a time.
         progress: show progress bars.
         export: ``huggingface``: export the final model to ``<checkpoint dir>/export`` when
-            the run ends with its model final (Succeeded or BudgetExhausted); None: in a pod,
-            what :data:`ENV_EXPORT` says (the operator's setting), locally no export.
+            the run ends with its model final (Succeeded or BudgetExhausted); None: no export
+            (in a cluster the operator's export Job does it, ``dptrain.api.export_command``).
     """
 
     metrics_port: int | None = None
@@ -263,14 +262,11 @@ def train_job(job: DPTrainingJob, plan: PlanStatus, shape: ModelShape | None,
         result = train(config, reporters=reporters, process=process, stop=stop)
     report: dict[str, Any] = {}
     if process.is_leader:
-        export_format = options.export
-        if export_format is None and in_pod:
-            export_format = os.environ.get(ENV_EXPORT) or None
-        artifacts = finish_artifacts(result, output, export_format)
+        artifacts = finish_artifacts(result, output, options.export)
         report = write_report(result, output, extra={
             "job": job.metadata.name, "plan": plan.model_dump(mode="json", by_alias=True),
             "report": str(output / "report.json"), "artifacts": artifacts})
-        if in_pod or export_format:
+        if in_pod or options.export:
             final = Progress(steps_charged=result.steps_charged, step=result.step,
                              epsilon_spent=result.epsilon_spent, end_state=result.end_state,
                              artifacts=artifacts)
@@ -292,7 +288,7 @@ def finish_artifacts(result: TrainResult, output: pathlib.Path,
     if export_format is None or result.end_state not in (SUCCEEDED, BUDGET_EXHAUSTED):
         return artifacts
     if export_format != "huggingface":
-        artifacts["exportError"] = f"{ENV_EXPORT}: unknown export format {export_format!r}"
+        artifacts["exportError"] = f"unknown export format {export_format!r}"
         return artifacts
     from dptrain.trainer._export import export_huggingface
 
@@ -305,6 +301,42 @@ def finish_artifacts(result: TrainResult, output: pathlib.Path,
     else:
         artifacts["export"] = str(target)
     return artifacts
+
+
+def export_checkpoint(checkpoint: pathlib.Path, output: pathlib.Path, *, step: int | None = None,
+                      overwrite: bool = False, report_status: bool = False) -> Any:
+    """``dptrain export``: write the Hugging Face directory, and report it if asked.
+
+    With ``report_status`` (the operator's export pod) merge-patch
+    ``status.progress.artifacts`` of the pod's job. Returns the ``ExportResult``.
+
+    Raises:
+        ExportError: the checkpoint cannot be exported (reported as ``exportError`` first).
+        StatusReportError: the export was written but could not be reported.
+    """
+    from dptrain.trainer._export import ExportError, export_huggingface
+
+    artifacts: dict[str, Any] = {"checkpoint": str(checkpoint)}
+    if (checkpoint / "report.json").is_file():
+        artifacts["report"] = str(checkpoint / "report.json")
+    try:
+        result = export_huggingface(checkpoint, output, step=step, overwrite=overwrite)
+    except ExportError as error:
+        if report_status:
+            with contextlib.suppress(StatusReportError):
+                _report_artifacts({**artifacts, "exportError": str(error)})
+        raise
+    if report_status:
+        _report_artifacts({**artifacts, "export": str(output)})
+    return result
+
+
+def _report_artifacts(artifacts: dict[str, Any]) -> None:
+    try:
+        reporter = KubernetesReporter(KubernetesTarget.from_env())
+        reporter.patch_status({"progress": {"artifacts": artifacts}})
+    except (OSError, ValueError) as error:
+        raise StatusReportError(f"cannot report status.progress.artifacts: {error}") from error
 
 
 def load_pod_config(path: pathlib.Path) -> tuple[DPTrainingJob, int]:
