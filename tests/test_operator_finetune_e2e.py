@@ -9,6 +9,7 @@ import json
 import kube_ledger
 import kubernetes_validate
 import pytest
+from kube_pods import run_pod, stop
 from kube_samples import job_manifest
 from kube_waiting import wait_for
 
@@ -47,9 +48,6 @@ def test_finetune_job_mounts_rewrites_and_reports(kube, start_operator):
                                                              "readOnly": True}
     assert mounts["eval-data"]["mountPath"] == "/eval-data"
     assert mounts["eval-data"]["readOnly"] is True
-    # The automatic export is on by default (the operator configuration's trainer.export).
-    env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["DPTRAIN_EXPORT"] == "huggingface"
     clean = {k: v for k, v in workload.items() if k != "status"}
     clean["metadata"] = {k: workload["metadata"][k] for k in ("name", "namespace", "labels",
                                                               "annotations")}
@@ -66,14 +64,82 @@ def test_finetune_job_mounts_rewrites_and_reports(kube, start_operator):
     _reports_reach_status_and_metrics(kube, operator, "ft")
 
 
-def test_export_can_be_turned_off_in_the_operator_config(kube, start_operator, tmp_path):
-    config = tmp_path / "operator.yaml"
-    config.write_text("trainer:\n  export: none\n")
-    start_operator("--config", str(config))
-    kube.create_job(job_manifest("noexport"))
-    pod = _trainer_job(kube, "noexport")["spec"]["template"]["spec"]
-    names = {e["name"] for e in pod["containers"][0]["env"]}
-    assert "DPTRAIN_EXPORT" not in names
+def _halt_at_max_steps(kube, name):
+    """Report what an honest trainer reports up to the plan's maximum: the operator halts."""
+    plan = wait_for(lambda: kube_ledger.status_of(kube, name).get("plan"), timeout=60,
+                    what=f"the plan of {name}")
+    kube_ledger.report(kube, name, stepsCharged=plan["maxSteps"], step=plan["maxSteps"],
+                       loss=3.0)
+    return wait_for(lambda: (s if (s := kube_ledger.status_of(kube, name)).get("phase")
+                             == "BudgetExhausted" else None), timeout=60,
+                    what=f"{name} halted", describe=lambda: repr(kube_ledger.status_of(kube, name)))
+
+
+@pytest.mark.slow
+def test_finished_job_is_exported_by_the_export_job(kube, kube_api, start_operator, tmp_path,
+                                                    micro_config):
+    """The export step for real: the operator's export Job runs `dptrain export` on the final
+    checkpoint (a micro model trained here, on the emulated checkpoint volume), the pod
+    reports status.progress.artifacts, the status says where the export lies, and
+    transformers loads it with our logits."""
+    from dptrain.trainer import train
+
+    start_operator()
+    kube.create_job(job_manifest("exp", checkpoint=FINETUNE["checkpoint"]))
+    _trainer_job(kube, "exp")
+    # What the trainer left on the checkpoint volume (in-pod /checkpoints/runs/ft).
+    volume = tmp_path / "export-pod" / "checkpoints"
+    train(micro_config(iterations=2, checkpoint_interval=2,
+                       checkpoint_dir=volume / "runs" / "ft", output_dir=volume / "runs" / "ft"))
+    _halt_at_max_steps(kube, "exp")
+    export = _export_job(kube, "exp")
+    assert export["spec"]["template"]["spec"]["containers"][0]["command"] == [
+        "dptrain", "export", "/checkpoints/runs/ft", "--format", "huggingface", "--output",
+        "/checkpoints/runs/ft/export", "--overwrite", "--report", "kubernetes"]
+    mounted = {m["mountPath"] for m in export["spec"]["template"]["spec"]["containers"][0][
+        "volumeMounts"]}
+    assert "/var/run/secrets/dptrain.io" not in mounted  # the export never sees the key
+    pod = run_pod(kube, kube_api, "exp-export", tmp_path / "export-pod")
+    try:
+        assert pod.wait(240) == 0, (tmp_path / "export-pod" / "exp-export.log").read_text()
+    finally:
+        stop(pod)
+    def exported():
+        status = kube_ledger.status_of(kube, "exp")
+        done = any(c["type"] == "Exported" and c["status"] == "True"
+                   for c in status.get("conditions", []))
+        return status if done else None
+
+    status = wait_for(exported, timeout=60, what="Exported=True",
+                      describe=lambda: repr(kube_ledger.status_of(kube, "exp")))
+    # The pod reports its own paths (here the harness's local mapping of /checkpoints; in a
+    # cluster they are located as pvc://CLAIM/PATH, as test_finetune_job_... checks).
+    assert status["artifacts"]["export"] == str(volume / "runs" / "ft" / "export")
+    assert status["artifacts"]["checkpoint"] == str(volume / "runs" / "ft")
+    assert status["phase"] == "BudgetExhausted"
+    wait_for(lambda: kube.get("batch/v1/jobs", "default", "exp-export") is None or None,
+             timeout=30, what="the finished export Job deleted")
+
+    # The export is a Hugging Face model with our logits.
+    import torch
+    import transformers
+
+    from dptrain.trainer._export import load_checkpoint_model
+    out = volume / "runs" / "ft" / "export"
+    assert (out / "README.md").read_text().count("ε") >= 1
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    ours, _ = load_checkpoint_model(volume / "runs" / "ft")
+    ids = [1, 40, 50, 60, 70, 80, 90, 100]
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0].numpy()
+    import numpy as np
+    np.testing.assert_allclose(np.asarray(ours(np.asarray(ids))), theirs, atol=1e-4, rtol=0)
+
+
+def _export_job(kube, name):
+    return wait_for(lambda: kube.get("batch/v1/jobs", "default", f"{name}-export"), timeout=60,
+                    what=f"the export Job of {name}",
+                    describe=lambda: repr(kube_ledger.status_of(kube, name)))
 
 
 def _reports_reach_status_and_metrics(kube, operator, name):
