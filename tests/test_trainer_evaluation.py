@@ -3,6 +3,7 @@ and the ledger left untouched."""
 
 import json
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -148,3 +149,45 @@ def test_evaluation_reports_loss_and_never_changes_the_ledger(micro_config, micr
     assert progress["evaluation"]["step"] == 12
     assert progress["evaluation"]["loss"] == pytest.approx(last["loss"])
     assert "evaluation" not in json.loads((tmp_path / "a" / "progress.json").read_text())
+
+
+def test_dptrain_run_instruction_data_with_holdout_evaluation_and_export(tmp_path, capsys):
+    """`dptrain run --export`: instruction rows, a held-out split of examples, evaluation at
+    the interval and the end, the report, and the export — through the real CLI."""
+    import yaml
+
+    from dptrain.cli import main
+
+    rng = np.random.default_rng(0)
+    examples = [{"question": f"{a} plus {b}?", "answer": f"{a + b}"}
+                for a, b in rng.integers(0, 50, size=(200, 2))]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples))
+    job = {"apiVersion": "dptrain.io/v1alpha1", "kind": "DPTrainingJob",
+           "metadata": {"name": "sft"},
+           "spec": {"privacy": {"epsilon": 8.0, "delta": 1e-3, "accountant": "rdp"},
+                    "data": {"path": "sft.jsonl", "format": "instruction",
+                             "promptField": "question", "responseField": "answer",
+                             "sequenceLength": 16},
+                    "model": {"preset": "tiny"},
+                    "training": {"batchSize": 8, "iterations": 3, "noiseMultiplier": 1.0,
+                                 "learningRate": 0.003},
+                    "evaluation": {"holdoutFraction": 0.2, "intervalSteps": 2, "maxRows": 16},
+                    "checkpoint": {"intervalSteps": 3}}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    out = tmp_path / "run"
+    code = main(["run", str(tmp_path / "job.yaml"), "--output", str(out), "--export",
+                 "huggingface", "--json", "--no-progress"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["end_state"] == "Succeeded"
+    train_rows = load_dataset(out / "data").num_sequences
+    held_rows = load_dataset(out / "eval-data").num_sequences
+    assert train_rows + held_rows == 200  # one row per example, each on one side
+    assert result["plan"]["datasetSize"] == train_rows
+    evaluation = result["evaluation"]
+    assert [e["step"] for e in evaluation["history"]] == [2, 3]
+    assert evaluation["source"] == "holdout" and evaluation["rows"] == 16
+    assert "not covered" in evaluation["privacy"]
+    assert math.isfinite(evaluation["loss"]) and evaluation["loss"] > 0
+    export = pathlib.Path(result["artifacts"]["export"])
+    assert (export / "config.json").is_file() and (export / "model.safetensors").is_file()
+    assert "ε" in (export / "README.md").read_text()
