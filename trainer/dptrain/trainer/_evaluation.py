@@ -161,14 +161,21 @@ class Evaluator:
             nll, tokens = to_host(self._batch_sums(params, replicate(self._mesh, batch)))
             total += float(nll)
             count += float(tokens)
-        loss = total / count if count > 0 else float("nan")
+        loss = total / count  # > 0: the constructor checked there are targets
         return {"step": int(step), "loss": loss,
-                "perplexity": math.exp(loss) if math.isfinite(loss) else float("nan"),
+                # exp overflows past ~709 nats; no language model's loss comes near it.
+                "perplexity": math.exp(min(loss, 700.0)),
                 "rows": self.rows, "tokens": int(count), "source": self.source}
 
 
-def evaluation_status(record: dict[str, Any]) -> dict[str, Any]:
-    """``status.progress.evaluation`` (camelCase ``dptrain.api.EvaluationStatus``)."""
+def evaluation_status(record: dict[str, Any]) -> dict[str, Any] | None:
+    """``status.progress.evaluation`` (camelCase ``dptrain.api.EvaluationStatus``).
+
+    None for a non-finite loss (a diverged model: JSON has no NaN; the history and the log keep
+    it).
+    """
+    if not math.isfinite(record["loss"]):
+        return None
     return {"step": record["step"], "loss": record["loss"], "perplexity": record["perplexity"],
             "rows": record["rows"], "tokens": record["tokens"], "source": record["source"],
             "privacy": PRIVACY_NOTE}

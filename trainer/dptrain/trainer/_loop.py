@@ -381,8 +381,10 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
             first_block = False
             tps = tokens_done / seconds if seconds > 0 else None
             eps = ledger.epsilon_spent()
+            # Every report carries the latest evaluation (a file reporter rewrites its file).
             evaluation = (evaluate() if config.evaluation is not None
-                          and step % config.evaluation.interval_steps == 0 else None)
+                          and step % config.evaluation.interval_steps == 0
+                          else evaluation_status(last_eval) if last_eval is not None else None)
             bar.update(block)
             bar.set_postfix_str(f"DP loss {losses[-1]:.3f}  ε {eps:.3f}/"
                                 f"{config.epsilon_budget:g}"
