@@ -12,6 +12,7 @@ import pytest
 
 from dptrain.api import DPTrainingJob
 from dptrain.trainer import ByteTokenizer, load_dataset, prepare_dataset, train
+from dptrain.trainer._data import held_out
 from dptrain.trainer._evaluation import (
     PRIVACY_NOTE,
     EvaluationSettings,
@@ -191,3 +192,28 @@ def test_dptrain_run_instruction_data_with_holdout_evaluation_and_export(tmp_pat
     export = pathlib.Path(result["artifacts"]["export"])
     assert (export / "config.json").is_file() and (export / "model.safetensors").is_file()
     assert "ε" in (export / "README.md").read_text()
+
+
+def test_data_preparation_pod_prepares_the_training_side_only(tmp_path, monkeypatch):
+    """The operator's prepare pod and the trainer agree on N and the checksum of a split."""
+    import yaml
+
+    from dptrain.trainer import PrepareRequest, prepare_data
+
+    texts = [f"document {i} " + WORDS[i % 8] * 3 for i in range(60)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    manifest = {"apiVersion": "dptrain.io/v1alpha1", "kind": "DPTrainingJob",
+                "metadata": {"name": "split"},
+                "spec": {"privacy": {"epsilon": 5.0, "delta": 1e-6},
+                         "data": {"path": "docs.jsonl", "sequenceLength": 16},
+                         "model": {"preset": "tiny"},
+                         "training": {"batchSize": 8, "iterations": 4},
+                         "evaluation": {"holdoutFraction": 0.3}}}
+    (tmp_path / "config.json").write_text(yaml.safe_dump(manifest))
+    monkeypatch.chdir(tmp_path)
+    summary = prepare_data(PrepareRequest(output=tmp_path / "prepared",
+                                          config=tmp_path / "config.json", progress=False))
+    job = DPTrainingJob.model_validate(manifest)
+    assert summary["source_checksum"] == data_source(job, tmp_path).checksum()
+    held = sum(held_out(t, 0.3) for t in texts)
+    assert summary["num_documents"] == 60 - held and 0 < held < 60
