@@ -11,6 +11,7 @@ start-up), ``_metrics`` (Prometheus), ``_config`` (resolved settings, keeping th
 ``_entry`` (the pod and local entry points: ``dptrain run``, ``train``, ``prepare-data``).
 """
 
+from dptrain.trainer._artifacts import export_checkpoint
 from dptrain.trainer._audit import (
     MatchRate,
     MemorizationResult,
@@ -53,7 +54,6 @@ from dptrain.trainer._entry import (
     RunOptions,
     RunOutcome,
     StatusReportError,
-    export_checkpoint,
     prepare_data,
     prepare_run,
     train_job,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import os
 import pathlib
 import signal
@@ -26,7 +25,6 @@ from typing import Any
 
 from dptrain.api import (
     ENV_REPORT,
-    EXPORT_DIR,
     REPORT_KUBERNETES,
     TRAINER_METRICS_PORT,
     DPTrainingJob,
@@ -37,6 +35,7 @@ from dptrain.api import (
     steps_charged_of,
 )
 from dptrain.planner import InfeasibleBudgetError, ModelShape, make_plan
+from dptrain.trainer._artifacts import StatusReportError, finish_artifacts
 from dptrain.trainer._config import config_from_plan, pretrained_model
 from dptrain.trainer._data import (
     BUILTIN_STDLIB_DOCS,
@@ -49,7 +48,7 @@ from dptrain.trainer._data import (
 from dptrain.trainer._distributed import ProcessInfo, initialize_from_env
 from dptrain.trainer._evaluation import EVAL_DATA_DIR, data_source, prepare_evaluation
 from dptrain.trainer._ledger import Progress
-from dptrain.trainer._loop import BUDGET_EXHAUSTED, SUCCEEDED, TrainResult, train
+from dptrain.trainer._loop import TrainResult, train
 from dptrain.trainer._report import write_report
 from dptrain.trainer._reporters import (
     FileReporter,
@@ -59,18 +58,12 @@ from dptrain.trainer._reporters import (
 )
 from dptrain.trainer._tokenizer import make_tokenizer
 
-log = logging.getLogger(__name__)
-
 DEFAULT_RUNS_DIR = "runs"
 MIN_SEQUENCE_LENGTH, MAX_SEQUENCE_LENGTH = 16, 32768
 
 
 class InvalidInputError(ValueError):
     """The job or an input is invalid; the message names the field (or flag) and the rule."""
-
-
-class StatusReportError(RuntimeError):
-    """A result could not be reported to the job's status (nothing was lost locally)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -273,70 +266,6 @@ def train_job(job: DPTrainingJob, plan: PlanStatus, shape: ModelShape | None,
             for reporter in reporters:
                 reporter.report(final)
     return RunOutcome(result=result, report=report)
-
-
-def finish_artifacts(result: TrainResult, output: pathlib.Path,
-                     export_format: str | None) -> dict[str, Any]:
-    """Export the final model if asked (``huggingface``); where the run's outputs lie.
-
-    Exports only a final model (Succeeded or BudgetExhausted). An export that fails is logged
-    and reported (``exportError``), not raised: the training and its ledger stand, and a
-    restarted pod would only fail the same way.
-    """
-    artifacts: dict[str, Any] = {"checkpoint": str(result.checkpoint_dir),
-                                 "report": str(output / "report.json")}
-    if export_format is None or result.end_state not in (SUCCEEDED, BUDGET_EXHAUSTED):
-        return artifacts
-    if export_format != "huggingface":
-        artifacts["exportError"] = f"unknown export format {export_format!r}"
-        return artifacts
-    from dptrain.trainer._export import export_huggingface
-
-    target = result.checkpoint_dir / EXPORT_DIR
-    try:
-        export_huggingface(result.checkpoint_dir, target, overwrite=True)
-    except Exception as error:  # any failure is reported; the run stands
-        log.error("export to %s failed: %s", target, error)
-        artifacts["exportError"] = f"{type(error).__name__}: {error}"
-    else:
-        artifacts["export"] = str(target)
-    return artifacts
-
-
-def export_checkpoint(checkpoint: pathlib.Path, output: pathlib.Path, *, step: int | None = None,
-                      overwrite: bool = False, report_status: bool = False) -> Any:
-    """``dptrain export``: write the Hugging Face directory, and report it if asked.
-
-    With ``report_status`` (the operator's export pod) merge-patch
-    ``status.progress.artifacts`` of the pod's job. Returns the ``ExportResult``.
-
-    Raises:
-        ExportError: the checkpoint cannot be exported (reported as ``exportError`` first).
-        StatusReportError: the export was written but could not be reported.
-    """
-    from dptrain.trainer._export import ExportError, export_huggingface
-
-    artifacts: dict[str, Any] = {"checkpoint": str(checkpoint)}
-    if (checkpoint / "report.json").is_file():
-        artifacts["report"] = str(checkpoint / "report.json")
-    try:
-        result = export_huggingface(checkpoint, output, step=step, overwrite=overwrite)
-    except ExportError as error:
-        if report_status:
-            with contextlib.suppress(StatusReportError):
-                _report_artifacts({**artifacts, "exportError": str(error)})
-        raise
-    if report_status:
-        _report_artifacts({**artifacts, "export": str(output)})
-    return result
-
-
-def _report_artifacts(artifacts: dict[str, Any]) -> None:
-    try:
-        reporter = KubernetesReporter(KubernetesTarget.from_env())
-        reporter.patch_status({"progress": {"artifacts": artifacts}})
-    except (OSError, ValueError) as error:
-        raise StatusReportError(f"cannot report status.progress.artifacts: {error}") from error
 
 
 def load_pod_config(path: pathlib.Path) -> tuple[DPTrainingJob, int]:
