@@ -46,7 +46,12 @@ from dptrain.trainer._data import (
     source_from_spec,
 )
 from dptrain.trainer._distributed import ProcessInfo, initialize_from_env
-from dptrain.trainer._evaluation import EVAL_DATA_DIR, data_source, prepare_evaluation
+from dptrain.trainer._evaluation import (
+    EVAL_DATA_DIR,
+    data_source,
+    evaluation_status,
+    prepare_evaluation,
+)
 from dptrain.trainer._ledger import Progress
 from dptrain.trainer._loop import TrainResult, train
 from dptrain.trainer._report import write_report
@@ -260,8 +265,12 @@ def train_job(job: DPTrainingJob, plan: PlanStatus, shape: ModelShape | None,
             "job": job.metadata.name, "plan": plan.model_dump(mode="json", by_alias=True),
             "report": str(output / "report.json"), "artifacts": artifacts})
         if in_pod or options.export:
+            # Where the outputs lie (a file reporter rewrites progress.json: keep the rest).
             final = Progress(steps_charged=result.steps_charged, step=result.step,
+                             loss=result.history[-1]["loss"] if result.history else None,
                              epsilon_spent=result.epsilon_spent, end_state=result.end_state,
+                             evaluation=(evaluation_status(result.evaluations[-1])
+                                         if result.evaluations else None),
                              artifacts=artifacts)
             for reporter in reporters:
                 reporter.report(final)
