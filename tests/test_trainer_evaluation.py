@@ -192,6 +192,9 @@ def test_dptrain_run_instruction_data_with_holdout_evaluation_and_export(tmp_pat
     export = pathlib.Path(result["artifacts"]["export"])
     assert (export / "config.json").is_file() and (export / "model.safetensors").is_file()
     assert "ε" in (export / "README.md").read_text()
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["artifacts"]["export"] == str(export)
+    assert progress["evaluation"]["source"] == "holdout"
 
 
 def test_data_preparation_pod_prepares_the_training_side_only(tmp_path, monkeypatch):
