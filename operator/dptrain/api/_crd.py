@@ -53,6 +53,16 @@ _CEL_RULES: dict[tuple[str, ...], list[JsonObject]] = {
         {"rule": "!has(self.volume) || has(self.path)",
          "message": "path is required when volume is set"},
     ],
+    ("spec", "evaluation"): [
+        {"rule": "has(self.data) != has(self.holdoutFraction)",
+         "message": "must set exactly one of data and holdoutFraction"},
+    ],
+    ("spec", "evaluation", "data"): [
+        {"rule": "has(self.path) != has(self.builtin)",
+         "message": "must set exactly one of path and builtin"},
+        {"rule": "!has(self.volume) || has(self.path)",
+         "message": "path is required when volume is set"},
+    ],
 }
 
 
@@ -265,6 +275,8 @@ _PRINTER_COLUMNS: list[JsonObject] = [
     {"name": "Model", "type": "string", "jsonPath": ".status.plan.modelPreset", "priority": 1},
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "priority": 1,
      "description": "DP estimate of the training loss (released under the job's ε)"},
+    {"name": "Eval-Loss", "type": "number", "jsonPath": ".status.evaluation.loss", "priority": 1,
+     "description": "held-out loss (not covered by ε: computed on data not trained on)"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

@@ -60,10 +60,16 @@ class DataSpec(_Model):
     """A corpus that ships with dptrain (needs no download); exclusive with `path`."""
     volume: VolumeSource | None = None
     """PersistentVolumeClaim holding `path`."""
-    format: Literal["jsonl", "text", "prepared"] = "jsonl"
-    """jsonl (one JSON object per line), text (one document per file), prepared (dptrain's)."""
+    format: Literal["jsonl", "text", "prepared", "instruction"] = "jsonl"
+    """jsonl (one JSON object per line), text (one document per file), prepared (dptrain's), or
+    instruction (JSONL prompt/response pairs: one example per sequence, never packed together,
+    loss on the response tokens only; the privacy unit is one example)."""
     text_field: Annotated[str, StringConstraints(min_length=1, max_length=128)] = "text"
     """Key of the document text in each JSONL record."""
+    prompt_field: Annotated[str, StringConstraints(min_length=1, max_length=128)] = "prompt"
+    """Key of the prompt in each instruction record (format instruction; no loss on it)."""
+    response_field: Annotated[str, StringConstraints(min_length=1, max_length=128)] = "response"
+    """Key of the response in each instruction record (format instruction; the loss is on it)."""
     tokenizer: Literal["byte", "sentencepiece", "huggingface"] = "byte"
     """Byte-level tokenizer (default), a SentencePiece model, or a Hugging Face tokenizer.json
     (read with the `tokenizers` library)."""
@@ -71,7 +77,8 @@ class DataSpec(_Model):
     """SentencePiece .model file (sentencepiece), or tokenizer.json or its directory
     (huggingface; default: the model.pretrained checkpoint's)."""
     sequence_length: int = Field(default=1024, ge=16, le=32768)
-    """Tokens per training sequence; documents are packed or split to this length."""
+    """Tokens per training sequence; documents are packed or split to this length (instruction
+    examples are truncated or padded to it)."""
     num_sequences: int | None = Field(default=None, ge=1, le=10**13)
     """Dataset size N in sequences, when known; otherwise data preparation measures it."""
     dataset_ref: DnsLabel | None = None
@@ -163,6 +170,26 @@ class MonitoringSpec(_Model):
     fraction, gradient norms). An unaccounted release: they are not covered by the job's ε."""
 
 
+class EvaluationSpec(_Model):
+    """Held-out evaluation: a separate source (`data`) or a document-level split.
+
+    Its statistics are published un-noised and are not covered by the job's ε (they are
+    computed on documents the job does not train on).
+    """
+
+    data: DataSpec | None = None
+    """A separate evaluation source, shaped like spec.data (path/builtin, volume, format and
+    field names; the training tokenizer and sequence length are used). Exclusive with
+    `holdoutFraction`."""
+    holdout_fraction: float | None = Field(default=None, gt=0, le=0.5)
+    """Fraction of spec.data's documents (instruction examples) held out for evaluation. The
+    split is by document, before packing, so no held-out token is ever trained on."""
+    interval_steps: int = Field(default=100, ge=1, le=10**8)
+    """Evaluate every this many steps (and at the end)."""
+    max_rows: int = Field(default=256, ge=1, le=10**7)
+    """Evaluate on at most this many sequences (the first ones of the evaluation set)."""
+
+
 class CheckpointSpec(_Model):
     """Where checkpoints and the local ledger live."""
 
@@ -193,6 +220,8 @@ class DPTrainingJobSpec(_Model):
     """Checkpoint location and cadence."""
     monitoring: MonitoringSpec = MonitoringSpec()
     """What the job publishes beyond its DP loss estimate."""
+    evaluation: EvaluationSpec | None = None
+    """Held-out evaluation (loss and perplexity on data not trained on)."""
     image: Annotated[str, StringConstraints(min_length=1, max_length=512,
                                             pattern=r"^[^\s]+$")] = DEFAULT_TRAINER_IMAGE
     """Trainer container image."""

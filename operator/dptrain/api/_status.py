@@ -104,6 +104,41 @@ class MechanismFingerprint(_Status):
     """Checksum of the source documents it trains on."""
 
 
+class EvaluationStatus(_Status):
+    """Held-out evaluation as the trainer last measured it.
+
+    Not covered by the job's ε: computed (un-noised) on documents the job does not train on.
+    """
+
+    step: int
+    """Model step the evaluated parameters include."""
+    loss: float
+    """Mean next-token cross-entropy per evaluated token (nats)."""
+    perplexity: float
+    """exp(loss)."""
+    rows: int
+    """Sequences evaluated."""
+    tokens: int
+    """Target tokens evaluated (padding and prompts excluded)."""
+    source: Literal["holdout", "separate"] = "separate"
+    """A document-level split of spec.data (holdout) or spec.evaluation.data (separate)."""
+    privacy: str | None = None
+    """What ε covers here (it does not cover these statistics)."""
+
+
+class ArtifactsStatus(_Status):
+    """Where a finished job's outputs lie (volume-qualified when on a PersistentVolumeClaim)."""
+
+    checkpoint: str | None = None
+    """The checkpoint directory (orbax checkpoints and ledger.json)."""
+    export: str | None = None
+    """The Hugging Face export (config.json, model.safetensors, tokenizer, model card)."""
+    report: str | None = None
+    """report.json (ε, losses, evaluation, plots beside it)."""
+    export_error: str | None = None
+    """Why the automatic export failed (the checkpoint and the ledger stand)."""
+
+
 class ProgressStatus(_Status):
     """Progress as reported by the trainer (advisory; the ledger is kept separately)."""
 
@@ -122,6 +157,10 @@ class ProgressStatus(_Status):
     """Set when raw statistics of the training data are published outside ε."""
     mechanism: MechanismFingerprint | None = None
     """The mechanism the trainer runs (checked against the plan)."""
+    evaluation: EvaluationStatus | None = None
+    """The latest held-out evaluation (the operator copies it to status.evaluation)."""
+    artifacts: ArtifactsStatus | None = None
+    """The finished run's outputs (the operator copies them to status.artifacts)."""
 
 
 class WorkloadRef(_Status):
@@ -150,5 +189,9 @@ class DPTrainingJobStatus(_Status):
     progress: ProgressStatus | None = None
     workload: WorkloadRef | None = None
     dataset: DatasetStatus | None = None
+    evaluation: EvaluationStatus | None = None
+    """The latest held-out evaluation (not covered by ε; copied from the trainer's report)."""
+    artifacts: ArtifactsStatus | None = None
+    """Where the finished job's checkpoint, export and report lie."""
     restarts: int = 0
     observed_generation: int | None = None

@@ -39,6 +39,11 @@ def semantic_errors(spec: DPTrainingJobSpec, *, dataset_size: int | None = None,
     if data.format == "prepared" and data.builtin is not None:
         errors.append(FieldError(f"{prefix}.data.format",
                                  "must not be prepared for a builtin corpus"))
+    if data.format == "instruction" and data.builtin is not None:
+        errors.append(FieldError(f"{prefix}.data.format", "instruction needs a JSONL path of "
+                                 "prompt/response records, not a builtin corpus"))
+    if spec.evaluation is not None:
+        errors += _evaluation_errors(spec, f"{prefix}.evaluation")
 
     n = dataset_size if dataset_size is not None else data.num_sequences
     if n is not None and spec.privacy.delta >= 1.0 / n:
@@ -85,6 +90,43 @@ def semantic_errors(spec: DPTrainingJobSpec, *, dataset_size: int | None = None,
     if spec.pod_template_overrides is not None:
         for field, rule in spec.pod_template_overrides.mount_problems():
             errors.append(FieldError(f"{prefix}.podTemplateOverrides.{field}", rule))
+    return errors
+
+
+# Evaluation data is read with the training tokenizer at the training sequence length.
+_TRAINING_ONLY = ("tokenizer", "tokenizer_model", "sequence_length", "num_sequences",
+                  "dataset_ref")
+
+
+def _evaluation_errors(spec: DPTrainingJobSpec, prefix: str) -> list[FieldError]:
+    evaluation = spec.evaluation
+    assert evaluation is not None
+    errors: list[FieldError] = []
+    data = evaluation.data
+    if (data is None) == (evaluation.holdout_fraction is None):
+        errors.append(FieldError(prefix, "must set exactly one of data and holdoutFraction"))
+    if evaluation.holdout_fraction is not None and spec.data.format == "prepared":
+        errors.append(FieldError(f"{prefix}.holdoutFraction", "needs documents to split: "
+                                 "spec.data.format must not be prepared",
+                                 f"{evaluation.holdout_fraction:g}"))
+    if data is None:
+        return errors
+    if (data.path is None) == (data.builtin is None):
+        errors.append(FieldError(f"{prefix}.data", "must set exactly one of path and builtin"))
+    if data.volume is not None and data.path is None:
+        errors.append(FieldError(f"{prefix}.data.path", "is required when volume is set"))
+    if data.format == "prepared":
+        errors.append(FieldError(f"{prefix}.data.format", "must be jsonl, text or instruction "
+                                 "(evaluation data is prepared with the training tokenizer)",
+                                 data.format))
+    if data.format == "instruction" and data.builtin is not None:
+        errors.append(FieldError(f"{prefix}.data.format", "instruction needs a JSONL path of "
+                                 "prompt/response records, not a builtin corpus"))
+    for name in _TRAINING_ONLY:
+        if name in data.model_fields_set:
+            camel = "".join(w.capitalize() if i else w for i, w in enumerate(name.split("_")))
+            errors.append(FieldError(f"{prefix}.data.{camel}", "must not be set: evaluation "
+                                     "uses the training data's tokenizer and sequence length"))
     return errors
 
 

@@ -10,7 +10,7 @@ import argparse
 import pathlib
 from typing import Any
 
-from dptrain.cli._output import EXIT_INVALID, emit, fail
+from dptrain.cli._output import EXIT_ERROR, EXIT_INVALID, emit, fail
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -32,6 +32,9 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                         help="checkpoint step to export (default: the latest)")
     export.add_argument("--overwrite", action="store_true",
                         help="write into a non-empty output directory")
+    export.add_argument("--report", choices=["kubernetes"], default=None,
+                        help="also merge-patch status.progress.artifacts of the pod's job "
+                             "(the operator's export Job)")
     export.set_defaults(handler=_export)
 
     gen = subparsers.add_parser(
@@ -60,13 +63,17 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 
 def _export(args: argparse.Namespace) -> int:
-    from dptrain.trainer._export import ExportError, export_huggingface
+    from dptrain.trainer import StatusReportError, export_checkpoint
+    from dptrain.trainer._export import ExportError
 
     try:
-        result = export_huggingface(args.checkpoint, args.output, step=args.step,
-                                    overwrite=args.overwrite)
+        result = export_checkpoint(args.checkpoint, args.output, step=args.step,
+                                   overwrite=args.overwrite,
+                                   report_status=args.report == "kubernetes")
     except ExportError as error:
         fail(str(error), EXIT_INVALID)
+    except StatusReportError as error:
+        fail(str(error), EXIT_ERROR)
     summary = {"output": str(result.output), "files": result.files, "step": result.step,
                "format": args.format, "privacy": result.privacy}
 

@@ -46,6 +46,7 @@ from dptrain.operator._profiles import Placements, placements
 from dptrain.operator._spec_changes import ANNOTATION_APPLIED_SPEC
 from dptrain.operator._tools import OperatorTools
 from dptrain.operator._workloads import (
+    build_export_job,
     build_headless_service,
     build_jobset,
     build_prepare_job,
@@ -104,6 +105,8 @@ async def apply_decision(client: KubeClient, config: ReconcilerConfig, tools: Op
                 await client.delete(resource_path("v1", "services", ns, names.service))
         elif child == "prepare":
             await client.delete(resource_path("batch/v1", "jobs", ns, names.prepare))
+        elif child == "export":
+            await client.delete(resource_path("batch/v1", "jobs", ns, names.export))
         elif child == "config":
             await client.delete(resource_path("v1", "configmaps", ns, names.config_map))
     spec, plan = decision.spec, decision.plan
@@ -139,6 +142,12 @@ async def apply_decision(client: KubeClient, config: ReconcilerConfig, tools: Op
             prepare = apply_overrides(prepare, spec.pod_template_overrides)
             await client.create(resource_path("batch/v1", "jobs", ns),
                                 kueue.for_queue(prepare, _labels(body)))
+        elif child == "export":
+            export = config.placements.trainer.apply(
+                build_export_job(spec, job, api_server=config.pod_api_server))
+            export = apply_overrides(export, spec.pod_template_overrides)
+            await client.create(resource_path("batch/v1", "jobs", ns),
+                                kueue.for_queue(export, _labels(body)))
     if decision.update_config and not created_config and config_spec is not None:
         # The ConfigMap is immutable: a new config is a new object (delete, then create) —
         # but only when it differs: a pass repeated after a lost status write re-plans the same

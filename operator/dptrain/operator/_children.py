@@ -9,7 +9,9 @@ paths, ports and exit codes are defined once, in ``dptrain.api._contract``):
 
 - The ConfigMap ``<job>-config`` holds ``config.json``, mounted read-only at ``/etc/dptrain``. It is
   a complete ``DPTrainingJob`` manifest whose paths are rewritten to paths *inside the pod*
-  (``spec.data.volume`` mounted at ``/data``, ``spec.checkpoint.volume`` at ``/checkpoints``; the
+  (``spec.data.volume`` mounted at ``/data``, ``spec.model.pretrained.volume`` read-only at
+  ``/pretrained``, ``spec.evaluation.data.volume`` at ``/eval-data``,
+  ``spec.checkpoint.volume`` at ``/checkpoints``; the
   rewritten spec has no ``volume`` fields, so its paths are plain local paths) and whose
   ``status`` carries what the trainer must follow: ``status.plan`` (the operator's plan; the
   trainer must not re-plan, so that its accounting matches the operator's) and, once known,
@@ -50,10 +52,12 @@ from dptrain.api import (
     CONFIG_FILE,
     COORDINATOR_PORT,
     DATA_MOUNT,
+    EVAL_DATA_MOUNT,
     GROUP,
     KEY_FILE,
     KIND,
     PLURAL,
+    PRETRAINED_MOUNT,
     TRAINER_METRICS_PORT,
     DatasetStatus,
     DPTrainingJobSpec,
@@ -81,6 +85,7 @@ from dptrain.operator._names import (
     prepared_dir,
 )
 from dptrain.operator._workloads import (
+    build_export_job,
     build_headless_service,
     build_jobset,
     build_prepare_job,
@@ -106,6 +111,7 @@ __all__ = [
     "JobRef",
     "PodSizing",
     "build_config_map",
+    "build_export_job",
     "build_headless_service",
     "build_jobset",
     "build_key_secret",
@@ -138,6 +144,17 @@ def pod_spec_manifest(spec: DPTrainingJobSpec, job: JobRef) -> dict[str, Any]:
             data["path"] = posixpath.join(DATA_MOUNT, spec.data.path.lstrip("/"))
         else:
             data["path"] = DATA_MOUNT
+    pretrained = spec.model.pretrained
+    if pretrained is not None and pretrained.volume is not None:
+        model = out["model"]["pretrained"]
+        model.pop("volume")
+        model["path"] = posixpath.join(PRETRAINED_MOUNT, pretrained.path.lstrip("/"))
+    evaluation = spec.evaluation.data if spec.evaluation is not None else None
+    if evaluation is not None and evaluation.volume is not None:
+        eval_data = out["evaluation"]["data"]
+        eval_data.pop("volume")
+        eval_data["path"] = (posixpath.join(EVAL_DATA_MOUNT, evaluation.path.lstrip("/"))
+                             if evaluation.path is not None else EVAL_DATA_MOUNT)
     checkpoint = out["checkpoint"]
     checkpoint.pop("volume", None)
     checkpoint["path"] = checkpoint_dir(spec, job)

@@ -37,7 +37,14 @@ from dptrain.api import (
 from dptrain.operator._admission import dataset_gate
 from dptrain.operator._children import JobRef, trainer_config
 from dptrain.operator._conditions import find
-from dptrain.operator._draft import Child, Decision, Event, StatusDraft, parse_status
+from dptrain.operator._draft import (
+    Child,
+    Decision,
+    Event,
+    StatusDraft,
+    locate_artifacts,
+    parse_status,
+)
 from dptrain.operator._observed import (
     ChildState,
     ConfigState,
@@ -46,7 +53,15 @@ from dptrain.operator._observed import (
     Settings,
     Tools,
 )
-from dptrain.operator._phases import charge, delete_existing, fail, halt, prepare, run_workload
+from dptrain.operator._phases import (
+    charge,
+    delete_existing,
+    export_step,
+    fail,
+    halt,
+    prepare,
+    run_workload,
+)
 from dptrain.operator._spec_changes import (
     ANNOTATION_APPLIED_SPEC,
     MUTABLE_AFTER_START,
@@ -109,6 +124,10 @@ def decide(body: Mapping[str, Any], observed: Observed, now: dt.datetime, *, too
 
     # ------------------------------------------------------------------ terminal phases
     spec, problems = validated_spec(body, known_n)
+    if spec is not None:
+        d.artifacts = locate_artifacts(d.artifacts, spec, JobRef(
+            name=str(meta.get("name", "")), namespace=str(meta.get("namespace", "")),
+            uid=str(meta.get("uid", ""))))
     reopened = False
     if d.phase in TERMINAL_PHASES:
         failed = find(d.conditions, "Failed")
@@ -123,7 +142,7 @@ def decide(body: Mapping[str, Any], observed: Observed, now: dt.datetime, *, too
             reopened = True  # an explicit budget raise; the amendment below decides
         else:
             delete_existing(out, observed)
-            return d.finish()
+            return d.finish(requeue_after=export_step(d, out, spec, observed, settings))
 
     # ------------------------------------------------------------------ validation
     applied = applied_spec(body)

@@ -51,6 +51,8 @@ class Settings:
     report_grace: float = 30.0
     workload_api_version: str = "batch/v1"
     workload_kind: str = "Job"
+    export: bool = True
+    """Export finished models (on a checkpoint volume) with an export Job."""
 
     def backoff(self, restarts: int) -> float:
         """Delay before restart number ``restarts`` (1-based): exponential, capped."""
@@ -112,6 +114,7 @@ class Observed:
 
     workload: ChildState | None = None
     prepare: ChildState | None = None
+    export: ChildState | None = None
     config: ConfigState | None = None
     config_observed: bool = False
     dataset: DatasetView | None = None

@@ -31,6 +31,57 @@ def delete_existing(out: Decision, observed: Observed) -> None:
         out.delete.append("prepare")
 
 
+EXPORTABLE_PHASES = ("Succeeded", "BudgetExhausted")
+
+
+def export_step(d: StatusDraft, out: Decision, spec: DPTrainingJobSpec | None,
+                observed: Observed, settings: Settings) -> float | None:
+    """After a job ends with a final model: export it once with an export Job.
+
+    Only with a checkpoint volume (an emptyDir went with the pod), only after the workload is
+    gone (its last checkpoint written), never again once it succeeded or failed (condition
+    ``Exported``). The export pod reports ``status.progress.artifacts``. Returns a requeue delay
+    while waiting, else None.
+    """
+    if (not settings.export or spec is None or d.phase not in EXPORTABLE_PHASES
+            or spec.checkpoint.volume is None):
+        return None
+    job = observed.export
+    exported = find(d.conditions, "Exported")
+    if d.artifacts is not None and (d.artifacts.export or d.artifacts.export_error):
+        if job is not None and not job.deleting:
+            out.delete.append("export")
+        if d.artifacts.export:
+            d.condition("Exported", "True", "Exported",
+                        f"Hugging Face export at {d.artifacts.export}", event="Normal")
+        else:
+            d.condition("Exported", "False", "ExportFailed", d.artifacts.export_error or "",
+                        event="Warning")
+        return None
+    if exported is not None and exported.status != "Unknown":
+        return None  # done, or failed for good: never re-run
+    if job is None:
+        if observed.workload is not None:
+            return 2.0  # the trainer's last checkpoint first
+        out.spec = spec
+        out.create.append("export")
+        d.condition("Exported", "Unknown", "Exporting", "exporting the final model",
+                    event="Normal")
+        return 5.0
+    if job.failed:
+        out.delete.append("export")
+        d.condition("Exported", "False", "ExportFailed", job.message or "the export Job failed",
+                    event="Warning")
+        return None
+    if job.complete:  # finished without reporting: nothing more will come
+        out.delete.append("export")
+        d.condition("Exported", "False", "ExportFailed",
+                    "the export Job finished without reporting status.progress.artifacts",
+                    event="Warning")
+        return None
+    return 5.0
+
+
 def fail(d: StatusDraft, out: Decision, observed: Observed, reason: str, message: str,
           condition: str | None = None) -> Decision:
     """End the job ``Failed`` (with ``reason``), deleting its workload; the ledger stays."""

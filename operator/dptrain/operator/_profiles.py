@@ -82,6 +82,10 @@ class TrainerDefaults(_Model):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     image_pull_secrets: tuple[str, ...] = ()
     """Secrets (in each job's namespace) to pull the image with."""
+    export: Literal["huggingface", "none"] = "huggingface"
+    """Export every finished model (Succeeded or BudgetExhausted) whose checkpoints are on a
+    volume as a Hugging Face directory into ``export/`` under its checkpoint directory (an
+    export Job; ``status.artifacts.export``), or not."""
 
     def spec(self, spec: DPTrainingJobSpec) -> DPTrainingJobSpec:
         """``spec`` with the default image when it names none of its own."""

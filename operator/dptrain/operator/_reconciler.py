@@ -307,7 +307,8 @@ class Reconciler:
         job = JobRef.from_body(body)
         names = ChildNames.of(job.name)
         paths = {"workload": workload_path(self.config, job.namespace, names.workload),
-                 "prepare": resource_path("batch/v1", "jobs", job.namespace, names.prepare)}
+                 "prepare": resource_path("batch/v1", "jobs", job.namespace, names.prepare),
+                 "export": resource_path("batch/v1", "jobs", job.namespace, names.export)}
         states: dict[str, ChildState | None] = {}
         for key, path in paths.items():
             state, foreign = child_state(await self.client.get(path), job.uid)
@@ -318,6 +319,7 @@ class Reconciler:
         config = await self.client.get(resource_path("v1", "configmaps", job.namespace,
                                                      names.config_map))
         return Observed(workload=states["workload"], prepare=states["prepare"],
+                        export=states["export"],
                         config=config_state(config), config_observed=True)
 
     @staticmethod
@@ -331,8 +333,11 @@ class Reconciler:
             # and alerts see the job from the start, not only once it is planned.
             privacy = {"epsilonBudget": decision.spec.privacy.epsilon, "epsilonSpent": 0.0,
                        "stepsCharged": 0, **privacy}
+        evaluation = (decision.status.get("evaluation")
+                      or (body.get("status") or {}).get("evaluation") or {})
         _metrics.observe_job(
             namespace, name, phase=decision.phase,
             epsilon_spent=privacy.get("epsilonSpent"),
             epsilon_budget=privacy.get("epsilonBudget"),
-            steps_charged=privacy.get("stepsCharged"))
+            steps_charged=privacy.get("stepsCharged"),
+            eval_loss=evaluation.get("loss"), eval_perplexity=evaluation.get("perplexity"))

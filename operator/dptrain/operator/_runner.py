@@ -111,7 +111,9 @@ def build(options: OperatorOptions, peer: PeeringIdentity | None = None
     _handlers.register(registry, timer_interval=options.timer_interval)
     config = ReconcilerConfig(
         decisions=Settings(stall_timeout=options.stall_timeout,
-                           restart_backoff=options.restart_backoff),
+                           restart_backoff=options.restart_backoff,
+                           export=(options.config is None
+                                   or options.config.trainer.export != "none")),
         pod_api_server=options.pod_api_server, peering=peer,
         placements=placements(options.config))
     memo = kopf.Memo(dptrain=_handlers.OperatorMemo(

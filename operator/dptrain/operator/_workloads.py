@@ -3,8 +3,9 @@
 The trainer's Indexed Job (or JobSet) and its headless Service, and the data-preparation Job.
 
 The pods follow the pod contract (``dptrain.api._contract``): they run :func:`trainer_command` /
-:func:`prepare_command` with :func:`trainer_env`, mount the config, the data, the checkpoints
-and (trainers only) the job's secret key, and never run as root. Exit code
+:func:`prepare_command` with :func:`trainer_env`, mount the config, the data, the pretrained
+checkpoint (read-only) and the evaluation data when they are on volumes, the checkpoints and
+(trainers only) the job's secret key, and never run as root. Exit code
 ``EXIT_BUDGET_EXHAUSTED`` fails the Job for good (never retried); retries are the operator's.
 """
 
@@ -26,14 +27,18 @@ from dptrain.api import (
     ENV_JOB_NAME,
     ENV_JOB_NAMESPACE,
     ENV_REPORT,
+    EVAL_DATA_MOUNT,
     EXIT_BUDGET_EXHAUSTED,
     IN_CLUSTER_API_SERVER,
     KEY_DIR,
     KEY_FILE,
+    PRETRAINED_MOUNT,
     REPORT_KUBERNETES,
     TRAINER_METRICS_PORT,
     DPTrainingJobSpec,
     PlanStatus,
+    VolumeSource,
+    export_command,
     prepare_command,
     trainer_command,
 )
@@ -48,6 +53,7 @@ from dptrain.operator._names import (
     ChildNames,
     JobRef,
     PodSizing,
+    checkpoint_dir,
     child_meta,
     key_secret_name,
     labels,
@@ -77,9 +83,24 @@ def trainer_env(job: JobRef, *, hosts: int, api_server: str,
     return env
 
 
+def _claim(name: str, source: VolumeSource, mount_path: str, *, read_only: bool
+           ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A PersistentVolumeClaim volume and its mount (``subPath`` when the source names one)."""
+    volume = {"name": name, "persistentVolumeClaim": {"claimName": source.claim_name,
+                                                      "readOnly": read_only}}
+    mount: dict[str, Any] = {"name": name, "mountPath": mount_path, "readOnly": read_only}
+    if source.sub_path:
+        mount["subPath"] = source.sub_path
+    return volume, mount
+
+
 def _volumes(spec: DPTrainingJobSpec, job: JobRef, *, key: bool = False
              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Pod volumes and the container's mounts: config, /tmp, data, checkpoints (and the key)."""
+    """Pod volumes and the container's mounts.
+
+    Config, /tmp, data, the pretrained checkpoint and the evaluation data (when on volumes),
+    checkpoints (and the key).
+    """
     names = ChildNames.of(job.name)
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": names.config_map}},
@@ -96,6 +117,18 @@ def _volumes(spec: DPTrainingJobSpec, job: JobRef, *, key: bool = False
                                  "readOnly": spec.data.volume.read_only}
         if spec.data.volume.sub_path:
             mount["subPath"] = spec.data.volume.sub_path
+        mounts.append(mount)
+    pretrained = spec.model.pretrained
+    if pretrained is not None and pretrained.volume is not None:
+        # Always read-only: nothing the job does may alter the weights it starts from.
+        volume, mount = _claim("pretrained", pretrained.volume, PRETRAINED_MOUNT, read_only=True)
+        volumes.append(volume)
+        mounts.append(mount)
+    evaluation = spec.evaluation.data if spec.evaluation is not None else None
+    if evaluation is not None and evaluation.volume is not None:
+        volume, mount = _claim("eval-data", evaluation.volume, EVAL_DATA_MOUNT,
+                               read_only=evaluation.volume.read_only)
+        volumes.append(volume)
         mounts.append(mount)
     if spec.checkpoint.volume is not None:
         volumes.append({"name": "checkpoints", "persistentVolumeClaim": {
@@ -249,6 +282,26 @@ def build_jobset(spec: DPTrainingJobSpec, job: JobRef, plan: PlanStatus, sizing:
                                 "template": {"spec": _job_spec(template, sizing.hosts)}}],
         },
     }
+
+
+def build_export_job(spec: DPTrainingJobSpec, job: JobRef, *,
+                     api_server: str = IN_CLUSTER_API_SERVER) -> dict[str, Any]:
+    """The export Job: the final checkpoint as a Hugging Face directory, reported in status.
+
+    Post-processing of the released model (no privacy cost); it runs as the job's per-job
+    ServiceAccount with the same mounts as the trainer (the pretrained checkpoint's tokenizer
+    files are copied from its volume), without the secret key.
+    """
+    names = ChildNames.of(job.name)
+    sizing = PodSizing(resources={"requests": {"cpu": "1", "memory": "2Gi"},
+                                  "limits": {"memory": "8Gi"}})
+    template = _pod_template(
+        spec, job, component="export", command=export_command(checkpoint_dir(spec, job)),
+        env=trainer_env(job, hosts=1, api_server=api_server, coordinator=None),
+        sizing=sizing, subdomain=None, annotations={}, ports=[])
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": child_meta(job, names.export, "export"),
+            "spec": {"backoffLimit": 1, "template": template}}
 
 
 def build_prepare_job(spec: DPTrainingJobSpec, job: JobRef, *,

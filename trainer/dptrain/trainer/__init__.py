@@ -11,6 +11,7 @@ start-up), ``_metrics`` (Prometheus), ``_config`` (resolved settings, keeping th
 ``_entry`` (the pod and local entry points: ``dptrain run``, ``train``, ``prepare-data``).
 """
 
+from dptrain.trainer._artifacts import export_checkpoint
 from dptrain.trainer._audit import (
     MatchRate,
     MemorizationResult,
@@ -138,6 +139,7 @@ __all__ = [
     "count_params",
     "distributed_env",
     "edit_distance",
+    "export_checkpoint",
     "initialize_from_env",
     "load_dataset",
     "make_canaries",

@@ -15,6 +15,7 @@ from dptrain.api import DPTrainingJob, FieldError, InvalidJobError, PlanStatus
 from dptrain.planner import ModelShape, get_preset, mechanism_of
 from dptrain.privacy import DpSgdMechanism
 from dptrain.trainer._data import PreparedDataset
+from dptrain.trainer._evaluation import EvaluationSettings
 from dptrain.trainer._model import Architecture
 
 
@@ -57,6 +58,7 @@ class TrainConfig:
         architecture: the decoder's architecture switches (Gemma 2 features of pretrained
             models; the default is dptrain's from-scratch decoder).
         pretrained_dir: a Hugging Face checkpoint to initialise from (None: random init).
+        evaluation: held-out evaluation (None: none); never touches the ledger.
     """
 
     job_name: str
@@ -85,6 +87,7 @@ class TrainConfig:
     release_raw_statistics: bool = False
     architecture: Architecture = dataclasses.field(default_factory=Architecture)
     pretrained_dir: pathlib.Path | None = None
+    evaluation: EvaluationSettings | None = None
 
     def __post_init__(self) -> None:
         errors = []
@@ -204,8 +207,8 @@ def config_from_plan(job: DPTrainingJob, plan: PlanStatus, *, dataset: PreparedD
                      checkpoint_dir: pathlib.Path | None = None, metrics_port: int | None = None,
                      progress: bool = True, ledger_block: int = 1,
                      initial_steps_charged: int = 0, key_file: pathlib.Path | None = None,
-                     create_key: bool = True, base_dir: pathlib.Path | None = None
-                     ) -> TrainConfig:
+                     create_key: bool = True, base_dir: pathlib.Path | None = None,
+                     evaluation: EvaluationSettings | None = None) -> TrainConfig:
     """The configuration that carries out ``plan`` for ``job`` on ``dataset``.
 
     ``base_dir`` resolves a relative ``spec.model.pretrained.path`` (default: the working
@@ -249,7 +252,7 @@ def config_from_plan(job: DPTrainingJob, plan: PlanStatus, *, dataset: PreparedD
         progress=progress, initial_steps_charged=initial_steps_charged, key_file=key_file,
         create_key=create_key, clipping=training.clipping,
         release_raw_statistics=spec.monitoring.release_raw_statistics,
-        architecture=architecture, pretrained_dir=pretrained_dir)
+        architecture=architecture, pretrained_dir=pretrained_dir, evaluation=evaluation)
 
 
 def pretrained_model(job: DPTrainingJob, *, base_dir: pathlib.Path

@@ -35,6 +35,7 @@ from dptrain.api import (
     steps_charged_of,
 )
 from dptrain.planner import InfeasibleBudgetError, ModelShape, make_plan
+from dptrain.trainer._artifacts import StatusReportError, finish_artifacts
 from dptrain.trainer._config import config_from_plan, pretrained_model
 from dptrain.trainer._data import (
     BUILTIN_STDLIB_DOCS,
@@ -45,6 +46,13 @@ from dptrain.trainer._data import (
     source_from_spec,
 )
 from dptrain.trainer._distributed import ProcessInfo, initialize_from_env
+from dptrain.trainer._evaluation import (
+    EVAL_DATA_DIR,
+    data_source,
+    evaluation_status,
+    prepare_evaluation,
+)
+from dptrain.trainer._ledger import Progress
 from dptrain.trainer._loop import TrainResult, train
 from dptrain.trainer._report import write_report
 from dptrain.trainer._reporters import (
@@ -63,10 +71,6 @@ class InvalidInputError(ValueError):
     """The job or an input is invalid; the message names the field (or flag) and the rule."""
 
 
-class StatusReportError(RuntimeError):
-    """A result could not be reported to the job's status (nothing was lost locally)."""
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunOptions:
     """How a training run behaves (not what it trains).
@@ -76,11 +80,15 @@ class RunOptions:
             pod, off locally); 0: off.
         ledger_block: steps reserved in the ledger at a time.
         progress: show progress bars.
+        export: ``huggingface``: export the final model to ``<checkpoint dir>/export`` when
+            the run ends with its model final (Succeeded or BudgetExhausted); None: no export
+            (in a cluster the operator's export Job does it, ``dptrain.api.export_command``).
     """
 
     metrics_port: int | None = None
     ledger_block: int = 1
     progress: bool = True
+    export: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,8 +143,7 @@ def dataset_for(job: DPTrainingJob, *, base_dir: pathlib.Path, prepared_dir: pat
     location = (job.status.dataset.location if job.status and job.status.dataset else None)
     if location and (pathlib.Path(location) / "manifest.json").is_file():
         return load_dataset(location)
-    source = source_from_spec(path=data.path, builtin=data.builtin, fmt=data.format,
-                              text_field=data.text_field, base_dir=base_dir)
+    source = data_source(job, base_dir)  # minus a held-out split, if any
     model_path = None
     if data.tokenizer_model is not None:
         model_path = pathlib.Path(data.tokenizer_model)
@@ -235,20 +242,38 @@ def train_job(job: DPTrainingJob, plan: PlanStatus, shape: ModelShape | None,
             belongs to another run.
     """
     process = initialize_from_env() if in_pod else ProcessInfo(process_id=0, num_processes=1)
+    eval_dir = output / EVAL_DATA_DIR
+    if process.num_processes > 1:  # the output may be a volume every host shares
+        eval_dir = eval_dir / str(process.process_id)
+    evaluation = prepare_evaluation(job, dataset.tokenizer,
+                                    sequence_length=dataset.manifest.sequence_length,
+                                    out_dir=eval_dir, base_dir=base_dir or pathlib.Path.cwd(),
+                                    progress=options.progress)
     config = config_from_plan(
         job, plan, dataset=dataset, output_dir=output, shape=shape, base_dir=base_dir,
         metrics_port=metrics_port(options.metrics_port) if process.is_leader else None,
         progress=options.progress, ledger_block=options.ledger_block,
         initial_steps_charged=initial_steps_charged, key_file=key_file,
-        create_key=key_file is None)
+        create_key=key_file is None, evaluation=evaluation)
     reporters = reporters_from_env(output) if in_pod else [FileReporter(output)]
     with stop_on_sigterm() as stop:
         result = train(config, reporters=reporters, process=process, stop=stop)
     report: dict[str, Any] = {}
     if process.is_leader:
+        artifacts = finish_artifacts(result, output, options.export)
         report = write_report(result, output, extra={
             "job": job.metadata.name, "plan": plan.model_dump(mode="json", by_alias=True),
-            "report": str(output / "report.json")})
+            "report": str(output / "report.json"), "artifacts": artifacts})
+        if in_pod or options.export:
+            # Where the outputs lie (a file reporter rewrites progress.json: keep the rest).
+            final = Progress(steps_charged=result.steps_charged, step=result.step,
+                             loss=result.history[-1]["loss"] if result.history else None,
+                             epsilon_spent=result.epsilon_spent, end_state=result.end_state,
+                             evaluation=(evaluation_status(result.evaluations[-1])
+                                         if result.evaluations else None),
+                             artifacts=artifacts)
+            for reporter in reporters:
+                reporter.report(final)
     return RunOutcome(result=result, report=report)
 
 
@@ -340,8 +365,8 @@ def prepare_data(request: PrepareRequest) -> dict[str, Any]:
     if request.config is not None:
         job, _ = load_pod_config(request.config)
         data = job.spec.data
-        source = source_from_spec(path=data.path, builtin=data.builtin, fmt=data.format,
-                                  text_field=data.text_field, base_dir=pathlib.Path.cwd())
+        # The trainer's own source (a held-out split excluded): the same N and checksum.
+        source = data_source(job, pathlib.Path.cwd())
         tokenizer = make_tokenizer(data.tokenizer, data.tokenizer_model)
         length = data.sequence_length
     else:

@@ -41,7 +41,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from dptrain.trainer._model import Decoder, Taps, token_loss, zero_probes
+from dptrain.trainer._model import Decoder, Taps, input_ids, token_loss, zero_probes
 
 Params = Any
 
@@ -116,7 +116,8 @@ def ghost_norms(static: Decoder, params: Params, tokens: jax.Array,
         ``(squared_norms [B], losses [B], tape)``; the tape feeds :func:`weighted_grad_sum`.
     """
     model = eqx.combine(params, static)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    # Marked targets (an instruction's prompt) are read as plain ids and carry no loss.
+    inputs, targets = input_ids(tokens[:, :-1]), tokens[:, 1:]
     probes = zero_probes(model, inputs.shape[1])
 
     def loss(probe: Taps, row: jax.Array, target: jax.Array) -> tuple[jax.Array, Taps]:

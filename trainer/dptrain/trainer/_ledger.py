@@ -69,6 +69,9 @@ class Progress:
         unaccounted_release: what is published outside ε, when anything is.
         mechanism: the fingerprint of the mechanism run (``status.progress.mechanism``), which
             the operator compares with the plan it accounts.
+        evaluation: the latest held-out evaluation (``status.progress.evaluation``; not
+            covered by ε).
+        artifacts: where the finished run's outputs lie (``status.progress.artifacts``).
     """
 
     steps_charged: int
@@ -80,6 +83,8 @@ class Progress:
     raw_loss: float | None = None
     unaccounted_release: str | None = None
     mechanism: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None
+    artifacts: dict[str, Any] | None = None
 
     def to_status(self) -> dict[str, Any]:
         """CamelCase ``status.progress`` (the fields of ``dptrain.api.ProgressStatus``)."""
@@ -97,6 +102,10 @@ class Progress:
             out["unaccountedRelease"] = self.unaccounted_release
         if self.mechanism is not None:
             out["mechanism"] = dict(self.mechanism)
+        if self.evaluation is not None:
+            out["evaluation"] = dict(self.evaluation)
+        if self.artifacts is not None:
+            out["artifacts"] = dict(self.artifacts)
         return out
 
 

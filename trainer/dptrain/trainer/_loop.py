@@ -28,6 +28,10 @@ Formal guarantees (the budget guard):
     6. By default the loop publishes only the DP loss estimate, ε and public quantities
        (steps, throughput of the physical batch); raw statistics of the sampled rows only with
        ``release_raw_statistics`` (an unaccounted release, labelled as such).
+    7. Held-out evaluation (``config.evaluation``, every ``interval_steps`` and at the end)
+       reads the parameters and the evaluation set only: it neither charges the ledger nor
+       draws randomness, and its statistics (not covered by ε: the data is not trained on)
+       are labelled as such (``dptrain.trainer._evaluation``).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from dptrain.trainer._config import TrainConfig
 from dptrain.trainer._data import load_dataset
 from dptrain.trainer._distributed import ProcessInfo
 from dptrain.trainer._dpsgd import DpSgdConfig, StepFn, make_dp_step, model_loss_fn
+from dptrain.trainer._evaluation import EVAL_HISTORY_FILE, Evaluator, evaluation_status
 from dptrain.trainer._hf import load_pretrained
 from dptrain.trainer._keys import (
     key_fingerprint,
@@ -107,6 +112,8 @@ class TrainResult:
         checkpoint_dir: where the final checkpoint lies.
         raw_statistics_released: raw statistics were published (an unaccounted release).
         key_fingerprint: SHA-256 fingerprint of the job's secret key.
+        evaluations: held-out evaluation records (``step``, ``loss``, ``perplexity``, ``rows``,
+            ``tokens``, ``source``); not covered by ε.
     """
 
     end_state: str
@@ -122,6 +129,7 @@ class TrainResult:
     checkpoint_dir: pathlib.Path
     raw_statistics_released: bool = False
     key_fingerprint: str | None = None
+    evaluations: tuple[dict[str, Any], ...] = ()
 
     @property
     def exit_code(self) -> int:
@@ -226,7 +234,7 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
 
     optimizer_key = (config.optimizer, config.learning_rate, config.iterations,
                      config.warmup_steps, config.weight_decay)
-    step_fn, optimizer, _ = compiled_step(
+    step_fn, optimizer, static = compiled_step(
         config.shape, optimizer_key, config.clip_norm, float(config.batch_size),
         config.microbatch_size, pad_id, mesh, loss_bound_for(config.shape.vocab_size),
         config.clipping, config.architecture)
@@ -283,6 +291,35 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
         log.warning("unaccounted release: %s", UNACCOUNTED_RELEASE)
     end_state = SUCCEEDED
     saved_step = step if checkpointer.latest_step() == step else -1
+    evaluator: Evaluator | None = None
+    evaluations: list[dict[str, Any]] = []
+    eval_path = config.output_dir / EVAL_HISTORY_FILE
+    if config.evaluation is not None:
+        evaluator = Evaluator(static, load_dataset(config.evaluation.data_dir),
+                              max_rows=config.evaluation.max_rows, pad_id=pad_id, mesh=mesh,
+                              source=config.evaluation.source)
+        evaluations = read_history(eval_path, step)
+        if process.is_leader:
+            eval_path.write_text("".join(json.dumps(e) + "\n" for e in evaluations))
+    last_eval: dict[str, Any] | None = evaluations[-1] if evaluations else None
+
+    def evaluate() -> dict[str, Any] | None:
+        """Evaluate the current parameters (no ledger, no randomness); the status record."""
+        nonlocal last_eval
+        if evaluator is None:
+            return None
+        if last_eval is None or last_eval["step"] != step:
+            last_eval = evaluator(params, step)
+            evaluations.append(last_eval)
+            if process.is_leader:
+                with eval_path.open("a") as handle:
+                    handle.write(json.dumps(last_eval) + "\n")
+            if metrics is not None:
+                metrics.update_evaluation(loss=last_eval["loss"],
+                                          perplexity=last_eval["perplexity"])
+            log.info("step %d: held-out loss %.4f, perplexity %.4g (not covered by ε)", step,
+                     last_eval["loss"], last_eval["perplexity"])
+        return evaluation_status(last_eval)
 
     def save() -> None:
         nonlocal saved_step
@@ -297,6 +334,9 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
         while step < config.iterations:
             to_checkpoint = config.checkpoint_interval - step % config.checkpoint_interval
             wanted = min(config.ledger_block, config.iterations - step, to_checkpoint)
+            if config.evaluation is not None:  # blocks end at evaluation steps
+                interval = config.evaluation.interval_steps
+                wanted = min(wanted, interval - step % interval)
             block = ledger.affordable(wanted)
             if block == 0:
                 end_state = BUDGET_EXHAUSTED
@@ -341,6 +381,10 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
             first_block = False
             tps = tokens_done / seconds if seconds > 0 else None
             eps = ledger.epsilon_spent()
+            # Every report carries the latest evaluation (a file reporter rewrites its file).
+            evaluation = (evaluate() if config.evaluation is not None
+                          and step % config.evaluation.interval_steps == 0
+                          else evaluation_status(last_eval) if last_eval is not None else None)
             bar.update(block)
             bar.set_postfix_str(f"DP loss {losses[-1]:.3f}  ε {eps:.3f}/"
                                 f"{config.epsilon_budget:g}"
@@ -349,7 +393,7 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
                                    loss=losses[-1], tokens_per_second=tps, epsilon_spent=eps,
                                    raw_loss=raw_losses[-1] if raw else None,
                                    unaccounted_release=UNACCOUNTED_RELEASE if raw else None,
-                                   mechanism=mechanism_run))
+                                   mechanism=mechanism_run, evaluation=evaluation))
             if metrics is not None:
                 metrics.update(step=step, loss=losses[-1], epsilon_spent=eps,
                                epsilon_budget=config.epsilon_budget, tokens_per_second=tps,
@@ -362,6 +406,7 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
                 raise TrainingInterruptedError(f"stopped at step {step}; checkpoint saved")
         if saved_step != step:
             save()
+        final_evaluation = evaluate()  # at the end, whatever the interval
     finally:
         bar.close()
         checkpointer.close()
@@ -376,7 +421,7 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
                            tokens_per_second=tokens_done / seconds if seconds else None,
                            epsilon_spent=spent, end_state=end_state,
                            unaccounted_release=UNACCOUNTED_RELEASE if raw else None,
-                           mechanism=mechanism_run))
+                           mechanism=mechanism_run, evaluation=final_evaluation))
     head = history[:max(1, len(history) // 20)]  # averages the estimate's noise
     tail = history[-max(1, len(history) // 10):]
     return TrainResult(
@@ -386,4 +431,4 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
         final_loss=float(np.mean([h["loss"] for h in tail])) if history else None,
         tokens_per_second=tokens_done / seconds if seconds else None, history=tuple(history),
         checkpoint_dir=config.checkpoint_dir, raw_statistics_released=raw,
-        key_fingerprint=fingerprint)
+        key_fingerprint=fingerprint, evaluations=tuple(evaluations))

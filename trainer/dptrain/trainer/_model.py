@@ -423,16 +423,44 @@ def count_params(model: Decoder) -> int:
 def sequence_loss(model: Decoder, tokens: jax.Array, pad_id: int = 0) -> jax.Array:
     """Mean next-token cross-entropy of one sequence ``[L]``; targets equal to ``pad_id`` count 0.
 
-    A sequence that is all padding has loss 0 (and zero gradient).
+    A token stored as ``~id`` (negative: :func:`mask_target`) is read as ``id`` but carries no
+    loss as a target (an instruction's prompt). A sequence that is all padding has loss 0 (and
+    zero gradient).
     """
-    return token_loss(model(tokens[:-1]), tokens[1:], pad_id)
+    return token_loss(model(input_ids(tokens[:-1])), tokens[1:], pad_id)
+
+
+def mask_target(ids: Any) -> Any:
+    """``ids`` marked "no loss as a target": ``~id`` (``-id - 1``, negative).
+
+    :func:`input_ids` reads them back. Works on ints, numpy and JAX arrays.
+    """
+    return ~ids
+
+
+def input_ids(tokens: jax.Array) -> jax.Array:
+    """The token ids of ``tokens`` with the no-loss marks (:func:`mask_target`) removed."""
+    return jnp.where(tokens < 0, ~tokens, tokens)
+
+
+def target_weights(targets: jax.Array, pad_id: int = 0) -> jax.Array:
+    """1.0 for targets that carry loss: not padding, not marked by :func:`mask_target`."""
+    return ((targets >= 0) & (targets != pad_id)).astype(jnp.float32)
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-position cross-entropy of ``logits`` (``[L, vocab]``) against (unmarked) targets."""
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(log_probs, input_ids(targets)[:, None], axis=-1)[:, 0]
 
 
 def token_loss(logits: jax.Array, targets: jax.Array, pad_id: int = 0) -> jax.Array:
-    """Mean cross-entropy of ``logits`` (``[L, vocab]``) against targets not equal to ``pad_id``."""
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(log_probs, targets[:, None], axis=-1)[:, 0]
-    weights = (targets != pad_id).astype(nll.dtype)
+    """Mean cross-entropy of ``logits`` (``[L, vocab]``) against the targets carrying loss.
+
+    Targets equal to ``pad_id`` or marked by :func:`mask_target` count 0.
+    """
+    nll = token_nll(logits, targets)
+    weights = target_weights(targets, pad_id).astype(nll.dtype)
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
