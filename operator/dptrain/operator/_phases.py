@@ -9,6 +9,8 @@ unknown, and :func:`fail` ends a job that cannot go on.
 
 from __future__ import annotations
 
+import math
+
 from dptrain.api import (
     DPTrainingJobSpec,
     DPTrainingJobStatus,
@@ -23,11 +25,14 @@ from dptrain.operator._observed import Observed, Settings, Tools
 
 
 def delete_existing(out: Decision, observed: Observed) -> None:
-    """Ask to delete the workload and the data-preparation Job, where they exist."""
-    if observed.workload is not None and not observed.workload.deleting:
-        out.delete.append("workload")
-    if observed.prepare is not None and not observed.prepare.deleting:
-        out.delete.append("prepare")
+    """Ask to delete the workload and the data-preparation Job where they still run.
+
+    Finished and failed ones stay (their pods' logs with them) until their
+    ``ttlSecondsAfterFinished`` runs out: Kubernetes' TTL controller deletes them.
+    """
+    for child, state in (("workload", observed.workload), ("prepare", observed.prepare)):
+        if state is not None and not state.deleting and not (state.complete or state.failed):
+            out.delete.append(child)  # type: ignore[arg-type]
 
 
 def fail(d: StatusDraft, out: Decision, observed: Observed, reason: str, message: str,
@@ -139,7 +144,6 @@ def run_workload(d: StatusDraft, out: Decision, spec: DPTrainingJobSpec, plan: P
     if work is not None and work.deleting:
         return d.finish(requeue_after=2.0)
     if work is not None and (work.complete or work.failed):
-        out.delete.append("workload")
         d.workload = None
         if end_state == "BudgetExhausted":
             message = f"the trainer stopped at the budget after {ledger.steps_charged} steps"
@@ -153,16 +157,32 @@ def run_workload(d: StatusDraft, out: Decision, spec: DPTrainingJobSpec, plan: P
             d.condition("Running", "False", "Completed", message)
             d.set_phase("Succeeded", "Completed", message)
             return d.finish()
-        if d.restarts >= spec.max_restarts:
+        pods = observed.pods
+        why = "; ".join(filter(None, [work.message, pods.termination if pods else None]))
+        if work.message.startswith("DeadlineExceeded"):
+            return fail(d, out, observed, "DeadlineExceeded",
+                         f"spec.compute.deadline passed before training finished ({why})")
+        if pods is not None and pods.disrupted:
+            # Preemption or a node drain: not the trainer's fault, not counted.
+            d.disruptions += 1
+            delay = settings.backoff(1)
+            d.condition("Restarting", "True", "Disrupted",
+                        f"pods {', '.join(pods.disrupted)} were disrupted ({why or 'no reason'})"
+                        f"; restart in {delay:g}s from the ledger, not counted against "
+                        f"spec.maxRestarts ({d.disruptions} disruptions so far)",
+                        event="Warning")
+        elif d.restarts >= spec.max_restarts:
             return fail(d, out, observed, "BackoffLimitExceeded",
                          f"the trainer failed {d.restarts + 1} times "
-                         f"({work.message or 'no reason'})"
+                         f"({why or 'no reason'})"
                          f"; spec.maxRestarts is {spec.max_restarts}")
-        d.restarts += 1
-        delay = settings.backoff(d.restarts)
-        d.condition("Restarting", "True", "TrainerFailed",
-                    f"{work.message or 'the trainer failed'}; restart {d.restarts} of "
-                    f"{spec.max_restarts} in {delay:g}s from the ledger", event="Warning")
+        else:
+            d.restarts += 1
+            delay = settings.backoff(d.restarts)
+            d.condition("Restarting", "True", "TrainerFailed",
+                        f"{why or 'the trainer failed'}; restart {d.restarts} of "
+                        f"{spec.max_restarts} in {delay:g}s from the ledger", event="Warning")
+        out.delete.append("workload")  # the next attempt reuses its name
         d.condition("Running", "False", "Restarting")
         return d.finish(requeue_after=delay)
     if work is None:
@@ -173,6 +193,13 @@ def run_workload(d: StatusDraft, out: Decision, spec: DPTrainingJobSpec, plan: P
             if wait > 0:
                 return d.finish(requeue_after=wait)
             d.condition("Restarting", "False", "Restarted", f"restart {d.restarts}")
+        if spec.compute.deadline is not None:
+            left = math.ceil((spec.compute.deadline - d.now).total_seconds())
+            if left <= 0:
+                return fail(d, out, observed, "DeadlineExceeded",
+                             f"spec.compute.deadline {spec.compute.deadline.isoformat()} has "
+                             "passed; no workload is started")
+            out.active_deadline_seconds = left
         out.create += ["config", "rbac", "service", "workload"]
         d.workload = WorkloadRef(api_version=settings.workload_api_version,
                                  kind=settings.workload_kind, name=work_name)
@@ -183,7 +210,10 @@ def run_workload(d: StatusDraft, out: Decision, spec: DPTrainingJobSpec, plan: P
             d.condition("Stalled", "False", "Started")
         d.set_phase("Running", "WorkloadCreated", "the trainer workload was created")
         return d.finish(requeue_after=settings.stall_timeout)
-    # The workload exists and runs: only watch for stalls.
+    # The workload exists: are its pods placed? Then watch for stalls.
+    waiting = scheduling(d, observed, settings)
+    if waiting is not None:
+        return waiting
     running = find(d.conditions, "Running")
     if running is None or running.status != "True":
         d.condition("Running", "True", "WorkloadCreated", "the trainer workload is running")
@@ -191,10 +221,13 @@ def run_workload(d: StatusDraft, out: Decision, spec: DPTrainingJobSpec, plan: P
         d.workload = WorkloadRef(api_version=settings.workload_api_version,
                                  kind=settings.workload_kind, name=work.name)
     d.set_phase("Running", "WorkloadCreated", "the trainer workload is running")
+    placed = find(d.conditions, "PodsScheduled")
     last = max(filter(None, [
         parse_time(status.progress.last_update) if status.progress else None,
         parse_time(ledger.last_charged_time), work.created,
         parse_time(getattr(find(d.conditions, "Running"), "last_transition_time", None)),
+        # The stall clock starts when the pods are placed, not when they were asked for.
+        parse_time(placed.last_transition_time) if placed and placed.status == "True" else None,
     ]), default=d.now)
     quiet = (d.now - last).total_seconds()
     if quiet > settings.stall_timeout:
@@ -206,4 +239,32 @@ def run_workload(d: StatusDraft, out: Decision, spec: DPTrainingJobSpec, plan: P
     if stalled is not None and stalled.status == "True":
         d.condition("Stalled", "False", "ProgressResumed", "progress reports resumed",
                     event="Normal")
-    return d.finish(requeue_after=settings.stall_timeout - quiet)
+    poll = settings.pod_poll if observed.pods is not None and (
+        observed.pods.scheduled < observed.pods.total or not observed.pods.total) else None
+    quiet_left = settings.stall_timeout - quiet
+    return d.finish(requeue_after=quiet_left if poll is None else min(quiet_left, poll))
+
+
+def scheduling(d: StatusDraft, observed: Observed, settings: Settings) -> Decision | None:
+    """``PodsScheduled`` from the pods; a decision to wait when the scheduler cannot place them.
+
+    Unschedulable pods keep the job ``Pending`` (with the scheduler's message) and stop the stall
+    clock: a job that waits for nodes is not a stalled trainer.
+    """
+    pods = observed.pods
+    if pods is None:
+        return None
+    if pods.unschedulable:
+        name, message = pods.unschedulable[0]
+        more = len(pods.unschedulable) - 1
+        text = (f"pod {name} cannot be scheduled: {message or 'no reason given'}"
+                + (f" (and {more} more pods)" if more else ""))
+        d.condition("PodsScheduled", "False", "Unschedulable", text, event="Warning")
+        d.condition("Running", "False", "Unschedulable", text)
+        d.set_phase("Pending", "Unschedulable", text)
+        return d.finish(requeue_after=settings.pod_poll)
+    if pods.total and pods.scheduled == pods.total:
+        d.condition("PodsScheduled", "True", "Scheduled",
+                    f"{pods.scheduled} of {pods.total} trainer pods scheduled",
+                    event="Normal" if find(d.conditions, "PodsScheduled") else None)
+    return None
