@@ -9,7 +9,7 @@ import math
 import pytest
 from kube_samples import job_manifest
 
-from dptrain.api import PlanStatus
+from dptrain.api import PlanStatus, PodsStatus
 from dptrain.operator import ChildState, Observed, Settings, decide
 from dptrain.operator._conditions import set_condition
 from dptrain.operator._spec_changes import ANNOTATION_APPLIED_SPEC, spec_json
@@ -33,7 +33,7 @@ class FakeTools:
             noise_batch_ratio=1 / 64, sampling_rate=64 / dataset_size, physical_batch_size=128,
             dataset_size=dataset_size, sequence_length=64, clip_norm=1.0, learning_rate=1e-3,
             compute_flops=1.0, max_steps=spec.training.iterations or 100, epsilon_planned=0.0,
-            accountant=spec.privacy.accountant)
+            accountant=spec.privacy.accountant, pods=PodsStatus())
 
     def enforce(self, plan, budget, delta, *, iterations=None):
         iterations = plan.iterations if iterations is None else iterations
@@ -243,7 +243,8 @@ def test_unknown_dataset_size_runs_data_preparation_first():
     planned = run(body(data={"numSequences": None}, status=reported),
                   Observed(prepare=ChildState(name="job-prepare", complete=True)))
     assert planned.status["plan"]["datasetSize"] == 5000
-    assert "prepare" in planned.delete and "workload" in planned.create
+    # The finished data-preparation Job stays for its ttlSecondsAfterFinished (its logs).
+    assert "prepare" not in planned.delete and "workload" in planned.create
 
 
 def test_stalled_trainer_is_marked_after_the_timeout():

@@ -198,10 +198,7 @@ class DPTrainingJobSpec(_Model):
     suspend: bool = False
     """Suspend: delete the workload, keep the ledger; resume recreates it from the checkpoint."""
     max_restarts: int = Field(default=3, ge=0, le=100)
-    """Trainer failures retried (each resuming from the ledger) before the job fails.
-
-    Restarts caused by a disruption (preemption, node drain: pods with the ``DisruptionTarget``
-    condition) are not counted."""
+    """Trainer failures retried (each from the ledger) before the job fails (not disruptions)."""
     ttl_seconds_after_finished: int = Field(default=3600, ge=0, le=30 * 24 * 3600)
     """How long a finished or failed workload (its pods and their logs) is kept, in seconds."""
 

@@ -24,6 +24,16 @@ class Condition(_Status):
     observed_generation: int | None = None
 
 
+class TolerationStatus(_Status):
+    """A toleration of the trainer pods (as in a pod spec)."""
+
+    key: str | None = None
+    operator: str | None = None
+    value: str | None = None
+    effect: str | None = None
+    toleration_seconds: int | None = None
+
+
 class PodsStatus(_Status):
     """The trainer pods of a plan, sized once with it (the workload is built from this).
 
@@ -40,7 +50,7 @@ class PodsStatus(_Status):
     resources: dict[str, dict[str, str]] = {}  # noqa: RUF012 (pydantic copies defaults)
     """The trainer container's ``requests`` and ``limits``."""
     node_selector: dict[str, str] = {}  # noqa: RUF012
-    tolerations: list[dict[str, Any]] = []  # noqa: RUF012
+    tolerations: list[TolerationStatus] = []  # noqa: RUF012
     machine_type: str | None = None
     """The node machine type the pods were fitted to (None: the profile names none)."""
     profile: str | None = None

@@ -189,7 +189,8 @@ async def _create_workload(client: KubeClient, config: ReconcilerConfig, job: Jo
         raise ValueError("status.plan.pods is missing: the decision must size the pods first")
     sizing = PodSizing(hosts=plan.pods.hosts, resources=plan.pods.resources,
                        node_selector=plan.pods.node_selector,
-                       tolerations=tuple(plan.pods.tolerations))
+                       tolerations=tuple(t.model_dump(by_alias=True, exclude_none=True)
+                                         for t in plan.pods.tolerations))
     lifecycle = Lifecycle(ttl_seconds_after_finished=spec.ttl_seconds_after_finished,
                           active_deadline_seconds=decision.active_deadline_seconds)
     if config.use_jobset:

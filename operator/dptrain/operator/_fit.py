@@ -97,9 +97,10 @@ def size_pods(pod: PodPlan, placements: Placements, accelerator: str) -> PodsSta
             resources.setdefault("limits", {})[name] = amount
         if placement.nodes:
             machine = _fit(resources, pod, placement.nodes, profile, tpu=spec.kind == "tpu")
-    return PodsStatus(hosts=pod.hosts, chips_per_host=pod.chips_per_host,
-                      topology=pod.topology, resources=resources, node_selector=selector,
-                      tolerations=tolerations, machine_type=machine, profile=profile)
+    return PodsStatus.model_validate({
+        "hosts": pod.hosts, "chipsPerHost": pod.chips_per_host, "topology": pod.topology,
+        "resources": resources, "nodeSelector": selector, "tolerations": tolerations,
+        "machineType": machine, "profile": profile})
 
 
 def _fit(resources: dict[str, dict[str, str]], pod: PodPlan, nodes: tuple[NodeShape, ...],
