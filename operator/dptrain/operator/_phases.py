@@ -140,7 +140,7 @@ def run_workload(d: StatusDraft, out: Decision, spec: DPTrainingJobSpec, plan: P
     work = observed.workload
     work_name = ChildNames.of(str((d.original_meta or {}).get("name", ""))).workload
     end_state = status.progress.end_state if status.progress is not None else None
-    out.restart = d.restarts
+    out.restart = d.restarts + d.disruptions  # the attempt: its pods are told apart by it
     if work is not None and work.deleting:
         return d.finish(requeue_after=2.0)
     if work is not None and (work.complete or work.failed):

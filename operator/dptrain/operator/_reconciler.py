@@ -31,6 +31,7 @@ from dptrain.operator._apply import (
     workload_path,
 )
 from dptrain.operator._children import (
+    ANNOTATION_RESTART,
     LABEL_COMPONENT,
     LABEL_JOB,
     ChildNames,
@@ -340,8 +341,10 @@ class Reconciler:
         paths = {"workload": workload_path(self.config, job.namespace, names.workload),
                  "prepare": resource_path("batch/v1", "jobs", job.namespace, names.prepare)}
         states: dict[str, ChildState | None] = {}
+        bodies: dict[str, dict[str, Any] | None] = {}
         for key, path in paths.items():
-            state, foreign = child_state(await self.client.get(path), job.uid)
+            bodies[key] = await self.client.get(path)
+            state, foreign = child_state(bodies[key], job.uid)
             if foreign:
                 # Left over from an earlier job of the same name: it is not ours to keep.
                 await self.client.delete(path)
@@ -352,8 +355,14 @@ class Reconciler:
         if states["workload"] is not None:
             # Scheduling, disruptions and termination messages are on the pods (_pod_status).
             selector = f"{LABEL_JOB}={job.name},{LABEL_COMPONENT}=trainer"
-            pods = pods_view(await self.client.list(
-                resource_path("v1", "pods", job.namespace), label_selector=selector))
+            listed = await self.client.list(resource_path("v1", "pods", job.namespace),
+                                            label_selector=selector)
+            # Only this attempt's pods: an earlier attempt's may still be terminating.
+            attempt = ((bodies["workload"] or {}).get("metadata") or {}).get(
+                "annotations", {}).get(ANNOTATION_RESTART)
+            pods = pods_view(p for p in listed
+                             if ((p.get("metadata") or {}).get("annotations") or {}).get(
+                                 ANNOTATION_RESTART) == attempt)
         return Observed(workload=states["workload"], prepare=states["prepare"],
                         config=config_state(config), config_observed=True, pods=pods)
 
