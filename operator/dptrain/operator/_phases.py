@@ -192,7 +192,10 @@ def run_workload(d: StatusDraft, out: Decision, spec: DPTrainingJobSpec, plan: P
             wait = settings.backoff(d.restarts) - (d.now - since).total_seconds()
             if wait > 0:
                 return d.finish(requeue_after=wait)
-            d.condition("Restarting", "False", "Restarted", f"restart {d.restarts}")
+            d.condition("Restarting", "False", "Restarted",
+                        f"restart {d.restarts} of {spec.max_restarts}"
+                        + (f", after {d.disruptions} disruptions (not counted)"
+                           if d.disruptions else ""))
         if spec.compute.deadline is not None:
             left = math.ceil((spec.compute.deadline - d.now).total_seconds())
             if left <= 0:
