@@ -8,6 +8,7 @@ whose pods fit no node refused with the shortfall, and ``PodsScheduled`` from th
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import time
 
 import kubernetes_validate
@@ -228,3 +229,63 @@ def test_unschedulable_pods_are_reported_not_stalled(kube, start_operator):
     wait_for(lambda: _status(kube, "waits").get("phase") == "Running"
              and _condition(kube, "waits", "PodsScheduled")["status"] == "True",
              what="Running once scheduled", describe=lambda: repr(_status(kube, "waits")))
+
+
+# ------------------------------------------------------------------------------ decisions
+
+
+def _decide(body, tools, observed=None):
+    from dptrain.operator import Observed, decide
+
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    return decide(body, observed or Observed(), now, tools=tools)
+
+
+def _body(name, status=None, **overrides):
+    manifest = job_manifest(name, **overrides)
+    manifest["metadata"].update(uid="uid-1", generation=1)
+    if status is not None:
+        manifest["status"] = status
+    return manifest
+
+
+class _CountingTools(OperatorTools):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.plans = 0
+
+    def plan(self, spec, dataset_size):
+        self.plans += 1
+        return super().plan(spec, dataset_size)
+
+
+def test_a_plan_of_an_earlier_version_gets_its_pods_sized_once_and_recorded():
+    tools = _CountingTools()
+    first = _decide(_body("legacy"), tools)
+    status = dict(first.status)
+    status["plan"] = {k: v for k, v in status["plan"].items() if k != "pods"}  # as it was
+    status["phase"] = "Planned"
+    again = _decide(_body("legacy", status=status), tools)
+    assert again.status["plan"]["pods"] == first.status["plan"]["pods"]
+    assert "workload" in again.create and tools.plans == 2
+    # Once recorded, building a workload plans nothing.
+    status.update(again.status)
+    _decide(_body("legacy", status=status), tools)
+    assert tools.plans == 2
+
+
+def test_pods_that_fit_no_node_fail_the_plan_recoverably():
+    tools = OperatorTools(placements=placements(OperatorConfig.model_validate(
+        {"gpuProfile": "small", "profiles": {"small": {"accelerators": {
+            name: {"nodes": [{"name": "n", "accelerators": 8, "cpu": "8", "memory": "1Gi"}]}
+            for name in ("nvidia-a100-80gb", "nvidia-h100-80gb", "nvidia-h200")}}}})))
+    decision = _decide(_body("big", compute={"accelerator": "nvidia-h100-80gb"}), tools)
+    assert decision.phase == "Failed" and decision.create == []
+    planned = next(c for c in decision.status["conditions"] if c["type"] == "Planned")
+    assert planned["reason"] == "PodsDoNotFit"
+    assert "the largest n node allocates 1Gi to a pod" in planned["message"]
+    # The user picks what fits (here: CPU): the job is planned again, not stuck Failed.
+    status = dict(decision.status)
+    fixed = _body("big", status=status, compute={"accelerator": "cpu"})
+    fixed["metadata"]["generation"] = 2
+    assert _decide(fixed, tools).phase == "Running"

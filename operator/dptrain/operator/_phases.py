@@ -212,7 +212,8 @@ def run_workload(d: StatusDraft, out: Decision, spec: DPTrainingJobSpec, plan: P
         if find(d.conditions, "Stalled") is not None:
             d.condition("Stalled", "False", "Started")
         d.set_phase("Running", "WorkloadCreated", "the trainer workload was created")
-        return d.finish(requeue_after=settings.stall_timeout)
+        # Soon again: pods are not watched, and the scheduler may not place them.
+        return d.finish(requeue_after=min(settings.stall_timeout, settings.pod_poll))
     # The workload exists: are its pods placed? Then watch for stalls.
     waiting = scheduling(d, observed, settings)
     if waiting is not None:
