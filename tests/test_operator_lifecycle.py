@@ -17,7 +17,13 @@ from kube_samples import job_manifest
 from kube_waiting import wait_for
 
 from dptrain.api import PlanStatus, parse_job
-from dptrain.operator import JobRef, PodSizing, build_prepare_job, build_trainer_job
+from dptrain.operator import (
+    JobRef,
+    PodSizing,
+    build_jobset,
+    build_prepare_job,
+    build_trainer_job,
+)
 from dptrain.operator._pod_status import MESSAGE_LIMIT, pods_view
 from dptrain.operator._workloads import Lifecycle
 
@@ -194,6 +200,13 @@ def test_rendered_workloads_with_lifecycle_fields_are_valid_kubernetes():
     assert (trainer["spec"]["ttlSecondsAfterFinished"],
             trainer["spec"]["activeDeadlineSeconds"]) == (3600, 7200)
     assert prepare["spec"]["ttlSecondsAfterFinished"] == 60
+    jobset = build_jobset(spec, job, plan, PodSizing(), lifecycle=Lifecycle(
+        ttl_seconds_after_finished=3600, active_deadline_seconds=7200))
+    inner = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]
+    assert jobset["spec"]["ttlSecondsAfterFinished"] == 3600  # the JobSet deletes its Jobs
+    assert inner["activeDeadlineSeconds"] == 7200 and "ttlSecondsAfterFinished" not in inner
+    assert inner["template"]["spec"]["containers"][0][
+        "terminationMessagePolicy"] == "FallbackToLogsOnError"
 
 
 def test_pods_view_reads_scheduling_disruption_and_last_words():
