@@ -138,6 +138,34 @@ def test_failure_message_of_the_trainer_is_in_the_failed_condition(kube, start_o
     assert kube.get("v1/pods", "default", "crash-train-0") is not None
 
 
+def test_failed_data_preparation_reports_its_last_words_and_stays(kube, start_operator):
+    start_operator("--timer-interval", "0.3")
+    kube.create_job(job_manifest("prep", data={"numSequences": None}))
+    prepare = wait_for(lambda: kube.get("batch/v1/jobs", "default", "prep-prepare"),
+                       what="the data-preparation Job")
+    assert prepare["spec"]["ttlSecondsAfterFinished"] == 3600
+    template = prepare["spec"]["template"]
+    kube.create("v1/pods", "default", {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "prep-prepare-x7k2p", "labels": template["metadata"]["labels"]},
+        "spec": template["spec"]})
+    kube.merge_patch("v1/pods", "default", "prep-prepare-x7k2p", {"status": {
+        "phase": "Failed", "containerStatuses": [{"name": "prepare", "state": {"terminated": {
+            "exitCode": 2, "reason": "Error",
+            "message": "FileNotFoundError: /data/corpus.jsonl"}}}]}}, "status")
+    kube.merge_patch("batch/v1/jobs", "default", "prep-prepare", {"status": {"conditions": [
+        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+         "message": "Job has reached the specified backoff limit"}]}}, "status")
+    failed = wait_for(lambda: (c := _condition(kube, "prep", "DataPrepared"))
+                      and c["status"] == "False" and c["reason"] == "DataPreparationFailed"
+                      and c, what="DataPrepared=False",
+                      describe=lambda: repr(_status(kube, "prep")))
+    assert failed["message"] == (
+        "BackoffLimitExceeded: Job has reached the specified backoff limit; exit 2 (Error): "
+        "FileNotFoundError: /data/corpus.jsonl")
+    assert kube.get("batch/v1/jobs", "default", "prep-prepare") is not None  # kept: logs
+
+
 def test_disruption_restarts_do_not_use_up_max_restarts(kube, start_operator):
     start_operator("--restart-backoff", "0.2", "--timer-interval", "0.3")
     kube.create_job(job_manifest("preempted", maxRestarts=0))

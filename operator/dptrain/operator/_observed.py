@@ -118,3 +118,5 @@ class Observed:
     dataset: DatasetView | None = None
     pods: PodsView | None = None
     """The workload's trainer pods (None: not looked at, or no workload)."""
+    prepare_pods: PodsView | None = None
+    """The data-preparation pods, looked at when that Job failed."""

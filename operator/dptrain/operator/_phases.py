@@ -60,8 +60,10 @@ def prepare(d: StatusDraft, spec: DPTrainingJobSpec, observed: Observed, setting
         d.set_phase("Suspended", "Suspended", "suspended by spec.suspend")
         return d.finish()
     if prep is not None and prep.failed:
+        last = observed.prepare_pods.termination if observed.prepare_pods else None
         return fail(d, out, observed, "DataPreparationFailed",
-                     prep.message or "the data-preparation Job failed", "DataPrepared")
+                     "; ".join(filter(None, [prep.message, last]))
+                     or "the data-preparation Job failed", "DataPrepared")
     if prep is not None and prep.complete:
         finished = prep.finished or prep.created or d.now
         waited = (d.now - finished).total_seconds()

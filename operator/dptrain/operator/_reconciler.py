@@ -363,8 +363,15 @@ class Reconciler:
             pods = pods_view(p for p in listed
                              if ((p.get("metadata") or {}).get("annotations") or {}).get(
                                  ANNOTATION_RESTART) == attempt)
+        prepare_pods = None
+        if states["prepare"] is not None and states["prepare"].failed:
+            # Its last words go into the DataPrepared condition.
+            prepare_pods = pods_view(await self.client.list(
+                resource_path("v1", "pods", job.namespace),
+                label_selector=f"{LABEL_JOB}={job.name},{LABEL_COMPONENT}=prepare"))
         return Observed(workload=states["workload"], prepare=states["prepare"],
-                        config=config_state(config), config_observed=True, pods=pods)
+                        config=config_state(config), config_observed=True, pods=pods,
+                        prepare_pods=prepare_pods)
 
     @staticmethod
     def _observe_metrics(namespace: str, name: str, body: Mapping[str, Any],
