@@ -265,7 +265,11 @@ def scheduling(d: StatusDraft, observed: Observed, settings: Settings) -> Decisi
         more = len(pods.unschedulable) - 1
         text = (f"pod {name} cannot be scheduled: {message or 'no reason given'}"
                 + (f" (and {more} more pods)" if more else ""))
-        d.condition("PodsScheduled", "False", "Unschedulable", text, event="Warning")
+        prior = find(d.conditions, "PodsScheduled")
+        # One event when the pods become unschedulable, not one per changed scheduler message.
+        again = prior is not None and prior.status == "False"
+        d.condition("PodsScheduled", "False", "Unschedulable", text,
+                    event=None if again else "Warning")
         d.condition("Running", "False", "Unschedulable", text)
         d.set_phase("Pending", "Unschedulable", text)
         return d.finish(requeue_after=settings.pod_poll)
