@@ -183,6 +183,17 @@ def test_changing_accounting_fields_after_start_is_refused():
     assert "spec.privacy.delta" in message
 
 
+def test_the_ttl_of_finished_workloads_may_change_after_start():
+    status, applied = running_status(steps=5)
+    decision = run(body(status=status, applied=applied, generation=2,
+                        privacy={"epsilon": 2.0}, ttlSecondsAfterFinished=60),
+                   Observed(workload=ChildState(name="job-train", created=NOW)))
+    cond = conditions(merged(status, decision))["SpecAccepted"]
+    assert (cond["status"], cond["reason"]) == ("True", "Accepted")
+    assert decision.applied_spec["ttlSecondsAfterFinished"] == 60
+    assert decision.delete == []  # the running trainer is not restarted for it
+
+
 def test_raising_the_budget_reopens_an_exhausted_job_with_an_event():
     status, applied = running_status(steps=20)
     halted = merged(status, run(body(status=status, applied=applied, privacy={"epsilon": 2.0})))
