@@ -53,11 +53,11 @@ def test_reservation_formulas_match_the_documented_tiers():
 def test_allocatable_is_below_nominal_by_the_reservations():
     v6e = MACHINES["ct6e-standard-1t"]
     nominal = 176 * GIB
-    expected = int(nominal * 0.98) - gke_reserved_memory(int(nominal * 0.98)) - 100 * MIB
+    expected = int(nominal * 0.97) - gke_reserved_memory(int(nominal * 0.97)) - 100 * MIB
     assert v6e.allocatable_memory == expected
     assert v6e.allocatable_cpu_milli == 44_000 - 180
     p5 = MACHINES["p5.48xlarge"]
-    assert p5.allocatable_memory == int(2048 * GIB * 0.98) - (11 * 100 + 255) * MIB - 100 * MIB
+    assert p5.allocatable_memory == int(2048 * GIB * 0.97) - (11 * 100 + 255) * MIB - 100 * MIB
 
 
 @pytest.mark.parametrize("profile", ["gke", "eks"])

@@ -6,11 +6,12 @@ it stay ``Pending`` forever, so the operator sizes trainer pods to fit (``_fit``
 is the table: one row per machine type that carries an accelerator dptrain plans for, with its
 nominal capacity and the reservation formula of its platform.
 
-Units: cloud vendors list memory in "GB" that are GiB (Compute Engine: "1 GB is 2^30 bytes";
-EC2 lists GiB); Kubernetes quantities here are binary (``Gi``, ``Mi``). The kernel keeps part of
-the nominal memory before the kubelet sees it (firmware, kernel image, crash kernel); we take
-:data:`KERNEL_SHARE` of it off the nominal figure, an assumption on the safe side of what the
-node reports as ``capacity``.
+Units: Compute Engine's machine tables say "GB" for binary gigabytes (an n1-standard-1's
+"3.75 GB" is 3840 MiB, in the 256 MB steps of custom machine types, and its node reports more
+than 3.75 × 10^9 bytes of capacity); EC2 lists GiB. Kubernetes quantities here are binary
+(``Gi``, ``Mi``). The kernel keeps part of the nominal memory before the kubelet counts it
+(firmware, kernel image, crash kernel, page tables); we take :data:`KERNEL_SHARE` of it off the
+nominal figure, an assumption on the safe side of what large nodes report as ``capacity``.
 
 Sources (checked 2026-12):
 
@@ -39,7 +40,7 @@ from typing import Literal
 MIB = 2**20
 GIB = 2**30
 
-KERNEL_SHARE = 0.02
+KERNEL_SHARE = 0.03
 """Share of nominal memory the kernel and firmware keep before the kubelet counts capacity."""
 
 EVICTION_HARD = 100 * MIB
