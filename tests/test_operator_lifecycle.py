@@ -254,3 +254,53 @@ def test_pods_view_reads_scheduling_disruption_and_last_words():
     assert view.termination is not None
     assert view.termination.startswith("exit 137 (OOMKilled): …")
     assert view.termination.endswith(" the end") and len(view.termination) < MESSAGE_LIMIT + 40
+
+
+@pytest.fixture()
+def jobset_api():
+    from kube_server import EmulatorServer
+
+    server = EmulatorServer(with_jobset=True).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_jobset_workloads_keep_the_ttl_and_count_no_disruption(jobset_api, tmp_path,
+                                                               planner_cache_dir):
+    from kube_client import KubeHTTP
+    from kube_operator import OperatorProcess
+
+    kube = KubeHTTP(jobset_api.url)
+    kubeconfig = jobset_api.write_kubeconfig(tmp_path / "kubeconfig")
+    with OperatorProcess(kubeconfig, tmp_path / "operator.log", extra_args=(
+            "--cache-dir", str(planner_cache_dir), "--workload", "jobset",
+            "--restart-backoff", "0.2", "--timer-interval", "0.3")):
+        kube.create_job(job_manifest("js", maxRestarts=0, ttlSecondsAfterFinished=120))
+        resource = "jobset.x-k8s.io/v1alpha2/jobsets"
+        first = wait_for(lambda: kube.get(resource, "default", "js-train"), what="the JobSet")
+        assert first["spec"]["ttlSecondsAfterFinished"] == 120
+        pods = _status(kube, "js")["plan"]["pods"]
+        template = first["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+        assert template["spec"]["containers"][0]["resources"] == pods["resources"]
+        # A pod of the JobSet's Job is preempted; the JobSet fails.
+        kube.create("v1/pods", "default", {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "js-train-node-0-0-abcde",
+                         "labels": template["metadata"]["labels"],
+                         "annotations": {"dptrain.io/restart": "0"}},
+            "spec": template["spec"]})
+        kube.merge_patch("v1/pods", "default", "js-train-node-0-0-abcde", {"status": {
+            "phase": "Failed", "conditions": [{"type": "DisruptionTarget", "status": "True",
+                                               "reason": "DeletionByTaintManager"}]}},
+            "status")
+        kube.merge_patch(resource, "default", "js-train", {"status": {"conditions": [
+            {"type": "Failed", "status": "True", "reason": "FailedJobs",
+             "message": "jobset failed due to one or more job failures"}]}}, "status")
+        wait_for(lambda: (w := kube.get(resource, "default", "js-train"))
+                 and w["metadata"]["uid"] != first["metadata"]["uid"],
+                 what="a new JobSet", describe=lambda: repr(_status(kube, "js")))
+        status = _status(kube, "js")
+        assert status["disruptions"] == 1 and status.get("restarts", 0) == 0
+        assert status["phase"] == "Running"  # maxRestarts 0, yet not failed
