@@ -307,3 +307,17 @@ def test_a_ledger_at_the_iterations_is_success_only_if_the_model_trained_them(tr
     if phase == "BudgetExhausted":
         assert conditions(merged(status, decision))["BudgetExhausted"]["reason"] == \
             "MaxStepsReached"
+
+
+def test_a_workload_failing_after_the_deadline_ends_the_job_whatever_its_reason():
+    deadline = (NOW - dt.timedelta(seconds=1)).isoformat()
+    status, applied = running_status(steps=3)
+    spec_applied = dict(applied, compute=dict(applied.get("compute") or {}, deadline=deadline))
+    decision = run(body(status=status, applied=spec_applied, privacy={"epsilon": 2.0},
+                        compute={"deadline": deadline}),
+                   Observed(workload=ChildState(name="job-train", failed=True,
+                                                message="FailedJobs: jobset failed")))
+    assert decision.phase == "Failed" and decision.create == []
+    failed = conditions(merged(status, decision))["Failed"]
+    assert failed["reason"] == "DeadlineExceeded"
+    assert decision.status.get("restarts", 0) == 0

@@ -161,7 +161,9 @@ def run_workload(d: StatusDraft, out: Decision, spec: DPTrainingJobSpec, plan: P
             return d.finish()
         pods = observed.pods
         why = "; ".join(filter(None, [work.message, pods.termination if pods else None]))
-        if work.message.startswith("DeadlineExceeded"):
+        past_deadline = spec.compute.deadline is not None and d.now >= spec.compute.deadline
+        if work.message.startswith("DeadlineExceeded") or past_deadline:
+            # The Job's reason, or (JobSets report only "FailedJobs") the clock.
             return fail(d, out, observed, "DeadlineExceeded",
                          f"spec.compute.deadline passed before training finished ({why})")
         if pods is not None and pods.disrupted:
