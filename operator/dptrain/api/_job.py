@@ -228,11 +228,13 @@ class DPTrainingJobSpec(_Model):
     suspend: bool = False
     """Suspend: delete the workload, keep the ledger; resume recreates it from the checkpoint."""
     max_restarts: int = Field(default=3, ge=0, le=100)
-    """Trainer failures retried (each resuming from the ledger) before the job fails."""
+    """Trainer failures retried (each from the ledger) before the job fails (not disruptions)."""
     pod_template_overrides: PodTemplateOverrides | None = None
     """A partial PodTemplateSpec applied last to the trainer and data-preparation pods
     (labels, annotations, scheduling, identity, volumes, env, resources); fields the operator
     owns are refused."""
+    ttl_seconds_after_finished: int = Field(default=3600, ge=0, le=30 * 24 * 3600)
+    """How long a finished or failed workload (its pods and their logs) is kept, in seconds."""
 
 
 class ObjectMeta(BaseModel):

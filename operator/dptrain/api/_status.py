@@ -24,6 +24,39 @@ class Condition(_Status):
     observed_generation: int | None = None
 
 
+class TolerationStatus(_Status):
+    """A toleration of the trainer pods (as in a pod spec)."""
+
+    key: str | None = None
+    operator: str | None = None
+    value: str | None = None
+    effect: str | None = None
+    toleration_seconds: int | None = None
+
+
+class PodsStatus(_Status):
+    """The trainer pods of a plan, sized once with it (the workload is built from this).
+
+    Resources fit the node allocatable of the accelerator profile's machine type, when the
+    profile names one.
+    """
+
+    hosts: int = 1
+    """Pods (one JAX process each)."""
+    chips_per_host: int = 0
+    """Accelerators per pod (0 on CPU)."""
+    topology: str | None = None
+    """TPU slice topology."""
+    resources: dict[str, dict[str, str]] = {}  # noqa: RUF012 (pydantic copies defaults)
+    """The trainer container's ``requests`` and ``limits``."""
+    node_selector: dict[str, str] = {}  # noqa: RUF012
+    tolerations: list[TolerationStatus] = []  # noqa: RUF012
+    machine_type: str | None = None
+    """The node machine type the pods were fitted to (None: the profile names none)."""
+    profile: str | None = None
+    """The accelerator profile that placed the pods."""
+
+
 class PlanStatus(_Status):
     """The plan chosen for this job (by the planner, from budgets and pins)."""
 
@@ -52,6 +85,8 @@ class PlanStatus(_Status):
     accountant: Literal["pld", "rdp"] = "pld"
     spec_generation: int | None = None
     """metadata.generation of the spec this plan was made for."""
+    pods: PodsStatus | None = None
+    """The trainer pods' sizing and placement (not part of the trainer's config)."""
 
 
 class PrivacyLedgerStatus(_Status):
@@ -194,4 +229,7 @@ class DPTrainingJobStatus(_Status):
     artifacts: ArtifactsStatus | None = None
     """Where the finished job's checkpoint, export and report lie."""
     restarts: int = 0
+    """Trainer restarts counted against ``spec.maxRestarts``."""
+    disruptions: int = 0
+    """Restarts after a disruption (preemption, node drain), not counted."""
     observed_generation: int | None = None

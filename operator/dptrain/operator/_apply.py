@@ -7,7 +7,6 @@ copy in ``status.privacy``), the status patch, then events (best effort).
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime as dt
 import json
@@ -29,6 +28,7 @@ from dptrain.operator import _metrics
 from dptrain.operator._children import (
     ChildNames,
     JobRef,
+    PodSizing,
     build_config_map,
     build_key_secret,
     build_role,
@@ -46,6 +46,7 @@ from dptrain.operator._profiles import Placements, placements
 from dptrain.operator._spec_changes import ANNOTATION_APPLIED_SPEC
 from dptrain.operator._tools import OperatorTools
 from dptrain.operator._workloads import (
+    Lifecycle,
     build_export_job,
     build_headless_service,
     build_jobset,
@@ -134,11 +135,11 @@ async def apply_decision(client: KubeClient, config: ReconcilerConfig, tools: Op
             # (AlreadyExists keeps the first key, so restarts reuse it); never logged.
             await client.create(resource_path("v1", "secrets", ns),
                                 build_key_secret(job, secrets.token_bytes(32)))
-            await _create_workload(client, config, tools, job, decision, plan, spec,
-                                   _labels(body))
+            await _create_workload(client, config, job, decision, plan, spec, _labels(body))
         elif child == "prepare":
             prepare = config.placements.trainer.apply(
-                build_prepare_job(spec, job, api_server=config.pod_api_server))
+                build_prepare_job(spec, job, api_server=config.pod_api_server,
+                                  ttl_seconds_after_finished=spec.ttl_seconds_after_finished))
             prepare = apply_overrides(prepare, spec.pod_template_overrides)
             await client.create(resource_path("batch/v1", "jobs", ns),
                                 kueue.for_queue(prepare, _labels(body)))
@@ -208,19 +209,26 @@ async def _create_rbac(client: KubeClient, job: JobRef, account: str | None) -> 
             await client.merge_patch(named, {"subjects": binding["subjects"]})
 
 
-async def _create_workload(client: KubeClient, config: ReconcilerConfig, tools: OperatorTools,
-                           job: JobRef, decision: Decision, plan: PlanStatus,
-                           spec: DPTrainingJobSpec, job_labels: Mapping[str, str]) -> None:
-    planned = decision.spec if decision.spec is not None else spec  # the planner's key
-    sizing = await asyncio.to_thread(tools.pod_sizing, planned, plan)
-    sizing = config.placements.place(sizing, spec.compute.accelerator)
+async def _create_workload(client: KubeClient, config: ReconcilerConfig, job: JobRef,
+                           decision: Decision, plan: PlanStatus, spec: DPTrainingJobSpec,
+                           job_labels: Mapping[str, str]) -> None:
+    # Built from the sizing stored with the plan (status.plan.pods), never from a re-plan: what
+    # the status shows is what the pods request.
+    if plan.pods is None:
+        raise ValueError("status.plan.pods is missing: the decision must size the pods first")
+    sizing = PodSizing(hosts=plan.pods.hosts, resources=plan.pods.resources,
+                       node_selector=plan.pods.node_selector,
+                       tolerations=tuple(t.model_dump(by_alias=True, exclude_none=True)
+                                         for t in plan.pods.tolerations))
+    lifecycle = Lifecycle(ttl_seconds_after_finished=spec.ttl_seconds_after_finished,
+                          active_deadline_seconds=decision.active_deadline_seconds)
     if config.use_jobset:
         workload = build_jobset(spec, job, plan, sizing, api_server=config.pod_api_server,
-                                restart=decision.restart)
+                                restart=decision.restart, lifecycle=lifecycle)
     else:
         workload = build_trainer_job(spec, job, plan, sizing,
                                      api_server=config.pod_api_server,
-                                     restart=decision.restart)
+                                     restart=decision.restart, lifecycle=lifecycle)
     workload = apply_overrides(config.placements.trainer.apply(workload),
                                spec.pod_template_overrides)
     multi_host_tpu = spec.compute.accelerator.startswith("tpu-") and sizing.hosts > 1

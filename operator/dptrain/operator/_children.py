@@ -177,7 +177,9 @@ def trainer_config(spec: DPTrainingJobSpec, job: JobRef, plan: PlanStatus | None
         status["dataset"] = dataset.model_dump(mode="json", by_alias=True, exclude_none=True)
         manifest_spec["data"]["numSequences"] = dataset.num_sequences
     if plan is not None:
-        status["plan"] = plan.model_dump(mode="json", by_alias=True, exclude_none=True)
+        # The pods' sizing is the operator's business, not the trainer's (nor part of its config).
+        status["plan"] = plan.model_dump(mode="json", by_alias=True, exclude_none=True,
+                                         exclude={"pods"})
         manifest_spec["data"]["numSequences"] = plan.dataset_size
     config: dict[str, Any] = {
         "apiVersion": API_VERSION,

@@ -24,6 +24,7 @@ Formal guarantees (each checked by a test in ``tests/test_operator_decisions.py`
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Mapping
 from typing import Any
@@ -45,6 +46,7 @@ from dptrain.operator._draft import (
     locate_artifacts,
     parse_status,
 )
+from dptrain.operator._fit import PodsDoNotFitError
 from dptrain.operator._observed import (
     ChildState,
     ConfigState,
@@ -95,7 +97,8 @@ __all__ = [
 
 DEFAULT_SETTINGS = Settings()
 
-RECOVERABLE_FAILURES = frozenset({"InvalidSpec", "InfeasibleBudget", "PlanningFailed"})
+RECOVERABLE_FAILURES = frozenset({"InvalidSpec", "InfeasibleBudget", "PlanningFailed",
+                                  "PodsDoNotFit"})
 
 
 def _ledger_for(spec: DPTrainingJobSpec, plan: PlanStatus,
@@ -143,6 +146,12 @@ def decide(body: Mapping[str, Any], observed: Observed, now: dt.datetime, *, too
         else:
             delete_existing(out, observed)
             return d.finish(requeue_after=export_step(d, out, spec, observed, settings))
+        work = observed.workload
+        if work is not None and (work.complete or work.failed) and not work.deleting:
+            # The previous run's workload was kept for its logs; a new run needs its name.
+            out.delete.append("workload")
+            observed = dataclasses.replace(
+                observed, workload=dataclasses.replace(work, deleting=True))
 
     # ------------------------------------------------------------------ validation
     applied = applied_spec(body)
@@ -167,8 +176,9 @@ def decide(body: Mapping[str, Any], observed: Observed, now: dt.datetime, *, too
     out.dataset = status.dataset
     if n is None:
         return prepare(d, spec, observed, settings)
-    if observed.prepare is not None and not observed.prepare.deleting:
-        out.delete.append("prepare")
+    if (observed.prepare is not None and not observed.prepare.deleting
+            and not (observed.prepare.complete or observed.prepare.failed)):
+        out.delete.append("prepare")  # a finished one stays for its TTL (its logs)
     d.condition("DataPrepared", "True",
                 "Given" if spec.data.num_sequences else "Prepared", f"N = {n} sequences")
 
@@ -179,6 +189,8 @@ def decide(body: Mapping[str, Any], observed: Observed, now: dt.datetime, *, too
             try:
                 fresh = tools.plan(spec, n)
                 enforced = tools.enforce(fresh, spec.privacy.epsilon, spec.privacy.delta)
+            except PodsDoNotFitError as error:
+                return fail(d, out, observed, "PodsDoNotFit", str(error), "Planned")
             except ValueError as error:
                 return fail(d, out, observed, "InfeasibleBudget", str(error), "Planned")
             if enforced.max_steps < 1:
@@ -275,6 +287,18 @@ def decide(body: Mapping[str, Any], observed: Observed, now: dt.datetime, *, too
         d.condition("Suspended", "False", "Resumed", "resumed from the last checkpoint",
                     event="Normal")
 
+    if plan.pods is None:
+        # A plan written before pods were sized with it: size them once, now, and keep them.
+        try:
+            sized = tools.plan(spec, plan.dataset_size).pods
+        except ValueError as error:
+            reason = "PodsDoNotFit" if isinstance(error, PodsDoNotFitError) else "PodSizingFailed"
+            return fail(d, out, observed, reason,
+                         f"the trainer pods of the running plan cannot be sized: {error}",
+                         "Planned")
+        if sized is not None:
+            plan = plan.model_copy(update={"pods": sized})
+            d.plan = out.plan = plan
     if spec.data.dataset_ref is not None:
         held = dataset_gate(d, out, spec, plan, ledger, status, observed)
         if held is not None:

@@ -59,6 +59,8 @@ class Decision:
         plan: the plan the children follow.
         dataset: the prepared dataset, if known.
         restart: the restart count to stamp on a new workload.
+        active_deadline_seconds: the new workload's ``activeDeadlineSeconds`` (from
+            ``spec.compute.deadline``; None: no deadline).
         create: children to ensure (created if absent).
         update_config: the trainer config changed: rewrite the ConfigMap.
         delete: children to delete.
@@ -78,6 +80,7 @@ class Decision:
     plan: PlanStatus | None = None
     dataset: DatasetStatus | None = None
     restart: int = 0
+    active_deadline_seconds: int | None = None
     create: list[Child] = dataclasses.field(default_factory=list)
     update_config: bool = False
     delete: list[Child] = dataclasses.field(default_factory=list)
@@ -104,6 +107,7 @@ class StatusDraft:
         self.privacy = status.privacy
         self.workload = status.workload
         self.restarts = status.restarts
+        self.disruptions = status.disruptions
         self.observed_generation = status.observed_generation
         # The trainer reports evaluation and artifacts with its progress; the status shows the
         # latest of them (kept once reported: a later report without them changes nothing).
@@ -164,6 +168,7 @@ class StatusDraft:
             "privacy": dump_model(self.privacy),
             "workload": dump_model(self.workload),
             "restarts": self.restarts,
+            "disruptions": self.disruptions,
             "observedGeneration": self.observed_generation,
             "evaluation": dump_model(self.evaluation),
             "artifacts": dump_model(self.artifacts),
@@ -176,6 +181,7 @@ class StatusDraft:
             "privacy": dump_model(old.privacy),
             "workload": dump_model(old.workload),
             "restarts": old.restarts if "restarts" in old.model_fields_set else None,
+            "disruptions": old.disruptions if "disruptions" in old.model_fields_set else 0,
             "observedGeneration": old.observed_generation,
             "evaluation": dump_model(old.evaluation),
             "artifacts": dump_model(old.artifacts),

@@ -18,6 +18,7 @@ from dptrain.api import (
     DPTrainingJobSpec,
     PlanStatus,
 )
+from dptrain.operator._pod_status import PodsView
 
 
 class Tools(Protocol):
@@ -49,6 +50,8 @@ class Settings:
     restart_backoff: float = 10.0
     max_restart_backoff: float = 300.0
     report_grace: float = 30.0
+    pod_poll: float = 15.0
+    """How often pods that are not all scheduled are looked at again (pods are not watched)."""
     workload_api_version: str = "batch/v1"
     workload_kind: str = "Job"
     export: bool = True
@@ -118,3 +121,7 @@ class Observed:
     config: ConfigState | None = None
     config_observed: bool = False
     dataset: DatasetView | None = None
+    pods: PodsView | None = None
+    """The workload's trainer pods (None: not looked at, or no workload)."""
+    prepare_pods: PodsView | None = None
+    """The data-preparation pods, looked at when that Job failed."""

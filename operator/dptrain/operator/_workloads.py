@@ -7,11 +7,18 @@ The pods follow the pod contract (``dptrain.api._contract``): they run :func:`tr
 checkpoint (read-only) and the evaluation data when they are on volumes, the checkpoints and
 (trainers only) the job's secret key, and never run as root. Exit code
 ``EXIT_BUDGET_EXHAUSTED`` fails the Job for good (never retried); retries are the operator's.
+
+Lifecycle (:class:`Lifecycle`): a finished or failed workload stays for
+``spec.ttlSecondsAfterFinished`` (Kubernetes' TTL controller deletes it, its pods and their logs
+with it); ``compute.deadline`` becomes the Job's ``activeDeadlineSeconds``; containers write
+their last log lines as the termination message when they fail without one
+(``FallbackToLogsOnError``), which the operator copies into the failure condition.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,6 +66,19 @@ from dptrain.operator._names import (
     labels,
     prepared_dir,
 )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Lifecycle:
+    """How long a workload may run and is kept.
+
+    Attributes:
+        ttl_seconds_after_finished: kept this long after it finished or failed (None: forever).
+        active_deadline_seconds: the Job fails ``DeadlineExceeded`` after this long running.
+    """
+
+    ttl_seconds_after_finished: int | None = None
+    active_deadline_seconds: int | None = None
 
 
 def trainer_env(job: JobRef, *, hosts: int, api_server: str,
@@ -175,6 +195,9 @@ def _pod_template(spec: DPTrainingJobSpec, job: JobRef, *, component: str,
         "resources": copy.deepcopy({k: dict(v) for k, v in sizing.resources.items()}),
         "securityContext": _security_context(),
         "volumeMounts": mounts,
+        # A failure's last log lines become its termination message (copied into the job's
+        # failure condition), so the reason survives the pod.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if ports:
         container["ports"] = ports
@@ -198,8 +221,8 @@ def _pod_template(spec: DPTrainingJobSpec, job: JobRef, *, component: str,
             "spec": pod_spec}
 
 
-def _job_spec(template: dict[str, Any], hosts: int) -> dict[str, Any]:
-    return {
+def _job_spec(template: dict[str, Any], hosts: int, lifecycle: Lifecycle) -> dict[str, Any]:
+    spec: dict[str, Any] = {
         "completionMode": "Indexed",
         "completions": hosts,
         "parallelism": hosts,
@@ -215,11 +238,16 @@ def _job_spec(template: dict[str, Any], hosts: int) -> dict[str, Any]:
         ]},
         "template": template,
     }
+    if lifecycle.ttl_seconds_after_finished is not None:
+        spec["ttlSecondsAfterFinished"] = lifecycle.ttl_seconds_after_finished
+    if lifecycle.active_deadline_seconds is not None:
+        spec["activeDeadlineSeconds"] = lifecycle.active_deadline_seconds
+    return spec
 
 
 def build_trainer_job(spec: DPTrainingJobSpec, job: JobRef, plan: PlanStatus, sizing: PodSizing,
-                      *, api_server: str = IN_CLUSTER_API_SERVER, restart: int = 0
-                      ) -> dict[str, Any]:
+                      *, api_server: str = IN_CLUSTER_API_SERVER, restart: int = 0,
+                      lifecycle: Lifecycle | None = None) -> dict[str, Any]:
     """The Indexed Job that runs the trainer on ``sizing.hosts`` pods."""
     names = ChildNames.of(job.name)
     coordinator = f"{names.workload}-0.{names.service}:{COORDINATOR_PORT}"
@@ -234,7 +262,7 @@ def build_trainer_job(spec: DPTrainingJobSpec, job: JobRef, plan: PlanStatus, si
     meta = child_meta(job, names.workload, "trainer")
     meta["annotations"] = annotations
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
-            "spec": _job_spec(template, sizing.hosts)}
+            "spec": _job_spec(template, sizing.hosts, lifecycle or Lifecycle())}
 
 
 def build_headless_service(job: JobRef) -> dict[str, Any]:
@@ -256,7 +284,8 @@ def build_headless_service(job: JobRef) -> dict[str, Any]:
 
 
 def build_jobset(spec: DPTrainingJobSpec, job: JobRef, plan: PlanStatus, sizing: PodSizing,
-                 *, api_server: str = IN_CLUSTER_API_SERVER, restart: int = 0) -> dict[str, Any]:
+                 *, api_server: str = IN_CLUSTER_API_SERVER, restart: int = 0,
+                 lifecycle: Lifecycle | None = None) -> dict[str, Any]:
     """The same workload as a JobSet (one replicated Job ``node``; JobSet makes the Service)."""
     names = ChildNames.of(job.name)
     jobset = names.workload
@@ -271,17 +300,19 @@ def build_jobset(spec: DPTrainingJobSpec, job: JobRef, plan: PlanStatus, sizing:
                {"name": "metrics", "containerPort": TRAINER_METRICS_PORT}], key=True)
     meta = child_meta(job, jobset, "trainer")
     meta["annotations"] = annotations
-    return {
-        "apiVersion": "jobset.x-k8s.io/v1alpha2",
-        "kind": "JobSet",
-        "metadata": meta,
-        "spec": {
-            "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
-            "failurePolicy": {"maxRestarts": 0},
-            "replicatedJobs": [{"name": "node", "replicas": 1,
-                                "template": {"spec": _job_spec(template, sizing.hosts)}}],
-        },
+    lifecycle = lifecycle or Lifecycle()
+    # The TTL is the JobSet's (it deletes its Jobs); the deadline is each Job's.
+    inner = _job_spec(template, sizing.hosts,
+                      dataclasses.replace(lifecycle, ttl_seconds_after_finished=None))
+    jobset_spec: dict[str, Any] = {
+        "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
+        "failurePolicy": {"maxRestarts": 0},
+        "replicatedJobs": [{"name": "node", "replicas": 1, "template": {"spec": inner}}],
     }
+    if lifecycle.ttl_seconds_after_finished is not None:
+        jobset_spec["ttlSecondsAfterFinished"] = lifecycle.ttl_seconds_after_finished
+    return {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet", "metadata": meta,
+            "spec": jobset_spec}
 
 
 def build_export_job(spec: DPTrainingJobSpec, job: JobRef, *,
@@ -305,7 +336,8 @@ def build_export_job(spec: DPTrainingJobSpec, job: JobRef, *,
 
 
 def build_prepare_job(spec: DPTrainingJobSpec, job: JobRef, *,
-                      api_server: str = IN_CLUSTER_API_SERVER) -> dict[str, Any]:
+                      api_server: str = IN_CLUSTER_API_SERVER,
+                      ttl_seconds_after_finished: int | None = None) -> dict[str, Any]:
     """The data-preparation Job: measures N, writes prepared sequences, reports status.dataset."""
     names = ChildNames.of(job.name)
     command = prepare_command(prepared_dir(spec, job))
@@ -315,6 +347,8 @@ def build_prepare_job(spec: DPTrainingJobSpec, job: JobRef, *,
         spec, job, component="prepare", command=command,
         env=trainer_env(job, hosts=1, api_server=api_server, coordinator=None),
         sizing=sizing, subdomain=None, annotations={}, ports=[])
-    job_spec = {"backoffLimit": 2, "template": template}
+    job_spec: dict[str, Any] = {"backoffLimit": 2, "template": template}
+    if ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = ttl_seconds_after_finished
     return {"apiVersion": "batch/v1", "kind": "Job",
             "metadata": child_meta(job, names.prepare, "prepare"), "spec": job_spec}
