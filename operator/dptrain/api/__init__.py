@@ -92,9 +92,21 @@ from dptrain.api._status import (
     ProgressStatus,
     WorkloadRef,
 )
+from dptrain.api._storage import (
+    ENV_GOOGLE_CREDENTIALS,
+    STORAGE_SECRET_DIR,
+    ObjectLocation,
+    StorageSecretRef,
+    parse_object_uri,
+)
 from dptrain.api._validation import semantic_errors, validate_job
 
 __all__ = [
+    "ENV_GOOGLE_CREDENTIALS",
+    "STORAGE_SECRET_DIR",
+    "ObjectLocation",
+    "StorageSecretRef",
+    "parse_object_uri",
     "API_VERSION",
     "CHECKPOINT_MOUNT",
     "CONFIG_DIR",

@@ -22,6 +22,7 @@ from dptrain.api._base import (
     _Model,
 )
 from dptrain.api._status import DPTrainingJobStatus
+from dptrain.api._storage import ObjectUri, StorageSecretRef
 
 # ----------------------------------------------------------------------------------------- spec
 
@@ -55,6 +56,11 @@ class DataSpec(_Model):
 
     path: SafePath | None = None
     """File or directory of documents (inside `volume` when set, else on the host)."""
+    uri: ObjectUri | None = None
+    """File or directory (key prefix) of documents in object storage: s3://BUCKET/KEY,
+    gs://BUCKET/KEY or file:///PATH; exclusive with `path`, `builtin` and `volume`."""
+    secret_ref: StorageSecretRef | None = None
+    """Credentials for `uri` (default: the pod's identity, the cloud's default chain)."""
     builtin: Literal["stdlib-docs"] | None = None
     """A corpus that ships with dptrain (needs no download); exclusive with `path`."""
     volume: VolumeSource | None = None
@@ -169,6 +175,13 @@ class CheckpointSpec(_Model):
     """Directory for checkpoints (inside `volume` when set)."""
     volume: VolumeSource | None = None
     """PersistentVolumeClaim for checkpoints (mounted read-write)."""
+    uri: ObjectUri | None = None
+    """Directory (key prefix) for checkpoints and the ledger in object storage: s3://BUCKET/KEY,
+    gs://BUCKET/KEY or file:///PATH; exclusive with `path` and `volume`. Checkpoints are
+    written by orbax to local scratch and uploaded, each step directory before its commit
+    marker."""
+    secret_ref: StorageSecretRef | None = None
+    """Credentials for `uri` (default: the pod's identity, the cloud's default chain)."""
     interval_steps: int = Field(default=100, ge=1, le=10**8)
     """Save every this many steps (and at the end)."""
     keep: int = Field(default=3, ge=1, le=100)
