@@ -1,5 +1,4 @@
-"""Object-storage locations: the ``uri`` of ``spec.data`` and ``spec.checkpoint``, and the Secret
-that may hold their credentials.
+"""Object-storage locations (``spec.data.uri``, ``spec.checkpoint.uri``) and their credentials.
 
 A URI is ``s3://BUCKET[/KEY]``, ``gs://BUCKET[/KEY]`` or ``file:///ABSOLUTE/PATH``. Buckets follow
 the naming rules both clouds share (3–222 characters of lower-case letters, digits, dots, hyphens

@@ -138,9 +138,13 @@ def pod_spec_manifest(spec: DPTrainingJobSpec, job: JobRef) -> dict[str, Any]:
             data["path"] = posixpath.join(DATA_MOUNT, spec.data.path.lstrip("/"))
         else:
             data["path"] = DATA_MOUNT
+    # Which Secret holds credentials is the pod's business (envFrom, a mount), not the config's.
+    data.pop("secretRef", None)
     checkpoint = out["checkpoint"]
     checkpoint.pop("volume", None)
-    checkpoint["path"] = checkpoint_dir(spec, job)
+    checkpoint.pop("secretRef", None)
+    if spec.checkpoint.uri is None:  # with a uri the trainer stages in CHECKPOINT_MOUNT
+        checkpoint["path"] = checkpoint_dir(spec, job)
     return out
 
 

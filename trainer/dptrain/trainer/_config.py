@@ -42,7 +42,8 @@ class TrainConfig:
             secret job key).
         epsilon_budget: ε the job may spend.
         delta: δ.
-        checkpoint_dir: where checkpoints and ``ledger.json`` go.
+        checkpoint_dir: where checkpoints and ``ledger.json`` go (with ``checkpoint_uri``: the
+            local scratch orbax writes to before the upload).
         checkpoint_interval: save every this many steps (and at the end).
         checkpoint_keep: checkpoints to keep.
         output_dir: where ``metrics.jsonl``, the report and plots go.
@@ -57,6 +58,8 @@ class TrainConfig:
         architecture: the decoder's architecture switches (Gemma 2 features of pretrained
             models; the default is dptrain's from-scratch decoder).
         pretrained_dir: a Hugging Face checkpoint to initialise from (None: random init).
+        checkpoint_uri: ``spec.checkpoint.uri``: object storage holding the checkpoints and the
+            ledger (None: ``checkpoint_dir`` only).
     """
 
     job_name: str
@@ -85,6 +88,7 @@ class TrainConfig:
     release_raw_statistics: bool = False
     architecture: Architecture = dataclasses.field(default_factory=Architecture)
     pretrained_dir: pathlib.Path | None = None
+    checkpoint_uri: str | None = None
 
     def __post_init__(self) -> None:
         errors = []
@@ -249,7 +253,8 @@ def config_from_plan(job: DPTrainingJob, plan: PlanStatus, *, dataset: PreparedD
         progress=progress, initial_steps_charged=initial_steps_charged, key_file=key_file,
         create_key=create_key, clipping=training.clipping,
         release_raw_statistics=spec.monitoring.release_raw_statistics,
-        architecture=architecture, pretrained_dir=pretrained_dir)
+        architecture=architecture, pretrained_dir=pretrained_dir,
+        checkpoint_uri=spec.checkpoint.uri)
 
 
 def pretrained_model(job: DPTrainingJob, *, base_dir: pathlib.Path

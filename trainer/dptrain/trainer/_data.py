@@ -17,10 +17,12 @@ from __future__ import annotations
 import ast
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import pathlib
 import platform
+import posixpath
 import sysconfig
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
@@ -28,6 +30,7 @@ from typing import Any, Literal
 import numpy as np
 from tqdm import tqdm
 
+from dptrain.trainer._storage import RemoteDir, StorageError
 from dptrain.trainer._tokenizer import Tokenizer, tokenizer_from_description
 
 FORMAT_VERSION = 1
@@ -49,28 +52,52 @@ class DocumentSource:
 
     Attributes:
         kind: ``jsonl``, ``text`` or ``builtin``.
-        files: the source files, in reading order.
-        name: a human-readable name (path or builtin corpus name).
+        files: the source files, in reading order (with ``store``: object names relative to it).
+        name: a human-readable name (path, URI or builtin corpus name).
         text_field: JSONL key of the document text.
         root: directory the file names in the checksum are relative to.
+        store: the object-storage directory holding ``files`` (``spec.data.uri``), if any.
     """
 
     kind: SourceKind
-    files: tuple[pathlib.Path, ...]
+    files: tuple[pathlib.Path, ...] | tuple[str, ...]
     name: str
     text_field: str = "text"
     root: pathlib.Path | None = None
+    store: RemoteDir | None = None
 
     def checksum(self) -> str:
-        """SHA-256 over the kind, the settings, and every file's relative name and bytes."""
+        """SHA-256 over the kind, the settings, and every file's relative name and bytes.
+
+        Objects in storage are hashed over the bytes read from it (streamed), like files.
+        """
         digest = hashlib.sha256()
         digest.update(json.dumps({"kind": self.kind, "name": self.name,
                                   "text_field": self.text_field}).encode())
-        for path in self.files:
-            rel = path.relative_to(self.root) if self.root else path
-            digest.update(str(rel).encode() + b"\0")
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
+        for file in self.files:
+            if self.store is not None:
+                rel = str(file)
+            else:
+                path = pathlib.Path(file)
+                rel = str(path.relative_to(self.root) if self.root else path)
+            digest.update(rel.encode() + b"\0")
+            content = hashlib.sha256()
+            with self._open(file, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    content.update(chunk)
+            digest.update(content.digest())
         return digest.hexdigest()
+
+    def _open(self, file: pathlib.Path | str, mode: str) -> Any:
+        if self.store is None:
+            return pathlib.Path(file).open(mode)
+        try:
+            return self.store.open(str(file), mode)
+        except FileNotFoundError:
+            raise DataError(f"spec.data.uri: {self.store.url(str(file))} disappeared while "
+                            "reading") from None
+        except StorageError as error:
+            raise DataError(str(error)) from None
 
     def describe(self) -> dict[str, Any]:
         """JSON description for the manifest."""
@@ -83,30 +110,36 @@ class DocumentSource:
 
     def documents(self) -> Iterator[str]:
         """Every document's text, in a fixed order."""
-        for path in self.files:
-            if self.kind == "text":
-                yield path.read_text(encoding="utf-8", errors="replace")
-            elif self.kind == "jsonl":
-                yield from _jsonl_documents(path, self.text_field)
-            else:
-                yield from _docstrings(path)
-
-
-def _jsonl_documents(path: pathlib.Path, text_field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
+        for file in self.files:
+            if self.kind == "builtin":
+                yield from _docstrings(pathlib.Path(file))
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"spec.data.path: {path} line {number} is not valid JSON "
-                                f"({error.msg})") from None
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise DataError(f"spec.data.textField: {path} line {number} has no string field "
-                                f"{text_field!r}")
-            yield text
+            where = self.store.url(str(file)) if self.store is not None else str(file)
+            # Text mode as open() gives it: UTF-8, universal newlines.
+            errors = "replace" if self.kind == "text" else "strict"
+            with self._open(file, "rb") as raw, io.TextIOWrapper(
+                    raw, encoding="utf-8", errors=errors) as handle:
+                if self.kind == "text":
+                    yield handle.read()
+                else:
+                    yield from _jsonl_documents(handle, where, self.text_field)
+
+
+def _jsonl_documents(handle: Iterator[str], path: str, text_field: str) -> Iterator[str]:
+    field = "spec.data.uri" if "://" in path else "spec.data.path"
+    for number, line in enumerate(handle, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{field}: {path} line {number} is not valid JSON "
+                            f"({error.msg})") from None
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise DataError(f"spec.data.textField: {path} line {number} has no string field "
+                            f"{text_field!r}")
+        yield text
 
 
 def _docstrings(path: pathlib.Path) -> Iterator[str]:
@@ -131,11 +164,14 @@ def stdlib_docs_source() -> DocumentSource:
 
 
 def source_from_spec(*, path: str | None, builtin: str | None, fmt: str, text_field: str,
-                     base_dir: pathlib.Path | None = None) -> DocumentSource:
+                     base_dir: pathlib.Path | None = None,
+                     uri: str | None = None) -> DocumentSource:
     """The document source a job's ``spec.data`` names.
 
     Args:
         path: ``spec.data.path`` (relative paths are resolved against ``base_dir``).
+        uri: ``spec.data.uri``: an object, or a prefix whose objects are read (``*.jsonl``
+            for jsonl, every object for text; names starting with '.' skipped), sorted.
         builtin: ``spec.data.builtin``.
         fmt: ``spec.data.format`` (``jsonl`` or ``text``; ``prepared`` is handled by the caller).
         text_field: ``spec.data.textField``.
@@ -144,15 +180,17 @@ def source_from_spec(*, path: str | None, builtin: str | None, fmt: str, text_fi
     Raises:
         DataError: missing files, both or neither of path/builtin, an empty directory.
     """
-    if builtin is not None and path is not None:
-        raise DataError("spec.data: set either path or builtin, not both")
+    if sum(x is not None for x in (path, builtin, uri)) > 1:
+        raise DataError("spec.data: set exactly one of path, builtin and uri")
+    if uri is not None:
+        return uri_source(uri, fmt=fmt, text_field=text_field)
     if builtin is not None:
         if builtin != BUILTIN_STDLIB_DOCS:
             raise DataError(f"spec.data.builtin: unknown corpus {builtin!r} "
                             f"(known: {BUILTIN_STDLIB_DOCS})")
         return stdlib_docs_source()
     if path is None:
-        raise DataError("spec.data: one of path or builtin is required")
+        raise DataError("spec.data: one of path, builtin and uri is required")
     resolved = pathlib.Path(path)
     if not resolved.is_absolute() and base_dir is not None:
         resolved = base_dir / resolved
@@ -173,6 +211,37 @@ def source_from_spec(*, path: str | None, builtin: str | None, fmt: str, text_fi
     kind: SourceKind = "jsonl" if fmt == "jsonl" else "text"
     return DocumentSource(kind=kind, files=files, name=str(resolved), text_field=text_field,
                           root=root)
+
+
+def uri_source(uri: str, *, fmt: str, text_field: str) -> DocumentSource:
+    """The documents at ``spec.data.uri`` (see :func:`source_from_spec`).
+
+    Raises:
+        DataError: nothing there, no matching objects, or storage errors (names the field).
+    """
+    if fmt not in ("jsonl", "text"):
+        raise DataError(f"spec.data.format: expected jsonl or text here (got {fmt!r})")
+    try:
+        store = RemoteDir(uri, field="spec.data.uri")
+        if store.is_file():
+            parent, _, name = uri.rstrip("/").rpartition("/")
+            files: tuple[str, ...] = (name,)
+            store = RemoteDir(parent, field="spec.data.uri")
+        else:
+            names = store.files()
+            files = tuple(n for n in names
+                          if not posixpath.basename(n).startswith(".")
+                          and (fmt == "text" or n.endswith(".jsonl")))
+            if not names:
+                raise DataError(f"spec.data.uri: no such object or prefix: {uri}")
+            if not files:
+                raise DataError(f"spec.data.uri: {uri} holds no "
+                                f"{'*.jsonl ' if fmt == 'jsonl' else ''}objects")
+    except StorageError as error:
+        raise DataError(str(error)) from None
+    kind: SourceKind = "jsonl" if fmt == "jsonl" else "text"
+    return DocumentSource(kind=kind, files=files, name=uri.rstrip("/"), text_field=text_field,
+                          store=store)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -354,6 +423,37 @@ def load_dataset(directory: str | os.PathLike[str]) -> PreparedDataset:
         raise DataError(f"spec.data.path: {path / ARRAY_NAME} has shape {sequences.shape}, "
                         f"manifest says {expected}")
     return PreparedDataset(directory=path, manifest=manifest, sequences=sequences)
+
+
+def fetch_prepared(uri: str, out_dir: str | os.PathLike[str]) -> PreparedDataset:
+    """Download the prepared dataset at ``uri`` (``format: prepared``) into ``out_dir``, open it.
+
+    A copy already there with the same manifest is reused; the manifest is written last, so a
+    partial download is never opened as complete.
+
+    Raises:
+        DataError: no prepared dataset at ``uri``, or storage errors (names ``spec.data.uri``).
+    """
+    out = pathlib.Path(out_dir)
+    try:
+        store = RemoteDir(uri, field="spec.data.uri")
+        manifest = store.read_bytes(MANIFEST_NAME)
+        if manifest is None:
+            raise DataError(f"spec.data.uri: {uri} is not a prepared dataset (no {MANIFEST_NAME})")
+        local = out / MANIFEST_NAME
+        if not (local.is_file() and local.read_bytes() == manifest
+                and (out / ARRAY_NAME).is_file()):
+            out.mkdir(parents=True, exist_ok=True)
+            local.unlink(missing_ok=True)
+            store.fs.get_file(store.path(ARRAY_NAME), str(out / ARRAY_NAME))
+            tmp = out / f".{MANIFEST_NAME}.tmp"
+            tmp.write_bytes(manifest)
+            os.replace(tmp, local)
+    except StorageError as error:
+        raise DataError(str(error)) from None
+    except FileNotFoundError:
+        raise DataError(f"spec.data.uri: {uri} has no {ARRAY_NAME}") from None
+    return load_dataset(out)
 
 
 def prepare_or_reuse(source: DocumentSource, tokenizer: Tokenizer, *, sequence_length: int,

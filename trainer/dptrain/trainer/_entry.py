@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from dptrain.api import (
+    CHECKPOINT_MOUNT,
     ENV_REPORT,
     REPORT_KUBERNETES,
     TRAINER_METRICS_PORT,
@@ -39,6 +40,7 @@ from dptrain.trainer._config import config_from_plan, pretrained_model
 from dptrain.trainer._data import (
     BUILTIN_STDLIB_DOCS,
     PreparedDataset,
+    fetch_prepared,
     load_dataset,
     prepare_dataset,
     prepare_or_reuse,
@@ -127,6 +129,8 @@ def dataset_for(job: DPTrainingJob, *, base_dir: pathlib.Path, prepared_dir: pat
         DataError: the data cannot be read or prepared.
     """
     data = job.spec.data
+    if data.format == "prepared" and data.uri is not None:
+        return fetch_prepared(data.uri, prepared_dir)
     if data.format == "prepared":
         if data.path is None:
             raise InvalidInputError("spec.data.path: required when format is prepared")
@@ -136,7 +140,7 @@ def dataset_for(job: DPTrainingJob, *, base_dir: pathlib.Path, prepared_dir: pat
     if location and (pathlib.Path(location) / "manifest.json").is_file():
         return load_dataset(location)
     source = source_from_spec(path=data.path, builtin=data.builtin, fmt=data.format,
-                              text_field=data.text_field, base_dir=base_dir)
+                              text_field=data.text_field, base_dir=base_dir, uri=data.uri)
     model_path = None
     if data.tokenizer_model is not None:
         model_path = pathlib.Path(data.tokenizer_model)
@@ -246,9 +250,11 @@ def train_job(job: DPTrainingJob, plan: PlanStatus, shape: ModelShape | None,
         result = train(config, reporters=reporters, process=process, stop=stop)
     report: dict[str, Any] = {}
     if process.is_leader:
-        report = write_report(result, output, extra={
-            "job": job.metadata.name, "plan": plan.model_dump(mode="json", by_alias=True),
-            "report": str(output / "report.json")})
+        extra = {"job": job.metadata.name, "plan": plan.model_dump(mode="json", by_alias=True),
+                 "report": str(output / "report.json")}
+        if job.spec.checkpoint.uri is not None:
+            extra["checkpoint_uri"] = job.spec.checkpoint.uri
+        report = write_report(result, output, extra=extra)
     return RunOutcome(result=result, report=report)
 
 
@@ -277,7 +283,9 @@ def train_pod(config_path: pathlib.Path, output: pathlib.Path | None, options: R
         see :func:`load_pod_config`, :func:`dataset_for` and :func:`train_job`.
     """
     job, charged = load_pod_config(config_path)
-    checkpoint = pathlib.Path(job.spec.checkpoint.path or "checkpoints")
+    # With a uri the checkpoint mount is scratch: orbax's staging, prepared data, the report.
+    checkpoint = pathlib.Path(CHECKPOINT_MOUNT if job.spec.checkpoint.uri is not None
+                              else job.spec.checkpoint.path or "checkpoints")
     out = output or checkpoint
     out.mkdir(parents=True, exist_ok=True)
     dataset = dataset_for(job, base_dir=pathlib.Path.cwd(), prepared_dir=checkpoint / "prepared",
@@ -341,7 +349,8 @@ def prepare_data(request: PrepareRequest) -> dict[str, Any]:
         job, _ = load_pod_config(request.config)
         data = job.spec.data
         source = source_from_spec(path=data.path, builtin=data.builtin, fmt=data.format,
-                                  text_field=data.text_field, base_dir=pathlib.Path.cwd())
+                                  text_field=data.text_field, base_dir=pathlib.Path.cwd(),
+                                  uri=data.uri)
         tokenizer = make_tokenizer(data.tokenizer, data.tokenizer_model)
         length = data.sequence_length
     else:
