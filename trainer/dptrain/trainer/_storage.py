@@ -44,7 +44,9 @@ def filesystem(uri: str, field: str) -> tuple[Any, str]:
     try:
         import fsspec
 
-        fs = fsspec.filesystem(_PROTOCOLS[location.scheme])
+        # Object stores have no directories; the local disk must make them on write.
+        options = {} if location.remote else {"auto_mkdir": True}
+        fs = fsspec.filesystem(_PROTOCOLS[location.scheme], **options)
     except ImportError:
         raise StorageError(f"{field}: {location.scheme}:// needs the {_PACKAGES[location.scheme]} "
                            "package (pip install 'dptrain[storage]')") from None

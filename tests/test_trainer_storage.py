@@ -1,0 +1,252 @@
+"""Data and checkpoints on object storage, against a local S3 server (moto in server mode).
+
+``dptrain run`` reads its documents from ``s3://`` and writes orbax checkpoints and the ledger
+to ``s3://``; a second run on a fresh machine (a new output directory with only the job's key)
+restores the latest committed checkpoint from S3 and continues the ledger from S3's record.
+The dataset checksum (part of the mechanism fingerprint) is computed over the objects' bytes.
+``file://`` goes through the same fsspec code path; ``gs://`` is parsed and validated the same
+way (no local GCS server here).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import random
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from dptrain.api import InvalidJobError, parse_job, parse_object_uri
+from dptrain.trainer import Checkpointer
+from dptrain.trainer._checkpoint import COMMIT_MARKER
+from dptrain.trainer._data import DataError, source_from_spec
+from dptrain.trainer._ledger import LEDGER_FILE
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY_CPU = ROOT / "manifests" / "samples" / "tiny-cpu.yaml"
+BUCKET = "dptrain-test"
+WORDS = "the of privacy model gradient noise clip batch step train data sequence token".split()
+
+
+def _missing(message: str) -> None:
+    if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+        pytest.fail(f"{message} (CI=true: this must not be skipped)")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on a free local port, with one bucket; yields (client, env)."""
+    try:
+        import boto3
+        import s3fs  # noqa: F401 - what the trainer uses
+        from moto.server import ThreadedMotoServer
+    except ImportError as error:
+        _missing(f"{error.name} is not installed (pip install 'dptrain[storage-test]')")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"],
+                          aws_access_key_id="testing", aws_secret_access_key="testing",
+                          region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    yield client, env
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    """The S3 credentials and endpoint in this process's environment (fresh s3fs instances)."""
+    import s3fs
+
+    client, env = s3
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield client, env
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _corpus(client, prefix: str, parts: int = 2, records: int = 60) -> dict[str, bytes]:
+    rng = random.Random(0)
+    objects = {}
+    for part in range(parts):
+        lines = [json.dumps({"text": " ".join(rng.choice(WORDS)
+                                              for _ in range(rng.randint(20, 60)))})
+                 for _ in range(records)]
+        objects[f"part-{part}.jsonl"] = "\n".join(lines).encode()
+    for name, body in objects.items():
+        client.put_object(Bucket=BUCKET, Key=f"{prefix}/{name}", Body=body)
+    return objects
+
+
+def _keys(client, prefix: str) -> list[str]:
+    found = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
+    return sorted(o["Key"][len(prefix) + 1:] for o in found)
+
+
+def _run(job: dict, root: pathlib.Path, out: pathlib.Path, env: dict[str, str]) -> dict:
+    path = root / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    proc = subprocess.run([sys.executable, "-m", "dptrain.cli._main", "run", str(path),
+                           "--output", str(out), "--json"], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def _steps(out: pathlib.Path) -> list[tuple[int, int]]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["steps_charged"]) for r in map(json.loads, lines)]
+
+
+@pytest.mark.slow
+def test_run_reads_s3_data_checkpoints_to_s3_and_a_fresh_machine_resumes(s3, tmp_path):
+    client, env = s3
+    _corpus(client, "run/corpus")
+    job = yaml.safe_load(TINY_CPU.read_text())
+    job["spec"]["data"] = {"uri": f"s3://{BUCKET}/run/corpus", "tokenizer": "byte",
+                           "sequenceLength": 32}
+    job["spec"]["privacy"]["delta"] = 1e-5
+    job["spec"]["training"].update(batchSize=8, iterations=4, warmupSteps=1)
+    job["spec"]["checkpoint"] = {"uri": f"s3://{BUCKET}/run/ckpt", "intervalSteps": 2, "keep": 2}
+
+    first = _run(job, tmp_path, tmp_path / "first", env)
+    assert first["end_state"] == "Succeeded" and first["steps_charged"] == 4
+    assert first["checkpoint_uri"] == f"s3://{BUCKET}/run/ckpt"
+    keys = _keys(client, "run/ckpt")
+    assert {k for k in keys if k.endswith(COMMIT_MARKER)} == {f"2/{COMMIT_MARKER}",
+                                                              f"4/{COMMIT_MARKER}"}
+    assert any(k.startswith("4/params/") for k in keys)
+    ledger = json.loads(client.get_object(Bucket=BUCKET, Key=f"run/ckpt/{LEDGER_FILE}")
+                        ["Body"].read())
+    assert ledger["steps_charged"] == 4
+    # As after a crash between reserving step 5 and checkpointing it: S3's ledger is ahead.
+    ledger["steps_charged"] = 5
+    client.put_object(Bucket=BUCKET, Key=f"run/ckpt/{LEDGER_FILE}",
+                      Body=json.dumps(ledger).encode())
+
+    # A fresh machine: only the job's key comes along; no local checkpoint, ledger or progress.
+    second_out = tmp_path / "second"
+    second_out.mkdir()
+    shutil.copy(tmp_path / "first" / "job.key", second_out / "job.key")
+    job["spec"]["training"]["iterations"] = 6  # a resumable change: more steps
+    second = _run(job, tmp_path, second_out, env)
+    # Restored at step 4 from S3 (only steps 5 and 6 ran), charged from S3's ledger (5) on.
+    assert _steps(second_out) == [(5, 6), (6, 7)]
+    assert second["steps"] == 6 and second["steps_charged"] == 7
+    keys = _keys(client, "run/ckpt")
+    assert {k for k in keys if k.endswith(COMMIT_MARKER)} == {f"4/{COMMIT_MARKER}",
+                                                              f"6/{COMMIT_MARKER}"}
+    assert not any(k.startswith("2/") for k in keys)  # keep: 2
+    assert json.loads(client.get_object(Bucket=BUCKET, Key=f"run/ckpt/{LEDGER_FILE}")
+                      ["Body"].read())["steps_charged"] == 7
+
+
+def test_the_dataset_checksum_is_over_the_objects_bytes(s3_env):
+    client, _ = s3_env
+    objects = _corpus(client, "sum/corpus", records=5)
+    uri = f"s3://{BUCKET}/sum/corpus"
+
+    def checksum() -> str:
+        return source_from_spec(path=None, builtin=None, fmt="jsonl", text_field="text",
+                                uri=uri).checksum()
+
+    expected = hashlib.sha256(json.dumps({"kind": "jsonl", "name": uri,
+                                          "text_field": "text"}).encode())
+    for name in sorted(objects):
+        expected.update(name.encode() + b"\0" + hashlib.sha256(objects[name]).digest())
+    before = checksum()
+    assert before == expected.hexdigest()
+    changed = bytearray(objects["part-1.jsonl"])
+    changed[-3] ^= 1  # one bit of one object
+    client.put_object(Bucket=BUCKET, Key="sum/corpus/part-1.jsonl", Body=bytes(changed))
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    assert checksum() != before
+
+
+def test_missing_objects_and_buckets_are_errors_naming_the_field(s3_env):
+    for uri in (f"s3://{BUCKET}/no/such/prefix", "s3://no-such-bucket-here/docs"):
+        with pytest.raises(DataError, match=r"^spec\.data\.uri: .*no-such|^spec\.data\.uri: "):
+            source_from_spec(path=None, builtin=None, fmt="jsonl", text_field="text", uri=uri)
+
+
+def test_file_uris_take_the_same_path_for_data_and_checkpoints(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text('{"text": "hello"}\n{"text": "world"}\n')
+    (corpus / "b.txt").write_text("ignored: not jsonl")
+    source = source_from_spec(path=None, builtin=None, fmt="jsonl", text_field="text",
+                              uri=f"file://{corpus}")
+    assert list(source.documents()) == ["hello", "world"]
+
+    remote = f"file://{tmp_path / 'remote'}"
+    params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    saver = Checkpointer(tmp_path / "stage-a", keep=1, remote=remote)
+    saver.save(3, params, {"m": np.zeros(2, np.float32)}, {"note": "x"})
+    saver.save(5, {"w": params["w"] + 1}, {"m": np.ones(2, np.float32)}, {"note": "y"})
+    saver.close()
+    assert sorted(p.name for p in (tmp_path / "remote").iterdir()) == ["5"]  # keep 1
+    reader = Checkpointer(tmp_path / "stage-b", keep=1, remote=remote)  # a fresh machine
+    try:
+        assert reader.latest_step() == 5 and reader.read_meta()["note"] == "y"
+        restored = reader.restore(params, {"m": np.zeros(2, np.float32)})
+        np.testing.assert_array_equal(restored.params["w"], params["w"] + 1)
+    finally:
+        reader.close()
+
+
+def test_an_uncommitted_remote_step_is_never_restored(tmp_path):
+    remote = tmp_path / "remote"
+    saver = Checkpointer(tmp_path / "a", keep=3, remote=f"file://{remote}")
+    saver.save(1, {"w": np.ones(2, np.float32)}, {"m": np.zeros(1, np.float32)}, {})
+    saver.save(2, {"w": np.full(2, 2.0, np.float32)}, {"m": np.zeros(1, np.float32)}, {})
+    saver.close()
+    (remote / "2" / COMMIT_MARKER).unlink()  # as if the upload of step 2 had been cut off
+    reader = Checkpointer(tmp_path / "b", keep=3, remote=f"file://{remote}")
+    try:
+        assert reader.latest_step() == 1
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize(("uri", "scheme", "bucket", "key"), [
+    ("gs://my-bucket/runs/a/", "gs", "my-bucket", "runs/a"),
+    ("s3://my.bucket_1/x", "s3", "my.bucket_1", "x"),
+    ("gs://bucket-only", "gs", "bucket-only", ""),
+    ("file:///data/docs", "file", "", "/data/docs"),
+])
+def test_uris_parse(uri, scheme, bucket, key):
+    location = parse_object_uri(uri)
+    assert (location.scheme, location.bucket, location.key) == (scheme, bucket, key)
+
+
+@pytest.mark.parametrize(("field", "uri", "words"), [
+    ("data", "http://example.com/docs", "unknown scheme"),
+    ("data", "gs:///docs", "no bucket"),
+    ("checkpoint", "s3://UPPER/x", "bucket"),
+    ("checkpoint", "file://relative/path", "absolute path"),
+    ("data", "s3://bucket/a/../b", "'..'"),
+    ("checkpoint", "docs/train.jsonl", "no scheme"),
+])
+def test_bad_uris_are_rejected_naming_the_field(field, uri, words):
+    spec = yaml.safe_load(TINY_CPU.read_text())
+    if field == "data":
+        spec["spec"]["data"] = {"uri": uri}
+    else:
+        spec["spec"]["checkpoint"] = {"uri": uri}
+    with pytest.raises(InvalidJobError) as caught:
+        parse_job(spec)
+    [error] = caught.value.errors
+    assert error.field == f"spec.{field}.uri" and words in error.rule
