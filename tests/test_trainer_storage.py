@@ -32,7 +32,8 @@ from dptrain.trainer._ledger import LEDGER_FILE
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_CPU = ROOT / "manifests" / "samples" / "tiny-cpu.yaml"
 BUCKET = "dptrain-test"
-WORDS = "the of privacy model gradient noise clip batch step train data sequence token".split()
+WORDS = ("the", "of", "privacy", "model", "gradient", "noise", "clip", "batch", "step", "train",
+         "data", "sequence", "token")
 
 
 def _missing(message: str) -> None:
