@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -251,3 +252,29 @@ def test_bad_uris_are_rejected_naming_the_field(field, uri, words):
         parse_job(spec)
     [error] = caught.value.errors
     assert error.field == f"spec.{field}.uri" and words in error.rule
+
+
+DOC_BLOCKS = re.findall(r"```yaml dptrainingjob\n(.*?)```",
+                        (ROOT / "docs" / "clusters.md").read_text(), flags=re.S)
+
+
+def test_the_docs_examples_are_valid_secrets_and_jobs():
+    import jsonschema
+    import kubernetes_validate
+
+    from dptrain.api import validate_job
+    from dptrain.api._crd import validating_schema
+
+    schema = jsonschema.Draft4Validator(validating_schema())
+    kinds = []
+    for block in DOC_BLOCKS:
+        for document in yaml.safe_load_all(block):
+            kinds.append(document["kind"])
+            if document["kind"] == "Secret":
+                kubernetes_validate.validate(document, "1.32", strict=True)
+                continue
+            assert not list(schema.iter_errors(document))
+            job = parse_job(document)
+            validate_job(job)
+            assert job.spec.data.uri is not None and job.spec.checkpoint.uri is not None
+    assert kinds.count("DPTrainingJob") == 3 and kinds.count("Secret") == 1
