@@ -2,7 +2,8 @@
 
 ``dptrain run`` reads its documents from ``s3://`` and writes orbax checkpoints and the ledger
 to ``s3://``; a second run on a fresh machine (a new output directory with only the job's key)
-restores the latest committed checkpoint from S3 and continues the ledger from S3's record.
+restores the latest committed checkpoint from S3 (an uncommitted one is skipped) and continues
+the ledger from S3's record.
 The dataset checksum (part of the mechanism fingerprint) is computed over the objects' bytes.
 ``file://`` goes through the same fsspec code path; ``gs://`` is parsed and validated the same
 way (no local GCS server here).
@@ -17,14 +18,13 @@ import pathlib
 import random
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import yaml
 
 from dptrain.api import InvalidJobError, parse_job, parse_object_uri
+from dptrain.cli import main
 from dptrain.trainer import Checkpointer
 from dptrain.trainer._checkpoint import COMMIT_MARKER
 from dptrain.trainer._data import DataError, source_from_spec
@@ -96,14 +96,13 @@ def _keys(client, prefix: str) -> list[str]:
     return sorted(o["Key"][len(prefix) + 1:] for o in found)
 
 
-def _run(job: dict, root: pathlib.Path, out: pathlib.Path, env: dict[str, str]) -> dict:
+def _run(job: dict, root: pathlib.Path, out: pathlib.Path, capsys) -> dict:
+    """``dptrain run --json`` in this process (the second run reuses the compiled step)."""
     path = root / "job.yaml"
     path.write_text(yaml.safe_dump(job))
-    proc = subprocess.run([sys.executable, "-m", "dptrain.cli._main", "run", str(path),
-                           "--output", str(out), "--json"], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+    capsys.readouterr()
+    assert main(["run", str(path), "--output", str(out), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
 
 
 def _steps(out: pathlib.Path) -> list[tuple[int, int]]:
@@ -112,8 +111,9 @@ def _steps(out: pathlib.Path) -> list[tuple[int, int]]:
 
 
 @pytest.mark.slow
-def test_run_reads_s3_data_checkpoints_to_s3_and_a_fresh_machine_resumes(s3, tmp_path):
-    client, env = s3
+def test_run_reads_s3_data_checkpoints_to_s3_and_a_fresh_machine_resumes(s3_env, tmp_path,
+                                                                         capsys):
+    client, _ = s3_env
     _corpus(client, "run/corpus")
     job = yaml.safe_load(TINY_CPU.read_text())
     job["spec"]["data"] = {"uri": f"s3://{BUCKET}/run/corpus", "tokenizer": "byte",
@@ -123,9 +123,10 @@ def test_run_reads_s3_data_checkpoints_to_s3_and_a_fresh_machine_resumes(s3, tmp
     job["spec"]["training"].update(batchSize=8, iterations=4, warmupSteps=1)
     job["spec"]["checkpoint"] = {"uri": f"s3://{BUCKET}/run/ckpt", "intervalSteps": 2, "keep": 2}
 
-    first = _run(job, tmp_path, tmp_path / "first", env)
+    first = _run(job, tmp_path, tmp_path / "first", capsys)
     assert first["end_state"] == "Succeeded" and first["steps_charged"] == 4
     assert first["checkpoint_uri"] == f"s3://{BUCKET}/run/ckpt"
+    assert _steps(tmp_path / "first") == [(1, 1), (2, 2), (3, 3), (4, 4)]
     keys = _keys(client, "run/ckpt")
     assert {k for k in keys if k.endswith(COMMIT_MARKER)} == {f"2/{COMMIT_MARKER}",
                                                               f"4/{COMMIT_MARKER}"}
@@ -133,24 +134,25 @@ def test_run_reads_s3_data_checkpoints_to_s3_and_a_fresh_machine_resumes(s3, tmp
     ledger = json.loads(client.get_object(Bucket=BUCKET, Key=f"run/ckpt/{LEDGER_FILE}")
                         ["Body"].read())
     assert ledger["steps_charged"] == 4
-    # As after a crash between reserving step 5 and checkpointing it: S3's ledger is ahead.
+    # As after a crash while step 4 was uploading, once step 5 was reserved: S3's ledger is
+    # ahead of the last committed checkpoint (2), and step 4 has no commit marker.
     ledger["steps_charged"] = 5
     client.put_object(Bucket=BUCKET, Key=f"run/ckpt/{LEDGER_FILE}",
                       Body=json.dumps(ledger).encode())
+    client.delete_object(Bucket=BUCKET, Key=f"run/ckpt/4/{COMMIT_MARKER}")
 
     # A fresh machine: only the job's key comes along; no local checkpoint, ledger or progress.
     second_out = tmp_path / "second"
     second_out.mkdir()
     shutil.copy(tmp_path / "first" / "job.key", second_out / "job.key")
-    job["spec"]["training"]["iterations"] = 6  # a resumable change: more steps
-    second = _run(job, tmp_path, second_out, env)
-    # Restored at step 4 from S3 (only steps 5 and 6 ran), charged from S3's ledger (5) on.
-    assert _steps(second_out) == [(5, 6), (6, 7)]
-    assert second["steps"] == 6 and second["steps_charged"] == 7
+    second = _run(job, tmp_path, second_out, capsys)
+    # Restored at step 2 from S3 (steps 3 and 4 ran again), charged from S3's ledger (5) on:
+    # the repeated steps are charged again, never undercounted.
+    assert _steps(second_out) == [(3, 6), (4, 7)]
+    assert second["steps"] == 4 and second["steps_charged"] == 7
     keys = _keys(client, "run/ckpt")
-    assert {k for k in keys if k.endswith(COMMIT_MARKER)} == {f"4/{COMMIT_MARKER}",
-                                                              f"6/{COMMIT_MARKER}"}
-    assert not any(k.startswith("2/") for k in keys)  # keep: 2
+    assert {k for k in keys if k.endswith(COMMIT_MARKER)} == {f"2/{COMMIT_MARKER}",
+                                                              f"4/{COMMIT_MARKER}"}
     assert json.loads(client.get_object(Bucket=BUCKET, Key=f"run/ckpt/{LEDGER_FILE}")
                       ["Body"].read())["steps_charged"] == 7
 
