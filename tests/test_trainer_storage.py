@@ -281,3 +281,32 @@ def test_the_docs_examples_are_valid_secrets_and_jobs():
             validate_job(job)
             assert job.spec.data.uri is not None and job.spec.checkpoint.uri is not None
     assert kinds.count("DPTrainingJob") == 3 and kinds.count("Secret") == 1
+
+
+def test_prepare_data_and_format_prepared_read_from_a_uri(tmp_path, capsys):
+    """What the data-preparation pod runs (``--config``), then ``format: prepared`` from a URI."""
+    corpus = tmp_path / "bucket" / "corpus"
+    corpus.mkdir(parents=True)
+    (corpus / "a.jsonl").write_text("\n".join(json.dumps({"text": f"document {i} " * 9})
+                                              for i in range(40)))
+    job = yaml.safe_load(TINY_CPU.read_text())
+    job["spec"]["data"] = {"uri": f"file://{corpus}", "sequenceLength": 16}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(job))
+    prepared = tmp_path / "bucket" / "prepared"
+    assert main(["prepare-data", "--config", str(config), "--output", str(prepared),
+                 "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    source = source_from_spec(path=None, builtin=None, fmt="jsonl", text_field="text",
+                              uri=f"file://{corpus}")
+    assert summary["source_checksum"] == source.checksum()
+    assert summary["num_sequences"] == len(np.load(prepared / "sequences.npy"))
+
+    from dptrain.trainer._entry import dataset_for
+
+    job["spec"]["data"] = {"uri": f"file://{prepared}", "format": "prepared",
+                           "sequenceLength": 16}
+    local = tmp_path / "local"
+    dataset = dataset_for(parse_job(job), base_dir=tmp_path, prepared_dir=local, progress=False)
+    assert dataset.directory == local and dataset.num_sequences == summary["num_sequences"]
+    np.testing.assert_array_equal(dataset.sequences, np.load(prepared / "sequences.npy"))

@@ -10,7 +10,9 @@ paths, ports and exit codes are defined once, in ``dptrain.api._contract``):
 - The ConfigMap ``<job>-config`` holds ``config.json``, mounted read-only at ``/etc/dptrain``. It is
   a complete ``DPTrainingJob`` manifest whose paths are rewritten to paths *inside the pod*
   (``spec.data.volume`` mounted at ``/data``, ``spec.checkpoint.volume`` at ``/checkpoints``; the
-  rewritten spec has no ``volume`` fields, so its paths are plain local paths) and whose
+  rewritten spec has no ``volume`` fields, so its paths are plain local paths; ``uri`` fields
+  stay as they are, without their ``secretRef``, and the trainer stages checkpoints for a
+  ``checkpoint.uri`` in the ``/checkpoints`` scratch directory) and whose
   ``status`` carries what the trainer must follow: ``status.plan`` (the operator's plan; the
   trainer must not re-plan, so that its accounting matches the operator's) and, once known,
   ``status.dataset`` (``numSequences``, ``location`` of prepared data, ``checksum``).
@@ -31,6 +33,9 @@ paths, ports and exit codes are defined once, in ``dptrain.api._contract``):
   in an env var, the ConfigMap, a status or a log, and no Role the operator creates grants any
   verb on Secrets (the kubelet mounts it). The trainer derives every batch and noise draw from
   it (``dptrain.trainer._keys``).
+- Object-storage credentials (``spec.data.secretRef``, ``spec.checkpoint.secretRef``) reach the
+  trainer and data-preparation containers as ``envFrom`` (or, with ``keyFile``, a read-only mount
+  named by ``GOOGLE_APPLICATION_CREDENTIALS``): see ``_workloads.storage_credentials``.
 - When N is unknown, a data-preparation Job runs ``dptrain prepare-data --config
   /etc/dptrain/config.json --output <checkpoint dir>/prepared --report kubernetes`` with the same
   env (without the JAX variables) and merge-patches ``status.dataset`` (``numSequences``,
