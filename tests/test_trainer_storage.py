@@ -310,3 +310,18 @@ def test_prepare_data_and_format_prepared_read_from_a_uri(tmp_path, capsys):
     dataset = dataset_for(parse_job(job), base_dir=tmp_path, prepared_dir=local, progress=False)
     assert dataset.directory == local and dataset.num_sequences == summary["num_sequences"]
     np.testing.assert_array_equal(dataset.sequences, np.load(prepared / "sequences.npy"))
+
+
+def test_a_job_with_a_checkpoint_uri_is_planned_on_one_host():
+    from dptrain.planner import InfeasibleBudgetError, make_plan
+
+    job = yaml.safe_load(TINY_CPU.read_text())
+    job["spec"]["compute"] = {"accelerator": "tpu-v5e", "tpuTopology": "4x4"}
+    job["spec"]["data"]["numSequences"] = 10**5
+    job["spec"]["privacy"]["delta"] = 1e-7
+    assert make_plan(parse_job(job).spec, dataset_size=10**5).to_status().hosts == 4
+    job["spec"]["checkpoint"] = {"uri": "gs://ckpt-bucket/big"}
+    with pytest.raises(InfeasibleBudgetError, match=r"^spec\.checkpoint\.uri: .*single-host"):
+        make_plan(parse_job(job).spec, dataset_size=10**5)
+    job["spec"]["compute"] = {"accelerator": "tpu-v5e", "maxHosts": 16}
+    assert make_plan(parse_job(job).spec, dataset_size=10**5).to_status().hosts == 1
