@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 import random
 import re
@@ -32,45 +31,17 @@ from dptrain.trainer._ledger import LEDGER_FILE
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_CPU = ROOT / "manifests" / "samples" / "tiny-cpu.yaml"
-BUCKET = "dptrain-test"
+BUCKET = "dptrain-test"  # conftest.S3_TEST_BUCKET
 WORDS = ("the", "of", "privacy", "model", "gradient", "noise", "clip", "batch", "step", "train",
          "data", "sequence", "token")
 
 
-def _missing(message: str) -> None:
-    if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-        pytest.fail(f"{message} (CI=true: this must not be skipped)")
-    pytest.skip(message)
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server on a free local port, with one bucket; yields (client, env)."""
-    try:
-        import boto3
-        import s3fs  # noqa: F401 - what the trainer uses
-        from moto.server import ThreadedMotoServer
-    except ImportError as error:
-        _missing(f"{error.name} is not installed (pip install 'dptrain[storage-test]')")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"],
-                          aws_access_key_id="testing", aws_secret_access_key="testing",
-                          region_name="us-east-1")
-    client.create_bucket(Bucket=BUCKET)
-    yield client, env
-    server.stop()
-
-
 @pytest.fixture
-def s3_env(s3, monkeypatch):
+def s3_env(s3_server, monkeypatch):
     """The S3 credentials and endpoint in this process's environment (fresh s3fs instances)."""
     import s3fs
 
-    client, env = s3
+    client, env = s3_server
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     s3fs.S3FileSystem.clear_instance_cache()

@@ -57,8 +57,8 @@ _CEL_RULES: dict[tuple[str, ...], list[JsonObject]] = {
     ("spec", "checkpoint"): [
         {"rule": "!has(self.volume) || has(self.path)",
          "message": "path is required when volume is set"},
-        {"rule": "!has(self.uri) || (!has(self.path) && !has(self.volume))",
-         "message": "uri is exclusive with path and volume (object storage needs no volume)"},
+        {"rule": "!has(self.uri) || !has(self.volume)",
+         "message": "uri is exclusive with volume (object storage needs no volume)"},
         {"rule": "!has(self.secretRef) || has(self.uri)",
          "message": "secretRef is only used with uri"},
     ],

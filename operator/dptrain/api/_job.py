@@ -172,14 +172,14 @@ class CheckpointSpec(_Model):
     """Where checkpoints and the local ledger live."""
 
     path: SafePath | None = None
-    """Directory for checkpoints (inside `volume` when set)."""
+    """Directory for checkpoints (inside `volume` when set); with `uri`, the local directory
+    checkpoints are staged in before the upload (default: the run's output directory)."""
     volume: VolumeSource | None = None
     """PersistentVolumeClaim for checkpoints (mounted read-write)."""
     uri: ObjectUri | None = None
     """Directory (key prefix) for checkpoints and the ledger in object storage: s3://BUCKET/KEY,
-    gs://BUCKET/KEY or file:///PATH; exclusive with `path` and `volume`. Checkpoints are
-    written by orbax to local scratch and uploaded, each step directory before its commit
-    marker."""
+    gs://BUCKET/KEY or file:///PATH; exclusive with `volume`. Checkpoints are written by orbax
+    to local scratch (`path`) and uploaded, each step directory before its commit marker."""
     secret_ref: StorageSecretRef | None = None
     """Credentials for `uri` (default: the pod's identity, the cloud's default chain)."""
     interval_steps: int = Field(default=100, ge=1, le=10**8)

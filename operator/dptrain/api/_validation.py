@@ -94,9 +94,8 @@ def _storage_errors(spec: DPTrainingJobSpec, prefix: str) -> list[FieldError]:
     """The object-storage rules: uri exclusive with local paths, one Secret per role."""
     errors: list[FieldError] = []
     checkpoint, data = spec.checkpoint, spec.data
-    if checkpoint.uri is not None and (checkpoint.path is not None
-                                       or checkpoint.volume is not None):
-        errors.append(FieldError(f"{prefix}.checkpoint.uri", "is exclusive with path and volume "
+    if checkpoint.uri is not None and checkpoint.volume is not None:
+        errors.append(FieldError(f"{prefix}.checkpoint.uri", "is exclusive with volume "
                                  "(object storage needs no volume)", checkpoint.uri))
     for field, section in (("data", data), ("checkpoint", checkpoint)):
         if section.secret_ref is not None and section.uri is None:

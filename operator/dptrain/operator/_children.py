@@ -11,8 +11,8 @@ paths, ports and exit codes are defined once, in ``dptrain.api._contract``):
   a complete ``DPTrainingJob`` manifest whose paths are rewritten to paths *inside the pod*
   (``spec.data.volume`` mounted at ``/data``, ``spec.checkpoint.volume`` at ``/checkpoints``; the
   rewritten spec has no ``volume`` fields, so its paths are plain local paths; ``uri`` fields
-  stay as they are, without their ``secretRef``, and the trainer stages checkpoints for a
-  ``checkpoint.uri`` in the ``/checkpoints`` scratch directory) and whose
+  stay as they are, without their ``secretRef``; with a ``checkpoint.uri`` the checkpoint path
+  is the ``/checkpoints`` scratch directory orbax stages in before each upload) and whose
   ``status`` carries what the trainer must follow: ``status.plan`` (the operator's plan; the
   trainer must not re-plan, so that its accounting matches the operator's) and, once known,
   ``status.dataset`` (``numSequences``, ``location`` of prepared data, ``checksum``).
@@ -148,8 +148,8 @@ def pod_spec_manifest(spec: DPTrainingJobSpec, job: JobRef) -> dict[str, Any]:
     checkpoint = out["checkpoint"]
     checkpoint.pop("volume", None)
     checkpoint.pop("secretRef", None)
-    if spec.checkpoint.uri is None:  # with a uri the trainer stages in CHECKPOINT_MOUNT
-        checkpoint["path"] = checkpoint_dir(spec, job)
+    # With a uri this is the scratch orbax writes to before each upload.
+    checkpoint["path"] = checkpoint_dir(spec, job)
     return out
 
 

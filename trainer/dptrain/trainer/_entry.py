@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from dptrain.api import (
-    CHECKPOINT_MOUNT,
     ENV_REPORT,
     REPORT_KUBERNETES,
     TRAINER_METRICS_PORT,
@@ -283,9 +282,8 @@ def train_pod(config_path: pathlib.Path, output: pathlib.Path | None, options: R
         see :func:`load_pod_config`, :func:`dataset_for` and :func:`train_job`.
     """
     job, charged = load_pod_config(config_path)
-    # With a uri the checkpoint mount is scratch: orbax's staging, prepared data, the report.
-    checkpoint = pathlib.Path(CHECKPOINT_MOUNT if job.spec.checkpoint.uri is not None
-                              else job.spec.checkpoint.path or "checkpoints")
+    # With a uri the checkpoint path is scratch: orbax's staging, prepared data, the report.
+    checkpoint = pathlib.Path(job.spec.checkpoint.path or "checkpoints")
     out = output or checkpoint
     out.mkdir(parents=True, exist_ok=True)
     dataset = dataset_for(job, base_dir=pathlib.Path.cwd(), prepared_dir=checkpoint / "prepared",
