@@ -296,3 +296,23 @@ def test_a_job_with_a_checkpoint_uri_is_planned_on_one_host():
         make_plan(parse_job(job).spec, dataset_size=10**5)
     job["spec"]["compute"] = {"accelerator": "tpu-v5e", "maxHosts": 16}
     assert make_plan(parse_job(job).spec, dataset_size=10**5).to_status().hosts == 1
+
+
+def test_unusable_storage_is_a_one_line_error_not_bad_input(tmp_path, capsys):
+    """Storage that cannot be used (here a 'directory' under a regular file) ends the run with
+    EXIT_ERROR (retried by the operator) and one line naming the field, not a traceback."""
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": f"doc {i} " * 8})
+                                                   for i in range(80)))
+    (tmp_path / "plain-file").write_text("not a directory")
+    job = yaml.safe_load(TINY_CPU.read_text())
+    job["spec"]["data"] = {"path": "docs.jsonl", "sequenceLength": 16}
+    job["spec"]["privacy"].update(delta=1e-5, accountant="rdp")
+    job["spec"]["training"].update(batchSize=8, iterations=2, warmupSteps=0)
+    job["spec"]["checkpoint"] = {"uri": f"file://{tmp_path / 'plain-file' / 'ckpt'}"}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    capsys.readouterr()
+    assert main(["run", str(path), "--output", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    assert "dptrain run: error: spec.checkpoint.uri: cannot read file://" in err, err

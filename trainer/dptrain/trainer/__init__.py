@@ -86,6 +86,7 @@ from dptrain.trainer._reporters import (
     reporters_from_env,
 )
 from dptrain.trainer._sampling import PoissonSampler, SampledBatch
+from dptrain.trainer._storage import StorageError
 from dptrain.trainer._tokenizer import ByteTokenizer, Tokenizer, make_tokenizer
 
 __all__ = [
@@ -124,6 +125,7 @@ __all__ = [
     "SampledBatch",
     "StatusReportError",
     "StepMetrics",
+    "StorageError",
     "Tokenizer",
     "TrainConfig",
     "TrainResult",

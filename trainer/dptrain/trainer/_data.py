@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 from tqdm import tqdm
 
-from dptrain.trainer._storage import RemoteDir, StorageError
+from dptrain.trainer._storage import RemoteDir
 from dptrain.trainer._tokenizer import Tokenizer, tokenizer_from_description
 
 FORMAT_VERSION = 1
@@ -96,8 +96,6 @@ class DocumentSource:
         except FileNotFoundError:
             raise DataError(f"spec.data.uri: {self.store.url(str(file))} disappeared while "
                             "reading") from None
-        except StorageError as error:
-            raise DataError(str(error)) from None
 
     def describe(self) -> dict[str, Any]:
         """JSON description for the manifest."""
@@ -217,28 +215,27 @@ def uri_source(uri: str, *, fmt: str, text_field: str) -> DocumentSource:
     """The documents at ``spec.data.uri`` (see :func:`source_from_spec`).
 
     Raises:
-        DataError: nothing there, no matching objects, or storage errors (names the field).
+        DataError: nothing there, no matching objects, a bad URI (names the field).
+        StorageError: the storage cannot be reached or refuses the credentials (names the
+            field): an error to retry, not bad input.
     """
     if fmt not in ("jsonl", "text"):
         raise DataError(f"spec.data.format: expected jsonl or text here (got {fmt!r})")
-    try:
-        store = RemoteDir(uri, field="spec.data.uri")
-        if store.is_file():
-            parent, _, name = uri.rstrip("/").rpartition("/")
-            files: tuple[str, ...] = (name,)
-            store = RemoteDir(parent, field="spec.data.uri")
-        else:
-            names = store.files()
-            files = tuple(n for n in names
-                          if not posixpath.basename(n).startswith(".")
-                          and (fmt == "text" or n.endswith(".jsonl")))
-            if not names:
-                raise DataError(f"spec.data.uri: no such object or prefix: {uri}")
-            if not files:
-                raise DataError(f"spec.data.uri: {uri} holds no "
-                                f"{'*.jsonl ' if fmt == 'jsonl' else ''}objects")
-    except StorageError as error:
-        raise DataError(str(error)) from None
+    store = RemoteDir(uri, field="spec.data.uri")
+    if store.is_file():
+        parent, _, name = uri.rstrip("/").rpartition("/")
+        files: tuple[str, ...] = (name,)
+        store = RemoteDir(parent, field="spec.data.uri")
+    else:
+        names = store.files()
+        files = tuple(n for n in names
+                      if not posixpath.basename(n).startswith(".")
+                      and (fmt == "text" or n.endswith(".jsonl")))
+        if not names:
+            raise DataError(f"spec.data.uri: no such object or prefix: {uri}")
+        if not files:
+            raise DataError(f"spec.data.uri: {uri} holds no "
+                            f"{'*.jsonl ' if fmt == 'jsonl' else ''}objects")
     kind: SourceKind = "jsonl" if fmt == "jsonl" else "text"
     return DocumentSource(kind=kind, files=files, name=uri.rstrip("/"), text_field=text_field,
                           store=store)
@@ -432,7 +429,8 @@ def fetch_prepared(uri: str, out_dir: str | os.PathLike[str]) -> PreparedDataset
     partial download is never opened as complete.
 
     Raises:
-        DataError: no prepared dataset at ``uri``, or storage errors (names ``spec.data.uri``).
+        DataError: no prepared dataset at ``uri`` (names ``spec.data.uri``).
+        StorageError: the storage cannot be reached or refuses the credentials.
     """
     out = pathlib.Path(out_dir)
     try:
@@ -449,8 +447,6 @@ def fetch_prepared(uri: str, out_dir: str | os.PathLike[str]) -> PreparedDataset
             tmp = out / f".{MANIFEST_NAME}.tmp"
             tmp.write_bytes(manifest)
             os.replace(tmp, local)
-    except StorageError as error:
-        raise DataError(str(error)) from None
     except FileNotFoundError:
         raise DataError(f"spec.data.uri: {uri} has no {ARRAY_NAME}") from None
     return load_dataset(out)
