@@ -118,14 +118,19 @@ def test_run_reads_s3_data_checkpoints_to_s3_and_a_fresh_machine_resumes(s3_env,
     shutil.copy(tmp_path / "first" / "job.key", second_out / "job.key")
     second = _run(job, tmp_path, second_out, capsys)
     # Restored at step 2 from S3 (steps 3 and 4 ran again), charged from S3's ledger (5) on:
-    # the repeated steps are charged again, never undercounted.
-    assert _steps(second_out) == [(3, 6), (4, 7)]
+    # the repeated steps are charged again, never undercounted. The history up to the restored
+    # step comes from S3 too.
+    assert _steps(second_out) == [(1, 1), (2, 2), (3, 6), (4, 7)]
     assert second["steps"] == 4 and second["steps_charged"] == 7
     keys = _keys(client, "run/ckpt")
     assert {k for k in keys if k.endswith(COMMIT_MARKER)} == {f"2/{COMMIT_MARKER}",
                                                               f"4/{COMMIT_MARKER}"}
     assert json.loads(client.get_object(Bucket=BUCKET, Key=f"run/ckpt/{LEDGER_FILE}")
                       ["Body"].read())["steps_charged"] == 7
+    assert {"metrics.jsonl", "report.json", "loss.png", "epsilon.png"} <= set(keys)
+    report = json.loads(client.get_object(Bucket=BUCKET, Key="run/ckpt/report.json")["Body"]
+                        .read())
+    assert report["steps_charged"] == 7 and report["key_fingerprint"] == second["key_fingerprint"]
 
 
 def test_the_dataset_checksum_is_over_the_objects_bytes(s3_env):

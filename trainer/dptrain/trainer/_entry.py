@@ -54,6 +54,7 @@ from dptrain.trainer._reporters import (
     KubernetesTarget,
     reporters_from_env,
 )
+from dptrain.trainer._storage import RemoteDir
 from dptrain.trainer._tokenizer import make_tokenizer
 
 DEFAULT_RUNS_DIR = "runs"
@@ -254,6 +255,9 @@ def train_job(job: DPTrainingJob, plan: PlanStatus, shape: ModelShape | None,
         if job.spec.checkpoint.uri is not None:
             extra["checkpoint_uri"] = job.spec.checkpoint.uri
         report = write_report(result, output, extra=extra)
+        if job.spec.checkpoint.uri is not None:  # the pod's scratch goes; the bucket stays
+            RemoteDir(job.spec.checkpoint.uri, field="spec.checkpoint.uri").publish(
+                output, ("report.json", "loss.png", "epsilon.png"))
     return RunOutcome(result=result, report=report)
 
 

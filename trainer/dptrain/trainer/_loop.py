@@ -272,6 +272,12 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
     log.info("starting at step %d with %d steps charged", step, charged)
 
     history_path = config.output_dir / HISTORY_FILE
+    remote = checkpointer.remote  # spec.checkpoint.uri: the history is kept beside it
+    if remote is not None and process.is_leader and not history_path.is_file():
+        published = remote.read_bytes(HISTORY_FILE)  # a fresh machine: the history so far
+        if published is not None:
+            config.output_dir.mkdir(parents=True, exist_ok=True)
+            history_path.write_bytes(published)
     history = read_history(history_path, step)
     if process.is_leader:
         config.output_dir.mkdir(parents=True, exist_ok=True)
@@ -299,6 +305,8 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
         meta["tokenizer"] = dict(dataset.manifest.tokenizer)
         checkpointer.save(step, params, opt_state, meta)
         saved_step = step
+        if remote is not None and process.is_leader and history_path.is_file():
+            remote.write_bytes(HISTORY_FILE, history_path.read_bytes())  # public: DP losses
 
     try:
         while step < config.iterations:
