@@ -321,3 +321,30 @@ def test_unusable_storage_is_a_one_line_error_not_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("error:") == 1, err
     assert "dptrain run: error: spec.checkpoint.uri: cannot read file://" in err, err
+
+
+URI_CASES = ["s3://bucket/key", "gs://my-bucket", "gs://my.bucket_1/a/b/", "file:///data/x",
+             "http://example.com/x", "s3:///key", "s3://Bucket/x", "s3://ab/x", "file://rel/x",
+             "s3://bucket/a/../b", "s3://bucket/..", "gs://-bucket/x", "s3://bucket/a\nb",
+             "docs/train.jsonl", "file:///", "gs://" + "b" * 222 + "/x", "gs://" + "b" * 223]
+
+
+def _cel_accepts(uri: str) -> bool:
+    """The CRD's CEL rule for uri fields, evaluated with Python's re (the regexes are RE2)."""
+    from dptrain.api._storage import URI_CEL
+
+    regexes = [re.sub(r"\\\\", r"\\", r) for r in re.findall(r"self\.matches\('(.*?)'\)",
+                                                              URI_CEL)]
+    assert len(regexes) == 2
+    matches = any(re.search(r, uri) for r in regexes)
+    return matches and "/../" not in uri and not uri.endswith("/..")
+
+
+@pytest.mark.parametrize("uri", URI_CASES)
+def test_the_crd_rule_and_the_parser_agree(uri):
+    try:
+        parse_object_uri(uri)
+        parsed = True
+    except ValueError:
+        parsed = False
+    assert _cel_accepts(uri) == parsed
