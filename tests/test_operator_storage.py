@@ -139,12 +139,17 @@ def test_real_pods_read_s3_with_the_secret_and_checkpoint_there(kube, kube_api, 
         assert trainer.process.wait(300) == 0, trainer.log()
     finally:
         kubelet.stop_all()
+    # Data preparation published the sequences beside the checkpoints; the trainer fetched them
+    # instead of tokenizing the corpus again.
+    assert job["status"]["dataset"]["location"] == f"s3://{BUCKET}/e2e/ckpt/prepared"
+    assert "tokenizing" in prepare.log() and "tokenizing" not in trainer.log(100_000)
     checksum = job["status"]["dataset"]["checksum"]
     progress = kube.get_job(name)["status"]["progress"]
     assert progress["stepsCharged"] == 4 and progress["mechanism"]["datasetChecksum"] == checksum
     found = client.list_objects_v2(Bucket=BUCKET, Prefix="e2e/ckpt/")["Contents"]
     keys = {o["Key"].removeprefix("e2e/ckpt/") for o in found}
-    assert {"2/_DPTRAIN_COMMITTED", "4/_DPTRAIN_COMMITTED", "ledger.json"} <= keys
+    assert {"2/_DPTRAIN_COMMITTED", "4/_DPTRAIN_COMMITTED", "ledger.json", "metrics.jsonl",
+            "report.json", "prepared/manifest.json", "prepared/sequences.npy"} <= keys
     ledger = json.loads(client.get_object(Bucket=BUCKET, Key="e2e/ckpt/ledger.json")["Body"]
                         .read())
     assert ledger["steps_charged"] == 4

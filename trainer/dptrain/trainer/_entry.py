@@ -37,7 +37,10 @@ from dptrain.api import (
 from dptrain.planner import InfeasibleBudgetError, ModelShape, make_plan
 from dptrain.trainer._config import config_from_plan, pretrained_model
 from dptrain.trainer._data import (
+    ARRAY_NAME,
     BUILTIN_STDLIB_DOCS,
+    MANIFEST_NAME,
+    DataError,
     PreparedDataset,
     fetch_prepared,
     load_dataset,
@@ -58,6 +61,8 @@ from dptrain.trainer._storage import RemoteDir
 from dptrain.trainer._tokenizer import make_tokenizer
 
 DEFAULT_RUNS_DIR = "runs"
+#: Where data preparation publishes the prepared sequences under ``spec.checkpoint.uri``.
+PREPARED_DIR = "prepared"
 MIN_SEQUENCE_LENGTH, MAX_SEQUENCE_LENGTH = 16, 32768
 
 
@@ -137,7 +142,12 @@ def dataset_for(job: DPTrainingJob, *, base_dir: pathlib.Path, prepared_dir: pat
         path = pathlib.Path(data.path)
         return load_dataset(path if path.is_absolute() else base_dir / path)
     location = (job.status.dataset.location if job.status and job.status.dataset else None)
-    if location and (pathlib.Path(location) / "manifest.json").is_file():
+    if location and "://" in location:  # data preparation published it beside the checkpoints
+        try:
+            return fetch_prepared(location, prepared_dir)
+        except DataError:
+            pass  # gone (a new bucket, kept steps pruned by hand): prepare again below
+    elif location and (pathlib.Path(location) / "manifest.json").is_file():
         return load_dataset(location)
     source = source_from_spec(path=data.path, builtin=data.builtin, fmt=data.format,
                               text_field=data.text_field, base_dir=base_dir, uri=data.uri)
@@ -347,8 +357,10 @@ def prepare_data(request: PrepareRequest) -> dict[str, Any]:
     """
     from dptrain.trainer._audit import make_canaries
 
+    checkpoint_uri = None
     if request.config is not None:
         job, _ = load_pod_config(request.config)
+        checkpoint_uri = job.spec.checkpoint.uri
         data = job.spec.data
         source = source_from_spec(path=data.path, builtin=data.builtin, fmt=data.format,
                                   text_field=data.text_field, base_dir=pathlib.Path.cwd(),
@@ -372,6 +384,15 @@ def prepare_data(request: PrepareRequest) -> dict[str, Any]:
                               canary_repeats=request.canary_repeats, progress=request.progress)
     manifest = dataset.manifest
     result = {"location": str(dataset.directory.resolve()), **manifest.to_dict()}
+    if checkpoint_uri is not None:
+        # No volume is shared with the trainer pods: publish the sequences beside the
+        # checkpoints (the same private storage), the manifest last, so that they are fetched
+        # instead of tokenized again.
+        remote = RemoteDir(checkpoint_uri, field="spec.checkpoint.uri")
+        remote.publish(dataset.directory, (ARRAY_NAME,), under=PREPARED_DIR)
+        remote.write_bytes(f"{PREPARED_DIR}/{MANIFEST_NAME}", (dataset.directory /
+                                                              MANIFEST_NAME).read_bytes())
+        result["location"] = remote.url(PREPARED_DIR)
     result.pop("canaries")
     result["canaries"] = len(manifest.canaries)
     if request.report_status:

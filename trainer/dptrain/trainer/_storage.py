@@ -146,14 +146,15 @@ class RemoteDir:
             except Exception as error:
                 raise self._error("upload to", posixpath.join(name, rel), error) from error
 
-    def publish(self, local: pathlib.Path, names: tuple[str, ...]) -> None:
-        """Copy the files ``names`` of directory ``local`` that exist to the same names here."""
+    def publish(self, local: pathlib.Path, names: tuple[str, ...], *, under: str = "") -> None:
+        """Copy the files ``names`` of directory ``local`` that exist to ``under/name`` here."""
         for name in names:
             if (local / name).is_file():
+                target = posixpath.join(under, name) if under else name
                 try:
-                    self.fs.put_file(str(local / name), self.path(name))
+                    self.fs.put_file(str(local / name), self.path(target))
                 except Exception as error:
-                    raise self._error("upload to", name, error) from error
+                    raise self._error("upload to", target, error) from error
 
     def download(self, name: str, local: pathlib.Path) -> None:
         """Copy the tree under ``name`` into ``local``."""
