@@ -111,7 +111,8 @@ def test_invalid_spec_fails_with_field_and_rule_and_creates_nothing():
     assert decision.phase == "Failed"
     cond = conditions(decision.status)["SpecValid"]
     assert (cond["status"], cond["reason"]) == ("False", "InvalidSpec")
-    assert "spec.data" in cond["message"] and "exactly one of path and builtin" in cond["message"]
+    assert "spec.data" in cond["message"]
+    assert "exactly one of path, builtin and uri" in cond["message"]
     assert decision.create == [] and decision.delete == []
     assert any(e.type == "Warning" and "spec.data" in e.message for e in decision.events)
 

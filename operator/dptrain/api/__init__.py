@@ -106,6 +106,13 @@ from dptrain.api._status import (
     ProgressStatus,
     WorkloadRef,
 )
+from dptrain.api._storage import (
+    ENV_GOOGLE_CREDENTIALS,
+    STORAGE_SECRET_DIR,
+    ObjectLocation,
+    StorageSecretRef,
+    parse_object_uri,
+)
 from dptrain.api._validation import semantic_errors, validate_job
 
 __all__ = [
@@ -121,6 +128,7 @@ __all__ = [
     "DATA_MOUNT",
     "DEFAULT_TRAINER_IMAGE",
     "ENV_API_SERVER",
+    "ENV_GOOGLE_CREDENTIALS",
     "ENV_JAX_COORDINATOR",
     "ENV_JAX_NUM_PROCESSES",
     "ENV_JAX_PROCESS_ID",
@@ -148,6 +156,7 @@ __all__ = [
     "SERVICE_ACCOUNT_DIR",
     "SHORT_NAMES",
     "SINGULAR",
+    "STORAGE_SECRET_DIR",
     "TERMINAL_PHASES",
     "TRAINER_METRICS_PORT",
     "VERSION",
@@ -173,6 +182,7 @@ __all__ = [
     "MechanismFingerprint",
     "ModelSpec",
     "MonitoringSpec",
+    "ObjectLocation",
     "ObjectMeta",
     "Phase",
     "PlanStatus",
@@ -184,6 +194,7 @@ __all__ = [
     "PrivacyLedgerStatus",
     "PrivacySpec",
     "ProgressStatus",
+    "StorageSecretRef",
     "TrainingSpec",
     "VolumeSource",
     "WorkloadRef",
@@ -196,6 +207,7 @@ __all__ = [
     "load_job",
     "load_manifests",
     "parse_job",
+    "parse_object_uri",
     "prepare_command",
     "semantic_errors",
     "status_path",

@@ -10,7 +10,9 @@ and the trainer reads them (``dptrain.trainer``); neither writes them down again
   at :data:`PRETRAINED_MOUNT`, the evaluation data's at :data:`EVAL_DATA_MOUNT`, checkpoints at
   :data:`CHECKPOINT_MOUNT`, the
   job's secret key at :data:`KEY_PATH` (never an env var), the ServiceAccount token in
-  :data:`SERVICE_ACCOUNT_DIR`.
+  :data:`SERVICE_ACCOUNT_DIR`; with ``spec.checkpoint.uri`` the checkpoint mount is scratch
+  (orbax stages there, then uploads), and a ``keyFile`` storage credential is mounted in
+  ``dptrain.api._storage.STORAGE_SECRET_DIR``.
 - **Environment**: :data:`ENV_JOB_NAME`, :data:`ENV_JOB_NAMESPACE`, :data:`ENV_API_SERVER`,
   :data:`ENV_REPORT` (:data:`REPORT_KUBERNETES` in pods, :data:`REPORT_FILE` locally) and, for
   multi-host jobs, :data:`ENV_JAX_COORDINATOR`, :data:`ENV_JAX_NUM_PROCESSES`,

@@ -23,6 +23,7 @@ from dptrain.api._base import (
 )
 from dptrain.api._pod_overrides import PodTemplateOverrides
 from dptrain.api._status import DPTrainingJobStatus
+from dptrain.api._storage import ObjectUri, StorageSecretRef
 
 # ----------------------------------------------------------------------------------------- spec
 
@@ -56,6 +57,11 @@ class DataSpec(_Model):
 
     path: SafePath | None = None
     """File or directory of documents (inside `volume` when set, else on the host)."""
+    uri: ObjectUri | None = None
+    """File or directory (key prefix) of documents in object storage: s3://BUCKET/KEY,
+    gs://BUCKET/KEY or file:///PATH; exclusive with `path`, `builtin` and `volume`."""
+    secret_ref: StorageSecretRef | None = None
+    """Credentials for `uri` (default: the pod's identity, the cloud's default chain)."""
     builtin: Literal["stdlib-docs"] | None = None
     """A corpus that ships with dptrain (needs no download); exclusive with `path`."""
     volume: VolumeSource | None = None
@@ -194,9 +200,16 @@ class CheckpointSpec(_Model):
     """Where checkpoints and the local ledger live."""
 
     path: SafePath | None = None
-    """Directory for checkpoints (inside `volume` when set)."""
+    """Directory for checkpoints (inside `volume` when set); with `uri`, the local directory
+    checkpoints are staged in before the upload (default: the run's output directory)."""
     volume: VolumeSource | None = None
     """PersistentVolumeClaim for checkpoints (mounted read-write)."""
+    uri: ObjectUri | None = None
+    """Directory (key prefix) for checkpoints and the ledger in object storage: s3://BUCKET/KEY,
+    gs://BUCKET/KEY or file:///PATH; exclusive with `volume`. Checkpoints are written by orbax
+    to local scratch (`path`) and uploaded, each step directory before its commit marker."""
+    secret_ref: StorageSecretRef | None = None
+    """Credentials for `uri` (default: the pod's identity, the cloud's default chain)."""
     interval_steps: int = Field(default=100, ge=1, le=10**8)
     """Save every this many steps (and at the end)."""
     keep: int = Field(default=3, ge=1, le=100)

@@ -24,8 +24,12 @@ def semantic_errors(spec: DPTrainingJobSpec, *, dataset_size: int | None = None,
     errors: list[FieldError] = []
     data, training, compute = spec.data, spec.training, spec.compute
 
-    if (data.path is None) == (data.builtin is None):
-        errors.append(FieldError(f"{prefix}.data", "must set exactly one of path and builtin"))
+    if sum(x is not None for x in (data.path, data.builtin, data.uri)) != 1:
+        errors.append(FieldError(f"{prefix}.data", "must set exactly one of path, builtin "
+                                 "and uri"))
+    if data.uri is not None and data.volume is not None:
+        errors.append(FieldError(f"{prefix}.data.volume", "is exclusive with uri (object "
+                                 "storage needs no volume)", data.volume.claim_name))
     if data.volume is not None and data.path is None:
         errors.append(FieldError(f"{prefix}.data.path", "is required when volume is set"))
     if data.tokenizer == "sentencepiece" and data.tokenizer_model is None:
@@ -90,6 +94,7 @@ def semantic_errors(spec: DPTrainingJobSpec, *, dataset_size: int | None = None,
     if spec.pod_template_overrides is not None:
         for field, rule in spec.pod_template_overrides.mount_problems():
             errors.append(FieldError(f"{prefix}.podTemplateOverrides.{field}", rule))
+    errors += _storage_errors(spec, prefix)
     return errors
 
 
@@ -127,6 +132,29 @@ def _evaluation_errors(spec: DPTrainingJobSpec, prefix: str) -> list[FieldError]
             camel = "".join(w.capitalize() if i else w for i, w in enumerate(name.split("_")))
             errors.append(FieldError(f"{prefix}.data.{camel}", "must not be set: evaluation "
                                      "uses the training data's tokenizer and sequence length"))
+    return errors
+
+
+def _storage_errors(spec: DPTrainingJobSpec, prefix: str) -> list[FieldError]:
+    """The object-storage rules: uri exclusive with local paths, one Secret per role."""
+    errors: list[FieldError] = []
+    checkpoint, data = spec.checkpoint, spec.data
+    if checkpoint.uri is not None and checkpoint.volume is not None:
+        errors.append(FieldError(f"{prefix}.checkpoint.uri", "is exclusive with volume "
+                                 "(object storage needs no volume)", checkpoint.uri))
+    for field, section in (("data", data), ("checkpoint", checkpoint)):
+        if section.secret_ref is not None and section.uri is None:
+            errors.append(FieldError(f"{prefix}.{field}.secretRef", "is only used with uri",
+                                     section.secret_ref.name))
+    refs = (data.secret_ref, checkpoint.secret_ref)
+    if all(r is not None for r in refs) and refs[0] != refs[1]:
+        env_refs = {r.name for r in refs if r is not None and r.key_file is None}
+        key_refs = {(r.name, r.key_file) for r in refs if r is not None and r.key_file}
+        if len(env_refs) > 1 or len(key_refs) > 1:
+            errors.append(FieldError(
+                f"{prefix}.checkpoint.secretRef", "must be the same as data.secretRef when both "
+                "are of one kind (both become the trainer's environment, so their variables "
+                "would collide)", checkpoint.secret_ref.name if checkpoint.secret_ref else ""))
     return errors
 
 

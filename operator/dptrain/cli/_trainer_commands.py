@@ -135,14 +135,17 @@ def _typed_errors(*, bad_values: bool = False) -> Iterator[None]:
     from dptrain.trainer import (
         DataError,
         InvalidInputError,
+        LedgerError,
         StatusReportError,
+        StorageError,
         TrainingInterruptedError,
     )
     try:
         yield
     except TrainingInterruptedError as error:
         fail(str(error), EXIT_INTERRUPTED)
-    except StatusReportError as error:
+    except (StatusReportError, StorageError, LedgerError) as error:
+        # Object storage or a durable record failed: an error (retried), not bad input.
         fail(str(error), EXIT_ERROR)
     except (InvalidJobError, InvalidInputError, DataError, ValueError) as error:
         if not (bad_values or isinstance(error, (InvalidJobError, InvalidInputError, DataError))):

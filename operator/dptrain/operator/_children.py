@@ -12,7 +12,9 @@ paths, ports and exit codes are defined once, in ``dptrain.api._contract``):
   (``spec.data.volume`` mounted at ``/data``, ``spec.model.pretrained.volume`` read-only at
   ``/pretrained``, ``spec.evaluation.data.volume`` at ``/eval-data``,
   ``spec.checkpoint.volume`` at ``/checkpoints``; the
-  rewritten spec has no ``volume`` fields, so its paths are plain local paths) and whose
+  rewritten spec has no ``volume`` fields, so its paths are plain local paths; ``uri`` fields
+  stay as they are, without their ``secretRef``; with a ``checkpoint.uri`` the checkpoint path
+  is the ``/checkpoints`` scratch directory orbax stages in before each upload) and whose
   ``status`` carries what the trainer must follow: ``status.plan`` (the operator's plan; the
   trainer must not re-plan, so that its accounting matches the operator's) and, once known,
   ``status.dataset`` (``numSequences``, ``location`` of prepared data, ``checksum``).
@@ -33,6 +35,9 @@ paths, ports and exit codes are defined once, in ``dptrain.api._contract``):
   in an env var, the ConfigMap, a status or a log, and no Role the operator creates grants any
   verb on Secrets (the kubelet mounts it). The trainer derives every batch and noise draw from
   it (``dptrain.trainer._keys``).
+- Object-storage credentials (``spec.data.secretRef``, ``spec.checkpoint.secretRef``) reach the
+  trainer and data-preparation containers as ``envFrom`` (or, with ``keyFile``, a read-only mount
+  named by ``GOOGLE_APPLICATION_CREDENTIALS``): see ``_workloads.storage_credentials``.
 - When N is unknown, a data-preparation Job runs ``dptrain prepare-data --config
   /etc/dptrain/config.json --output <checkpoint dir>/prepared --report kubernetes`` with the same
   env (without the JAX variables) and merge-patches ``status.dataset`` (``numSequences``,
@@ -144,6 +149,8 @@ def pod_spec_manifest(spec: DPTrainingJobSpec, job: JobRef) -> dict[str, Any]:
             data["path"] = posixpath.join(DATA_MOUNT, spec.data.path.lstrip("/"))
         else:
             data["path"] = DATA_MOUNT
+    # Which Secret holds credentials is the pod's business (envFrom, a mount), not the config's.
+    data.pop("secretRef", None)
     pretrained = spec.model.pretrained
     if pretrained is not None and pretrained.volume is not None:
         model = out["model"]["pretrained"]
@@ -155,8 +162,12 @@ def pod_spec_manifest(spec: DPTrainingJobSpec, job: JobRef) -> dict[str, Any]:
         eval_data.pop("volume")
         eval_data["path"] = (posixpath.join(EVAL_DATA_MOUNT, evaluation.path.lstrip("/"))
                              if evaluation.path is not None else EVAL_DATA_MOUNT)
+    if evaluation is not None:
+        out["evaluation"]["data"].pop("secretRef", None)
     checkpoint = out["checkpoint"]
     checkpoint.pop("volume", None)
+    checkpoint.pop("secretRef", None)
+    # With a uri this is the scratch orbax writes to before each upload.
     checkpoint["path"] = checkpoint_dir(spec, job)
     return out
 

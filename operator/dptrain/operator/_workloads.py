@@ -28,6 +28,7 @@ from dptrain.api import (
     COORDINATOR_PORT,
     DATA_MOUNT,
     ENV_API_SERVER,
+    ENV_GOOGLE_CREDENTIALS,
     ENV_JAX_COORDINATOR,
     ENV_JAX_NUM_PROCESSES,
     ENV_JAX_PROCESS_ID,
@@ -41,9 +42,11 @@ from dptrain.api import (
     KEY_FILE,
     PRETRAINED_MOUNT,
     REPORT_KUBERNETES,
+    STORAGE_SECRET_DIR,
     TRAINER_METRICS_PORT,
     DPTrainingJobSpec,
     PlanStatus,
+    StorageSecretRef,
     VolumeSource,
     export_command,
     prepare_command,
@@ -159,7 +162,8 @@ def _volumes(spec: DPTrainingJobSpec, job: JobRef, *, key: bool = False
         mounts.append(mount)
     else:
         # Without a volume checkpoints live as long as the pod: a restart starts from the ledger
-        # (steps stay charged) but not from the weights.
+        # (steps stay charged) but not from the weights. With a uri this is only the scratch
+        # where orbax writes before the upload (and the prepared data, the report).
         volumes.append({"name": "checkpoints", "emptyDir": {}})
         mounts.append({"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT})
     if key:
@@ -168,6 +172,39 @@ def _volumes(spec: DPTrainingJobSpec, job: JobRef, *, key: bool = False
             "items": [{"key": KEY_FILE, "path": KEY_FILE}]}})
         mounts.append({"name": "job-key", "mountPath": KEY_DIR, "readOnly": True})
     return volumes, mounts
+
+
+def storage_credentials(spec: DPTrainingJobSpec) -> tuple[
+        list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The pod's object-storage credentials: (env, envFrom, volumes, mounts).
+
+    A ``secretRef`` without ``keyFile`` becomes ``envFrom`` (its keys are the container's
+    environment: what the clouds' default credential chains read); with ``keyFile`` only that key
+    is mounted, read-only, and ``GOOGLE_APPLICATION_CREDENTIALS`` names it. The kubelet resolves
+    both: the Secret's values never pass through the operator, the ConfigMap or a status. Without
+    a ``secretRef`` the pod's identity is used (nothing to add). The same Secret named for data
+    and checkpoints is wired once.
+    """
+    refs: list[StorageSecretRef] = []
+    for ref in (spec.data.secret_ref, spec.checkpoint.secret_ref):
+        if ref is not None and ref not in refs:
+            refs.append(ref)
+    env: list[dict[str, Any]] = []
+    env_from: list[dict[str, Any]] = []
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    for ref in refs:
+        if ref.key_file is None:
+            env_from.append({"secretRef": {"name": ref.name}})
+            continue
+        volumes.append({"name": "storage-credentials", "secret": {
+            "secretName": ref.name, "defaultMode": KEY_FILE_MODE,
+            "items": [{"key": ref.key_file, "path": ref.key_file}]}})
+        mounts.append({"name": "storage-credentials", "mountPath": STORAGE_SECRET_DIR,
+                       "readOnly": True})
+        env.append({"name": ENV_GOOGLE_CREDENTIALS,
+                    "value": f"{STORAGE_SECRET_DIR}/{ref.key_file}"})
+    return env, env_from, volumes, mounts
 
 
 def _security_context() -> dict[str, Any]:
@@ -186,12 +223,15 @@ def _pod_template(spec: DPTrainingJobSpec, job: JobRef, *, component: str,
                   subdomain: str | None, annotations: Mapping[str, str],
                   ports: list[dict[str, Any]], key: bool = False) -> dict[str, Any]:
     volumes, mounts = _volumes(spec, job, key=key)
+    storage_env, env_from, storage_volumes, storage_mounts = storage_credentials(spec)
+    volumes += storage_volumes
+    mounts += storage_mounts
     container: dict[str, Any] = {
         "name": component,
         "image": spec.image,
         "imagePullPolicy": "IfNotPresent",
         "command": command,
-        "env": env,
+        "env": [*env, *storage_env],
         "resources": copy.deepcopy({k: dict(v) for k, v in sizing.resources.items()}),
         "securityContext": _security_context(),
         "volumeMounts": mounts,
@@ -199,6 +239,8 @@ def _pod_template(spec: DPTrainingJobSpec, job: JobRef, *, component: str,
         # failure condition), so the reason survives the pod.
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    if env_from:
+        container["envFrom"] = env_from
     if ports:
         container["ports"] = ports
     pod_spec: dict[str, Any] = {

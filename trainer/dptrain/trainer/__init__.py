@@ -87,6 +87,7 @@ from dptrain.trainer._reporters import (
     reporters_from_env,
 )
 from dptrain.trainer._sampling import PoissonSampler, SampledBatch
+from dptrain.trainer._storage import StorageError
 from dptrain.trainer._tokenizer import ByteTokenizer, Tokenizer, make_tokenizer
 
 __all__ = [
@@ -125,6 +126,7 @@ __all__ = [
     "SampledBatch",
     "StatusReportError",
     "StepMetrics",
+    "StorageError",
     "Tokenizer",
     "TrainConfig",
     "TrainResult",

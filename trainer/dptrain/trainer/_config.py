@@ -43,7 +43,8 @@ class TrainConfig:
             secret job key).
         epsilon_budget: ε the job may spend.
         delta: δ.
-        checkpoint_dir: where checkpoints and ``ledger.json`` go.
+        checkpoint_dir: where checkpoints and ``ledger.json`` go (with ``checkpoint_uri``: the
+            local scratch orbax writes to before the upload).
         checkpoint_interval: save every this many steps (and at the end).
         checkpoint_keep: checkpoints to keep.
         output_dir: where ``metrics.jsonl``, the report and plots go.
@@ -59,6 +60,8 @@ class TrainConfig:
             models; the default is dptrain's from-scratch decoder).
         pretrained_dir: a Hugging Face checkpoint to initialise from (None: random init).
         evaluation: held-out evaluation (None: none); never touches the ledger.
+        checkpoint_uri: ``spec.checkpoint.uri``: object storage holding the checkpoints and the
+            ledger (None: ``checkpoint_dir`` only).
     """
 
     job_name: str
@@ -88,6 +91,7 @@ class TrainConfig:
     architecture: Architecture = dataclasses.field(default_factory=Architecture)
     pretrained_dir: pathlib.Path | None = None
     evaluation: EvaluationSettings | None = None
+    checkpoint_uri: str | None = None
 
     def __post_init__(self) -> None:
         errors = []
@@ -252,7 +256,8 @@ def config_from_plan(job: DPTrainingJob, plan: PlanStatus, *, dataset: PreparedD
         progress=progress, initial_steps_charged=initial_steps_charged, key_file=key_file,
         create_key=create_key, clipping=training.clipping,
         release_raw_statistics=spec.monitoring.release_raw_statistics,
-        architecture=architecture, pretrained_dir=pretrained_dir, evaluation=evaluation)
+        architecture=architecture, pretrained_dir=pretrained_dir, evaluation=evaluation,
+        checkpoint_uri=spec.checkpoint.uri)
 
 
 def pretrained_model(job: DPTrainingJob, *, base_dir: pathlib.Path

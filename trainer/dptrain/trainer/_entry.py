@@ -38,8 +38,12 @@ from dptrain.planner import InfeasibleBudgetError, ModelShape, make_plan
 from dptrain.trainer._artifacts import StatusReportError, finish_artifacts
 from dptrain.trainer._config import config_from_plan, pretrained_model
 from dptrain.trainer._data import (
+    ARRAY_NAME,
     BUILTIN_STDLIB_DOCS,
+    MANIFEST_NAME,
+    DataError,
     PreparedDataset,
+    fetch_prepared,
     load_dataset,
     prepare_dataset,
     prepare_or_reuse,
@@ -61,9 +65,12 @@ from dptrain.trainer._reporters import (
     KubernetesTarget,
     reporters_from_env,
 )
+from dptrain.trainer._storage import RemoteDir
 from dptrain.trainer._tokenizer import make_tokenizer
 
 DEFAULT_RUNS_DIR = "runs"
+#: Where data preparation publishes the prepared sequences under ``spec.checkpoint.uri``.
+PREPARED_DIR = "prepared"
 MIN_SEQUENCE_LENGTH, MAX_SEQUENCE_LENGTH = 16, 32768
 
 
@@ -135,13 +142,20 @@ def dataset_for(job: DPTrainingJob, *, base_dir: pathlib.Path, prepared_dir: pat
         DataError: the data cannot be read or prepared.
     """
     data = job.spec.data
+    if data.format == "prepared" and data.uri is not None:
+        return fetch_prepared(data.uri, prepared_dir)
     if data.format == "prepared":
         if data.path is None:
             raise InvalidInputError("spec.data.path: required when format is prepared")
         path = pathlib.Path(data.path)
         return load_dataset(path if path.is_absolute() else base_dir / path)
     location = (job.status.dataset.location if job.status and job.status.dataset else None)
-    if location and (pathlib.Path(location) / "manifest.json").is_file():
+    if location and "://" in location:  # data preparation published it beside the checkpoints
+        try:
+            return fetch_prepared(location, prepared_dir)
+        except DataError:
+            pass  # gone (a new bucket, kept steps pruned by hand): prepare again below
+    elif location and (pathlib.Path(location) / "manifest.json").is_file():
         return load_dataset(location)
     source = data_source(job, base_dir)  # minus a held-out split, if any
     model_path = None
@@ -261,9 +275,14 @@ def train_job(job: DPTrainingJob, plan: PlanStatus, shape: ModelShape | None,
     report: dict[str, Any] = {}
     if process.is_leader:
         artifacts = finish_artifacts(result, output, options.export)
-        report = write_report(result, output, extra={
-            "job": job.metadata.name, "plan": plan.model_dump(mode="json", by_alias=True),
-            "report": str(output / "report.json"), "artifacts": artifacts})
+        extra = {"job": job.metadata.name, "plan": plan.model_dump(mode="json", by_alias=True),
+                 "report": str(output / "report.json"), "artifacts": artifacts}
+        if job.spec.checkpoint.uri is not None:
+            extra["checkpoint_uri"] = job.spec.checkpoint.uri
+        report = write_report(result, output, extra=extra)
+        if job.spec.checkpoint.uri is not None:  # the pod's scratch goes; the bucket stays
+            RemoteDir(job.spec.checkpoint.uri, field="spec.checkpoint.uri").publish(
+                output, ("report.json", "loss.png", "epsilon.png"))
         if in_pod or options.export:
             # Where the outputs lie (a file reporter rewrites progress.json: keep the rest).
             final = Progress(steps_charged=result.steps_charged, step=result.step,
@@ -302,6 +321,7 @@ def train_pod(config_path: pathlib.Path, output: pathlib.Path | None, options: R
         see :func:`load_pod_config`, :func:`dataset_for` and :func:`train_job`.
     """
     job, charged = load_pod_config(config_path)
+    # With a uri the checkpoint path is scratch: orbax's staging, prepared data, the report.
     checkpoint = pathlib.Path(job.spec.checkpoint.path or "checkpoints")
     out = output or checkpoint
     out.mkdir(parents=True, exist_ok=True)
@@ -362,8 +382,10 @@ def prepare_data(request: PrepareRequest) -> dict[str, Any]:
     """
     from dptrain.trainer._audit import make_canaries
 
+    checkpoint_uri = None
     if request.config is not None:
         job, _ = load_pod_config(request.config)
+        checkpoint_uri = job.spec.checkpoint.uri
         data = job.spec.data
         # The trainer's own source (a held-out split excluded): the same N and checksum.
         source = data_source(job, pathlib.Path.cwd())
@@ -386,6 +408,15 @@ def prepare_data(request: PrepareRequest) -> dict[str, Any]:
                               canary_repeats=request.canary_repeats, progress=request.progress)
     manifest = dataset.manifest
     result = {"location": str(dataset.directory.resolve()), **manifest.to_dict()}
+    if checkpoint_uri is not None:
+        # No volume is shared with the trainer pods: publish the sequences beside the
+        # checkpoints (the same private storage), the manifest last, so that they are fetched
+        # instead of tokenized again.
+        remote = RemoteDir(checkpoint_uri, field="spec.checkpoint.uri")
+        remote.publish(dataset.directory, (ARRAY_NAME,), under=PREPARED_DIR)
+        remote.write_bytes(f"{PREPARED_DIR}/{MANIFEST_NAME}", (dataset.directory /
+                                                              MANIFEST_NAME).read_bytes())
+        result["location"] = remote.url(PREPARED_DIR)
     result.pop("canaries")
     result["canaries"] = len(manifest.canaries)
     if request.report_status:

@@ -55,7 +55,7 @@ def data_source(job: DPTrainingJob, base_dir: pathlib.Path) -> DocumentSource:
     source = source_from_spec(path=data.path, builtin=data.builtin, fmt=data.format,
                               text_field=data.text_field, base_dir=base_dir,
                               prompt_field=data.prompt_field,
-                              response_field=data.response_field)
+                              response_field=data.response_field, uri=data.uri)
     evaluation = job.spec.evaluation
     if evaluation is not None and evaluation.holdout_fraction is not None:
         return source.with_split("train", evaluation.holdout_fraction)
@@ -72,14 +72,14 @@ def evaluation_source(job: DPTrainingJob, base_dir: pathlib.Path) -> DocumentSou
         source = source_from_spec(path=data.path, builtin=data.builtin, fmt=data.format,
                                   text_field=data.text_field, base_dir=base_dir,
                                   prompt_field=data.prompt_field,
-                                  response_field=data.response_field)
+                                  response_field=data.response_field, uri=data.uri)
         return source.with_split("holdout", evaluation.holdout_fraction)
     separate = evaluation.data
     assert separate is not None  # validation: exactly one of data and holdoutFraction
     return source_from_spec(path=separate.path, builtin=separate.builtin, fmt=separate.format,
                             text_field=separate.text_field, base_dir=base_dir,
                             prompt_field=separate.prompt_field,
-                            response_field=separate.response_field)
+                            response_field=separate.response_field, uri=separate.uri)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -209,9 +209,15 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
     pad_id = tokenizer.pad_id
     rows = physical_rows(config, mesh.devices.size)
     mechanism = config.mechanism
-    ledger_file = LedgerFile(config.checkpoint_dir)
+    if config.checkpoint_uri is not None and process.num_processes > 1:
+        raise InvalidJobError([FieldError(
+            "spec.checkpoint.uri", "object-storage checkpoints are written by single-host jobs "
+            "only (each host's orbax shards would need a shared commit); use a ReadWriteMany "
+            "volume for multi-host jobs", config.checkpoint_uri)])
+    ledger_file = LedgerFile(config.checkpoint_dir, remote=config.checkpoint_uri)
     start_count = max(config.initial_steps_charged, ledger_file.steps_charged())
-    checkpointer = Checkpointer(config.checkpoint_dir, keep=config.checkpoint_keep)
+    checkpointer = Checkpointer(config.checkpoint_dir, keep=config.checkpoint_keep,
+                                remote=config.checkpoint_uri)
     try:
         # Resuming = this run's own records exist (a count from the operator alone is not a
         # local run to resume: its pods read the mounted key).
@@ -255,7 +261,8 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
     checkpoint_count = 0
     if checkpointer.latest_step() is not None:
         restored = checkpointer.restore(params, opt_state)
-        check_compatible(restored.meta, meta_template, checkpointer.directory)
+        check_compatible(restored.meta, meta_template,
+                         checkpointer.remote.uri if checkpointer.remote else checkpointer.directory)
         params, opt_state, step = restored.params, restored.opt_state, restored.step
         checkpoint_count = int(restored.meta["ledger"]["steps_charged"])
     charged = ledger.resume(start_count, checkpoint_count)
@@ -273,6 +280,12 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
     log.info("starting at step %d with %d steps charged", step, charged)
 
     history_path = config.output_dir / HISTORY_FILE
+    remote = checkpointer.remote  # spec.checkpoint.uri: the history is kept beside it
+    if remote is not None and process.is_leader and not history_path.is_file():
+        published = remote.read_bytes(HISTORY_FILE)  # a fresh machine: the history so far
+        if published is not None:
+            config.output_dir.mkdir(parents=True, exist_ok=True)
+            history_path.write_bytes(published)
     history = read_history(history_path, step)
     if process.is_leader:
         config.output_dir.mkdir(parents=True, exist_ok=True)
@@ -329,6 +342,8 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
         meta["tokenizer"] = dict(dataset.manifest.tokenizer)
         checkpointer.save(step, params, opt_state, meta)
         saved_step = step
+        if remote is not None and process.is_leader and history_path.is_file():
+            remote.write_bytes(HISTORY_FILE, history_path.read_bytes())  # public: DP losses
 
     try:
         while step < config.iterations:

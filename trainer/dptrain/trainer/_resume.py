@@ -71,10 +71,12 @@ def same_run(meta: dict[str, Any], expected: dict[str, Any]) -> bool:
     return got == want
 
 
-def check_compatible(meta: dict[str, Any], expected: dict[str, Any], where: pathlib.Path) -> None:
+def check_compatible(meta: dict[str, Any], expected: dict[str, Any],
+                     where: pathlib.Path | str) -> None:
+    field = "spec.checkpoint.uri" if isinstance(where, str) else "spec.checkpoint.path"
     if meta.get("key_fingerprint") != expected["key_fingerprint"]:
         raise InvalidJobError([FieldError(
-            "spec.checkpoint.path", f"the checkpoint in {where} was made with another secret "
+            field, f"the checkpoint in {where} was made with another secret "
             f"job key (fingerprint {meta.get('key_fingerprint') or 'absent'}, this run's "
             f"{expected['key_fingerprint']}); restore the job's key file or use a fresh "
             "checkpoint directory")])
@@ -86,11 +88,11 @@ def check_compatible(meta: dict[str, Any], expected: dict[str, Any], where: path
             same = got == expected[key]
         if not same:
             raise InvalidJobError([FieldError(
-                "spec.checkpoint.path", f"the checkpoint in {where} belongs to another "
+                field, f"the checkpoint in {where} belongs to another "
                 f"configuration ({key} differs); use a fresh checkpoint directory")])
     if meta.get("dataset", {}).get("checksum") != expected["dataset"]["checksum"]:
         raise InvalidJobError([FieldError(
-            "spec.checkpoint.path", f"the checkpoint in {where} was trained on other data "
+            field, f"the checkpoint in {where} was trained on other data "
             "(dataset checksum differs)")])
 
 
