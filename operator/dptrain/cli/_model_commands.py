@@ -32,6 +32,10 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                         help="checkpoint step to export (default: the latest)")
     export.add_argument("--overwrite", action="store_true",
                         help="write into a non-empty output directory")
+    export.add_argument("--adapter-only", action="store_true",
+                        help="LoRA checkpoints: write the adapters alone in PEFT's format "
+                             "(adapter_config.json, adapter_model.safetensors) instead of the "
+                             "model with the adapters merged (the default)")
     export.set_defaults(handler=_export)
 
     gen = subparsers.add_parser(
@@ -64,11 +68,12 @@ def _export(args: argparse.Namespace) -> int:
 
     try:
         result = export_huggingface(args.checkpoint, args.output, step=args.step,
-                                    overwrite=args.overwrite)
+                                    overwrite=args.overwrite, adapter_only=args.adapter_only)
     except ExportError as error:
         fail(str(error), EXIT_INVALID)
     summary = {"output": str(result.output), "files": result.files, "step": result.step,
-               "format": args.format, "privacy": result.privacy}
+               "format": "peft-lora" if args.adapter_only else args.format,
+               "privacy": result.privacy}
 
     def human(r: dict[str, Any]) -> str:
         p = r["privacy"]

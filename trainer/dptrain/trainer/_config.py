@@ -15,6 +15,7 @@ from dptrain.api import DPTrainingJob, FieldError, InvalidJobError, PlanStatus
 from dptrain.planner import ModelShape, get_preset, mechanism_of
 from dptrain.privacy import DpSgdMechanism
 from dptrain.trainer._data import PreparedDataset
+from dptrain.trainer._lora import LoraConfig
 from dptrain.trainer._model import Architecture
 
 
@@ -57,6 +58,9 @@ class TrainConfig:
         architecture: the decoder's architecture switches (Gemma 2 features of pretrained
             models; the default is dptrain's from-scratch decoder).
         pretrained_dir: a Hugging Face checkpoint to initialise from (None: random init).
+        lora: train LoRA adapters only (None: every parameter).
+        precision: ``fp32`` or ``bf16`` (activations and matmuls; master weights, clipping and
+            noise stay float32).
     """
 
     job_name: str
@@ -85,6 +89,8 @@ class TrainConfig:
     release_raw_statistics: bool = False
     architecture: Architecture = dataclasses.field(default_factory=Architecture)
     pretrained_dir: pathlib.Path | None = None
+    lora: LoraConfig | None = None
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         errors = []
@@ -108,6 +114,8 @@ class TrainConfig:
                                      str(self.noise_multiplier)))
         if self.ledger_block < 1:
             errors.append(FieldError("ledgerBlock", "must be ≥ 1", str(self.ledger_block)))
+        if self.lora is not None and self.pretrained_dir is None:
+            errors.append(FieldError("spec.training.lora", "needs spec.model.pretrained"))
         if errors:
             raise InvalidJobError(errors)
 
@@ -249,7 +257,11 @@ def config_from_plan(job: DPTrainingJob, plan: PlanStatus, *, dataset: PreparedD
         progress=progress, initial_steps_charged=initial_steps_charged, key_file=key_file,
         create_key=create_key, clipping=training.clipping,
         release_raw_statistics=spec.monitoring.release_raw_statistics,
-        architecture=architecture, pretrained_dir=pretrained_dir)
+        architecture=architecture, pretrained_dir=pretrained_dir,
+        lora=None if training.lora is None else LoraConfig(
+            rank=training.lora.rank, alpha=training.lora.alpha,
+            targets=tuple(training.lora.targets)),
+        precision=training.precision)
 
 
 def pretrained_model(job: DPTrainingJob, *, base_dir: pathlib.Path
