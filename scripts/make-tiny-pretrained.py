@@ -78,6 +78,7 @@ def make_model(out: pathlib.Path, *, vocab_size: int, seed: int, layers: int, wi
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse the arguments, write the checkpoint directory; the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("output", type=pathlib.Path, help="directory to write")
     parser.add_argument("--vocab-size", type=int, default=512,

@@ -1,4 +1,4 @@
-"""spec.training.precision: bf16 computes in bfloat16, keeps float32 masters, and trains like fp32."""
+"""spec.training.precision: bf16 computes in bfloat16 on float32 masters and trains like fp32."""
 
 import re
 

@@ -124,6 +124,10 @@ class ModelSpec(_Model):
 LoraTarget = Literal["q", "k", "v", "o", "gate", "up", "down"]
 
 
+def _all_lora_targets() -> list[LoraTarget]:
+    return ["q", "k", "v", "o", "gate", "up", "down"]
+
+
 class LoraSpec(_Model):
     """Low-rank adapters (LoRA): train ``W + (alpha/rank)·A·B`` with the base weights frozen.
 
@@ -138,7 +142,7 @@ class LoraSpec(_Model):
     """Scale numerator: the adapter's update is multiplied by alpha / rank (as PEFT's
     lora_alpha)."""
     targets: Annotated[list[LoraTarget], Field(min_length=1, max_length=7)] = Field(
-        default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+        default_factory=_all_lora_targets)
     """Linear maps that get an adapter: attention projections q, k, v, o and MLP gate, up,
     down (each at most once)."""
 

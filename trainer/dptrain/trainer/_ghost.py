@@ -103,8 +103,10 @@ def _lora_inputs(tape: GhostTape) -> dict[str, tuple[jax.Array, jax.Array]]:
 
 
 def _lora_pairs(tape: GhostTape, lora: Adapters) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """``(input, output gradient)`` of every adapter matrix: ``A``: ``(x, s·δBᵀ)``, ``B``:
-    ``(s·xA, δ)``."""
+    """``(input, output gradient)`` of every adapter matrix.
+
+    ``A``: ``(x, s·δBᵀ)``; ``B``: ``(s·xA, δ)`` (``s`` the adapters' scale).
+    """
     pairs = {}
     for name, (x, delta) in _lora_inputs(tape).items():
         a, b = lora.a[name], lora.b[name]  # [n, in, r], [n, r, out]

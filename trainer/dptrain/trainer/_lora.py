@@ -172,7 +172,10 @@ def check_moved(before: Adapters, after: Adapters, *, step: int) -> None:
 
 
 def peft_tensors(adapters: Adapters) -> dict[str, np.ndarray]:
-    """The adapters under PEFT's key names (``lora_A.weight`` ``[r, in]``, ``lora_B`` ``[out, r]``)."""
+    """The adapters under PEFT's key names.
+
+    ``...layers.{i}.{module}.lora_A.weight`` ``[r, in]`` and ``lora_B.weight`` ``[out, r]``.
+    """
     out: dict[str, np.ndarray] = {}
     for target in adapters.a:
         a = np.asarray(adapters.a[target], np.float32)
