@@ -76,7 +76,8 @@ def finetuned(tmp_path_factory):
                            "--tokenizer-files", "6", "--max-positions", "64"]) == 0
     raw = yaml.safe_load(SAMPLE.read_text())
     raw["spec"]["data"]["sequenceLength"] = 32
-    raw["spec"]["training"].update(batchSize=16, iterations=4, warmupSteps=0)
+    # Warm-up from 0: the first step cannot move the adapters, the check must wait for step 2.
+    raw["spec"]["training"].update(batchSize=16, iterations=4, warmupSteps=1)
     raw["spec"]["checkpoint"] = {"intervalSteps": 4, "keep": 1}
     run = tmp / "run"
     assert main(["run", str(_write(tmp, raw)), "--output", str(run), "--json",
@@ -153,3 +154,34 @@ def test_merged_and_adapter_exports_equal_dptrain(finetuned, capsys):
                                                       attn_implementation="eager").eval()
     assert np.max(np.abs(_logits(base_again, PROMPTS[0])
                          - np.asarray(model(jax.numpy.asarray(PROMPTS[0]))))) > 1e-6
+
+
+@pytest.mark.slow
+def test_a_run_whose_adapters_never_move_fails_loudly(finetuned, monkeypatch, capsys):
+    """A step that drops its update (a wiring bug) must not end as a silent base-model run."""
+    from dptrain.trainer import _loop
+
+    tmp, _ = finetuned
+    real = _loop.compiled_step
+
+    def stuck_compiled_step(*args, **kwargs):
+        step, optimizer, static = real(*args, **kwargs)
+
+        def stuck(params, opt_state, *rest):
+            copy = jax.tree_util.tree_map(jax.numpy.copy, params)  # the step donates it
+            _, opt_state, metrics = step(copy, opt_state, *rest)
+            return params, opt_state, metrics
+        return stuck, optimizer, static
+
+    monkeypatch.setattr(_loop, "compiled_step", stuck_compiled_step)
+    raw = yaml.safe_load(SAMPLE.read_text())
+    raw["spec"]["data"]["sequenceLength"] = 32
+    raw["spec"]["training"].update(batchSize=16, iterations=2, warmupSteps=0)
+    raw["spec"]["checkpoint"] = {"intervalSteps": 2, "keep": 1}
+    job = tmp / "stuck"
+    job.mkdir()
+    (job / "tiny-vaultgemma").symlink_to(tmp / "tiny-vaultgemma")
+    capsys.readouterr()
+    code = main(["run", str(_write(job, raw)), "--output", str(job / "run"), "--no-progress"])
+    assert code != 0
+    assert "did not change" in capsys.readouterr().err

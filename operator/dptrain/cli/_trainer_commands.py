@@ -129,6 +129,7 @@ def _typed_errors(*, bad_values: bool = False) -> Iterator[None]:
     ``bad_values``: any ``ValueError`` is bad input too (data preparation's readers raise it).
     """
     from dptrain.trainer import (
+        AdaptersUnchangedError,
         DataError,
         InvalidInputError,
         StatusReportError,
@@ -138,7 +139,7 @@ def _typed_errors(*, bad_values: bool = False) -> Iterator[None]:
         yield
     except TrainingInterruptedError as error:
         fail(str(error), EXIT_INTERRUPTED)
-    except StatusReportError as error:
+    except (StatusReportError, AdaptersUnchangedError) as error:
         fail(str(error), EXIT_ERROR)
     except (InvalidJobError, InvalidInputError, DataError, ValueError) as error:
         if not (bad_values or isinstance(error, (InvalidJobError, InvalidInputError, DataError))):

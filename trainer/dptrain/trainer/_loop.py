@@ -291,6 +291,12 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
         log.warning("unaccounted release: %s", UNACCOUNTED_RELEASE)
     end_state = SUCCEEDED
     saved_step = step if checkpointer.latest_step() == step else -1
+    # LoRA: the adapters at this run's start (copied: the step donates its arguments), checked
+    # once a step with a non-zero learning rate has run (warm-up starts at 0: step 1 then).
+    start_step = step
+    adapters_before = (None if config.lora is None
+                       else jax.tree_util.tree_map(np.array, params.lora))
+    first_moving_step = 1 if min(config.warmup_steps, config.iterations - 1) > 0 else 0
 
     def save() -> None:
         nonlocal saved_step
@@ -311,9 +317,6 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
                 break
             ledger.reserve(block, Progress(steps_charged=ledger.steps_charged, step=step,
                                            mechanism=mechanism_run))
-            # LoRA: the adapters before this run's first block (copied: the step donates them).
-            adapters_before = (jax.tree_util.tree_map(np.array, params.lora)
-                               if first_block and config.lora is not None else None)
             started = time.perf_counter()
             losses: list[float] = []
             raw_losses: list[float] = []
@@ -344,9 +347,10 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
                     with history_path.open("a") as handle:
                         handle.write(json.dumps(record) + "\n")
             elapsed = time.perf_counter() - started
-            if adapters_before is not None:
+            if adapters_before is not None and step - 1 >= first_moving_step:
                 # A known silent failure: adapters that never move return the base model.
-                check_moved(adapters_before, params.lora, step=block)
+                check_moved(adapters_before, params.lora, step=step - start_step)
+                adapters_before = None
             # The physical batch (public), padding included: the realised size is private.
             block_tokens = float(block * rows * (config.sequence_length - 1))
             if not first_block:  # the first block includes compilation
