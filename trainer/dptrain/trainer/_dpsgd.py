@@ -23,6 +23,11 @@ released loss costs no ε beyond the job's. We give the loss a fixed share β of
 not shrink its loss: the estimate is unbiased for the mean clipped loss.
 
 The model's parameters are a pytree of arrays (``eqx.partition``); the static part is closed over.
+With LoRA (``_lora.split``) the trained parameters are the adapters alone and the base weights
+are the step's ``frozen`` input: gradients, norms, clipping, noise and the optimizer cover the
+adapters only, and the guarantees below hold for them unchanged (the accounting does not depend
+on the number of trained coordinates). ``ModelLoss.precision`` ``bf16`` computes the forward and
+backward in bfloat16; everything from the per-example norms on is float32.
 
 Formal guarantees:
     1. Bounded contribution: every real example's vector ``vᵢ = (ĝᵢ, α·ℓ̃ᵢ)`` has L2 norm ≤
