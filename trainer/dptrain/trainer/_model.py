@@ -406,7 +406,11 @@ class Decoder(eqx.Module):
         """Next-token logits ``[vocab]`` after ``token`` at ``position``, with a KV cache.
 
         ``cache``: keys and values ``[n_layers, T, kv, head_dim]`` (see :func:`empty_cache`).
+        A model with LoRA adapters is decoded after merging them (``_lora.merge``).
         """
+        if self.lora is not None:
+            raise ValueError("decode a model with LoRA adapters after merging them "
+                             "(dptrain.trainer._lora.merge)")
         arrays, static = eqx.partition(self.blocks, eqx.is_array)
         keys, values = cache
         windows = jnp.asarray(self.arch.windows(self.n_layers, keys.shape[1]))
