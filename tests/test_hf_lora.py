@@ -60,6 +60,13 @@ def test_lora_needs_a_pretrained_model():
 
     with pytest.raises(InvalidJobError, match=r"spec\.training\.lora.*pretrained"):
         validate_job(parse_job(raw))
+    raw = yaml.safe_load(SAMPLE.read_text())
+    raw["spec"]["training"]["lora"]["targets"] = ["q", "v", "q"]
+    with pytest.raises(InvalidJobError, match=r"spec\.training\.lora\.targets.*at most once"):
+        validate_job(parse_job(raw))
+    raw["spec"]["training"]["lora"]["targets"] = ["qkv"]
+    with pytest.raises(InvalidJobError, match="targets"):
+        parse_job(raw)
 
 
 def _write(directory, raw):
