@@ -55,9 +55,12 @@ def _tokens(seed=0):
     return jnp.asarray(tokens)
 
 
-@pytest.mark.parametrize("targets", [("q", "k", "v", "o", "gate", "up", "down"), ("v", "down")],
-                         ids=["all", "v-down"])
-def test_ghost_equals_per_example_on_adapters(targets):
+ALL = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@pytest.mark.slow  # compiles the ghost and vmap(grad) paths: ~30 s on 2 shared cores
+def test_ghost_equals_per_example_on_adapters():
+    targets = ALL
     _, model = _model(targets)
     params, frozen, static = split(model)
     loss = model_loss_fn(static).with_frozen(frozen)
@@ -90,9 +93,10 @@ def test_ghost_equals_per_example_on_adapters(targets):
         np.testing.assert_allclose(float(a), float(e), rtol=1e-5)
 
 
-@pytest.mark.parametrize("clipping", ["ghost", "per-example"])
-def test_dp_step_trains_adapters_only(clipping):
-    _, model = _model(random_b=False)
+@pytest.mark.slow  # one DP step compiled per case: ~25 s on 2 shared cores
+@pytest.mark.parametrize(("clipping", "targets"), [("ghost", ALL), ("per-example", ("v", "down"))])
+def test_dp_step_trains_adapters_only(clipping, targets):
+    _, model = _model(targets, random_b=False)
     params, frozen, static = split(model)
     frozen_before = jax.tree_util.tree_map(np.array, frozen)
     adapters_before = jax.tree_util.tree_map(jnp.copy, params.lora)

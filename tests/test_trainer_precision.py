@@ -32,6 +32,7 @@ def _batches(seed=0):
     return jnp.asarray(tokens)
 
 
+@pytest.mark.slow  # two gradient compilations: ~25 s on 2 shared cores
 def test_bf16_matmuls_run_in_bfloat16_on_float32_masters():
     model = build_model(SHAPE, key=jax.random.key(0))
     params, static = eqx.partition(model, eqx.is_array)
