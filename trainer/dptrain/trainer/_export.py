@@ -185,6 +185,11 @@ def model_card(privacy: dict[str, Any], *, shape: ModelShape, config: dict[str, 
     base = (f"Fine-tuned with DP-SGD from the pretrained checkpoint `{base_model}`. The guarantee "
             "below covers the fine-tuning data only; the base model's own training data is not "
             "covered by it." if base_model else "Trained from scratch with DP-SGD by dptrain.")
+    lora = meta.get("lora")
+    if lora:
+        base += (f" Only low-rank (LoRA) adapters were trained (rank {lora['rank']}, alpha "
+                 f"{lora['alpha']:g}, on {', '.join(lora['targets'])}); the base weights were not "
+                 "changed by fine-tuning.")
     audit = privacy.get("audit")
     audit_line = (f"| Empirical audit | {json.dumps(audit)} |\n" if audit else "")
     return f"""---
