@@ -135,6 +135,32 @@ class ModelSpec(_Model):
     planner plans batch, iterations, σ and learning rate for it."""
 
 
+LoraTarget = Literal["q", "k", "v", "o", "gate", "up", "down"]
+
+
+def _all_lora_targets() -> list[LoraTarget]:
+    return ["q", "k", "v", "o", "gate", "up", "down"]
+
+
+class LoraSpec(_Model):
+    """Low-rank adapters (LoRA): train ``W + (alpha/rank)·A·B`` with the base weights frozen.
+
+    Only the adapters are trained: per-example gradients, clipping and noise cover the adapters
+    alone, and the optimizer keeps state for them only. ``B`` starts at zero (the model starts as
+    the base), ``A`` random.
+    """
+
+    rank: int = Field(default=8, ge=1, le=4096)
+    """Rank r of every adapter."""
+    alpha: float = Field(default=16.0, gt=0, le=1e6)
+    """Scale numerator: the adapter's update is multiplied by alpha / rank (as PEFT's
+    lora_alpha)."""
+    targets: Annotated[list[LoraTarget], Field(min_length=1, max_length=7)] = Field(
+        default_factory=_all_lora_targets)
+    """Linear maps that get an adapter: attention projections q, k, v, o and MLP gate, up,
+    down (each at most once)."""
+
+
 class TrainingSpec(_Model):
     """Pins for the planner and optimiser settings. Unset fields are chosen by the planner."""
 
@@ -163,6 +189,13 @@ class TrainingSpec(_Model):
     activations and output gradients; no per-example gradients in memory) or `per-example`
     (materialised per-example gradients, the reference). Same results; ghost is faster and
     smaller."""
+    lora: LoraSpec | None = None
+    """Train low-rank adapters instead of every parameter (needs model.pretrained): the base
+    weights stay bit-identical; export merges the adapters (or writes them alone in PEFT's
+    format with `dptrain export --adapter-only`)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Compute precision: `bf16` runs activations and matmuls in bfloat16 while the master
+    weights, optimizer state, per-example norms, clipping and noise stay float32."""
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     """Seed of the model's initialisation only (public). Batch sampling and noise come from a
     secret per-job key, never from this seed."""

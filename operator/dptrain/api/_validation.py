@@ -78,6 +78,15 @@ def semantic_errors(spec: DPTrainingJobSpec, *, dataset_size: int | None = None,
         errors.append(FieldError(f"{prefix}.model.pretrained",
                                  "is exclusive with model.preset (the checkpoint fixes the model)",
                                  spec.model.preset))
+    if training.lora is not None:
+        if spec.model.pretrained is None:
+            errors.append(FieldError(f"{prefix}.training.lora",
+                                     "needs model.pretrained (adapters fine-tune a pretrained "
+                                     "checkpoint; train from scratch without lora)"))
+        if len(set(training.lora.targets)) != len(training.lora.targets):
+            errors.append(FieldError(f"{prefix}.training.lora.targets",
+                                     "must name each linear map at most once",
+                                     ",".join(training.lora.targets)))
     model_pinned = spec.model.preset is not None or spec.model.pretrained is not None
     fully_pinned = (model_pinned and training.batch_size is not None
                     and training.iterations is not None)

@@ -35,6 +35,10 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     export.add_argument("--report", choices=["kubernetes"], default=None,
                         help="also merge-patch status.progress.artifacts of the pod's job "
                              "(the operator's export Job)")
+    export.add_argument("--adapter-only", action="store_true",
+                        help="LoRA checkpoints: write the adapters alone in PEFT's format "
+                             "(adapter_config.json, adapter_model.safetensors) instead of the "
+                             "model with the adapters merged (the default)")
     export.set_defaults(handler=_export)
 
     gen = subparsers.add_parser(
@@ -68,14 +72,15 @@ def _export(args: argparse.Namespace) -> int:
 
     try:
         result = export_checkpoint(args.checkpoint, args.output, step=args.step,
-                                   overwrite=args.overwrite,
+                                   overwrite=args.overwrite, adapter_only=args.adapter_only,
                                    report_status=args.report == "kubernetes")
     except ExportError as error:
         fail(str(error), EXIT_INVALID)
     except StatusReportError as error:
         fail(str(error), EXIT_ERROR)
     summary = {"output": str(result.output), "files": result.files, "step": result.step,
-               "format": args.format, "privacy": result.privacy}
+               "format": "peft-lora" if args.adapter_only else args.format,
+               "privacy": result.privacy}
 
     def human(r: dict[str, Any]) -> str:
         p = r["privacy"]

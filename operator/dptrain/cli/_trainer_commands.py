@@ -133,6 +133,7 @@ def _typed_errors(*, bad_values: bool = False) -> Iterator[None]:
     ``bad_values``: any ``ValueError`` is bad input too (data preparation's readers raise it).
     """
     from dptrain.trainer import (
+        AdaptersUnchangedError,
         DataError,
         InvalidInputError,
         LedgerError,
@@ -144,8 +145,9 @@ def _typed_errors(*, bad_values: bool = False) -> Iterator[None]:
         yield
     except TrainingInterruptedError as error:
         fail(str(error), EXIT_INTERRUPTED)
-    except (StatusReportError, StorageError, LedgerError) as error:
-        # Object storage or a durable record failed: an error (retried), not bad input.
+    except (StatusReportError, StorageError, LedgerError, AdaptersUnchangedError) as error:
+        # Object storage or a durable record failed, or the adapters never moved: an error
+        # (retried), not bad input.
         fail(str(error), EXIT_ERROR)
     except (InvalidJobError, InvalidInputError, DataError, ValueError) as error:
         if not (bad_values or isinstance(error, (InvalidJobError, InvalidInputError, DataError))):

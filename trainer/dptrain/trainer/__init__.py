@@ -75,6 +75,7 @@ from dptrain.trainer._loop import (
     mechanism_for,
     train,
 )
+from dptrain.trainer._lora import AdaptersUnchangedError, LoraConfig
 from dptrain.trainer._mesh import make_mesh
 from dptrain.trainer._metrics import TrainerMetrics
 from dptrain.trainer._model import Decoder, build_model, count_params, sequence_loss
@@ -96,6 +97,7 @@ __all__ = [
     "DEFAULT_RUNS_DIR",
     "REPORT_KEYS",
     "SUCCEEDED",
+    "AdaptersUnchangedError",
     "BudgetExceededError",
     "ByteTokenizer",
     "Checkpointer",
@@ -112,6 +114,7 @@ __all__ = [
     "LedgerError",
     "LedgerFile",
     "LocalRun",
+    "LoraConfig",
     "MatchRate",
     "MemorizationResult",
     "PoissonSampler",

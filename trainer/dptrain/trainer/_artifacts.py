@@ -53,7 +53,8 @@ def finish_artifacts(result: TrainResult, output: pathlib.Path,
 
 
 def export_checkpoint(checkpoint: pathlib.Path, output: pathlib.Path, *, step: int | None = None,
-                      overwrite: bool = False, report_status: bool = False) -> Any:
+                      overwrite: bool = False, adapter_only: bool = False,
+                      report_status: bool = False) -> Any:
     """``dptrain export``: write the Hugging Face directory, and report it if asked.
 
     With ``report_status`` (the operator's export pod) merge-patch
@@ -69,7 +70,8 @@ def export_checkpoint(checkpoint: pathlib.Path, output: pathlib.Path, *, step: i
     if (checkpoint / "report.json").is_file():
         artifacts["report"] = str(checkpoint / "report.json")
     try:
-        result = export_huggingface(checkpoint, output, step=step, overwrite=overwrite)
+        result = export_huggingface(checkpoint, output, step=step, overwrite=overwrite,
+                                    adapter_only=adapter_only)
     except ExportError as error:
         if report_status:
             with contextlib.suppress(StatusReportError):

@@ -16,6 +16,7 @@ from dptrain.planner import ModelShape, get_preset, mechanism_of
 from dptrain.privacy import DpSgdMechanism
 from dptrain.trainer._data import PreparedDataset
 from dptrain.trainer._evaluation import EvaluationSettings
+from dptrain.trainer._lora import LoraConfig
 from dptrain.trainer._model import Architecture
 
 
@@ -62,6 +63,9 @@ class TrainConfig:
         evaluation: held-out evaluation (None: none); never touches the ledger.
         checkpoint_uri: ``spec.checkpoint.uri``: object storage holding the checkpoints and the
             ledger (None: ``checkpoint_dir`` only).
+        lora: train LoRA adapters only (None: every parameter).
+        precision: ``fp32`` or ``bf16`` (activations and matmuls; master weights, clipping and
+            noise stay float32).
     """
 
     job_name: str
@@ -92,6 +96,8 @@ class TrainConfig:
     pretrained_dir: pathlib.Path | None = None
     evaluation: EvaluationSettings | None = None
     checkpoint_uri: str | None = None
+    lora: LoraConfig | None = None
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         errors = []
@@ -115,6 +121,8 @@ class TrainConfig:
                                      str(self.noise_multiplier)))
         if self.ledger_block < 1:
             errors.append(FieldError("ledgerBlock", "must be ≥ 1", str(self.ledger_block)))
+        if self.lora is not None and self.pretrained_dir is None:
+            errors.append(FieldError("spec.training.lora", "needs spec.model.pretrained"))
         if errors:
             raise InvalidJobError(errors)
 
@@ -257,7 +265,11 @@ def config_from_plan(job: DPTrainingJob, plan: PlanStatus, *, dataset: PreparedD
         create_key=create_key, clipping=training.clipping,
         release_raw_statistics=spec.monitoring.release_raw_statistics,
         architecture=architecture, pretrained_dir=pretrained_dir, evaluation=evaluation,
-        checkpoint_uri=spec.checkpoint.uri)
+        checkpoint_uri=spec.checkpoint.uri,
+        lora=None if training.lora is None else LoraConfig(
+            rank=training.lora.rank, alpha=training.lora.alpha,
+            targets=tuple(training.lora.targets)),
+        precision=training.precision)
 
 
 def pretrained_model(job: DPTrainingJob, *, base_dir: pathlib.Path

@@ -147,18 +147,21 @@ class Evaluator:
         self._batches = [tokens[i:i + size] for i in range(0, padded, size)]
 
         @jax.jit
-        def batch_sums(params: Any, batch_tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-            model = eqx.combine(params, static)
+        def batch_sums(params: Any, frozen: Any,
+                       batch_tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+            # LoRA: the trained adapters, the frozen base and the rest make the model.
+            model = (eqx.combine(params, static) if frozen is None
+                     else eqx.combine(params, frozen, static))
             nll, count = jax.vmap(lambda row: _sums(model, row, pad_id))(batch_tokens)
             return jnp.sum(nll), jnp.sum(count)
 
         self._batch_sums = batch_sums
 
-    def __call__(self, params: Any, step: int) -> dict[str, Any]:
-        """The evaluation record of ``params`` (at model step ``step``)."""
+    def __call__(self, params: Any, step: int, frozen: Any = None) -> dict[str, Any]:
+        """The evaluation record of ``params`` (at model step ``step``; LoRA: ``frozen`` base)."""
         total, count = 0.0, 0.0
         for batch in self._batches:
-            nll, tokens = to_host(self._batch_sums(params, replicate(self._mesh, batch)))
+            nll, tokens = to_host(self._batch_sums(params, frozen, replicate(self._mesh, batch)))
             total += float(nll)
             count += float(tokens)
         loss = total / count  # > 0: the constructor checked there are targets

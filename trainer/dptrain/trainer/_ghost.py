@@ -15,6 +15,12 @@ al. 2023 "book-keeping"):
 * RMSNorm scales (``d`` numbers) get exact per-example gradients ``Σ_l δ_l ⊙ x̂_l`` — the pre-norms,
   the final norm and, in Gemma-2-style models, the post-norms alike.
 
+* a LoRA adapter ``y = x W + s·(x A) B`` (``W`` frozen) has per-example gradients
+  ``∇B = (s·x A)ᵀ δ`` and ``∇A = xᵀ (s·δ Bᵀ)``: two linear maps whose inputs and output gradients
+  come from the same taps and probes (``x A`` and ``δ Bᵀ`` are ``[L, rank]``), so their norms and
+  clipped sums are the linear case above. A model holding adapters trains only them
+  (``_lora.split``): only the adapters' norms are computed, and only their linear outputs probed.
+
 Soft-capping, sliding windows and the query scale have no parameters: they only shape the output
 gradients ``δ``, which the backward pass computes through them, so the norms stay exact.
 
@@ -27,13 +33,15 @@ Formal guarantees:
     1. Exactness: :func:`ghost_norms` returns the squared L2 norm of each example's full gradient
        (all parameters jointly) and :func:`weighted_grad_sum` returns ``Σ_b w_b ∇loss_b``; both
        equal the ``vmap(grad)`` reference up to floating-point reassociation (tested to 1e-5
-       relative on every preset shape).
+       relative on every preset shape, and on LoRA adapters, where the gradient is the
+       adapters').
     2. A row with weight 0 (padding, or a non-finite norm) contributes exactly zero, even when its
        activations or gradients are NaN or infinite (selected away, not multiplied by zero).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -41,7 +49,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from dptrain.trainer._model import Decoder, Taps, input_ids, token_loss, zero_probes
+from dptrain.trainer._model import Adapters, Decoder, Taps, input_ids, token_loss, zero_probes
 
 Params = Any
 
@@ -85,6 +93,28 @@ def _linear_pairs(tape: GhostTape) -> dict[str, tuple[jax.Array, jax.Array]]:
             "w_down": (taps["down"], grads["down"])}
 
 
+def _lora_inputs(tape: GhostTape) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """``(input, output gradient)`` of each LoRA target's linear map, ``[B, layers, L, f]``."""
+    taps, grads = tape.taps["blocks"], tape.grads["blocks"]
+    inputs = {"q": taps["attn_in"], "k": taps["attn_in"], "v": taps["attn_in"],
+              "o": _flat(taps["o"], 2), "gate": taps["mlp_in"], "up": taps["mlp_in"],
+              "down": taps["down"]}
+    return {name: (inputs[name], _flat(grads[name], grads[name].ndim - 3)) for name in grads}
+
+
+def _lora_pairs(tape: GhostTape, lora: Adapters) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """``(input, output gradient)`` of every adapter matrix.
+
+    ``A``: ``(x, s·δBᵀ)``; ``B``: ``(s·xA, δ)`` (``s`` the adapters' scale).
+    """
+    pairs = {}
+    for name, (x, delta) in _lora_inputs(tape).items():
+        a, b = lora.a[name], lora.b[name]  # [n, in, r], [n, r, out]
+        pairs["a/" + name] = (x, lora.scale * jnp.einsum("bnlo,nro->bnlr", delta, b))
+        pairs["b/" + name] = (lora.scale * jnp.einsum("bnli,nir->bnlr", x, a), delta)
+    return pairs
+
+
 def _norm_scale_grads(tape: GhostTape) -> dict[str, jax.Array]:
     """Exact per-example gradients of the RMSNorm scales (``[B, layers, d]`` / ``[B, d]``)."""
     taps, grads = tape.taps, tape.grads
@@ -108,17 +138,23 @@ def _embedding_sq_norms(tape: GhostTape) -> jax.Array:
     return input_part + output_part + cross
 
 
-def ghost_norms(static: Decoder, params: Params, tokens: jax.Array,
-                pad_id: int = 0) -> tuple[jax.Array, jax.Array, GhostTape]:
+def ghost_norms(static: Decoder, params: Params, tokens: jax.Array, pad_id: int = 0, *,
+                compute_dtype: Any = jnp.float32) -> tuple[jax.Array, jax.Array, GhostTape]:
     """Per-example squared gradient norms and losses of ``tokens`` (``[B, L+1]``), and the tape.
+
+    ``static`` may hold frozen arrays (a LoRA model's base): the gradient is ``params``'. With a
+    ``compute_dtype`` of bfloat16 the forward and backward run in it, and the taps and output
+    gradients are cast to float32 before any norm or sum (float32 clipping).
 
     Returns:
         ``(squared_norms [B], losses [B], tape)``; the tape feeds :func:`weighted_grad_sum`.
     """
-    model = eqx.combine(params, static)
+    model = cast_floating(eqx.combine(params, static), compute_dtype)
     # Marked targets (an instruction's prompt) are read as plain ids and carry no loss.
     inputs, targets = input_ids(tokens[:, :-1]), tokens[:, 1:]
-    probes = zero_probes(model, inputs.shape[1])
+    lora = model.lora
+    probes = zero_probes(model, inputs.shape[1], dtype=compute_dtype,
+                         targets=None if lora is None else tuple(lora.a))
 
     def loss(probe: Taps, row: jax.Array, target: jax.Array) -> tuple[jax.Array, Taps]:
         logits, taps = model.forward(row, probe)
@@ -126,7 +162,14 @@ def ghost_norms(static: Decoder, params: Params, tokens: jax.Array,
 
     per_example = jax.vmap(jax.value_and_grad(loss, has_aux=True), in_axes=(None, 0, 0))
     (losses, taps), grads = per_example(probes, inputs, targets)
-    tape = GhostTape(tokens=inputs, taps=taps, grads=grads)
+    to32 = functools.partial(jax.tree_util.tree_map, lambda a: a.astype(jnp.float32))
+    tape = GhostTape(tokens=inputs, taps=to32(taps), grads=to32(grads))
+    if lora is not None:  # only the adapters are trained
+        adapters = eqx.combine(params, static).lora  # float32 master copy
+        assert adapters is not None
+        squares = [jnp.sum(_sq_norm_linear(x, d), axis=1)
+                   for x, d in _lora_pairs(tape, adapters).values()]
+        return sum(squares[1:], squares[0]), losses, tape
     squares = [jnp.sum(_sq_norm_linear(x, d), axis=1) for x, d in _linear_pairs(tape).values()]
     squares += [jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1)
                 for g in _norm_scale_grads(tape).values()]
@@ -139,13 +182,34 @@ def _select(a: jax.Array, keep: jax.Array) -> jax.Array:
     return jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, 0.0)
 
 
-def weighted_grad_sum(params: Params, tape: GhostTape, weights: jax.Array) -> Params:
-    """``Σ_b weights_b ∇loss_b``, shaped like ``params``; rows of weight 0 contribute zero."""
+def cast_floating(tree: Any, dtype: Any) -> Any:
+    """``tree`` with its floating arrays cast to ``dtype`` (no-op for float32 arrays)."""
+    def cast(a: Any) -> Any:
+        if eqx.is_array(a) and jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != dtype:
+            return a.astype(dtype)
+        return a
+    return jax.tree_util.tree_map(cast, tree)
+
+
+def weighted_grad_sum(params: Params, tape: GhostTape, weights: jax.Array,
+                      static: Decoder | None = None) -> Params:
+    """``Σ_b weights_b ∇loss_b``, shaped like ``params``; rows of weight 0 contribute zero.
+
+    ``static``: the rest of the model when ``params`` are LoRA adapters (their base arrays).
+    """
     keep = weights != 0
     w = jnp.where(keep, weights, 0.0)
 
     def scaled(delta: jax.Array) -> jax.Array:
         return _select(delta, keep) * w.reshape((-1,) + (1,) * (delta.ndim - 1))
+
+    if getattr(params, "lora", None) is not None:
+        adapters = params.lora if static is None else eqx.combine(params, static).lora
+        sums = {key: jnp.einsum("bnli,bnlo->nio", _select(x, keep), scaled(delta))
+                for key, (x, delta) in _lora_pairs(tape, adapters).items()}
+        return eqx.tree_at(lambda p: (p.lora.a, p.lora.b), params,
+                           ({t: sums["a/" + t] for t in adapters.a},
+                            {t: sums["b/" + t] for t in adapters.b}))
 
     blocks = params.blocks
     new: dict[str, jax.Array] = {}

@@ -47,7 +47,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import equinox as eqx
 import jax
 import numpy as np
 from jax.sharding import Mesh
@@ -68,6 +67,7 @@ from dptrain.trainer._keys import (
     noise_key_data,
 )
 from dptrain.trainer._ledger import DurableLedger, LedgerFile, Progress, Reporter
+from dptrain.trainer._lora import LoraConfig, add_adapters, check_moved, split
 from dptrain.trainer._mesh import fill_devices, make_mesh, replicate, shard_batch, to_host
 from dptrain.trainer._metrics import TrainerMetrics
 from dptrain.trainer._model import Architecture, build_model
@@ -157,17 +157,21 @@ def compiled_step(shape: ModelShape, optimizer: tuple[Any, ...], clip_norm: floa
                   expected_batch: float, microbatch: int | None, pad_id: int,
                   mesh: Mesh, loss_bound: float = 16.0,
                   clipping: str = "ghost",
-                  arch: Architecture | None = None) -> tuple[StepFn, Any, Any]:
+                  arch: Architecture | None = None, lora: LoraConfig | None = None,
+                  precision: str = "fp32") -> tuple[StepFn, Any, Any]:
     """The jitted DP step, optimizer and model skeleton for a configuration.
 
-    Memoised, so that restarts within one process (and tests) compile once.
+    With ``lora`` the step trains the adapters only: it takes the base arrays as its ``frozen``
+    argument. Memoised, so that restarts within one process (and tests) compile once.
     """
     name, lr, total, warmup, decay = optimizer
     opt = make_optimizer(name, learning_rate=lr, total_steps=total, warmup_steps=warmup,
                          weight_decay=decay)
-    _, static = eqx.partition(build_model(shape, key=jax.random.key(0),
-                                          arch=arch or Architecture()), eqx.is_array)
-    step = make_dp_step(model_loss_fn(static, pad_id), opt,
+    skeleton = build_model(shape, key=jax.random.key(0), arch=arch or Architecture())
+    if lora is not None:
+        skeleton = add_adapters(skeleton, lora, key=jax.random.key(0))
+    static = split(skeleton)[2]
+    step = make_dp_step(model_loss_fn(static, pad_id, precision), opt,
                         DpSgdConfig(clip_norm=clip_norm, expected_batch_size=expected_batch,
                                     microbatch_size=microbatch, pad_id=pad_id,
                                     loss_bound=loss_bound, clipping=clipping), mesh)
@@ -243,16 +247,20 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
     step_fn, optimizer, static = compiled_step(
         config.shape, optimizer_key, config.clip_norm, float(config.batch_size),
         config.microbatch_size, pad_id, mesh, loss_bound_for(config.shape.vocab_size),
-        config.clipping, config.architecture)
+        config.clipping, config.architecture, config.lora, config.precision)
+    # The public seed initialises the model (or the adapters), and nothing else.
+    seed_key = jax.random.key(config.seed)
     if config.pretrained_dir is not None:
         model = load_pretrained(config.pretrained_dir)[0]
     else:
-        # The public seed initialises the model, and nothing else.
-        seed_key = jax.random.key(config.seed)
         model = build_model(config.shape, key=jax.random.fold_in(seed_key, 0),
                             arch=config.architecture)
-    params, _ = eqx.partition(model, eqx.is_array)
+    if config.lora is not None:
+        model = add_adapters(model, config.lora, key=jax.random.fold_in(seed_key, 1))
+    # The trained arrays (every one, or the adapters) and the frozen base (LoRA; else None).
+    params, frozen, _ = split(model)
     params = replicate(mesh, params)
+    frozen = None if frozen is None else replicate(mesh, frozen)
     opt_state = replicate(mesh, optimizer.init(params))
     meta_template = checkpoint_meta(config, ledger.state, dataset.manifest.source_checksum,
                                      fingerprint)
@@ -322,7 +330,7 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
         if evaluator is None:
             return None
         if last_eval is None or last_eval["step"] != step:
-            last_eval = evaluator(params, step)
+            last_eval = evaluator(params, step, frozen)
             evaluations.append(last_eval)
             if process.is_leader:
                 with eval_path.open("a") as handle:
@@ -333,6 +341,12 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
             log.info("step %d: held-out loss %.4f, perplexity %.4g (not covered by ε)", step,
                      last_eval["loss"], last_eval["perplexity"])
         return evaluation_status(last_eval)
+    # LoRA: the adapters at this run's start (copied: the step donates its arguments), checked
+    # once a step with a non-zero learning rate has run (warm-up starts at 0: step 1 then).
+    start_step = step
+    adapters_before = (None if config.lora is None
+                       else jax.tree_util.tree_map(np.array, params.lora))
+    first_moving_step = 1 if min(config.warmup_steps, config.iterations - 1) > 0 else 0
 
     def save() -> None:
         nonlocal saved_step
@@ -370,7 +384,7 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
                 sharded_tokens, sharded_mask = shard_batch(mesh, tokens, batch.mask)
                 params, opt_state, out = step_fn(params, opt_state, sharded_tokens, sharded_mask,
                                                  noise_key_data(key, execution), np.int32(step),
-                                                 sigma)
+                                                 sigma, frozen)
                 step += 1
                 host = to_host(out)
                 losses.append(float(host.dp_loss))
@@ -388,6 +402,10 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
                     with history_path.open("a") as handle:
                         handle.write(json.dumps(record) + "\n")
             elapsed = time.perf_counter() - started
+            if adapters_before is not None and step - 1 >= first_moving_step:
+                # A known silent failure: adapters that never move return the base model.
+                check_moved(adapters_before, params.lora, step=step - start_step)
+                adapters_before = None
             # The physical batch (public), padding included: the realised size is private.
             block_tokens = float(block * rows * (config.sequence_length - 1))
             if not first_block:  # the first block includes compilation
