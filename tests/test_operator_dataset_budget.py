@@ -80,3 +80,54 @@ def test_charges_follow_the_ledger_release_unused_reservations_and_never_vanish_
     assert budget.release(gone, "a") == gone  # ran: kept, at its actual steps
     summary = budget.summarize(spec(10.0), gone)
     assert summary.spent == pytest.approx(summary.committed) and summary.reserved == 0.0
+
+
+# Three jobs of different mechanisms (composition 1.556 PLD, 2.133 RDP at δ 1e-5).
+MIXED = [((0.01, 1.0, None, None), 300), ((0.02, 2.0, None, None), 200),
+         ((0.005, 0.8, None, None), 400)]
+
+
+def reference_rdp(events, delta=DELTA):
+    accountant = dp_accounting.rdp.RdpAccountant()
+    for (q, sigma, _, _), steps in events:
+        accountant.compose(dp_accounting.PoissonSampledDpEvent(
+            q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    return accountant.get_epsilon(delta)
+
+
+def test_quick_rdp_bound_never_undercounts_the_composition():
+    """Guarantee 2's premise: quick RDP ≥ full RDP ≥ the composed ε (min of RDP and PLD)."""
+    assert set(budget.QUICK_ORDERS) <= set(budget.DEFAULT_ORDERS)
+    assert len(budget.QUICK_ORDERS) < len(budget.DEFAULT_ORDERS) / 4
+    events = budget._events(MIXED)
+    full_rdp = reference_rdp(MIXED)
+    quick = budget._rdp_bound(events, DELTA)
+    pld = budget.composed_epsilon(MIXED, DELTA, "pld")
+    assert budget.composed_epsilon(MIXED, DELTA, "rdp") == pytest.approx(full_rdp, rel=1e-9)
+    assert quick >= full_rdp > pld
+    assert quick <= 1.02 * full_rdp  # the subset keeps the useful orders (2.154 vs 2.133)
+    for part in ([MIXED[0]], MIXED[:2], [(MIXED[0][0], 5000)]):
+        assert budget._rdp_bound(budget._events(part), DELTA) >= reference_rdp(part) * (1 - 1e-12)
+
+
+@pytest.mark.parametrize("where", ["far below", "just below PLD", "between PLD and RDP",
+                                   "just above quick RDP", "far above"])
+def test_rdp_first_admission_takes_the_full_compositions_decision(where, monkeypatch):
+    """Guarantee 2: admitted iff the full composition (min of RDP, PLD) fits; PLD only if needed."""
+    charges = [charge("a", q=0.01, sigma=1.0, steps=300), charge("b", q=0.02, sigma=2.0, steps=200)]
+    candidate = charge("new", q=0.005, sigma=0.8, steps=400)
+    exact = budget.composed_epsilon(MIXED, DELTA, "pld")
+    quick = budget._rdp_bound(budget._events(MIXED), DELTA)
+    limit = {"far below": 0.5 * exact, "just below PLD": exact * (1 - 1e-3),
+             "between PLD and RDP": (exact + quick) / 2, "just above quick RDP": quick * (1 + 1e-3),
+             "far above": 3 * quick}[where]
+    if limit >= quick:
+        # The quick RDP bound decides: no PLD may be built (cold caches, as after a restart).
+        def no_pld(*_):
+            raise AssertionError("a PLD was composed although the RDP bound fits")
+        monkeypatch.setattr(budget, "_pld", no_pld)
+    answer = budget.admit(spec(limit, "pld"), charges, candidate)
+    assert answer.fits == (exact <= limit)
+    assert answer.composed >= exact * (1 - 1e-9)  # never reported below the exact composition
+    if where == "between PLD and RDP":
+        assert answer.fits and answer.composed == pytest.approx(exact, rel=1e-6)  # PLD admits
