@@ -9,7 +9,7 @@ Which bound: RDP (orders added, then converted) and PLD (pessimistic discretisat
 are both rigorous upper bounds on the true ε of the same composition. A dataset that accounts
 with ``rdp`` uses the RDP bound; one that accounts with ``pld`` uses ``min(RDP, PLD)`` — the
 minimum of two upper bounds is an upper bound, and in the regimes DP-SGD runs in it is the PLD
-value (RDP is looser: 2.17 vs 2.05 for the 51 jobs of ``bench/dataset_admission.py``).
+value (RDP is looser: 2.20 vs 2.05 for the 51 jobs of ``bench/dataset_admission.py``).
 
 RDP first. Composing a PLD costs an FFT convolution per job and building each job's one-step
 PLD tens of milliseconds: seconds for 50 jobs when nothing is cached, as after an operator
