@@ -56,7 +56,12 @@ from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 
 from dptrain.api import DatasetCharge, DPDatasetSpec, DPTrainingJobSpec, PlanStatus
 from dptrain.privacy import TRUNCATION_DELTA_SHARE, DpSgdMechanism
-from dptrain.privacy._mechanism import PLD_EPSILON_CEILING, _rdp_one_step, base_pld
+from dptrain.privacy._mechanism import (
+    DEFAULT_VALUE_DISCRETIZATION,
+    PLD_EPSILON_CEILING,
+    _rdp_one_step,
+    base_pld,
+)
 
 Group = tuple[float, float, int | None, int | None]  # (q, σ, N, physical batch)
 
@@ -88,11 +93,13 @@ class Summary:
     committed: float
 
 
-def _mechanism(group: Group, delta: float, accountant: str) -> DpSgdMechanism:
+def _mechanism(group: Group, delta: float, accountant: str,
+               interval: float = DEFAULT_VALUE_DISCRETIZATION) -> DpSgdMechanism:
     q, sigma, n, batch = group
     return DpSgdMechanism(sampling_rate=q, noise_multiplier=sigma, delta=delta,
                           accountant=accountant,  # type: ignore[arg-type]
-                          dataset_size=n, physical_batch_size=batch)
+                          dataset_size=n, physical_batch_size=batch,
+                          value_discretization_interval=interval)
 
 
 Events = tuple[tuple[Group, int], ...]
@@ -117,18 +124,21 @@ def _rdp_epsilon(events: Events, delta: float) -> float:
 # Composed PLDs by their (sorted) events. An admission composes the cached PLD of the charges
 # already committed (computed when the dataset's status was last summarised) with the new job's:
 # one convolution instead of one per job.
-_PLDS: collections.OrderedDict[tuple[Events, float], pld_lib.PrivacyLossDistribution] = (
+# Keyed by (events, δ, value discretisation interval).
+PldKey = tuple[Events, float, float]
+_PLDS: collections.OrderedDict[PldKey, pld_lib.PrivacyLossDistribution] = (
     collections.OrderedDict())
 _PLD_CACHE_SIZE = 64
 _PLD_LOCK = threading.Lock()
 # Single flight: a composition being built by one thread (say the dataset's status summary right
 # after an operator restart) is awaited by another that needs the same one (the first admission),
 # instead of being built twice on the same cores.
-_BUILDING: dict[tuple[Events, float], threading.Event] = {}
+_BUILDING: dict[PldKey, threading.Event] = {}
 
 
-def _pld(events: Events, delta: float) -> pld_lib.PrivacyLossDistribution:
-    key = (events, delta)
+def _pld(events: Events, delta: float,
+         interval: float = DEFAULT_VALUE_DISCRETIZATION) -> pld_lib.PrivacyLossDistribution:
+    key = (events, delta, interval)
     while True:
         with _PLD_LOCK:
             if key in _PLDS:
@@ -142,7 +152,7 @@ def _pld(events: Events, delta: float) -> pld_lib.PrivacyLossDistribution:
     try:
         pld: pld_lib.PrivacyLossDistribution | None = None
         for group, steps in events:
-            one = base_pld(_mechanism(group, delta, "pld")).self_compose(steps)
+            one = base_pld(_mechanism(group, delta, "pld", interval)).self_compose(steps)
             pld = one if pld is None else pld.compose(one)
         assert pld is not None
         _remember(key, pld)
@@ -152,7 +162,7 @@ def _pld(events: Events, delta: float) -> pld_lib.PrivacyLossDistribution:
             _BUILDING.pop(key).set()
 
 
-def _remember(key: tuple[Events, float], pld: pld_lib.PrivacyLossDistribution) -> None:
+def _remember(key: PldKey, pld: pld_lib.PrivacyLossDistribution) -> None:
     with _PLD_LOCK:
         _PLDS[key] = pld
         while len(_PLDS) > _PLD_CACHE_SIZE:
@@ -193,15 +203,70 @@ def _quick_rdp_one_step(group: Group) -> tuple[float, ...]:
     return tuple(float(r) for r in accountant._rdp)
 
 
-def _rdp_bound(events: Events, delta: float) -> float:
-    """A certified RDP bound of ``events`` over :data:`QUICK_ORDERS` (≥ the full RDP bound)."""
-    if not events:
-        return 0.0
+def _quick_rdp_raw(events: Events, delta: float) -> float:
+    """RDP ε of ``events`` over :data:`QUICK_ORDERS` at δ₀ (≥ the full RDP ε), uncertified."""
     total = [0.0] * len(QUICK_ORDERS)
     for group, steps in events:
         total = [t + steps * r for t, r in zip(total, _quick_rdp_one_step(group), strict=True)]
     eps, _ = rdp_lib.compute_epsilon(QUICK_ORDERS, total, _delta0(events, delta))
-    return _certify(float(eps), events, delta)
+    return float(eps)
+
+
+def _rdp_bound(events: Events, delta: float) -> float:
+    """A certified RDP bound of ``events`` over :data:`QUICK_ORDERS` (≥ the full RDP bound)."""
+    if not events:
+        return 0.0
+    return _certify(_quick_rdp_raw(events, delta), events, delta)
+
+
+def _composed_pld(events: Events, delta: float, base: Events | None = None,
+                  interval: float = DEFAULT_VALUE_DISCRETIZATION,
+                  ) -> pld_lib.PrivacyLossDistribution:
+    """The PLD of ``events`` on the grid ``interval``.
+
+    With ``base`` (a subset whose PLD may be cached), the cached PLD of ``base`` composed with
+    the PLD of the remaining events.
+    """
+    if not base:
+        return _pld(events, delta, interval)
+    rest = list(events)
+    for item in base:
+        rest.remove(item)
+    pld = _pld(base, delta, interval)
+    if rest:
+        pld = pld.compose(_pld(tuple(rest), delta, interval))
+        _remember((events, delta, interval), pld)
+    return pld
+
+
+def _pld_bound(events: Events, delta: float, base: Events | None = None,
+               interval: float = DEFAULT_VALUE_DISCRETIZATION, slack: float = 0.0) -> float:
+    """The certified PLD ε of ``events`` at ``interval``, read at δ₀ − ``slack``."""
+    if not events:
+        return 0.0
+    pld = _composed_pld(events, delta, base, interval)
+    at = _delta0(events, delta) - slack
+    return _certify(float(pld.get_epsilon_for_delta(at)), events, delta)
+
+
+COARSE_VALUE_DISCRETIZATION = 10 * DEFAULT_VALUE_DISCRETIZATION
+"""The coarse tier's PLD grid: an integer multiple of the fine one, so its nodes are fine nodes."""
+
+TAIL_MASS_TRUNCATION = 1e-15
+"""dp-accounting's ``tail_mass_truncation`` of ``compose``/``self_compose`` (their default)."""
+
+
+def coarse_slack(events: Events, delta: float) -> float:
+    """δ the coarse tier leaves unused, so that it never admits what the fine PLD refuses.
+
+    Every ``compose``/``self_compose`` truncates at most :data:`TAIL_MASS_TRUNCATION` of mass,
+    which moves δ(ε) by at most that much (either way): a composed PLD built with k such
+    operations is within k·τ of the untruncated one in δ, at every ε. Each event costs a
+    ``self_compose`` and a ``compose`` (and one more joining a cached base), in both tiers;
+    the extra millionth of δ₀ covers float rounding of the grids (i·Δc vs 10i·Δf).
+    """
+    operations = 2 * len(events) + 1
+    return 2 * operations * TAIL_MASS_TRUNCATION + 1e-6 * _delta0(events, delta)
 
 
 def _composed(events: Events, delta: float, accountant: str,
@@ -213,24 +278,12 @@ def _composed(events: Events, delta: float, accountant: str,
     """
     if not events:
         return 0.0
-    delta0 = _delta0(events, delta)
-    rdp_raw = _rdp_epsilon(events, delta0)
+    rdp_raw = _rdp_epsilon(events, _delta0(events, delta))
     rdp_bound = _certify(rdp_raw, events, delta)
     if accountant == "rdp" or rdp_raw > PLD_EPSILON_CEILING:
         return rdp_bound  # RDP asked for, or no budget is met anyway
-    if base:
-        rest = list(events)
-        for item in base:
-            rest.remove(item)
-        pld = _pld(base, delta)
-        if rest:
-            pld = pld.compose(_pld(tuple(rest), delta))
-            _remember((events, delta), pld)
-    else:
-        pld = _pld(events, delta)
-    pld_bound = _certify(float(pld.get_epsilon_for_delta(delta0)), events, delta)
     # Both are upper bounds on the true ε, so is their minimum (PLD, but for odd regimes).
-    return min(rdp_bound, pld_bound)
+    return min(rdp_bound, _pld_bound(events, delta, base))
 
 
 def _group_of(charge: DatasetCharge) -> Group:
@@ -278,10 +331,17 @@ def admit(spec: DPDatasetSpec, charges: Sequence[DatasetCharge],
           candidate: DatasetCharge) -> Admission:
     """Whether ``candidate`` fits next to every other committed charge (see the guarantees).
 
-    RDP first: if the quick RDP bound of the whole composition fits, that is the decision (the
-    exact composition is never above it) and no PLD is built; ``composed`` and ``remaining`` are
-    then reported with the quick bound (an upper bound on ε, so ``remaining`` is never
-    overstated).
+    Tiered, cheapest first; each tier admits only when its upper bound fits, and the last one
+    is :func:`composed_epsilon`'s own decision:
+
+    1. the quick RDP bound (no PLD, milliseconds);
+    2. for ``pld`` datasets, a pessimistic PLD on the coarse grid
+       (:data:`COARSE_VALUE_DISCRETIZATION`, read at δ₀ minus :func:`coarse_slack`);
+    3. the fine PLD (what :func:`composed_epsilon` composes) — it fits, so their minimum fits;
+    4. otherwise :func:`composed_epsilon` itself (the full RDP may still fit, in odd regimes).
+
+    ``composed`` and ``remaining`` are reported with the tier that decided (upper bounds on ε,
+    so ``remaining`` is never overstated).
     """
     privacy = spec.privacy
     others = _events((_group_of(c), committed_steps(c)) for c in charges
@@ -289,15 +349,30 @@ def admit(spec: DPDatasetSpec, charges: Sequence[DatasetCharge],
     own = next((c for c in charges if c.uid == candidate.uid), None)
     steps = max(committed_steps(candidate), own.steps_charged if own is not None else 0)
     events = _events([*others, (_group_of(candidate), steps)])
-    quick = _rdp_bound(events, privacy.delta)  # no PLD, no 156-order RDP: milliseconds
-    if quick <= privacy.epsilon:
-        before = _rdp_bound(others, privacy.delta)
-        return Admission(fits=True, composed=quick, remaining=privacy.epsilon - before,
+
+    def answer(fits: bool, composed: float, before: float) -> Admission:
+        return Admission(fits=fits, composed=composed, remaining=privacy.epsilon - before,
                          budget=privacy.epsilon)
+
+    quick_raw = _quick_rdp_raw(events, privacy.delta)
+    quick = _certify(quick_raw, events, privacy.delta)  # no PLD, no 156-order RDP: milliseconds
+    if quick <= privacy.epsilon:
+        return answer(True, quick, _rdp_bound(others, privacy.delta))
+    # The full RDP is ≤ the quick one ≤ the ceiling: composed_epsilon would compose the PLD too.
+    if privacy.accountant == "pld" and quick_raw <= PLD_EPSILON_CEILING:
+        coarse = COARSE_VALUE_DISCRETIZATION
+        slack = coarse_slack(events, privacy.delta)
+        if slack < 0.5 * _delta0(events, privacy.delta):
+            composed = _pld_bound(events, privacy.delta, others, coarse, slack)
+            if composed <= privacy.epsilon:
+                before = _pld_bound(others, privacy.delta, None, coarse, slack)
+                return answer(True, composed, before)
+        composed = _pld_bound(events, privacy.delta, others)
+        if composed <= privacy.epsilon:
+            return answer(True, composed, _pld_bound(others, privacy.delta))
     before = _composed(others, privacy.delta, privacy.accountant)
     composed = _composed(events, privacy.delta, privacy.accountant, base=others)
-    return Admission(fits=composed <= privacy.epsilon, composed=composed,
-                     remaining=privacy.epsilon - before, budget=privacy.epsilon)
+    return answer(composed <= privacy.epsilon, composed, before)
 
 
 def needs_admission(charges: Sequence[DatasetCharge], uid: str, plan: PlanStatus) -> bool:
