@@ -7,6 +7,7 @@ import pytest
 
 from dptrain.api import DatasetCharge, DPDatasetSpec
 from dptrain.operator import _dataset_budget as budget
+from dptrain.operator._dataset_budget import Events
 from dptrain.privacy import DpSgdMechanism, epsilon
 
 DELTA = 1e-5
@@ -110,24 +111,53 @@ def test_quick_rdp_bound_never_undercounts_the_composition():
         assert budget._rdp_bound(budget._events(part), DELTA) >= reference_rdp(part) * (1 - 1e-12)
 
 
-@pytest.mark.parametrize("where", ["far below", "just below PLD", "between PLD and RDP",
-                                   "just above quick RDP", "far above"])
-def test_rdp_first_admission_takes_the_full_compositions_decision(where, monkeypatch):
-    """Guarantee 2: admitted iff the full composition (min of RDP, PLD) fits; PLD only if needed."""
+def fresh_caches():
+    budget._PLDS.clear()
+    budget.base_pld.cache_clear()
+
+
+@pytest.mark.parametrize("where", ["far below", "just below PLD", "just above PLD",
+                                   "between PLD and RDP", "just above quick RDP", "far above"])
+def test_tiered_admission_takes_the_full_compositions_decision(where, monkeypatch):
+    """Guarantee 2: admitted iff the full composition (min of RDP, PLD) fits; no tier is more
+    permissive, and the cheaper tiers decide whenever their bound fits (cold caches)."""
+    fresh_caches()
     charges = [charge("a", q=0.01, sigma=1.0, steps=300), charge("b", q=0.02, sigma=2.0, steps=200)]
     candidate = charge("new", q=0.005, sigma=0.8, steps=400)
     exact = budget.composed_epsilon(MIXED, DELTA, "pld")
     quick = budget._rdp_bound(budget._events(MIXED), DELTA)
-    limit = {"far below": 0.5 * exact, "just below PLD": exact * (1 - 1e-3),
-             "between PLD and RDP": (exact + quick) / 2, "just above quick RDP": quick * (1 + 1e-3),
-             "far above": 3 * quick}[where]
-    if limit >= quick:
-        # The quick RDP bound decides: no PLD may be built (cold caches, as after a restart).
-        def no_pld(*_):
-            raise AssertionError("a PLD was composed although the RDP bound fits")
-        monkeypatch.setattr(budget, "_pld", no_pld)
+    limit = {"far below": 0.5 * exact, "just below PLD": exact * (1 - 1e-6),
+             "just above PLD": exact * (1 + 1e-6), "between PLD and RDP": (exact + quick) / 2,
+             "just above quick RDP": quick * (1 + 1e-3), "far above": 3 * quick}[where]
+    fresh_caches()
+    built: list[Events] = []
+    rdp_orders: list[int] = []
+    real_pld, real_rdp = budget._pld, budget._rdp_epsilon
+    monkeypatch.setattr(budget, "_pld", lambda e, d, *a: built.append(e) or real_pld(e, d, *a))
+    monkeypatch.setattr(budget, "_rdp_epsilon",
+                        lambda e, d: rdp_orders.append(len(e)) or real_rdp(e, d))
     answer = budget.admit(spec(limit, "pld"), charges, candidate)
     assert answer.fits == (exact <= limit)
     assert answer.composed >= exact * (1 - 1e-9)  # never reported below the exact composition
-    if where == "between PLD and RDP":
-        assert answer.fits and answer.composed == pytest.approx(exact, rel=1e-6)  # PLD admits
+    if limit >= quick:
+        assert not built and not rdp_orders  # the quick RDP bound decided: no PLD
+    elif limit >= exact:  # the PLD decided, without the 156-order RDP
+        assert built and not rdp_orders and answer.composed == pytest.approx(exact, rel=1e-9)
+    else:
+        assert rdp_orders  # refused on composed_epsilon itself
+
+
+def test_warm_admission_composes_only_the_new_job(monkeypatch):
+    """With the committed charges' PLD cached (status summary), one job's PLD is built."""
+    charges = [charge("a", q=0.01, sigma=1.0, steps=300), charge("b", q=0.02, sigma=2.0, steps=200)]
+    candidate = charge("new", q=0.005, sigma=0.8, steps=400)
+    exact = budget.composed_epsilon(MIXED, DELTA, "pld")
+    fresh_caches()
+    budget.summarize(spec(10.0, "pld"), charges)
+    built: list[Events] = []
+    base_pld_calls = budget.base_pld.cache_info().misses
+    real_pld = budget._pld
+    monkeypatch.setattr(budget, "_pld", lambda e, d, *a: built.append(e) or real_pld(e, d, *a))
+    answer = budget.admit(spec(exact * 1.01, "pld"), charges, candidate)
+    assert answer.fits and answer.composed == pytest.approx(exact, rel=1e-9)
+    assert budget.base_pld.cache_info().misses == base_pld_calls + 1  # only the new job's

@@ -11,15 +11,25 @@ with ``rdp`` uses the RDP bound; one that accounts with ``pld`` uses ``min(RDP, 
 minimum of two upper bounds is an upper bound, and in the regimes DP-SGD runs in it is the PLD
 value (RDP is looser: 2.20 vs 2.05 for the 51 jobs of ``bench/dataset_admission.py``).
 
-RDP first. Composing a PLD costs an FFT convolution per job and building each job's one-step
-PLD tens of milliseconds: seconds for 50 jobs when nothing is cached, as after an operator
-restart. :func:`admit` therefore first computes a *quick* RDP bound — over the orders
-:data:`QUICK_ORDERS`, a subset of dp-accounting's, and RDP's ε is a minimum over orders, so the
-quick bound is ≥ the full RDP bound ≥ :func:`composed_epsilon` — and, when it fits the budget,
-admits without building any PLD: the full composition would admit too (it is never above the
-quick bound). Only near the boundary (quick bound over the budget) is the decision taken on
-:func:`composed_epsilon` itself, the tighter PLD admitting what RDP alone would refuse. The
-shortcut never admits what the exact composition would refuse; at worst it declines to decide.
+Tiered admission. Composing a PLD costs an FFT convolution per job and building each job's
+one-step PLD tens of milliseconds (pure Python in dp-accounting): seconds for 50 jobs when
+nothing is cached, as after an operator restart. :func:`admit` therefore asks the cheaper upper
+bounds first, each admitting only when it fits:
+
+1. a *quick* RDP bound over the orders :data:`QUICK_ORDERS`, a subset of dp-accounting's (RDP's
+   ε is a minimum over orders, so over fewer of them it is ≥ the full RDP bound ≥
+   :func:`composed_epsilon`): milliseconds, no PLD;
+2. (``pld``) the PLD that :func:`composed_epsilon` composes, before the 156-order RDP bound:
+   :func:`composed_epsilon` is the minimum of the two, so if the PLD fits, it fits;
+3. otherwise :func:`composed_epsilon` itself decides (the full RDP may fit where PLD does not).
+
+Not used, on purpose: a pessimistic PLD on a coarser grid as a cheaper tier. It is an upper
+bound on the true ε, and in exact arithmetic connect-the-dots on a grid whose nodes are fine
+nodes lies above the fine one; but dp-accounting's curves carry numerical errors that the
+composition amplifies (q = 0.01, σ = 1: one step's δ(−2) is 1e-9 lower on the 1e-3 grid than on
+the 1e-4 one, 3.5e-7 lower after 300 steps; at ε ≥ 0 the coarse δ falls below the fine one
+where δ is near the truncated mass), so no bound proves it never admits what the fine grid
+refuses.
 
 Truncated Poisson sampling is accounted as for one job (``dptrain.privacy._mechanism``, Chua et
 al. 2024): the composition is computed at δ₀ = (1 − ρ)·δ and certified only if
@@ -33,11 +43,12 @@ Formal guarantees (checked in ``tests/test_operator_dataset_budget.py``):
        larger than the sum of the jobs' ε bounds it would replace (up to PLD rounding).
     2. :func:`admit` admits a job only if the composition of every committed charge (actual
        steps of ended jobs; max(reserved, charged) of the others) plus the new job's reservation
-       is ≤ the budget. Its RDP-first shortcut never changes a decision: it admits only when
-       the quick RDP bound — never below :func:`composed_epsilon` of the same events — fits,
-       and every other case is decided on :func:`composed_epsilon` itself. Called with the
-       charges read under one lock, two admissions can never both use the same remaining
-       budget.
+       is ≤ the budget: its decision is :func:`composed_epsilon`'s, or more conservative only
+       where that would refuse — never more permissive. Each tier admits only when an upper
+       bound never below :func:`composed_epsilon` fits (quick RDP; the PLD, of which
+       :func:`composed_epsilon` is the minimum with RDP), and what neither admits is decided
+       on :func:`composed_epsilon` itself. Called with the charges
+       read under one lock, two admissions can never both use the same remaining budget.
     3. A charge that ran (``steps_charged`` > 0) is never removed: :func:`release` only turns a
        reservation into its actual steps (``Charged``), and drops a charge that never ran.
 """
@@ -240,33 +251,13 @@ def _composed_pld(events: Events, delta: float, base: Events | None = None,
 
 
 def _pld_bound(events: Events, delta: float, base: Events | None = None,
-               interval: float = DEFAULT_VALUE_DISCRETIZATION, slack: float = 0.0) -> float:
-    """The certified PLD ε of ``events`` at ``interval``, read at δ₀ − ``slack``."""
+               interval: float = DEFAULT_VALUE_DISCRETIZATION) -> float:
+    """The certified PLD ε of ``events`` on the grid ``interval``, at δ₀."""
     if not events:
         return 0.0
     pld = _composed_pld(events, delta, base, interval)
-    at = _delta0(events, delta) - slack
+    at = _delta0(events, delta)
     return _certify(float(pld.get_epsilon_for_delta(at)), events, delta)
-
-
-COARSE_VALUE_DISCRETIZATION = 10 * DEFAULT_VALUE_DISCRETIZATION
-"""The coarse tier's PLD grid: an integer multiple of the fine one, so its nodes are fine nodes."""
-
-TAIL_MASS_TRUNCATION = 1e-15
-"""dp-accounting's ``tail_mass_truncation`` of ``compose``/``self_compose`` (their default)."""
-
-
-def coarse_slack(events: Events, delta: float) -> float:
-    """δ the coarse tier leaves unused, so that it never admits what the fine PLD refuses.
-
-    Every ``compose``/``self_compose`` truncates at most :data:`TAIL_MASS_TRUNCATION` of mass,
-    which moves δ(ε) by at most that much (either way): a composed PLD built with k such
-    operations is within k·τ of the untruncated one in δ, at every ε. Each event costs a
-    ``self_compose`` and a ``compose`` (and one more joining a cached base), in both tiers;
-    the extra millionth of δ₀ covers float rounding of the grids (i·Δc vs 10i·Δf).
-    """
-    operations = 2 * len(events) + 1
-    return 2 * operations * TAIL_MASS_TRUNCATION + 1e-6 * _delta0(events, delta)
 
 
 def _composed(events: Events, delta: float, accountant: str,
@@ -335,10 +326,9 @@ def admit(spec: DPDatasetSpec, charges: Sequence[DatasetCharge],
     is :func:`composed_epsilon`'s own decision:
 
     1. the quick RDP bound (no PLD, milliseconds);
-    2. for ``pld`` datasets, a pessimistic PLD on the coarse grid
-       (:data:`COARSE_VALUE_DISCRETIZATION`, read at δ₀ minus :func:`coarse_slack`);
-    3. the fine PLD (what :func:`composed_epsilon` composes) — it fits, so their minimum fits;
-    4. otherwise :func:`composed_epsilon` itself (the full RDP may still fit, in odd regimes).
+    2. for ``pld`` datasets, the PLD (what :func:`composed_epsilon` composes) — it fits, so
+       their minimum fits — before the 156-order RDP is computed;
+    3. otherwise :func:`composed_epsilon` itself (the full RDP may still fit, in odd regimes).
 
     ``composed`` and ``remaining`` are reported with the tier that decided (upper bounds on ε,
     so ``remaining`` is never overstated).
@@ -360,13 +350,6 @@ def admit(spec: DPDatasetSpec, charges: Sequence[DatasetCharge],
         return answer(True, quick, _rdp_bound(others, privacy.delta))
     # The full RDP is ≤ the quick one ≤ the ceiling: composed_epsilon would compose the PLD too.
     if privacy.accountant == "pld" and quick_raw <= PLD_EPSILON_CEILING:
-        coarse = COARSE_VALUE_DISCRETIZATION
-        slack = coarse_slack(events, privacy.delta)
-        if slack < 0.5 * _delta0(events, privacy.delta):
-            composed = _pld_bound(events, privacy.delta, others, coarse, slack)
-            if composed <= privacy.epsilon:
-                before = _pld_bound(others, privacy.delta, None, coarse, slack)
-                return answer(True, composed, before)
         composed = _pld_bound(events, privacy.delta, others)
         if composed <= privacy.epsilon:
             return answer(True, composed, _pld_bound(others, privacy.delta))
