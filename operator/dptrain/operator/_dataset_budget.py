@@ -58,10 +58,17 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import hashlib
+import importlib.metadata
 import math
+import os
+import pathlib
+import tempfile
 import threading
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+from dp_accounting.pld import pld_pmf
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 
@@ -163,7 +170,7 @@ def _pld(events: Events, delta: float,
     try:
         pld: pld_lib.PrivacyLossDistribution | None = None
         for group, steps in events:
-            one = base_pld(_mechanism(group, delta, "pld", interval)).self_compose(steps)
+            one = _job_pld(group, steps, delta, interval)
             pld = one if pld is None else pld.compose(one)
         assert pld is not None
         _remember(key, pld)
@@ -171,6 +178,83 @@ def _pld(events: Events, delta: float,
     finally:
         with _PLD_LOCK:
             _BUILDING.pop(key).set()
+
+
+_DISK: pathlib.Path | None = None
+
+
+def persist_under(cache_dir: str | os.PathLike[str] | None) -> None:
+    """Keep each job's T-step PLD under ``<cache_dir>/dataset-pld/`` (None: memory only).
+
+    Building a job's one-step PLD and self-composing it is most of a cold admission's cost; a
+    charged job's PLD was built when it was admitted, so after an operator restart it is read
+    back (exactly the arrays dp-accounting produced: the same ε, the same decisions) instead of
+    rebuilt. Files hold no private data: only a mechanism's public parameters and their PLD.
+    """
+    global _DISK
+    _DISK = pathlib.Path(cache_dir) / "dataset-pld" if cache_dir is not None else None
+
+
+def _disk_key(group: Group, steps: int, delta: float, interval: float) -> str:
+    return repr((group, steps, delta, interval, importlib.metadata.version("dp-accounting"),
+                 "pessimistic", "add-or-remove"))
+
+
+def _job_pld(group: Group, steps: int, delta: float,
+             interval: float) -> pld_lib.PrivacyLossDistribution:
+    """``steps`` steps of one job's mechanism: from the disk cache, else built (and stored)."""
+    folder = _DISK
+    key = _disk_key(group, steps, delta, interval)
+    path = None
+    if folder is not None:
+        path = folder / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".npz")
+        loaded = _load(path, key)
+        if loaded is not None:
+            return loaded
+    pld = base_pld(_mechanism(group, delta, "pld", interval)).self_compose(steps)
+    if path is not None:
+        _store(path, key, pld)
+    return pld
+
+
+_PMF_FIELDS = ("discretization", "lower_loss", "probs", "infinity_mass")
+
+
+def _load(path: pathlib.Path, key: str) -> pld_lib.PrivacyLossDistribution | None:
+    """The stored PLD, or None (absent, unreadable, or another key's): then it is rebuilt."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            if str(stored["key"]) != key:
+                return None
+            pmfs = [pld_pmf.DensePLDPmf(float(stored[f"{side}_discretization"]),
+                                        int(stored[f"{side}_lower_loss"]),
+                                        np.array(stored[f"{side}_probs"]),
+                                        float(stored[f"{side}_infinity_mass"]), True)
+                    for side in ("remove", "add") if f"{side}_probs" in stored]
+    except (OSError, ValueError, KeyError):
+        return None
+    return pld_lib.PrivacyLossDistribution(pmfs[0], pmfs[1] if len(pmfs) > 1 else None)
+
+
+def _store(path: pathlib.Path, key: str, pld: pld_lib.PrivacyLossDistribution) -> None:
+    """Write atomically (a reader never sees half a file); only dense PMFs (stored exactly)."""
+    sides = {"remove": pld._pmf_remove}
+    if not pld._symmetric:
+        sides["add"] = pld._pmf_add
+    arrays: dict[str, object] = {"key": np.array(key)}
+    for side, pmf in sides.items():
+        if not isinstance(pmf, pld_pmf.DensePLDPmf):
+            return  # small (sparse) PLDs are cheap to rebuild
+        arrays.update({f"{side}_discretization": pmf._discretization,
+                       f"{side}_lower_loss": pmf._lower_loss, f"{side}_probs": pmf._probs,
+                       f"{side}_infinity_mass": pmf._infinity_mass})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+            np.savez(tmp, **arrays)  # type: ignore[arg-type]
+        os.replace(tmp.name, path)
+    except OSError:
+        return  # a cache: failing to write only costs the next restart a rebuild
 
 
 def _remember(key: PldKey, pld: pld_lib.PrivacyLossDistribution) -> None:
