@@ -161,3 +161,32 @@ def test_warm_admission_composes_only_the_new_job(monkeypatch):
     answer = budget.admit(spec(exact * 1.01, "pld"), charges, candidate)
     assert answer.fits and answer.composed == pytest.approx(exact, rel=1e-9)
     assert budget.base_pld.cache_info().misses == base_pld_calls + 1  # only the new job's
+
+
+def test_persisted_plds_give_the_same_decision_and_epsilon(tmp_path, monkeypatch):
+    """A restart reading the charged jobs' PLDs back decides exactly as one that rebuilds them."""
+    charges = [charge("a", q=0.01, sigma=1.0, steps=300), charge("b", q=0.02, sigma=2.0, steps=200)]
+    candidate = charge("new", q=0.005, sigma=0.8, steps=400)
+    exact = budget.composed_epsilon(MIXED, DELTA, "pld")
+    monkeypatch.setattr(budget, "_DISK", None)
+    budget.persist_under(tmp_path)
+    try:
+        answers = []
+        for _ in range(2):  # built and stored; then (fresh process) read back
+            fresh_caches()
+            answers.append(budget.admit(spec(exact * 1.001, "pld"), charges, candidate))
+            if not answers[1:]:
+                assert len(list((tmp_path / "dataset-pld").glob("*.npz"))) == 3
+                for stray in (tmp_path / "dataset-pld").glob("*.tmp"):
+                    raise AssertionError(f"half-written {stray}")
+        misses = budget.base_pld.cache_info().misses
+        assert misses == 0  # nothing rebuilt
+        assert answers[0] == answers[1] and answers[1].fits
+        assert answers[1].composed == pytest.approx(exact, rel=1e-9)  # order of FFTs
+        for path in (tmp_path / "dataset-pld").glob("*.npz"):
+            path.write_bytes(b"not an npz")  # corrupt: rebuilt, same answer
+        fresh_caches()
+        assert budget.admit(spec(exact * 1.001, "pld"), charges, candidate) == answers[0]
+        assert budget.base_pld.cache_info().misses == 3
+    finally:
+        budget.persist_under(None)
