@@ -8,10 +8,10 @@ composed PLDs) is emptied before each repeat, as in a fresh process.
 
 - ``admit, cold, room left``: the dataset's budget (4.0) is well above the composition: the RDP
   bound already fits, so no PLD is built (the common case);
-- ``admit, cold, near the boundary``: the budget lies between the coarse-grid PLD and the RDP
-  compositions: RDP refuses, the coarse (10× grid) pessimistic PLD admits — no fine PLD built;
-- ``admit, cold, at the boundary``: the budget lies between the fine and the coarse PLD
-  compositions: only the fine PLD admits, after the coarse one declined (the worst case);
+- ``admit, cold, near the boundary``: the budget lies between the PLD and RDP compositions: only
+  the tighter PLD admits the job, so every job's PLD is built and composed (no disk cache);
+- ``admit, restart, near the boundary``: the same after an operator restart with ``--cache-dir``:
+  memory caches empty, the charged jobs' PLDs (stored when they were admitted) read from disk;
 - ``admit, cold, refused``: the budget is below both: composed from scratch, refused;
 - ``PLD composition from scratch``: what every cold admission cost before the tiered checks
   (the committed charges' PLD, then the new job's composed onto it) — the baseline of the ratio;
@@ -28,8 +28,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import random
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -92,14 +95,23 @@ def main() -> None:
     clear()
     pld_eps = budget.composed_epsilon(events, DELTA, "pld")
     rdp_eps = budget.composed_epsilon(events, DELTA, "rdp")
-    coarse_eps = budget._pld_bound(events, DELTA, None, budget.COARSE_VALUE_DISCRETIZATION,
-                                   budget.coarse_slack(events, DELTA))
-    assert pld_eps < coarse_eps < rdp_eps, (pld_eps, coarse_eps, rdp_eps)
-    room, near, full = spec_of(4.0), spec_of((coarse_eps + rdp_eps) / 2), spec_of(0.95 * pld_eps)
-    edge = spec_of((pld_eps + coarse_eps) / 2)
+    assert pld_eps < rdp_eps, (pld_eps, rdp_eps)
+    room, near, full = spec_of(4.0), spec_of((pld_eps + rdp_eps) / 2), spec_of(0.95 * pld_eps)
+    disk = tempfile.mkdtemp(prefix="dataset-admission-bench-")
+
+    def restart() -> None:  # a fresh process whose --cache-dir holds the charged jobs' PLDs
+        clear()
+        budget.persist_under(disk)
+        if not any(pathlib.Path(disk).rglob("*.npz")):
+            budget.admit(near, charged, new)
+            clear()
+
+    def no_disk() -> None:
+        clear()
+        budget.persist_under(None)
     rdp = spec_of(4.0, "rdp")
 
-    def from_scratch() -> None:  # the cold admission before the RDP-first check
+    def from_scratch() -> None:  # the cold admission before the tiered checks
         budget._composed(others, DELTA, "pld")
         budget._composed(events, DELTA, "pld", base=others)
 
@@ -114,8 +126,8 @@ def main() -> None:
 
     cases = {
         "admit_cold_room": (admit(room, True), clear),
-        "admit_cold_near": (admit(near, True), clear),
-        "admit_cold_edge": (admit(edge, True), clear),
+        "admit_cold_near": (admit(near, True), no_disk),
+        "admit_restart_near": (admit(near, True), restart),
         "admit_cold_refused": (admit(full, False), clear),
         "pld_from_scratch": (from_scratch, clear),
         "admit_warm_near": (admit(near, True), warm_up),
@@ -124,10 +136,11 @@ def main() -> None:
     results: dict[str, float] = {}
     for name, (fn, before) in cases.items():
         results[f"{name}_s"], results[f"{name}_cpu_s"] = median(fn, args.repeats, before)
+        budget.persist_under(None)
+    shutil.rmtree(disk, ignore_errors=True)
     clear()
     one_by_one = sum(budget.composed_epsilon([event], DELTA, "pld") for event in events)
     results.update(composed_epsilon_pld=pld_eps, composed_epsilon_rdp=rdp_eps,
-                   composed_epsilon_coarse_pld=coarse_eps,
                    sum_of_epsilons=one_by_one, sum_over_composed=one_by_one / pld_eps,
                    scratch_over_cold_room=results["pld_from_scratch_s"]
                    / results["admit_cold_room_s"], jobs=args.jobs, repeats=args.repeats)
@@ -138,7 +151,7 @@ def main() -> None:
           "wall s, CPU s)")
     labels = {"admit_cold_room": "admit, cold, room left (RDP fits)",
               "admit_cold_near": "admit, cold, near the boundary",
-              "admit_cold_edge": "admit, cold, at the boundary",
+              "admit_restart_near": "admit, restart, near the boundary",
               "admit_cold_refused": "admit, cold, refused",
               "pld_from_scratch": "PLD composition from scratch",
               "admit_warm_near": "admit, warm, near the boundary",
@@ -146,7 +159,7 @@ def main() -> None:
     for name, label in labels.items():
         print(f"  {label:<36}{results[name + '_s']:8.3f} {results[name + '_cpu_s']:8.3f}")
     print(f"  from scratch / cold with room left  {results['scratch_over_cold_room']:8.1f}×")
-    print(f"  composed ε: PLD {pld_eps:.4f}, coarse PLD {coarse_eps:.4f}, RDP {rdp_eps:.4f}")
+    print(f"  composed ε: PLD {pld_eps:.4f}, RDP {rdp_eps:.4f}")
     print(f"  sum of per-job ε                    {one_by_one:8.4f}  "
           f"({results['sum_over_composed']:.1f}× the composition)")
 

@@ -51,6 +51,11 @@ Formal guarantees (checked in ``tests/test_operator_dataset_budget.py``):
        read under one lock, two admissions can never both use the same remaining budget.
     3. A charge that ran (``steps_charged`` > 0) is never removed: :func:`release` only turns a
        reservation into its actual steps (``Charged``), and drops a charge that never ran.
+    4. With :func:`persist_under` (the operator's ``--cache-dir``), a job's PLD read back from disk
+       is the array dp-accounting built for the same key (mechanism, steps, δ, grid,
+       dp-accounting version; checked on load, written atomically, no pickle), so admissions
+       after a restart take the same decisions with the same ε; an unreadable or foreign file is
+       rebuilt.
 """
 
 from __future__ import annotations
