@@ -30,6 +30,7 @@ from typing import Any
 import kopf
 
 from dptrain.api import DATASET_PLURAL, GROUP, PLURAL, VERSION
+from dptrain.operator import _dataset_budget as dataset_budget
 from dptrain.operator._children import LABEL_JOB, LABEL_MANAGED_BY, MANAGER
 from dptrain.operator._kube import KubeClient
 from dptrain.operator._peering import collection_path, peering_object
@@ -89,6 +90,8 @@ async def startup(*, memo: Any, settings: kopf.OperatorSettings, logger: Any,
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 10
     state: OperatorMemo = memo.dptrain
+    # Charged jobs' PLDs survive restarts: the first admission after one reads them back.
+    dataset_budget.persist_under(state.cache_dir)
     peer = state.config.peering
     if peer is not None:
         # kopf only patches an existing peering object, and a replica stays paused until it
