@@ -108,10 +108,10 @@ def test_the_sweep_records_its_provenance(swept: dict[str, Any]) -> None:
     assert "no privacy guarantee" in info["privacy"]
     assert info["grid"]["presets"] == ["tiny"]
     assert info["grid"]["noise_batch_ratios"] == pytest.approx(list(RATIOS))
-    assert info["settings"]["steps"] == STEPS and info["grid"]["batch_sizes"] == [4]
+    assert info["grid"]["horizons"] == [STEPS] and info["grid"]["batch_sizes"] == [4]
     assert info["grid"]["physical_batch_sizes"]["4"] >= 4
     assert info["settings"]["heldout_rows"] == 16
-    assert info["settings"]["eval_steps"] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
+    assert info["settings"]["log_every"] == LOG_EVERY
     assert "held-out" in info["loss"]
     assert info["settings"]["sequence_length"] == 32
     assert info["command"].startswith("dptrain sweep ") and "--steps 10" in info["command"]
@@ -122,6 +122,7 @@ def test_the_sweep_records_its_provenance(swept: dict[str, Any]) -> None:
     for run in info["runs"]:
         assert run["noise_multiplier"] == pytest.approx(run["noise_batch_ratio"] * 4)
         assert not run["diverged"] and run["steps"] == STEPS and run["batch_size"] == 4
+        assert run["horizon"] == STEPS
         assert run["step_seconds"] > 0
 
 
@@ -135,9 +136,34 @@ def test_resume_keeps_finished_runs_and_refuses_other_settings(
     again = json.loads(capsys.readouterr().out)
     assert again["rows"] == swept["result"]["rows"]
     assert table.read_text() == before  # nothing retrained
-    assert main([*_sweep_args(tmp, "--resume")[:-2], "--steps", "12", "--json", "--resume"]) == 3
+    assert main([*_sweep_args(tmp, "--resume")[:-2], "--clip-norm", "0.5", "--json",
+                 "--resume"]) == 3
     err = capsys.readouterr().err
-    assert "--resume" in err and "steps" in err
+    assert "--resume" in err and "clip_norm" in err
+
+
+@pytest.mark.slow
+def test_resume_with_another_horizon_extends_the_grid(
+        swept: dict[str, Any], capsys: pytest.CaptureFixture[str],
+        tmp_path: pathlib.Path) -> None:
+    tmp = swept["tmp"]
+    out = tmp_path / "table.csv"
+    args = [a if a != str(tmp / "out" / "table.csv") else str(out) for a in _sweep_args(tmp)]
+    (tmp_path / "table.csv").write_text((tmp / "out" / "table.csv").read_text())
+    (tmp_path / "table.json").write_text((tmp / "out" / "table.json").read_text())
+    steps = args.index("--steps") + 1
+    args[steps] = "6"
+    assert main([*args, "--resume"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["runs"] == 2 * len(RATIOS)  # the earlier horizon's runs are kept
+    info = json.loads((tmp_path / "table.json").read_text())
+    assert info["grid"]["horizons"] == [6, STEPS]
+    assert "--steps 10" in info["earlier_commands"][0]
+    rows = read_results_csv(out)
+    assert {r["horizon"] for r in rows} == {6.0, float(STEPS)}
+    model = TableLossModel.from_csv(out)  # a horizon table: one point per run's end
+    assert model.measured_steps == (6.0, float(STEPS))
+    assert model.describe()["fit"]["beyond_horizon"] == "flat"
 
 
 @pytest.mark.parametrize(("option", "value", "message"), [

@@ -39,7 +39,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-from scipy.interpolate import RegularGridInterpolator
+from scipy.interpolate import PchipInterpolator, RegularGridInterpolator
 from scipy.optimize import isotonic_regression
 
 from dptrain.planner._curve_fit import FittedCurve, best_points, fit_curves
@@ -51,6 +51,7 @@ SHORT_CURVE_DROP_FRACTION = 0.1
 ROLLING_WINDOW = 3
 MAX_T_NODES = 16
 HORIZON_NODES = 24
+RATIO_NODES_PER_OCTAVE = 4
 EXTRAPOLATE_T_TO = 2.0**24
 MAX_T_EXTRAPOLATION = 2.0**7
 """Farthest the power law is followed, as a multiple of the measured steps (the paper's 128K-step
@@ -213,7 +214,19 @@ class TableLossModel:
             steps = np.minimum(np.exp(log_nodes), fit.steps[-1])
             log_loss[models.index(m), :, ratios.index(r)] = np.log(fit(steps))
         self.asymptotes = {m: self.fits[(m, ratios[0])].irreducible for m in models}
-        self._set_grid(models, log_nodes, ratios, self._isotonic(log_loss))
+        log_loss = self._isotonic(log_loss)
+        self.measured_ratios = list(ratios)
+        if len(ratios) >= 3:
+            # Between measured σ̄, a monotone cubic (PCHIP) in (log σ̄, log L), sampled on
+            # RATIO_NODES_PER_OCTAVE nodes per octave: the loss bends upward with σ̄ (flat while
+            # the noise is small against the gradient, then rising), which a straight line
+            # between σ̄ 2-4× apart cuts off; PCHIP keeps the data's monotonicity.
+            log_r = np.log(np.array(ratios))
+            dense = np.union1d(log_r, np.linspace(log_r[0], log_r[-1], 1 + math.ceil(
+                RATIO_NODES_PER_OCTAVE * (log_r[-1] - log_r[0]) / math.log(2.0))))
+            log_loss = PchipInterpolator(log_r, log_loss, axis=2)(dense)
+            ratios = list(np.exp(dense))
+        self._set_grid(models, log_nodes, ratios, self._monotone(log_loss))
 
     def _set_grid(self, models: Sequence[float], log_steps: np.ndarray, ratios: Sequence[float],
                   log_loss: np.ndarray) -> None:
@@ -283,6 +296,7 @@ class TableLossModel:
                 seam = log_loss[i, -1, k] - math.log(math.exp(slope * log_nodes[-1] + intercept)
                                                      + e_star)
                 extended[i, :, k] = np.concatenate([log_loss[i, :, k], tail_fit + seam])
+        self.measured_ratios = list(ratios)
         self._set_grid(models, full, ratios, self._monotone(extended))
 
     @staticmethod
@@ -350,7 +364,7 @@ class TableLossModel:
                          f"extrapolation L = exp(m·log T + b) + E*")
         elif steps < t_lo * 0.999:
             notes.append(f"{steps:.3g} steps below the measured {t_lo:.3g}: clamped (optimistic)")
-        r_lo, r_hi = np.exp(self.log_ratios[[0, -1]])
+        r_lo, r_hi = self.measured_ratios[0], self.measured_ratios[-1]
         if noise_batch_ratio > r_hi * 1.001:
             notes.append(f"noise-batch ratio {noise_batch_ratio:.3g} above the table's "
                          f"{r_hi:.3g}: log-log extrapolation of the last segment")
@@ -363,7 +377,8 @@ class TableLossModel:
         """The best learning rate measured at the nearest table (M, σ̄)."""
         m = float(np.exp(self.log_models[np.argmin(abs(self.log_models
                                                         - math.log(model_params)))]))
-        r = float(np.exp(self.log_ratios[np.argmin(abs(self.log_ratios - math.log(
+        log_measured = np.log(np.array(self.measured_ratios))
+        r = float(np.exp(log_measured[np.argmin(abs(log_measured - math.log(
             max(noise_batch_ratio, 1e-300))))]))
         for (mm, rr), lr in self._best_lr.items():
             if math.isclose(mm, m, rel_tol=1e-9) and math.isclose(rr, r, rel_tol=1e-9):
@@ -385,7 +400,7 @@ class TableLossModel:
             "fit": fit,
             "source": self.source,
             "model_params": [float(x) for x in np.exp(self.log_models)],
-            "noise_batch_ratios": [float(x) for x in np.exp(self.log_ratios)],
+            "noise_batch_ratios": [float(x) for x in self.measured_ratios],
             "measured_steps": list(self.measured_steps),
             "dropped": self.dropped_below,
             "rolling_window": ROLLING_WINDOW,
