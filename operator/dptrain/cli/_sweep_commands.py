@@ -379,14 +379,20 @@ def _report(args: argparse.Namespace, provenance: dict[str, Any], json_path: pat
     try:
         described = TableLossModel.from_csv(args.output).describe()
         loss_model = {k: described[k] for k in ("model_params", "noise_batch_ratios",
-                                                  "measured_steps", "dropped")}
+                                                  "measured_steps", "dropped", "fit")}
         cells = leave_one_out(read_results_csv(args.output), source=str(args.output))
         if cells:
             errors = [abs(c["relative_error"]) for c in cells]
+            horizons = any("held_out" in c for c in cells)
             loss_model["leave_one_out"] = {
                 "cells": len(cells), "mean_abs_relative_error": sum(errors) / len(errors),
                 "max_abs_relative_error": max(errors), "target": 0.03,
-                "method": "each interior σ̄ held out, predicted at each model's last step"}
+                "method": ("each interior σ̄ (at every horizon) and each interior horizon (at "
+                           "every σ̄) held out in turn, the model refitted without it and "
+                           "compared with the cell's final held-out loss (min over learning "
+                           "rates and batches)") if horizons else
+                          "each interior σ̄ held out, predicted at each model's last step",
+                "cells_detail": cells}
     except ValueError as error:
         warnings.append(f"the planner cannot use this table: {error}")
     result = {"output": str(args.output), "provenance": str(json_path), "rows": len(rows),
