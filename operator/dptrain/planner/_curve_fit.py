@@ -52,11 +52,11 @@ class FittedCurve:
 
 def best_points(rows: Iterable[Mapping[str, float]]
                 ) -> tuple[dict[tuple[float, float], dict[float, float]],
-                           dict[tuple[float, float], float]]:
+                           dict[tuple[float, float], dict[float, float]]]:
     """Final loss of each run, minimised over learning rates and batches.
 
     Returns ``{(M, σ̄): {T: loss}}`` from the rows with ``step == horizon`` (σ̄ > 0), and the
-    learning rate of the best run at each (M, σ̄)'s longest horizon.
+    learning rate of the best run at each (M, σ̄, T): ``{(M, σ̄): {T: learning rate}}``.
     """
     best: dict[tuple[float, float], dict[float, float]] = defaultdict(dict)
     lr_at: dict[tuple[float, float], dict[float, float]] = defaultdict(dict)
@@ -69,8 +69,7 @@ def best_points(rows: Iterable[Mapping[str, float]]
         if loss < best[key].get(step, math.inf):
             best[key][step] = loss
             lr_at[key][step] = float(row["learning_rate"])
-    rates = {key: lr_at[key][max(points)] for key, points in best.items()}
-    return dict(best), rates
+    return dict(best), dict(lr_at)
 
 
 def _fit_one(log_t: np.ndarray, loss: np.ndarray, e_star: float) -> tuple[float, float, float]:

@@ -72,8 +72,9 @@ class LossModel(Protocol):
         """How the prediction at one point leaves the model's domain ([] inside it)."""
         ...
 
-    def learning_rate(self, model_params: float, noise_batch_ratio: float) -> float | None:
-        """The learning rate the model's data suggests for (M, σ̄), if it knows one."""
+    def learning_rate(self, model_params: float, noise_batch_ratio: float,
+                      steps: float | None = None) -> float | None:
+        """The learning rate the model's data suggests for (M, σ̄[, T]), if it knows one."""
         ...
 
     def describe(self) -> dict[str, Any]:
@@ -133,6 +134,7 @@ class TableLossModel:
         self.metadata = dict(metadata or {})
         rows = list(rows)
         self.fits: dict[tuple[float, float], FittedCurve] = {}
+        self._lr_by_horizon: dict[tuple[float, float], dict[float, float]] = {}
         if any(float(row.get("horizon", 0.0)) > 0 for row in rows):
             self._build_horizons(rows)
             return
@@ -189,7 +191,8 @@ class TableLossModel:
 
     def _build_horizons(self, rows: Sequence[Mapping[str, float]]) -> None:
         """A horizon table: one fitted curve per (M, σ̄) (see ``_curve_fit``), flat beyond."""
-        points, self._best_lr = best_points(rows)
+        points, self._lr_by_horizon = best_points(rows)
+        self._best_lr = {k: rates[max(rates)] for k, rates in self._lr_by_horizon.items()}
         if not points:
             raise ValueError(f"{self.source}: no run ends at its horizon with "
                              f"noise_batch_ratio > 0")
@@ -373,8 +376,13 @@ class TableLossModel:
                          f"{r_lo:.3g}: clamped (pessimistic)")
         return notes
 
-    def learning_rate(self, model_params: float, noise_batch_ratio: float) -> float | None:
-        """The best learning rate measured at the nearest table (M, σ̄)."""
+    def learning_rate(self, model_params: float, noise_batch_ratio: float,
+                      steps: float | None = None) -> float | None:
+        """The best learning rate measured at the nearest table (M, σ̄).
+
+        A horizon table knows it per horizon: the one nearest ``steps`` (log scale) is used
+        (short runs want larger rates than long ones); otherwise the longest.
+        """
         m = float(np.exp(self.log_models[np.argmin(abs(self.log_models
                                                         - math.log(model_params)))]))
         log_measured = np.log(np.array(self.measured_ratios))
@@ -382,6 +390,10 @@ class TableLossModel:
             max(noise_batch_ratio, 1e-300))))]))
         for (mm, rr), lr in self._best_lr.items():
             if math.isclose(mm, m, rel_tol=1e-9) and math.isclose(rr, r, rel_tol=1e-9):
+                by_t: dict[float, float] = self._lr_by_horizon.get((mm, rr), {})
+                if by_t and steps is not None and steps > 0:
+                    near = min(by_t, key=lambda t: abs(math.log(t / steps)))
+                    return float(by_t[near])
                 return lr
         return None
 

@@ -161,7 +161,7 @@ def finished_runs(csv_path: pathlib.Path, json_path: pathlib.Path, settings: dic
         ValueError: the earlier sweep is unreadable or was measured with other settings.
     """
     if not csv_path.is_file() or not json_path.is_file():
-        return [], {}
+        return [], {}, {}
     old = json.loads(json_path.read_text(encoding="utf-8"))
     with csv_path.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
