@@ -5,8 +5,8 @@ then trains the pick and the issue's alternatives (tiny, B = 64 / T = 512 and B 
 calibrated for ε = 8 at their (q, T)) with the DP-SGD step, and prints each one's held-out loss
 (the last 256 rows, never trained on), wall time and throughput.
 
-Run: python bench/planner_pick.py [--skip-old-pick] [--skip-new-pick] [--skip-alternatives]. The old pick (B = 2, T = 16,384) takes the
-longest; it is included unless skipped.
+Run: python bench/planner_pick.py [--skip-old-pick] [--skip-new-pick] [--skip-alternatives].
+The old pick (B = 2, T = 16,384) takes the longest; it is included unless skipped.
 """
 
 from __future__ import annotations

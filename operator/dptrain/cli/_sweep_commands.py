@@ -380,19 +380,25 @@ def _report(args: argparse.Namespace, provenance: dict[str, Any], json_path: pat
         described = TableLossModel.from_csv(args.output).describe()
         loss_model = {k: described[k] for k in ("model_params", "noise_batch_ratios",
                                                   "measured_steps", "dropped", "fit")}
-        cells = leave_one_out(read_results_csv(args.output), source=str(args.output))
-        if cells:
-            errors = [abs(c["relative_error"]) for c in cells]
-            horizons = any("held_out" in c for c in cells)
+        loo = leave_one_out(read_results_csv(args.output), source=str(args.output))
+        if loo:
+            errors = [abs(c["relative_error"]) for c in loo]
+            horizons = any("held_out" in c for c in loo)
             loss_model["leave_one_out"] = {
-                "cells": len(cells), "mean_abs_relative_error": sum(errors) / len(errors),
+                "cells": len(loo), "mean_abs_relative_error": sum(errors) / len(errors),
                 "max_abs_relative_error": max(errors), "target": 0.03,
                 "method": ("each interior σ̄ (at every horizon) and each interior horizon (at "
                            "every σ̄) held out in turn, the model refitted without it and "
                            "compared with the cell's final held-out loss (min over learning "
                            "rates and batches)") if horizons else
                           "each interior σ̄ held out, predicted at each model's last step",
-                "cells_detail": cells}
+                "cells_detail": loo}
+            if horizons:
+                loss_model["leave_one_out"]["by_held_out"] = {
+                    kind: {"cells": len(e), "mean_abs_relative_error": sum(e) / len(e),
+                           "max_abs_relative_error": max(e)}
+                    for kind in ("ratio", "horizon")
+                    if (e := [abs(c["relative_error"]) for c in loo if c["held_out"] == kind])}
     except ValueError as error:
         warnings.append(f"the planner cannot use this table: {error}")
     result = {"output": str(args.output), "provenance": str(json_path), "rows": len(rows),
@@ -421,5 +427,9 @@ def _human(r: dict[str, Any]) -> str:
         lines.append(f"leave-one-out over {loo['cells']} held-out cells: mean |error| "
                      f"{loo['mean_abs_relative_error']:.1%}, "
                      f"max {loo['max_abs_relative_error']:.1%} (target {loo['target']:.0%})")
+        for kind, e in (loo.get("by_held_out") or {}).items():
+            lines.append(f"  held-out {kind}s: {e['cells']} cells, mean |error| "
+                         f"{e['mean_abs_relative_error']:.1%}, "
+                         f"max {e['max_abs_relative_error']:.1%}")
     lines += [f"warning: {w}" for w in r["warnings"]]
     return "\n".join(lines)
