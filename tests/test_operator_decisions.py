@@ -23,7 +23,7 @@ class FakeTools:
     def __init__(self) -> None:
         self.plans = 0
 
-    def plan(self, spec, dataset_size):
+    def plan(self, spec, dataset_size, *, model=None):
         self.plans += 1
         if spec.privacy.epsilon < EPS_PER_STEP:
             raise ValueError("spec.privacy.epsilon: infeasible privacy budget")

@@ -30,7 +30,7 @@ NOW = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
 class FakeTools:
     """Instant planning; ε = 0.01 per step (the accounting is not what is tested here)."""
 
-    def plan(self, spec, dataset_size):
+    def plan(self, spec, dataset_size, *, model=None):
         return PlanStatus(
             model_preset="tiny",
             model_params=1000,

@@ -254,7 +254,7 @@ class _CountingTools(OperatorTools):
         super().__init__(**kwargs)
         self.plans = 0
 
-    def plan(self, spec, dataset_size):
+    def plan(self, spec, dataset_size, *, model=None):
         self.plans += 1
         return super().plan(spec, dataset_size)
 

@@ -87,6 +87,9 @@ class PlanStatus(_Status):
     """metadata.generation of the spec this plan was made for."""
     pods: PodsStatus | None = None
     """The trainer pods' sizing and placement (not part of the trainer's config)."""
+    model_fixed_by: str | None = None
+    """What fixed the model (``spec.model.pretrained``: the checkpoint's shape; no size search,
+    only batch, iterations, σ and learning rate were planned). None: the planner chose it."""
 
 
 class PrivacyLedgerStatus(_Status):
@@ -214,6 +217,42 @@ class DatasetStatus(_Status):
     checksum: str | None = None
 
 
+class PretrainedModelStatus(_Status):
+    """The shape of ``spec.model.pretrained``, read from its ``config.json`` (never its weights).
+
+    The data-preparation pod, which mounts the checkpoint, reports it; the operator plans with it.
+
+    Field names follow dptrain's model shape; the Hugging Face keys are in the comments.
+    """
+
+    model_type: str
+    """``model_type`` (``vaultgemma`` or ``gemma2``)."""
+    preset: str
+    """The name the plan gives the shape (``hf-<model_type>``)."""
+    layers: int
+    """``num_hidden_layers``."""
+    width: int
+    """``hidden_size`` (the residual stream)."""
+    heads: int
+    """``num_attention_heads``."""
+    kv_heads: int
+    """``num_key_value_heads``."""
+    head_dim: int
+    """``head_dim``."""
+    mlp_width: int
+    """``intermediate_size`` (one GeGLU branch)."""
+    vocab_size: int
+    """``vocab_size``."""
+    max_position_embeddings: int
+    """``max_position_embeddings``."""
+    parameters: int
+    """Trainable parameters of the checkpoint as dptrain's decoder holds them."""
+    path: str
+    """The checkpoint directory as the pod saw it."""
+    config_checksum: str
+    """``sha256:`` of ``config.json`` (which file the shape was read from)."""
+
+
 class DPTrainingJobStatus(_Status):
     """Observed state of a DPTrainingJob."""
 
@@ -224,6 +263,8 @@ class DPTrainingJobStatus(_Status):
     progress: ProgressStatus | None = None
     workload: WorkloadRef | None = None
     dataset: DatasetStatus | None = None
+    pretrained: PretrainedModelStatus | None = None
+    """The pretrained checkpoint's shape (reported by the data-preparation pod)."""
     evaluation: EvaluationStatus | None = None
     """The latest held-out evaluation (not covered by ε; copied from the trainer's report)."""
     artifacts: ArtifactsStatus | None = None

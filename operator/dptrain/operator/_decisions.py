@@ -32,6 +32,7 @@ from typing import Any
 from dptrain.api import (
     TERMINAL_PHASES,
     DPTrainingJobSpec,
+    DPTrainingJobStatus,
     PlanStatus,
     PrivacyLedgerStatus,
 )
@@ -75,6 +76,7 @@ from dptrain.operator._spec_changes import (
     validated_spec,
 )
 from dptrain.operator._verification import config_mismatches, mechanism_mismatches
+from dptrain.planner import FIXED_BY_PRETRAINED, ModelShape, pretrained_shape
 
 __all__ = [
     "ANNOTATION_APPLIED_SPEC",
@@ -107,6 +109,17 @@ def _ledger_for(spec: DPTrainingJobSpec, plan: PlanStatus,
         return PrivacyLedgerStatus(epsilon_budget=spec.privacy.epsilon, delta=spec.privacy.delta,
                                    accountant=plan.accountant)
     return ledger
+
+
+def fixed_model(spec: DPTrainingJobSpec, status: DPTrainingJobStatus) -> ModelShape | None:
+    """The model the plan must use: the pretrained checkpoint's shape (else None: search).
+
+    Raises:
+        ValueError: ``status.pretrained`` does not describe a consistent shape.
+    """
+    if spec.model.pretrained is None or status.pretrained is None:
+        return None
+    return pretrained_shape(status.pretrained)
 
 
 def decide(body: Mapping[str, Any], observed: Observed, now: dt.datetime, *, tools: Tools,
@@ -174,20 +187,30 @@ def decide(body: Mapping[str, Any], observed: Observed, now: dt.datetime, *, too
     # ------------------------------------------------------------------ suspend (before prep)
     n = spec.data.num_sequences or known_n
     out.dataset = status.dataset
-    if n is None:
+    # A pretrained checkpoint fixes the model, but only pods mount it: data preparation reads
+    # its config.json and reports status.pretrained, as it reports N.
+    if n is None or (spec.model.pretrained is not None and status.pretrained is None):
         return prepare(d, spec, observed, settings)
     if (observed.prepare is not None and not observed.prepare.deleting
             and not (observed.prepare.complete or observed.prepare.failed)):
         out.delete.append("prepare")  # a finished one stays for its TTL (its logs)
     d.condition("DataPrepared", "True",
-                "Given" if spec.data.num_sequences else "Prepared", f"N = {n} sequences")
+                "Given" if spec.data.num_sequences else "Prepared", f"N = {n} sequences"
+                + (f"; pretrained {status.pretrained.model_type}, "
+                   f"{status.pretrained.parameters} parameters"
+                   if spec.model.pretrained is not None and status.pretrained is not None
+                   else ""))
+    try:
+        fixed = fixed_model(spec, status)
+    except ValueError as error:
+        return fail(d, out, observed, "PlanningFailed", str(error), "Planned")
 
     # ------------------------------------------------------------------ plan
     plan = d.plan
     if plan is None or plan.spec_generation != generation:
         if plan is None or not started:
             try:
-                fresh = tools.plan(spec, n)
+                fresh = tools.plan(spec, n, model=fixed)
                 enforced = tools.enforce(fresh, spec.privacy.epsilon, spec.privacy.delta)
             except PodsDoNotFitError as error:
                 return fail(d, out, observed, "PodsDoNotFit", str(error), "Planned")
@@ -197,7 +220,9 @@ def decide(body: Mapping[str, Any], observed: Observed, now: dt.datetime, *, too
                 return fail(d, out, observed, "InfeasibleBudget",
                              f"spec.privacy.epsilon: {spec.privacy.epsilon:g} does not afford "
                              "a single step of the plan", "Planned")
-            plan = enforced.model_copy(update={"spec_generation": generation})
+            plan = enforced.model_copy(update={
+                "spec_generation": generation,
+                "model_fixed_by": FIXED_BY_PRETRAINED if fixed is not None else None})
             ledger = PrivacyLedgerStatus(
                 epsilon_budget=spec.privacy.epsilon, delta=spec.privacy.delta,
                 accountant=plan.accountant, steps_charged=0, epsilon_spent=0.0)
@@ -208,7 +233,10 @@ def decide(body: Mapping[str, Any], observed: Observed, now: dt.datetime, *, too
             out.applied_spec = spec_json(spec)
             d.observed_generation = generation
             d.condition("Planned", "True", "Planned",
-                        f"{plan.model_preset}, batch {plan.batch_size}, σ "
+                        f"{plan.model_preset}"
+                        + (f" (fixed by {plan.model_fixed_by}: no model-size search)"
+                           if plan.model_fixed_by else "")
+                        + f", batch {plan.batch_size}, σ "
                         f"{plan.noise_multiplier:.4g}, {plan.max_steps} of {plan.iterations} "
                         f"steps within ε = {spec.privacy.epsilon:g}", event="Normal")
             d.condition("SpecAccepted", "True", "Accepted")
@@ -290,7 +318,7 @@ def decide(body: Mapping[str, Any], observed: Observed, now: dt.datetime, *, too
     if plan.pods is None:
         # A plan written before pods were sized with it: size them once, now, and keep them.
         try:
-            sized = tools.plan(spec, plan.dataset_size).pods
+            sized = tools.plan(spec, plan.dataset_size, model=fixed).pods
         except ValueError as error:
             reason = "PodsDoNotFit" if isinstance(error, PodsDoNotFitError) else "PodSizingFailed"
             return fail(d, out, observed, reason,

@@ -19,13 +19,18 @@ from dptrain.api import (
     PlanStatus,
 )
 from dptrain.operator._pod_status import PodsView
+from dptrain.planner import ModelShape
 
 
 class Tools(Protocol):
     """The deterministic, possibly slow functions a decision needs."""
 
-    def plan(self, spec: DPTrainingJobSpec, dataset_size: int) -> PlanStatus:
-        """The planner's plan (raises ValueError, e.g. InfeasibleBudgetError, if none fits)."""
+    def plan(self, spec: DPTrainingJobSpec, dataset_size: int, *,
+             model: ModelShape | None = None) -> PlanStatus:
+        """The planner's plan (raises ValueError, e.g. InfeasibleBudgetError, if none fits).
+
+        ``model`` fixes the model (a pretrained checkpoint's shape: no size search).
+        """
         ...
 
     def enforce(self, plan: PlanStatus, budget: float, delta: float, *,

@@ -122,13 +122,17 @@ def prepare(d: StatusDraft, spec: DPTrainingJobSpec, observed: Observed, setting
         waited = (d.now - finished).total_seconds()
         if waited > settings.report_grace:
             return fail(d, out, observed, "DatasetNotReported",
-                         "data preparation finished without reporting status.dataset",
+                         "data preparation finished without reporting status.dataset"
+                         + (" and status.pretrained" if spec.model.pretrained is not None
+                            else ""),
                          "DataPrepared")
         return d.finish(requeue_after=max(1.0, settings.report_grace - waited))
     if prep is None:
         out.create += ["config", "rbac", "prepare"]
     d.condition("DataPrepared", "False", "Preparing",
-                "measuring the dataset size N and preparing sequences", event="Normal")
+                "measuring the dataset size N and preparing sequences"
+                + (" (and reading the pretrained checkpoint's shape)"
+                   if spec.model.pretrained is not None else ""), event="Normal")
     if (prep is None and kueue.queued_at_creation(d)) or (prep is not None and prep.suspended):
         return kueue.hold(d, "data-preparation Job")
     kueue.note_admitted(d)

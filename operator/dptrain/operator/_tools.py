@@ -22,7 +22,7 @@ from dptrain.api import DPTrainingJobSpec, PlanStatus
 from dptrain.operator._accounting import Accountant
 from dptrain.operator._fit import size_pods
 from dptrain.operator._profiles import Placements, placements
-from dptrain.planner import make_plan
+from dptrain.planner import ModelShape, make_plan
 from dptrain.planner._plan import Plan
 
 _MEMO_SIZE = 2048
@@ -37,31 +37,36 @@ class OperatorTools:
         self.accountant = Accountant()
         self.placements = placements if placements is not None else _default_placements()
         self._cache_dir = cache_dir
-        self._plans: OrderedDict[tuple[str, int], Plan] = OrderedDict()
+        self._plans: OrderedDict[tuple[str, int, ModelShape | None], Plan] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _plan(self, spec: DPTrainingJobSpec, dataset_size: int) -> Plan:
+    def _plan(self, spec: DPTrainingJobSpec, dataset_size: int,
+              model: ModelShape | None) -> Plan:
         key = (json.dumps(spec.model_dump(mode="json", by_alias=True), sort_keys=True),
-               dataset_size)
+               dataset_size, model)
         with self._lock:
             if key in self._plans:
                 self._plans.move_to_end(key)
                 return self._plans[key]
-        plan = make_plan(spec, dataset_size=dataset_size, cache_dir=self._cache_dir)
+        plan = make_plan(spec, dataset_size=dataset_size, cache_dir=self._cache_dir,
+                         model=model)
         with self._lock:
             self._plans[key] = plan
             while len(self._plans) > _MEMO_SIZE:
                 self._plans.popitem(last=False)
         return plan
 
-    def plan(self, spec: DPTrainingJobSpec, dataset_size: int) -> PlanStatus:
+    def plan(self, spec: DPTrainingJobSpec, dataset_size: int, *,
+             model: ModelShape | None = None) -> PlanStatus:
         """The planner's plan as ``status.plan``, with its pods sized and fitted.
+
+        ``model`` fixes the model (the pretrained checkpoint's shape, as ``dptrain plan`` uses).
 
         Raises:
             ValueError: no plan fits the budgets (``InfeasibleBudgetError``), or its pods fit
                 no node of the profile (``PodsDoNotFitError``).
         """
-        plan = self._plan(spec, dataset_size)
+        plan = self._plan(spec, dataset_size, model)
         pods = size_pods(plan.pod, self.placements, spec.compute.accelerator)
         return plan.to_status().model_copy(update={"pods": pods})
 

@@ -51,6 +51,7 @@ from dptrain.planner._presets import (
     get_preset,
     scaled_shape,
 )
+from dptrain.planner._pretrained import FIXED_BY_PRETRAINED, pretrained_shape, pretrained_status
 from dptrain.planner._search import SearchSpace
 from dptrain.planner._sigma_table import SigmaSurface, SigmaTable, default_cache_dir
 from dptrain.planner._step_time import (
@@ -69,6 +70,7 @@ __all__ = [
     "DEFAULT_PROVENANCE",
     "DEFAULT_TABLE",
     "DEFAULT_TARGET_WALL_SECONDS",
+    "FIXED_BY_PRETRAINED",
     "GEOMETRIC_POINTS",
     "LINEAR_POINTS",
     "MAX_SCALED_LAYERS",
@@ -109,6 +111,8 @@ __all__ = [
     "paper_optimum",
     "plan_curve",
     "plan_grid",
+    "pretrained_shape",
+    "pretrained_status",
     "read_results_csv",
     "scaled_shape",
     "size_pod",

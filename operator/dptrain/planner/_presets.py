@@ -30,6 +30,9 @@ class ModelShape:
         head_dim: width of one attention head.
         d_ff: hidden width of *one* GeGLU branch (gate and up each have this width).
         max_seq_len: longest sequence the RoPE tables are built for.
+        post_norms: Gemma 2's RMSNorms on the attention and MLP outputs (two more scales per
+            block). Counted here so that ``param_count`` is exact for such checkpoints; the
+            decoder builds them from ``Architecture.post_norms``, which is set with it.
     """
 
     name: str
@@ -41,6 +44,7 @@ class ModelShape:
     head_dim: int
     d_ff: int
     max_seq_len: int
+    post_norms: bool = False
 
     def __post_init__(self) -> None:
         for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -62,7 +66,7 @@ class ModelShape:
         """Parameters of one decoder block."""
         attention = self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
         mlp = 3 * self.d_model * self.d_ff
-        norms = 2 * self.d_model
+        norms = (4 if self.post_norms else 2) * self.d_model
         return attention + mlp + norms
 
     @property

@@ -23,7 +23,14 @@ from dptrain.trainer._audit import (
     training_prompts,
 )
 from dptrain.trainer._checkpoint import Checkpointer, Restored
-from dptrain.trainer._config import TrainConfig, config_from_plan, pretrained_model, shape_for
+from dptrain.trainer._config import (
+    TrainConfig,
+    check_plan_model,
+    config_from_plan,
+    pretrained_model,
+    pretrained_report,
+    shape_for,
+)
 from dptrain.trainer._data import (
     BUILTIN_STDLIB_DOCS,
     DataError,
@@ -138,6 +145,7 @@ __all__ = [
     "add_noise",
     "audit_checkpoint",
     "build_model",
+    "check_plan_model",
     "clip_and_sum",
     "clopper_pearson",
     "config_from_plan",
@@ -161,6 +169,7 @@ __all__ = [
     "prepare_or_reuse",
     "prepare_run",
     "pretrained_model",
+    "pretrained_report",
     "reporters_from_env",
     "sequence_loss",
     "shape_for",

@@ -8,11 +8,18 @@ the loop's accounting uses exactly the plan's sampling rate, σ and physical bat
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import pathlib
 from typing import Any
 
-from dptrain.api import DPTrainingJob, FieldError, InvalidJobError, PlanStatus
-from dptrain.planner import ModelShape, get_preset, mechanism_of
+from dptrain.api import (
+    DPTrainingJob,
+    FieldError,
+    InvalidJobError,
+    PlanStatus,
+    PretrainedModelStatus,
+)
+from dptrain.planner import ModelShape, get_preset, mechanism_of, pretrained_status
 from dptrain.privacy import DpSgdMechanism
 from dptrain.trainer._data import PreparedDataset
 from dptrain.trainer._evaluation import EvaluationSettings
@@ -245,6 +252,7 @@ def config_from_plan(job: DPTrainingJob, plan: PlanStatus, *, dataset: PreparedD
                 "spec.data.tokenizer", f"the tokenizer has {vocab} tokens but the pretrained "
                 f"model's vocabulary has {model.vocab_size}; use the checkpoint's tokenizer",
                 spec.data.tokenizer)])
+        check_plan_model(plan, model, pretrained_dir)
     else:
         model = shape if shape is not None else shape_for(plan.model_preset, vocab_size=vocab)
     if model.vocab_size != vocab:
@@ -299,6 +307,40 @@ def pretrained_model(job: DPTrainingJob, *, base_dir: pathlib.Path
         raise InvalidJobError([FieldError("spec.model.pretrained.path", str(error),
                                           str(directory))]) from None
     return shape, architecture, directory
+
+
+def check_plan_model(plan: PlanStatus, model: ModelShape, directory: pathlib.Path) -> None:
+    """Refuse a plan made for another model than the pretrained checkpoint's.
+
+    The plan's batch, σ, memory and pod sizing were computed for its model; a plan made for a
+    different one (an operator that planned before it knew the checkpoint, a stale plan after
+    the checkpoint changed) must not run.
+
+    Raises:
+        InvalidJobError: ``status.plan.modelParams`` / ``modelPreset`` differ from the checkpoint.
+    """
+    if plan.model_params != model.param_count or plan.model_preset != model.name:
+        raise InvalidJobError([FieldError(
+            "status.plan.modelParams",
+            f"the plan was made for {plan.model_preset} ({plan.model_params} parameters) but "
+            f"the pretrained checkpoint {directory} is {model.name} ({model.param_count} "
+            "parameters); plan again with the checkpoint's shape", str(plan.model_params))])
+
+
+def pretrained_report(job: DPTrainingJob, *, base_dir: pathlib.Path) -> PretrainedModelStatus:
+    """``status.pretrained``: the shape of ``spec.model.pretrained`` from its ``config.json``.
+
+    Reads no weights (the data-preparation pod reports it so that the operator, which cannot
+    mount the checkpoint, plans with the checkpoint's shape).
+
+    Raises:
+        InvalidJobError: as :func:`pretrained_model` (a bad config names the config key).
+    """
+    shape, _, directory = pretrained_model(job, base_dir=base_dir)
+    config = directory / "config.json"
+    digest = hashlib.sha256(config.read_bytes()).hexdigest()
+    return pretrained_status(shape, model_type=shape.name.removeprefix("hf-"),
+                             path=str(directory), config_checksum=f"sha256:{digest}")
 
 
 def _resolve(base: pathlib.Path, path: str | None, default: str) -> pathlib.Path:

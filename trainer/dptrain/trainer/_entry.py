@@ -36,7 +36,7 @@ from dptrain.api import (
 )
 from dptrain.planner import InfeasibleBudgetError, ModelShape, make_plan
 from dptrain.trainer._artifacts import StatusReportError, finish_artifacts
-from dptrain.trainer._config import config_from_plan, pretrained_model
+from dptrain.trainer._config import config_from_plan, pretrained_model, pretrained_report
 from dptrain.trainer._data import (
     ARRAY_NAME,
     BUILTIN_STDLIB_DOCS,
@@ -353,7 +353,8 @@ class PrepareRequest:
         sequence_length: tokens per sequence.
         canaries: random canaries to insert (memorization audits).
         canary_repeats: copies of each canary.
-        report_status: merge-patch ``status.dataset`` of the pod's job.
+        report_status: merge-patch ``status.dataset`` (and ``status.pretrained``, with
+            ``spec.model.pretrained``) of the pod's job.
         progress: show a progress bar.
     """
 
@@ -383,9 +384,14 @@ def prepare_data(request: PrepareRequest) -> dict[str, Any]:
     from dptrain.trainer._audit import make_canaries
 
     checkpoint_uri = None
+    pretrained = None
     if request.config is not None:
         job, _ = load_pod_config(request.config)
         checkpoint_uri = job.spec.checkpoint.uri
+        if job.spec.model.pretrained is not None:
+            # The operator cannot mount the checkpoint: report its shape (config.json only, read
+            # first so that a configuration dptrain cannot represent fails before any work).
+            pretrained = pretrained_report(job, base_dir=pathlib.Path.cwd())
         data = job.spec.data
         # The trainer's own source (a held-out split excluded): the same N and checksum.
         source = data_source(job, pathlib.Path.cwd())
@@ -419,12 +425,17 @@ def prepare_data(request: PrepareRequest) -> dict[str, Any]:
         result["location"] = remote.url(PREPARED_DIR)
     result.pop("canaries")
     result["canaries"] = len(manifest.canaries)
+    report: dict[str, Any] = {"dataset": {"numSequences": manifest.num_sequences,
+                                          "location": result["location"],
+                                          "checksum": manifest.source_checksum}}
+    if pretrained is not None:
+        result["pretrained"] = pretrained.model_dump(mode="json")
+        report["pretrained"] = pretrained.model_dump(mode="json", by_alias=True)
     if request.report_status:
         try:
+            # One patch: the operator plans once both N and the model's shape are known.
             reporter = KubernetesReporter(KubernetesTarget.from_env())
-            reporter.patch_status({"dataset": {"numSequences": manifest.num_sequences,
-                                               "location": result["location"],
-                                               "checksum": manifest.source_checksum}})
+            reporter.patch_status(report)
         except (OSError, ValueError) as error:
             raise StatusReportError(f"cannot report status.dataset: {error}") from error
     return result

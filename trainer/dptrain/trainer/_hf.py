@@ -152,7 +152,8 @@ def shape_and_arch(config: Mapping[str, Any]) -> tuple[ModelShape, Architecture]
         name=f"hf-{model_type}", vocab_size=_positive_int(config, "vocab_size"), d_model=d_model,
         n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
         d_ff=_positive_int(config, "intermediate_size"),
-        max_seq_len=_positive_int(config, "max_position_embeddings"))
+        max_seq_len=_positive_int(config, "max_position_embeddings"),
+        post_norms=model_type == "gemma2")
     layer_types = config.get("layer_types")
     if layer_types is None:  # the families' default: alternate sliding and full, sliding first
         layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention"
