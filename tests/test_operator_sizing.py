@@ -256,7 +256,7 @@ class _CountingTools(OperatorTools):
 
     def plan(self, spec, dataset_size, *, model=None):
         self.plans += 1
-        return super().plan(spec, dataset_size)
+        return super().plan(spec, dataset_size, model=model)
 
 
 def test_a_plan_of_an_earlier_version_gets_its_pods_sized_once_and_recorded():
