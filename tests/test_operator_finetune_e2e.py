@@ -9,6 +9,7 @@ import json
 import kube_ledger
 import kubernetes_validate
 import pytest
+from kube_kubelet import finish_job
 from kube_pods import run_pod, stop
 from kube_samples import job_manifest
 from kube_waiting import wait_for
@@ -31,10 +32,30 @@ def _trainer_job(kube, name):
                     describe=lambda: repr((kube.get_job(name) or {}).get("status")))
 
 
+def _report_pretrained(kube, name):
+    """What the data-preparation pod reports (test_operator_pretrained_plan runs the real one):
+    the shape of a VaultGemma-like checkpoint."""
+    from dptrain.planner import ModelShape, pretrained_status
+
+    shape = ModelShape(name="hf-vaultgemma", vocab_size=259, d_model=64, n_layers=2, n_heads=4,
+                       n_kv_heads=2, head_dim=16, d_ff=128, max_seq_len=128)
+    wait_for(lambda: kube.get("batch/v1/jobs", "default", f"{name}-prepare"), timeout=60,
+             what=f"the data-preparation Job of {name}")
+    report = pretrained_status(shape, model_type="vaultgemma", path="/pretrained/gemma-tiny",
+                               config_checksum="sha256:" + "0" * 64)
+    kube.merge_patch(kube_ledger.JOBS, "default", name, {"status": {
+        "pretrained": report.model_dump(mode="json", by_alias=True)}}, "status")
+    finish_job(kube, f"{name}-prepare", 0)
+    return shape
+
+
 def test_finetune_job_mounts_rewrites_and_reports(kube, start_operator):
     operator = start_operator()
     kube.create_job(job_manifest("ft", **FINETUNE))
+    shape = _report_pretrained(kube, "ft")
     workload = _trainer_job(kube, "ft")
+    plan = kube_ledger.status_of(kube, "ft")["plan"]
+    assert (plan["modelPreset"], plan["modelParams"]) == ("hf-vaultgemma", shape.param_count)
     pod = workload["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     volumes = {v["name"]: v for v in pod["volumes"]}

@@ -41,7 +41,7 @@ class OperatorTools:
         self._lock = threading.Lock()
 
     def _plan(self, spec: DPTrainingJobSpec, dataset_size: int,
-              model: ModelShape | None) -> Plan:
+              model: ModelShape | None = None) -> Plan:
         key = (json.dumps(spec.model_dump(mode="json", by_alias=True), sort_keys=True),
                dataset_size, model)
         with self._lock:
