@@ -43,6 +43,9 @@ paths, ports and exit codes are defined once, in ``dptrain.api._contract``):
   env (without the JAX variables) and merge-patches ``status.dataset`` (``numSequences``,
   ``location``, ``checksum``) of its job. With a checkpoint volume the prepared data is reused by
   the trainer pods (same path); without one the trainer prepares again from the source.
+  With ``spec.model.pretrained`` it runs even when N is given: it mounts the checkpoint, reads
+  its ``config.json`` (no weights) and reports ``status.pretrained`` (the shape, the parameter
+  count) in the same patch; the operator plans with that fixed shape.
 """
 
 from __future__ import annotations
