@@ -98,6 +98,21 @@ def test_the_trainer_refuses_a_plan_for_another_model(tmp_path):
     assert str(shape.param_count) in raised.value.errors[0].rule
 
 
+def test_prepare_data_refuses_a_tokenizer_of_another_vocabulary(tmp_path):
+    from dptrain.trainer import PrepareRequest, prepare_data
+
+    make_checkpoint(tmp_path / "ckpt", "vaultgemma", vocab_size=300)
+    manifest = job_manifest("ft", model={"preset": None, "pretrained": {
+        "path": str(tmp_path / "ckpt")}}, data={"sequenceLength": 32})
+    (tmp_path / "config.json").write_text(json.dumps(manifest))
+    with pytest.raises(InvalidJobError) as raised:
+        prepare_data(PrepareRequest(output=tmp_path / "out", config=tmp_path / "config.json",
+                                    progress=False))
+    assert raised.value.errors[0].field == "spec.data.tokenizer"
+    assert "259" in str(raised.value) and "300" in str(raised.value)
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
 class _Tools:
     """The real planner, recording the fixed model it was asked to use."""
 

@@ -28,6 +28,8 @@ from dptrain.api import (
     REPORT_KUBERNETES,
     TRAINER_METRICS_PORT,
     DPTrainingJob,
+    FieldError,
+    InvalidJobError,
     PlanStatus,
     load_job,
     load_manifests,
@@ -378,6 +380,8 @@ def prepare_data(request: PrepareRequest) -> dict[str, Any]:
 
     Raises:
         InvalidInputError: a bad sequence length or config.
+        InvalidJobError: ``spec.model.pretrained`` cannot be read or represented (the field
+            names the config key), or its vocabulary is not the tokenizer's.
         DataError, ValueError: the documents cannot be read or prepared.
         StatusReportError: ``status.dataset`` could not be patched (the data is prepared).
     """
@@ -397,6 +401,11 @@ def prepare_data(request: PrepareRequest) -> dict[str, Any]:
         source = data_source(job, pathlib.Path.cwd())
         tokenizer = make_tokenizer(data.tokenizer, data.tokenizer_model)
         length = data.sequence_length
+        if pretrained is not None and tokenizer.vocab_size != pretrained.vocab_size:
+            raise InvalidJobError([FieldError(  # as the trainer would, before any work
+                "spec.data.tokenizer", f"the tokenizer has {tokenizer.vocab_size} tokens but the "
+                f"pretrained model's vocabulary has {pretrained.vocab_size}; use the "
+                "checkpoint's tokenizer", data.tokenizer)])
     else:
         source = source_from_spec(
             path=str(request.input) if request.input else None,
