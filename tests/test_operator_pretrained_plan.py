@@ -191,7 +191,20 @@ def test_operator_plans_with_the_checkpoint_the_prepare_pod_reports(kube, kube_a
     assert plan["modelFixedBy"] == "spec.model.pretrained"
     planned = next(c for c in status["conditions"] if c["type"] == "Planned")
     assert "fixed by spec.model.pretrained" in planned["message"]
-    # The trainer's check of the plan against the checkpoint passes on the operator's plan.
-    local = _job(kubelet.claim_dir("weights") / "models" / "gemma-tiny")
-    shape, _, directory = pretrained_model(local, base_dir=tmp_path)
-    check_plan_model(PlanStatus.model_validate(plan), shape, directory)
+    # The trainer accepts the operator's plan for this checkpoint and the prepared data (the
+    # pod's own paths are local here) ...
+    from dptrain.trainer import config_from_plan, load_dataset
+
+    local = _job(kubelet.claim_dir("weights") / "models" / "gemma-tiny",
+                 data={"numSequences": None, "sequenceLength": 32})
+    dataset = load_dataset(status["dataset"]["location"])
+    accepted = PlanStatus.model_validate(plan)
+    config = config_from_plan(local, accepted, dataset=dataset, output_dir=tmp_path / "run",
+                              base_dir=tmp_path)
+    assert config.shape.param_count == plan["modelParams"]
+    # ... and refuses one made for another model (what the operator planned before it knew).
+    guessed = accepted.model_copy(update={"model_preset": "scaled-L1", "model_params": 123_456})
+    with pytest.raises(InvalidJobError) as raised:
+        config_from_plan(local, guessed, dataset=dataset, output_dir=tmp_path / "run",
+                         base_dir=tmp_path)
+    assert raised.value.errors[0].field == "status.plan.modelParams"
