@@ -281,7 +281,9 @@ def test_jobset_workloads_keep_the_ttl_and_count_no_disruption(jobset_api, tmp_p
         resource = "jobset.x-k8s.io/v1alpha2/jobsets"
         first = wait_for(lambda: kube.get(resource, "default", "js-train"), what="the JobSet")
         assert first["spec"]["ttlSecondsAfterFinished"] == 120
-        pods = _status(kube, "js")["plan"]["pods"]
+        # The JobSet can appear before the status patch that records the plan.
+        pods = wait_for(lambda: (_status(kube, "js").get("plan") or {}).get("pods"),
+                        what="status.plan.pods")
         template = first["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
         assert template["spec"]["containers"][0]["resources"] == pods["resources"]
         # A pod of the JobSet's Job is preempted; the JobSet fails.

@@ -70,14 +70,14 @@ if _exec_log or _where == "step":
     def _compiled_step(*args, **kwargs):
         step_fn, optimizer, static = _compiled(*args, **kwargs)
 
-        def step(params, opt_state, tokens, mask, key, index, sigma):
+        def step(params, opt_state, tokens, mask, key, index, sigma, *rest):
             if _exec_log:
                 fd = os.open(_exec_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
                 try:
                     os.write(fd, f"{int(index)}\n".encode())
                 finally:
                     os.close(fd)
-            out = step_fn(params, opt_state, tokens, mask, key, index, sigma)
+            out = step_fn(params, opt_state, tokens, mask, key, index, sigma, *rest)
             _maybe_die("step")
             return out
 
