@@ -144,8 +144,15 @@ def test_non_finite_rows_get_weight_zero_and_contribute_exactly_zero(micro_shape
     weights = clip_factor(jnp.sqrt(squared), 1.0, keep)
     assert float(weights[0]) == 0.0 and float(weights[1]) == 0.0 and float(weights[3]) > 0
     # Poison row 0's tape: a zero weight must select it away, not multiply NaN by zero.
-    poisoned = jax.tree_util.tree_map(lambda a: a.at[0].set(jnp.nan) if a.dtype == jnp.float32
-                                      else a, tape)
+    def poison(path, a):  # row 0 along the batch axis (axis 1 under a layer axis)
+        if a.dtype != jnp.float32:
+            return a
+        keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        layered = "blocks" in keys or (keys[0] == "book"
+                                       and keys[1] not in ("final_norm", "embedding"))
+        return a.at[:, 0].set(jnp.nan) if layered else a.at[0].set(jnp.nan)
+
+    poisoned = jax.tree_util.tree_map_with_path(poison, tape)
     clean = weighted_grad_sum(params, tape, weights)
     dirty = weighted_grad_sum(params, poisoned, weights)
     for a, b in zip(jax.tree_util.tree_leaves(dirty), jax.tree_util.tree_leaves(clean),

@@ -145,7 +145,8 @@ class DpSgdConfig:
 class ModelLoss:
     """``loss(params, tokens)`` of one sequence for a decoder split by ``eqx.partition``.
 
-    A plain callable to the per-example path; the ghost path reads ``static`` and ``pad_id``.
+    A plain callable to the per-example path; the ghost path reads ``static`` and ``pad_id``,
+    and the non-private step calls :meth:`batched` (the model's batched path).
     """
 
     static: Decoder
@@ -153,6 +154,10 @@ class ModelLoss:
 
     def __call__(self, params: Params, tokens: jax.Array) -> jax.Array:
         """Mean next-token loss of ``tokens`` (``[L]``)."""
+        return sequence_loss(eqx.combine(params, self.static), tokens, self.pad_id)
+
+    def batched(self, params: Params, tokens: jax.Array) -> jax.Array:
+        """Each row's loss of ``tokens`` (``[B, L]``): ``vmap(self)`` on the batched path."""
         return sequence_loss(eqx.combine(params, self.static), tokens, self.pad_id)
 
 
@@ -378,7 +383,10 @@ def make_plain_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
         token_mb, mask_mb = _microbatches(tokens, mask, microbatch_size)
 
         def summed_loss(p: Params, mb_tokens: jax.Array, mb_mask: jax.Array) -> jax.Array:
-            losses = jax.vmap(loss_fn, in_axes=(None, 0))(p, mb_tokens)
+            if isinstance(loss_fn, ModelLoss):  # the decoder's batched path (same losses)
+                losses = loss_fn.batched(p, mb_tokens)
+            else:
+                losses = jax.vmap(loss_fn, in_axes=(None, 0))(p, mb_tokens)
             return jnp.sum(losses * mb_mask.astype(losses.dtype))
 
         def accumulate(carry: Any, batch: tuple[jax.Array, jax.Array]) -> tuple[Any, None]:

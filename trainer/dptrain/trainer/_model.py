@@ -3,6 +3,14 @@
 Every layer maps one unbatched sequence ``[L]`` to ``[L, vocab]``; batching is ``jax.vmap`` outside,
 which is exactly the shape per-example DP gradients need (``vmap(grad(loss), in_axes=(None, 0))``).
 
+The same code also takes a batch ``[B, L]`` directly (the *batched path*: every einsum carries a
+leading ``...``): rows never mix (dense layers and norms act per position, attention per row), so
+it computes what ``vmap`` computes, but XLA sees plain ``[B·L, d] @ [d, f]`` matmuls and gradients
+contracting over batch and positions together, with the layer axis leading in the stacked taps
+(``[layers, B, L, ...]``), instead of the batched ``dot_general``\ s and transposes that ``vmap``
+of the per-example formulation produces. The non-private step and ghost clipping use it; the
+per-example reference (``vmap(grad)``) keeps the one-example formulation.
+
 Architecture (VaultGemma): RMSNorm pre-norm before attention and MLP, *no* post-norms; multi-query
 attention (``n_kv_heads`` key/value heads shared by all query heads) with rotary position
 embeddings; full causal attention in every layer; GeGLU MLP; input embedding scaled by
@@ -37,6 +45,7 @@ from dptrain.planner import ModelShape
 from dptrain.trainer._architecture import NORM_EPS as _NORM_EPS
 from dptrain.trainer._architecture import ROPE_BASE as _ROPE_BASE
 from dptrain.trainer._architecture import Architecture, softcap, visibility
+from dptrain.trainer._linear import dense
 
 Taps = dict[str, Any]  # layer name -> array (or nested Taps for the stacked blocks)
 _DEFAULT_ARCH = Architecture()
@@ -108,13 +117,13 @@ def inverse_frequencies(head_dim: int, base: float = _ROPE_BASE) -> np.ndarray:
 
 def apply_rope(x: jax.Array, positions: jax.Array | None = None,
                base: float = _ROPE_BASE) -> jax.Array:
-    """Rotary position embedding of ``x`` (``[L, heads, head_dim]``).
+    """Rotary position embedding of ``x`` (``[..., L, heads, head_dim]``).
 
     ``positions`` (``[L]`` int, traced) defaults to ``0..L-1`` (tables computed on the host).
     """
     half = x.shape[-1] // 2
     if positions is None:
-        sin, cos = rope_tables(x.shape[0], x.shape[-1], base)
+        sin, cos = rope_tables(x.shape[-3], x.shape[-1], base)
     else:
         angles = positions.astype(jnp.float32)[:, None] * inverse_frequencies(x.shape[-1], base)
         sin, cos = jnp.sin(angles)[:, None, :], jnp.cos(angles)[:, None, :]
@@ -149,9 +158,11 @@ class Attention(eqx.Module):
         """Rotated queries (scaled), rotated keys and values of ``x`` at ``positions``."""
         head_dim, base = self.wq.shape[2], self.arch.rope_theta
         scale = self.arch.query_scale if self.arch.query_scale is not None else head_dim ** -0.5
-        q = apply_rope(_probe(jnp.einsum("ld,dhk->lhk", x, self.wq), probes, "q"), positions, base)
-        k = apply_rope(_probe(jnp.einsum("ld,dgk->lgk", x, self.wk), probes, "k"), positions, base)
-        v = _probe(jnp.einsum("ld,dgk->lgk", x, self.wv), probes, "v")
+        q = apply_rope(_probe(dense(x, self.wq), probes, "q"), positions,
+                       base)
+        k = apply_rope(_probe(dense(x, self.wk), probes, "k"), positions,
+                       base)
+        v = _probe(dense(x, self.wv), probes, "v")
         return q * np.float32(scale), k, v
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
@@ -160,15 +171,15 @@ class Attention(eqx.Module):
         ``visible`` (``[L, M]`` bool) says which key each query may see. Returns the input of
         ``wo`` (``[L, heads, head_dim]``).
         """
-        length, n_heads, head_dim = q.shape
-        n_kv = k.shape[1]
+        *lead, n_heads, head_dim = q.shape
+        n_kv = k.shape[-2]
         # Query heads are grouped over the shared key/value heads (one group per kv head).
-        q = q.reshape(length, n_kv, n_heads // n_kv, head_dim)
-        scores = softcap(jnp.einsum("lgrk,mgk->grlm", q, k), self.arch.attn_softcap)
+        q = q.reshape(*lead, n_kv, n_heads // n_kv, head_dim)
+        scores = softcap(jnp.einsum("...lgrk,...mgk->...grlm", q, k), self.arch.attn_softcap)
         # A finite minimum (not -inf) keeps gradients finite on fully masked entries.
         scores = jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
         weights = jax.nn.softmax(scores, axis=-1)
-        return jnp.einsum("grlm,mgk->lgrk", weights, v).reshape(length, n_heads, head_dim)
+        return jnp.einsum("...grlm,...mgk->...lgrk", weights, v).reshape(*lead, n_heads, head_dim)
 
     def forward(self, x: jax.Array, probes: Taps | None = None,
                 window: jax.Array | int | None = None) -> tuple[jax.Array, Taps]:
@@ -176,11 +187,12 @@ class Attention(eqx.Module):
 
         ``window``: this layer's attention window (None: full causal attention).
         """
-        length = x.shape[0]
+        length = x.shape[-2]
         q, k, v = self.project(x, probes)
         visible = visibility(np.arange(length), np.arange(length), window)
         out = self.attend(q, k, v, visible)
-        return _probe(jnp.einsum("lhk,hkd->ld", out, self.wo), probes, "o"), {"o": out}
+        flat_out, flat_wo = out.reshape(*out.shape[:-2], -1), self.wo.reshape(-1, self.wo.shape[-1])
+        return _probe(dense(flat_out, flat_wo), probes, "o"), {"o": out}
 
 
 class GeGLU(eqx.Module):
@@ -201,9 +213,9 @@ class GeGLU(eqx.Module):
 
     def forward(self, x: jax.Array, probes: Taps | None = None) -> tuple[jax.Array, Taps]:
         """The MLP output and the input of ``w_down`` (``[L, d_ff]``)."""
-        gate = _probe(x @ self.w_gate, probes, "gate")
-        hidden = jax.nn.gelu(gate, approximate=True) * _probe(x @ self.w_up, probes, "up")
-        return _probe(hidden @ self.w_down, probes, "down"), {"down": hidden}
+        gate = _probe(dense(x, self.w_gate), probes, "gate")
+        hidden = jax.nn.gelu(gate, approximate=True) * _probe(dense(x, self.w_up), probes, "up")
+        return _probe(dense(hidden, self.w_down), probes, "down"), {"down": hidden}
 
 
 class Block(eqx.Module):
@@ -323,7 +335,7 @@ class Decoder(eqx.Module):
 
     def head(self, h: jax.Array, probe: jax.Array | None = None) -> jax.Array:
         """Logits of final hidden states ``h`` (tied projection, then the final soft-cap)."""
-        logits = h @ self.embedding.T
+        logits = dense(h, self.embedding.T)
         if probe is not None:
             logits = logits + probe
         return softcap(logits, self.arch.final_softcap)
@@ -335,18 +347,18 @@ class Decoder(eqx.Module):
         (the normalised input of the final norm's scale) and ``head`` (the input of the tied
         output projection).
         """
-        if tokens.ndim != 1:
-            raise ValueError(f"Decoder takes one sequence [L]; got shape {tokens.shape} "
-                             "(batch with jax.vmap)")
-        if tokens.shape[0] > self.max_seq_len:
-            raise ValueError(f"sequence of {tokens.shape[0]} tokens exceeds the model's "
+        if tokens.ndim not in (1, 2):
+            raise ValueError(f"Decoder takes one sequence [L] (or a batch [B, L] on the batched "
+                             f"path); got shape {tokens.shape}")
+        if tokens.shape[-1] > self.max_seq_len:
+            raise ValueError(f"sequence of {tokens.shape[-1]} tokens exceeds the model's "
                              f"max_seq_len {self.max_seq_len}")
         get = (lambda name: None) if probes is None else probes.__getitem__
         x = self.embed(tokens)
         if probes is not None:
             x = x + probes["embed"]
         arrays, static = eqx.partition(self.blocks, eqx.is_array)
-        windows = self.arch.windows(self.n_layers, tokens.shape[0])
+        windows = self.arch.windows(self.n_layers, tokens.shape[-1])
 
         def layer(h: jax.Array, xs: tuple[Block, Taps | None, jax.Array]) -> tuple[jax.Array, Taps]:
             block_arrays, block_probes, window = xs
@@ -386,26 +398,32 @@ def empty_cache(model: Decoder, length: int) -> tuple[jax.Array, jax.Array]:
     return zeros, zeros
 
 
-def zero_probes(model: Decoder, length: int) -> Taps:
-    """Zeros shaped like every probed output of ``model`` on a sequence of ``length`` tokens."""
+def zero_probes(model: Decoder, length: int, batch: int | None = None) -> Taps:
+    """Zeros shaped like every probed output of ``model`` on a sequence of ``length`` tokens.
+
+    With ``batch``, for the batched path (``forward`` on ``[batch, length]``): the block probes
+    are ``[n_layers, batch, length, ...]`` (layer axis first, as ``lax.scan`` stacks the taps),
+    the others ``[batch, length, ...]``.
+    """
     attn, d_model = model.blocks.attn, model.embedding.shape[1]
     n_layers, _, n_heads, head_dim = attn.wq.shape
     n_kv, d_ff = attn.wk.shape[2], model.blocks.mlp.w_gate.shape[-1]
+    rows = (length,) if batch is None else (batch, length)
 
     def zeros(*shape: int) -> jax.Array:
         return jnp.zeros(shape, jnp.float32)
 
-    blocks = {"attn_norm": zeros(n_layers, length, d_model), "q": zeros(n_layers, length, n_heads,
-              head_dim), "k": zeros(n_layers, length, n_kv, head_dim),
-              "v": zeros(n_layers, length, n_kv, head_dim), "o": zeros(n_layers, length, d_model),
-              "mlp_norm": zeros(n_layers, length, d_model), "gate": zeros(n_layers, length, d_ff),
-              "up": zeros(n_layers, length, d_ff), "down": zeros(n_layers, length, d_model)}
+    def per_layer(*feature: int) -> jax.Array:
+        return zeros(n_layers, *rows, *feature)
+
+    blocks = {"attn_norm": per_layer(d_model), "q": per_layer(n_heads, head_dim),
+              "k": per_layer(n_kv, head_dim), "v": per_layer(n_kv, head_dim),
+              "o": per_layer(d_model), "mlp_norm": per_layer(d_model), "gate": per_layer(d_ff),
+              "up": per_layer(d_ff), "down": per_layer(d_model)}
     if model.blocks.attn_post_norm is not None:
-        blocks |= {"attn_post_norm": zeros(n_layers, length, d_model),
-                   "mlp_post_norm": zeros(n_layers, length, d_model)}
-    return {"embed": zeros(length, d_model), "blocks": blocks,
-            "final_norm": zeros(length, d_model),
-            "logits": zeros(length, model.embedding.shape[0])}
+        blocks |= {"attn_post_norm": per_layer(d_model), "mlp_post_norm": per_layer(d_model)}
+    return {"embed": zeros(*rows, d_model), "blocks": blocks, "final_norm": zeros(*rows, d_model),
+            "logits": zeros(*rows, model.embedding.shape[0])}
 
 
 def build_model(shape: ModelShape, *, key: jax.Array,
@@ -423,17 +441,18 @@ def count_params(model: Decoder) -> int:
 def sequence_loss(model: Decoder, tokens: jax.Array, pad_id: int = 0) -> jax.Array:
     """Mean next-token cross-entropy of one sequence ``[L]``; targets equal to ``pad_id`` count 0.
 
-    A sequence that is all padding has loss 0 (and zero gradient).
+    A sequence that is all padding has loss 0 (and zero gradient). On a batch ``[B, L]`` (the
+    batched path) it returns each row's loss, ``[B]``: the same as ``vmap`` over the rows.
     """
-    return token_loss(model(tokens[:-1]), tokens[1:], pad_id)
+    return token_loss(model.forward(tokens[..., :-1])[0], tokens[..., 1:], pad_id)
 
 
 def token_loss(logits: jax.Array, targets: jax.Array, pad_id: int = 0) -> jax.Array:
-    """Mean cross-entropy of ``logits`` (``[L, vocab]``) against targets not equal to ``pad_id``."""
+    """Mean cross-entropy of ``logits`` (``[..., L, vocab]``) against targets not ``pad_id``."""
     log_probs = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(log_probs, targets[:, None], axis=-1)[:, 0]
+    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     weights = (targets != pad_id).astype(nll.dtype)
-    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    return jnp.sum(nll * weights, axis=-1) / jnp.maximum(jnp.sum(weights, axis=-1), 1.0)
 
 
 def greedy_continue(model: Decoder, prompt: jax.Array, num_tokens: int) -> jax.Array:
