@@ -16,6 +16,7 @@ the DP step (target: the whole secure draw ≤ 5 % of a DP step on ``tiny`` and 
 
     python bench/dp_step.py --presets tiny small --batch 64 --seq-len 128
     for s in non_dp dp; do python bench/dp_step.py --presets small --only $s --json; done
+    python bench/dp_step.py --presets small --compile-only   # compiled memory only, no steps
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def _memory_mb(compiled) -> float | None:
 
 def bench_preset(name: str, *, batch: int, seq_len: int, repeats: int,
                  microbatch: int | None, clipping: str = "ghost",
-                 only: str | None = None) -> dict:
+                 only: str | None = None, compile_only: bool = False) -> dict:
     shape = get_preset(name)
     seq_len = min(seq_len, shape.max_seq_len)
     mesh = make_mesh()
@@ -108,6 +109,9 @@ def bench_preset(name: str, *, batch: int, seq_len: int, repeats: int,
         started = time.perf_counter()
         compiled = step.lower(*args).compile()
         compile_s = time.perf_counter() - started
+        if compile_only:
+            result[label] = {"compile_s": compile_s, "memory_mb": _memory_mb(compiled)}
+            continue
         p, s, _ = compiled(*args)  # warm-up
         jax.block_until_ready(p)
         times = []
@@ -121,6 +125,11 @@ def bench_preset(name: str, *, batch: int, seq_len: int, repeats: int,
                          "examples_per_s": batch / median,
                          "tokens_per_s": batch * (seq_len - 1) / median,
                          "memory_mb": _memory_mb(compiled)}
+    if compile_only:
+        if only is None:
+            result["memory_ratio"] = result["dp"]["memory_mb"] / result["non_dp"]["memory_mb"]
+            result["compile_ratio"] = result["dp"]["compile_s"] / result["non_dp"]["compile_s"]
+        return result
     if only is None:
         result["ratio_dp_over_non_dp"] = result["dp"]["step_s"] / result["non_dp"]["step_s"]
         result["memory_ratio"] = ((result["dp"]["memory_mb"] or 0)
@@ -146,12 +155,15 @@ def main() -> None:
     parser.add_argument("--clipping", choices=["ghost", "per-example"], default="ghost")
     parser.add_argument("--only", choices=["dp", "non_dp"], default=None,
                         help="time one step kind (its own process: peak RSS is that step's)")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile and report compiled memory and compile time only (JSON)")
     parser.add_argument("--json", action="store_true", help="print JSON only")
     args = parser.parse_args()
     results = [bench_preset(p, batch=args.batch, seq_len=args.seq_len, repeats=args.repeats,
-                            microbatch=args.microbatch, clipping=args.clipping, only=args.only)
+                            microbatch=args.microbatch, clipping=args.clipping, only=args.only,
+                            compile_only=args.compile_only)
                for p in args.presets]
-    if args.json or args.only:
+    if args.json or args.only or args.compile_only:
         print(json.dumps(results, indent=2))
         return
     print(f"{'preset':<8}{'params':>9}{'step':>8}{'s/step':>9}{'ex/s':>9}{'tok/s':>10}"

@@ -51,8 +51,10 @@ _NORMS = ("attn_norm", "mlp_norm", "attn_post_norm", "mlp_post_norm")
 
 
 class GhostTape(NamedTuple):
-    """What the clipped sum is book-kept from (batched-path layout: block entries are
-    ``[layers, B, L, ...]``, the others ``[B, L, ...]``)."""
+    """What the clipped sum is book-kept from.
+
+    Batched-path layout: block entries are ``[layers, B, L, ...]``, the others ``[B, L, ...]``.
+    """
 
     tokens: jax.Array  # [B, L] the model's input tokens (targets excluded)
     taps: Taps  # inputs of every linear map / norm scale

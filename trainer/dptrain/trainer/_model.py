@@ -5,11 +5,12 @@ which is exactly the shape per-example DP gradients need (``vmap(grad(loss), in_
 
 The same code also takes a batch ``[B, L]`` directly (the *batched path*: every einsum carries a
 leading ``...``): rows never mix (dense layers and norms act per position, attention per row), so
-it computes what ``vmap`` computes, but XLA sees plain ``[B·L, d] @ [d, f]`` matmuls and gradients
-contracting over batch and positions together, with the layer axis leading in the stacked taps
-(``[layers, B, L, ...]``), instead of the batched ``dot_general``\ s and transposes that ``vmap``
-of the per-example formulation produces. The non-private step and ghost clipping use it; the
-per-example reference (``vmap(grad)``) keeps the one-example formulation.
+it computes what ``vmap`` computes (tested), with one loss per row, so that one backward pass of
+the summed loss gives every row's output gradients, and with the layer axis leading in the stacked
+taps (``[layers, B, L, ...]``, contiguous per layer for the weight-gradient matmuls). The linear
+maps are :func:`~dptrain.trainer._linear.dense` (2-D matmuls with a backward pass XLA:CPU runs
+fast). The non-private step and ghost clipping use the batched path; the per-example reference
+(``vmap(grad)``) keeps the one-example formulation.
 
 Architecture (VaultGemma): RMSNorm pre-norm before attention and MLP, *no* post-norms; multi-query
 attention (``n_kv_heads`` key/value heads shared by all query heads) with rotary position
