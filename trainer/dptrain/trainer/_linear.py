@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 @jax.custom_vjp
 def dense(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x @ w`` over ``x``'s last and ``w``'s first axis: ``[..., i] × [i, *out] → [..., *out]``."""
+    """``x @ w`` over ``x``'s last and ``w``'s first axis: ``[..., i] × [i, *out]``."""
     fan_in, out_shape = w.shape[0], w.shape[1:]
     flat = x.reshape(-1, fan_in) @ w.reshape(fan_in, -1)
     return flat.reshape(*x.shape[:-1], *out_shape)
