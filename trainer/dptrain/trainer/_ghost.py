@@ -6,22 +6,26 @@ and the clipped sum can be had from those tensors alone (Li et al. 2022 "ghost c
 al. 2023 "book-keeping"):
 
 * a linear map ``y = x W`` (``x``: ``[L, i]``, output gradient ``δ = ∂loss/∂y``: ``[L, o]``) has
-  per-example gradient ``xᵀδ``, with ``‖xᵀδ‖² = ⟨x xᵀ, δ δᵀ⟩`` (the "ghost norm", ``L²(i+o)``
-  work) or, when cheaper, ``‖xᵀδ‖²`` computed directly (``L·i·o`` work, ``i·o`` memory per
-  example; only chosen when that is no more than the ghost norm's);
-* the tied embedding's gradient is ``√d·scatter(δ_embed at tokens) + δ_logitsᵀ h``: its squared
-  norm is the input part by token-equality grouping (``d·Σ_{l,m: t_l = t_m} δ_l·δ_m``), the output
-  part as a linear map, and twice their inner product (``√d·Σ_l δ_l · Σ_m δ_logits[m, t_l] h_m``);
+  per-example gradient ``G = xᵀδ``. When ``i·o > L(i+o)`` its norm is the "ghost norm"
+  ``‖xᵀδ‖² = ⟨x xᵀ, δ δᵀ⟩`` (``L²(i+o)`` work) and the clipped sum is book-kept from ``x, δ``
+  (``Σ_b c_b x_bᵀδ_b``, the non-private weight gradient's matmul). Otherwise ``G_b`` is no larger
+  than the tape ``x_b, δ_b`` it is computed from and no slower to get than the ghost norm: it is
+  kept (``GhostTape.book``), its norm read off, and the clipped sum is ``Σ_b c_b G_b`` — a cheap
+  weighted sum in place of a second weight-gradient matmul (book-keeping, Bu et al. 2023);
+* the tied embedding's gradient is ``√d·scatter(δ_embed at tokens) + δ_logitsᵀ h``. Kept per
+  example by the same rule (both parts in one matmul), or else its squared norm is the input part
+  by token-equality grouping (``d·Σ_{l,m: t_l = t_m} δ_l·δ_m``), the output part as a linear map,
+  and twice their inner product (``√d·Σ_l δ_l · Σ_m δ_logits[m, t_l] h_m``);
 * RMSNorm scales (``d`` numbers) get exact per-example gradients ``Σ_l δ_l ⊙ x̂_l`` — the pre-norms,
   the final norm and, in Gemma-2-style models, the post-norms alike.
 
 Soft-capping, sliding windows and the query scale have no parameters: they only shape the output
 gradients ``δ``, which the backward pass computes through them, so the norms stay exact.
 
-The output gradients ``δ`` come from one backward pass with respect to zero "probes" added to
-every linear output (``Decoder.forward``), which computes no weight gradient; the inputs ``x``
-are the forward's taps. The clipped sum ``Σ_b c_b g_b`` is then book-kept from the same tensors
-(``Σ_b c_b x_bᵀδ_b``: the non-private weight gradient's work), without a second backward pass.
+The output gradients ``δ`` come from one backward pass of the batched model (``Decoder.forward``
+on ``[B, L]``) with respect to zero "probes" added to every linear output, which computes no
+weight gradient; the inputs ``x`` are the forward's taps. The clipped sum ``Σ_b c_b g_b`` is then
+book-kept from the kept gradients and the tape, without a second backward pass.
 
 Formal guarantees:
     1. Exactness: :func:`ghost_norms` returns the squared L2 norm of each example's full gradient
