@@ -100,7 +100,8 @@ class DpSgdConfig:
         loss_share: β, the share of ``clip_norm`` given to the loss coordinate (the gradient is
             clipped to ``clip_norm·√(1 − β²)``).
         clipping: ``ghost`` (default: per-example norms and the clipped sum from activations and
-            output gradients, no per-example gradients in memory; used where the loss is a
+            output gradients; a layer's per-example gradient is held only where it is no larger
+            than the activations and output gradients it replaces; used where the loss is a
             :class:`ModelLoss`, i.e. the decoder) or ``per-example`` (``vmap(grad)``, the
             reference). Same results up to floating-point reassociation.
     """
@@ -251,7 +252,7 @@ def local_clipped_sum(loss_fn: LossFn, params: Params, tokens: jax.Array, mask: 
     token_mb, mask_mb = _microbatches(tokens, mask, config.microbatch_size)
     grad_clip = config.gradient_clip_norm
     # Ghost clipping where the loss is the decoder's: the same norms and weighted sum from
-    # activations and output gradients, without per-example gradients in memory.
+    # activations and output gradients (per-example gradients only where no larger than those).
     ghost = config.clipping == "ghost" and isinstance(loss_fn, ModelLoss)
 
     def accumulate(carry: tuple[Any, ...],
