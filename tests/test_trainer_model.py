@@ -148,7 +148,12 @@ def test_batched_losses_and_gradients_equal_the_vmapped_model(micro_shape):
     tokens = jnp.asarray(np.random.default_rng(2).integers(3, 40, (3, 9)), jnp.int32)
     tokens = tokens.at[2, 4:].set(0)  # padding targets count zero on both paths
     loss = model_loss_fn(static)
-    np.testing.assert_allclose(np.asarray(loss.batched(params, tokens)),
+    jax.config.update("jax_numpy_rank_promotion", "raise")  # the batched path broadcasts nothing
+    try:
+        batched = loss.batched(params, tokens)
+    finally:
+        jax.config.update("jax_numpy_rank_promotion", "allow")
+    np.testing.assert_allclose(np.asarray(batched),
                                np.asarray(jax.vmap(loss, in_axes=(None, 0))(params, tokens)),
                                rtol=1e-6)
     weights = jnp.asarray([1.0, -0.5, 2.0])

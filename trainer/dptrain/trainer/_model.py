@@ -128,6 +128,8 @@ def apply_rope(x: jax.Array, positions: jax.Array | None = None,
     else:
         angles = positions.astype(jnp.float32)[:, None] * inverse_frequencies(x.shape[-1], base)
         sin, cos = jnp.sin(angles)[:, None, :], jnp.cos(angles)[:, None, :]
+    lead = (1,) * (x.ndim - 3)  # batch axes of the batched path, broadcast explicitly
+    sin, cos = sin.reshape(*lead, *sin.shape), cos.reshape(*lead, *cos.shape)
     x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
