@@ -17,6 +17,14 @@ the DP step (target: the whole secure draw ≤ 5 % of a DP step on ``tiny`` and 
     python bench/dp_step.py --presets tiny small --batch 64 --seq-len 128
     for s in non_dp dp; do python bench/dp_step.py --presets small --only $s --json; done
     python bench/dp_step.py --presets small --compile-only   # compiled memory only, no steps
+
+``--finetune`` compares instead the DP step of full fine-tuning (every parameter) with LoRA
+fine-tuning (``--lora-rank``, adapters on every attention and MLP projection; the base weights
+are a frozen input of the step) on the same model and batch: step time, compiled memory and
+peak RSS (target: LoRA's peak memory ≤ 0.5× full). Run each kind in its own process for RSS:
+
+    python bench/dp_step.py --finetune --presets small
+    for k in full lora; do python bench/dp_step.py --finetune --presets small --only $k; done
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from dptrain.trainer import (
     make_plain_step,
     model_loss_fn,
 )
+from dptrain.trainer._lora import LoraConfig, add_adapters, split
 from dptrain.trainer._mesh import replicate, shard_batch
 from dptrain.trainer._noise import secure_normal
 
@@ -145,6 +154,78 @@ def bench_preset(name: str, *, batch: int, seq_len: int, repeats: int,
     return result
 
 
+LORA_MEMORY_TARGET = 0.5
+
+
+def bench_finetune(name: str, *, batch: int, seq_len: int, repeats: int, rank: int,
+                   microbatch: int | None, clipping: str = "ghost",
+                   only: str | None = None) -> dict:
+    """DP step of full vs LoRA fine-tuning of preset ``name``: time and memory, side by side."""
+    shape = get_preset(name)
+    seq_len = min(seq_len, shape.max_seq_len)
+    mesh = make_mesh()
+    base = build_model(shape, key=jax.random.key(0))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, shape.vocab_size, size=(batch, seq_len)).astype(np.int32)
+    sharded = shard_batch(mesh, tokens, np.ones(batch, bool))
+    root = np.asarray(jax.random.key_data(jax.random.key(0)))
+    result: dict = {"preset": name, "params": shape.param_count, "batch": batch,
+                    "seq_len": seq_len, "devices": mesh.devices.size, "clipping": clipping,
+                    "lora_rank": rank, "microbatch": microbatch}
+    for kind in ("full", "lora") if only is None else (only,):
+        model = base if kind == "full" else add_adapters(base, LoraConfig(rank=rank),
+                                                         key=jax.random.key(1))
+        params, frozen, static = split(model)
+        optimizer = make_optimizer("adamw", learning_rate=1e-3, total_steps=1000)
+        step = make_dp_step(model_loss_fn(static), optimizer, DpSgdConfig(
+            clip_norm=1.0, expected_batch_size=batch, microbatch_size=microbatch,
+            clipping=clipping), mesh)
+        p = replicate(mesh, params)
+        s = replicate(mesh, optimizer.init(params))
+        f = None if frozen is None else replicate(mesh, frozen)
+        args = (p, s, *sharded, root, np.int32(0), np.float32(1.0), f)
+        started = time.perf_counter()
+        compiled = step.lower(*args).compile()
+        compile_s = time.perf_counter() - started
+        p, s, _ = compiled(*args)  # warm-up
+        jax.block_until_ready(p)
+        times = []
+        for i in range(repeats):
+            started = time.perf_counter()
+            p, s, _out = compiled(p, s, *sharded, root, np.int32(i + 1), np.float32(1.0), f)
+            jax.block_until_ready(p)
+            times.append(time.perf_counter() - started)
+        trained = sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+        result[kind] = {"trained_params": trained, "compile_s": compile_s,
+                        "step_s": statistics.median(times), "memory_mb": _memory_mb(compiled)}
+    if only is None:
+        result["time_ratio_lora_over_full"] = result["lora"]["step_s"] / result["full"]["step_s"]
+        result["memory_ratio_lora_over_full"] = ((result["lora"]["memory_mb"] or 0)
+                                                 / (result["full"]["memory_mb"] or 1))
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def _print_finetune(results: list[dict]) -> None:
+    print(f"{'preset':<8}{'kind':>6}{'trained':>12}{'s/step':>9}{'mem MB':>9}{'compile s':>11}")
+    for r in results:
+        for kind in ("full", "lora"):
+            if kind not in r:
+                continue
+            m = r[kind]
+            mem = f"{m['memory_mb']:.1f}" if m["memory_mb"] is not None else "n/a"
+            print(f"{r['preset']:<8}{kind:>6}{m['trained_params']:>12,}{m['step_s']:>9.4f}"
+                  f"{mem:>9}{m['compile_s']:>11.1f}")
+        if "memory_ratio_lora_over_full" in r:
+            ratio = r["memory_ratio_lora_over_full"]
+            verdict = "ok" if ratio <= LORA_MEMORY_TARGET else \
+                f"ABOVE TARGET {LORA_MEMORY_TARGET}"
+            print(f"{r['preset']:<8} LoRA (rank {r['lora_rank']}) / full, DP ({r['clipping']}): "
+                  f"compiled memory {ratio:.2f} ({verdict}), time "
+                  f"{r['time_ratio_lora_over_full']:.2f}; batch {r['batch']}×{r['seq_len']}, "
+                  f"peak RSS (both in one process) {r['peak_rss_mb']:.0f} MB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
@@ -153,12 +234,29 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--microbatch", type=int, default=None)
     parser.add_argument("--clipping", choices=["ghost", "per-example"], default="ghost")
-    parser.add_argument("--only", choices=["dp", "non_dp"], default=None,
-                        help="time one step kind (its own process: peak RSS is that step's)")
     parser.add_argument("--compile-only", action="store_true",
                         help="compile and report compiled memory and compile time only (JSON)")
+    parser.add_argument("--only", choices=["dp", "non_dp", "full", "lora"], default=None,
+                        help="time one step kind (its own process: peak RSS is that step's); "
+                             "full/lora with --finetune")
+    parser.add_argument("--finetune", action="store_true",
+                        help="compare the DP step of full and LoRA fine-tuning instead")
+    parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print JSON only")
     args = parser.parse_args()
+    if args.finetune:
+        if args.only in ("dp", "non_dp"):
+            parser.error("--only with --finetune is full or lora")
+        found = [bench_finetune(p, batch=args.batch, seq_len=args.seq_len, repeats=args.repeats,
+                                rank=args.lora_rank, microbatch=args.microbatch,
+                                clipping=args.clipping, only=args.only) for p in args.presets]
+        if args.json or args.only:
+            print(json.dumps(found, indent=2))
+        else:
+            _print_finetune(found)
+        return
+    if args.only in ("full", "lora"):
+        parser.error("--only full/lora needs --finetune")
     results = [bench_preset(p, batch=args.batch, seq_len=args.seq_len, repeats=args.repeats,
                             microbatch=args.microbatch, clipping=args.clipping, only=args.only,
                             compile_only=args.compile_only)

@@ -5,8 +5,8 @@ then trains the pick and the issue's alternatives (tiny, B = 64 / T = 512 and B 
 calibrated for ε = 8 at their (q, T)) with the DP-SGD step, and prints each one's held-out loss
 (the last 256 rows, never trained on), wall time and throughput.
 
-Run: python bench/planner_pick.py [--skip-old-pick]. The old pick (B = 2, T = 16,384) takes the
-longest; it is included unless skipped.
+Run: python bench/planner_pick.py [--skip-old-pick] [--skip-new-pick] [--skip-alternatives].
+The old pick (B = 2, T = 16,384) takes the longest; it is included unless skipped.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ HELDOUT = 256
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--skip-old-pick", action="store_true")
+    parser.add_argument("--skip-new-pick", action="store_true",
+                        help="train the alternatives only (they do not depend on the table)")
+    parser.add_argument("--skip-alternatives", action="store_true")
     args = parser.parse_args()
     spec = DPTrainingJobSpec.model_validate(SPEC)
     with tempfile.TemporaryDirectory() as cache:
@@ -44,12 +47,14 @@ def main() -> None:
     dataset = prepare_or_reuse(source, tokenizer, sequence_length=64, progress=False,
                                out_dir=default_cache_dir() / "sweep-data" / "stdlib-docs-L64")
     n = dataset.num_sequences - HELDOUT
-    configs = [("new pick", plan.model_shape.name, plan.batch_size, plan.iterations,
-                plan.noise_multiplier, plan.learning_rate)]
+    configs = [] if args.skip_new_pick else [
+        ("new pick", plan.model_shape.name, plan.batch_size, plan.iterations,
+         plan.noise_multiplier, plan.learning_rate)]
     if not args.skip_old_pick:
         configs.append(("old pick", "tiny", 2, 16384, None, 1e-2))
-    configs += [("alternative", "tiny", 64, 512, None, 1e-2),
-                ("alternative", "tiny", 512, 64, None, 1e-2)]
+    if not args.skip_alternatives:
+        configs += [("alternative", "tiny", 64, 512, None, 1e-2),
+                    ("alternative", "tiny", 512, 64, None, 1e-2)]
     print(f"{'configuration':<14}{'model':<11}{'B':>6}{'T':>7}{'σ':>8}{'held-out':>10}"
           f"{'train':>8}{'wall s':>8}{'tok/s':>9}")
     for label, preset, b, t, sigma, lr in configs:

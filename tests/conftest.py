@@ -66,6 +66,15 @@ MICRO_SEQUENCE_LENGTH = 16
 # The trainer tests compile many tiny programs: skipping LLVM's optimisations halves compile time,
 # and tiny programs run fast either way. (Only JAX reads XLA_FLAGS; an explicit setting wins.)
 _os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+# One persistent XLA compilation cache for the session's workers and every trainer subprocess
+# they start: the same tiny programs are compiled by dozens of tests. A size limit turns on
+# JAX's file lock, so two workers never read a half-written entry. Entries are keyed by the
+# program, the XLA flags and the JAX version; nothing about training data is in them.
+_os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    str(_Path(__import__("tempfile").gettempdir()) / f"dptrain-tests-jax-cache-{_os.getuid()}"))
+_os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+_os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
 
 
 @_pytest.fixture(scope="session")
@@ -115,3 +124,35 @@ def micro_config(micro_shape, micro_dataset, tmp_path: _Path):
         return TrainConfig.pinned(**values)
 
     return make
+
+
+# --- object-storage fixtures (spec.data.uri / spec.checkpoint.uri) -------------------------------
+
+S3_TEST_BUCKET = "dptrain-test"
+
+
+@_pytest.fixture(scope="session")
+def s3_server():
+    """A local S3 server (moto in server mode, the real wire protocol) with one bucket.
+
+    Yields ``(client, env)``: a boto3 client and the environment a pod would get from its
+    ``secretRef`` (endpoint and a key pair). moto is a test dependency: never skipped.
+    """
+    import boto3
+    import s3fs  # noqa: F401 - what the trainer uses
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "AKIADPTRAINTEST",
+           "AWS_SECRET_ACCESS_KEY": "dptrain-test-secret-5f0c2a", "AWS_DEFAULT_REGION": "us-east-1"}
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"],
+                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                          region_name="us-east-1")
+    client.create_bucket(Bucket=S3_TEST_BUCKET)
+    try:
+        yield client, env
+    finally:
+        server.stop()

@@ -59,7 +59,7 @@ def test_structural_errors_name_field_and_rule(override, field, rule_part):
 
 
 @pytest.mark.parametrize(("override", "field", "rule_part"), [
-    ({"data__path": "docs.jsonl"}, "spec.data", "exactly one of path and builtin"),
+    ({"data__path": "docs.jsonl"}, "spec.data", "exactly one of path, builtin and uri"),
     ({"data__numSequences": 100, "privacy__delta": 0.05}, "spec.privacy.delta", "below 1/N"),
     ({"training__physicalBatchSize": 16}, "spec.training.physicalBatchSize",
      ">= training.batchSize"),

@@ -94,7 +94,7 @@ def test_trainer_image_has_gpu_default_and_tpu_variant() -> None:
     assert args["ACCELERATOR"] == "gpu"
     runs = " ".join(rest for instruction, rest in _instructions(TRAINER) if instruction == "RUN")
     assert "gpu) jax_extra=cuda12" in runs and "tpu) jax_extra=tpu" in runs
-    assert '".[trainer]"' in runs
+    assert '".[trainer,storage]"' in runs  # object storage (spec.*.uri) in the image
     # The JAX pin agrees with pyproject's trainer extra.
     pyproject = (dr.REPO / "pyproject.toml").read_text()
     assert f'"jax=={args["JAX_VERSION"]}"' in pyproject

@@ -39,6 +39,9 @@ OPERATOR_ALLOWED: dict[tuple[str, str], frozenset[str]] = {
     ("", "serviceaccounts"): MANAGE,
     ("", "services"): MANAGE,
     ("batch", "jobs"): READ | MANAGE,
+    # Trainer pods: listed by label (scheduling, disruptions, termination messages), never
+    # watched or changed.
+    ("", "pods"): frozenset({"get", "list"}),
     ("rbac.authorization.k8s.io", "roles"): MANAGE,
     ("rbac.authorization.k8s.io", "rolebindings"): MANAGE,
     ("jobset.x-k8s.io", "jobsets"): READ | MANAGE,

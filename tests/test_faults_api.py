@@ -36,8 +36,10 @@ def planned_faults() -> dict[str, Fault]:
                             status=409, times=1),
         "status 422": Fault(method="PATCH", resource="dptrainingjobs", subresource="status",
                             status=422, skip=1, times=1),
-        "kopf patch 500": Fault(method="PATCH", resource="dptrainingjobs", subresource=None,
-                                agents=("kopf/",), status=500, times=1),
+        # The operator's own annotation writes (applied spec, the authoritative ledger); kopf
+        # no longer patches jobs (no finalizer, no handler state).
+        "job patch 500": Fault(method="PATCH", resource="dptrainingjobs", subresource=None,
+                               status=500, times=1),
         "get 500": Fault(method="GET", resource="dptrainingjobs", watch=False, status=500,
                          probability=0.3, times=6),
         "events 500": Fault(method="POST", resource="events", status=500),

@@ -9,7 +9,7 @@ import math
 import pytest
 from kube_samples import job_manifest
 
-from dptrain.api import PlanStatus
+from dptrain.api import PlanStatus, PodsStatus
 from dptrain.operator import ChildState, Observed, Settings, decide
 from dptrain.operator._conditions import set_condition
 from dptrain.operator._spec_changes import ANNOTATION_APPLIED_SPEC, spec_json
@@ -33,7 +33,7 @@ class FakeTools:
             noise_batch_ratio=1 / 64, sampling_rate=64 / dataset_size, physical_batch_size=128,
             dataset_size=dataset_size, sequence_length=64, clip_norm=1.0, learning_rate=1e-3,
             compute_flops=1.0, max_steps=spec.training.iterations or 100, epsilon_planned=0.0,
-            accountant=spec.privacy.accountant)
+            accountant=spec.privacy.accountant, pods=PodsStatus())
 
     def enforce(self, plan, budget, delta, *, iterations=None):
         iterations = plan.iterations if iterations is None else iterations
@@ -111,7 +111,8 @@ def test_invalid_spec_fails_with_field_and_rule_and_creates_nothing():
     assert decision.phase == "Failed"
     cond = conditions(decision.status)["SpecValid"]
     assert (cond["status"], cond["reason"]) == ("False", "InvalidSpec")
-    assert "spec.data" in cond["message"] and "exactly one of path and builtin" in cond["message"]
+    assert "spec.data" in cond["message"]
+    assert "exactly one of path, builtin and uri" in cond["message"]
     assert decision.create == [] and decision.delete == []
     assert any(e.type == "Warning" and "spec.data" in e.message for e in decision.events)
 
@@ -183,6 +184,17 @@ def test_changing_accounting_fields_after_start_is_refused():
     assert "spec.privacy.delta" in message
 
 
+def test_the_ttl_of_finished_workloads_may_change_after_start():
+    status, applied = running_status(steps=5)
+    decision = run(body(status=status, applied=applied, generation=2,
+                        privacy={"epsilon": 2.0}, ttlSecondsAfterFinished=60),
+                   Observed(workload=ChildState(name="job-train", created=NOW)))
+    cond = conditions(merged(status, decision))["SpecAccepted"]
+    assert (cond["status"], cond["reason"]) == ("True", "Accepted")
+    assert decision.applied_spec["ttlSecondsAfterFinished"] == 60
+    assert decision.delete == []  # the running trainer is not restarted for it
+
+
 def test_raising_the_budget_reopens_an_exhausted_job_with_an_event():
     status, applied = running_status(steps=20)
     halted = merged(status, run(body(status=status, applied=applied, privacy={"epsilon": 2.0})))
@@ -243,7 +255,8 @@ def test_unknown_dataset_size_runs_data_preparation_first():
     planned = run(body(data={"numSequences": None}, status=reported),
                   Observed(prepare=ChildState(name="job-prepare", complete=True)))
     assert planned.status["plan"]["datasetSize"] == 5000
-    assert "prepare" in planned.delete and "workload" in planned.create
+    # The finished data-preparation Job stays for its ttlSecondsAfterFinished (its logs).
+    assert "prepare" not in planned.delete and "workload" in planned.create
 
 
 def test_stalled_trainer_is_marked_after_the_timeout():
@@ -295,3 +308,17 @@ def test_a_ledger_at_the_iterations_is_success_only_if_the_model_trained_them(tr
     if phase == "BudgetExhausted":
         assert conditions(merged(status, decision))["BudgetExhausted"]["reason"] == \
             "MaxStepsReached"
+
+
+def test_a_workload_failing_after_the_deadline_ends_the_job_whatever_its_reason():
+    deadline = (NOW - dt.timedelta(seconds=1)).isoformat()
+    status, applied = running_status(steps=3)
+    spec_applied = dict(applied, compute=dict(applied.get("compute") or {}, deadline=deadline))
+    decision = run(body(status=status, applied=spec_applied, privacy={"epsilon": 2.0},
+                        compute={"deadline": deadline}),
+                   Observed(workload=ChildState(name="job-train", failed=True,
+                                                message="FailedJobs: jobset failed")))
+    assert decision.phase == "Failed" and decision.create == []
+    failed = conditions(merged(status, decision))["Failed"]
+    assert failed["reason"] == "DeadlineExceeded"
+    assert decision.status.get("restarts", 0) == 0

@@ -82,7 +82,8 @@ def test_a_collapsed_batch_is_used_only_when_nothing_else_fits(
         cache_dir: pathlib.Path) -> None:
     # 5e9 FLOPs affords B·T ≈ 190 sequence-steps of the smallest model: with T ≥ 100 only B = 1
     # fits.
-    plan = make_plan(_spec(flops=5e9), dataset_size=N, cache_dir=cache_dir)
+    plan = make_plan(_spec(flops=5e9), dataset_size=N, cache_dir=cache_dir,
+                     search_space=_space(min_steps=100))
     assert step_time_model("cpu").collapsed(plan.batch_size * 64.0)
     assert any("mostly idle" in w for w in plan.warnings)
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dptrain.planner import TableLossModel, default_loss_model
+from dptrain.planner._loss_model import leave_one_out
 
 MODELS = (1e5, 1e6, 1e7)
 RATIOS = tuple(2.0**-k for k in (4, 8, 12))
@@ -121,3 +122,72 @@ def test_leave_one_out_reports_the_error_on_held_out_noise_levels(tmp_path: path
     # A 16× gap (the shipped CPU table's spacing) is not enough for 3%: LOO says so.
     coarse = leave_one_out(read_results_csv(_write(tmp_path / "c.csv")))
     assert max(abs(r["relative_error"]) for r in coarse) > 0.03
+
+
+# -- horizon tables: runs of several lengths, each ending its own schedule --------------------
+
+HORIZONS = (16, 64, 256, 1024)
+H_RATIOS = tuple(2.0**-k for k in (7, 5, 3, 1))
+
+
+def _h_truth(t: float, r: float) -> float:
+    return 1.5 + 6.0 * (1.0 + math.sqrt(r)) * t ** -(0.4 - 0.2 * math.sqrt(r))
+
+
+def _h_rows(*, noise: float = 0.0) -> list[dict[str, float]]:
+    rng = np.random.default_rng(1)
+    rows = []
+    for r in H_RATIOS:
+        for lr, penalty in ((1e-2, 0.0), (3e-3, 0.2)):
+            for batch, extra in ((4, 0.0), (16, 0.1)):
+                for t in HORIZONS:
+                    final = _h_truth(t, r) * (1 + noise * rng.standard_normal())
+                    for step in (t // 4, t):  # an intermediate point (ignored) and the end
+                        rows.append({"model_params": 7e4, "noise_batch_ratio": r,
+                                     "learning_rate": lr, "batch_size": batch,
+                                     "horizon": t, "step": step,
+                                     "loss": final + penalty + extra + (step < t)})
+    return rows
+
+
+def test_a_horizon_table_fits_each_curve_and_recovers_the_irreducible_term() -> None:
+    model = TableLossModel(_h_rows())
+    for r in H_RATIOS:
+        for t in (16, 40, 64, 181, 256, 700, 1024):  # measured and between horizons
+            got = float(model.predict(np.array(7e4), np.array(t), np.array(r)))
+            assert got == pytest.approx(_h_truth(t, r), rel=0.01)
+    assert model.asymptotes[7e4] == pytest.approx(1.5, abs=0.15)
+    info = model.describe()
+    assert info["fit"]["beyond_horizon"] == "flat"
+    assert info["fit"]["max_relative_residual"] < 0.01
+    assert model.learning_rate(7e4, H_RATIOS[0]) == 1e-2  # the lr of the best run
+
+
+def test_a_horizon_table_is_flat_beyond_the_longest_horizon_and_says_so() -> None:
+    model = TableLossModel(_h_rows())
+    at_end = float(model.predict(np.array(7e4), np.array(1024.0), np.array(H_RATIOS[1])))
+    beyond = model.predict(np.array(7e4), np.array([2048.0, 1e5]), np.array(H_RATIOS[1]))
+    assert beyond == pytest.approx([at_end, at_end], rel=1e-9)
+    notes = model.extrapolation(7e4, 4096, H_RATIOS[1])
+    assert len(notes) == 1 and "held flat" in notes[0] and "1.02e+03" in notes[0]
+    assert model.extrapolation(7e4, 500, H_RATIOS[1]) == []
+
+
+def test_a_noisy_horizon_table_is_monotone_in_steps_and_noise() -> None:
+    model = TableLossModel(_h_rows(noise=0.03))
+    t = np.geomspace(16, 1024, 40)
+    grid = model.predict(np.array(7e4), t[:, None], np.array(H_RATIOS)[None, :])
+    assert np.all(np.diff(grid, axis=0) <= 1e-12)  # non-increasing in T
+    assert np.all(np.diff(grid, axis=1) >= -1e-12)  # non-decreasing in σ̄
+
+
+def test_leave_one_out_on_a_horizon_table_holds_out_ratios_and_horizons() -> None:
+    cells = leave_one_out(_h_rows())
+    kinds = {c["held_out"] for c in cells}
+    assert kinds == {"ratio", "horizon"}
+    # interior σ̄ (2 of 4) at 4 horizons, interior horizons (2 of 4) at 4 σ̄
+    assert len(cells) == 2 * 4 + 2 * 4
+    # A smooth truth is predicted from its neighbours to within a few percent.
+    assert max(abs(c["relative_error"]) for c in cells) < 0.06
+    for c in cells:
+        assert c["measured"] == pytest.approx(_h_truth(c["step"], c["noise_batch_ratio"]))

@@ -1,7 +1,7 @@
 """`dptrain plan --verify K`: the pick, trained for real, against alternatives at equal cost.
 
 Each slow test plans a small budget on the built-in corpus (public), trains the pick, a
-runner-up and five perturbations (B × 4 and × 2, B ÷ 4 and ÷ 2 at equal compute, another model
+runner-up and perturbations (B × and ÷ 2, 4 and 8 at equal compute, another model
 size) with the DP-SGD step, and
 checks that the pick's held-out loss is within 3% of the best realised one and that its predicted
 loss is within 5% of what it realises. Budgets differ from issue 16's (ε = 8, 1e12 FLOPs,

@@ -224,6 +224,12 @@ class Kubelet:
             for item in directory.iterdir():
                 item.write_text(local_path(item.read_text()))
         environ = dict(os.environ)
+        for source in container.get("envFrom", []):  # every key of the Secret, as the kubelet
+            name = source["secretRef"]["name"]
+            secret = self.kube.get("v1/secrets", self.namespace, name)
+            assert secret is not None, f"no Secret {name}"
+            environ.update({k: base64.b64decode(v).decode()
+                            for k, v in secret.get("data", {}).items()})
         for item in container.get("env", []):
             if "value" in item:
                 environ[item["name"]] = local_path(item["value"])

@@ -116,6 +116,11 @@ holds those rights itself.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["create"]
+{{- /* Trainer pods are read (listed by label, never watched): scheduling problems,
+disruptions and termination messages are reported in the job's status. */}}
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list"]
 {{- /* Workloads are also watched: the operator reacts when a trainer finishes or fails. */}}
 - apiGroups: ["batch"]
   resources: ["jobs"]

@@ -63,6 +63,7 @@ Phase = Literal[
     "Pending",
     "Preparing",
     "Planned",
+    "Queued",
     "Running",
     "Suspended",
     "Succeeded",

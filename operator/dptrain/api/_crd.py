@@ -30,8 +30,13 @@ JsonObject = dict[str, Any]
 # CEL rules by schema path (properties only), mirroring _validation.semantic_errors.
 _CEL_RULES: dict[tuple[str, ...], list[JsonObject]] = {
     ("spec", "data"): [
-        {"rule": "has(self.path) != has(self.builtin)",
-         "message": "must set exactly one of path and builtin"},
+        {"rule": "(has(self.path) ? 1 : 0) + (has(self.builtin) ? 1 : 0) + "
+                 "(has(self.uri) ? 1 : 0) == 1",
+         "message": "must set exactly one of path, builtin and uri"},
+        {"rule": "!has(self.uri) || !has(self.volume)",
+         "message": "volume is exclusive with uri (object storage needs no volume)"},
+        {"rule": "!has(self.secretRef) || has(self.uri)",
+         "message": "secretRef is only used with uri"},
         {"rule": "!has(self.volume) || has(self.path)",
          "message": "path is required when volume is set"},
         {"rule": "self.tokenizer != 'sentencepiece' || has(self.tokenizerModel)",
@@ -50,6 +55,20 @@ _CEL_RULES: dict[tuple[str, ...], list[JsonObject]] = {
          "message": "tpuTopology is only valid with a TPU accelerator"},
     ],
     ("spec", "checkpoint"): [
+        {"rule": "!has(self.volume) || has(self.path)",
+         "message": "path is required when volume is set"},
+        {"rule": "!has(self.uri) || !has(self.volume)",
+         "message": "uri is exclusive with volume (object storage needs no volume)"},
+        {"rule": "!has(self.secretRef) || has(self.uri)",
+         "message": "secretRef is only used with uri"},
+    ],
+    ("spec", "evaluation"): [
+        {"rule": "has(self.data) != has(self.holdoutFraction)",
+         "message": "must set exactly one of data and holdoutFraction"},
+    ],
+    ("spec", "evaluation", "data"): [
+        {"rule": "has(self.path) != has(self.builtin)",
+         "message": "must set exactly one of path and builtin"},
         {"rule": "!has(self.volume) || has(self.path)",
          "message": "path is required when volume is set"},
     ],
@@ -265,6 +284,8 @@ _PRINTER_COLUMNS: list[JsonObject] = [
     {"name": "Model", "type": "string", "jsonPath": ".status.plan.modelPreset", "priority": 1},
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "priority": 1,
      "description": "DP estimate of the training loss (released under the job's ε)"},
+    {"name": "Eval-Loss", "type": "number", "jsonPath": ".status.evaluation.loss", "priority": 1,
+     "description": "held-out loss (not covered by ε: computed on data not trained on)"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

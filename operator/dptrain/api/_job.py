@@ -21,7 +21,9 @@ from dptrain.api._base import (
     SafePath,
     _Model,
 )
+from dptrain.api._pod_overrides import PodTemplateOverrides
 from dptrain.api._status import DPTrainingJobStatus
+from dptrain.api._storage import ObjectUri, StorageSecretRef
 
 # ----------------------------------------------------------------------------------------- spec
 
@@ -55,14 +57,25 @@ class DataSpec(_Model):
 
     path: SafePath | None = None
     """File or directory of documents (inside `volume` when set, else on the host)."""
+    uri: ObjectUri | None = None
+    """File or directory (key prefix) of documents in object storage: s3://BUCKET/KEY,
+    gs://BUCKET/KEY or file:///PATH; exclusive with `path`, `builtin` and `volume`."""
+    secret_ref: StorageSecretRef | None = None
+    """Credentials for `uri` (default: the pod's identity, the cloud's default chain)."""
     builtin: Literal["stdlib-docs"] | None = None
     """A corpus that ships with dptrain (needs no download); exclusive with `path`."""
     volume: VolumeSource | None = None
     """PersistentVolumeClaim holding `path`."""
-    format: Literal["jsonl", "text", "prepared"] = "jsonl"
-    """jsonl (one JSON object per line), text (one document per file), prepared (dptrain's)."""
+    format: Literal["jsonl", "text", "prepared", "instruction"] = "jsonl"
+    """jsonl (one JSON object per line), text (one document per file), prepared (dptrain's), or
+    instruction (JSONL prompt/response pairs: one example per sequence, never packed together,
+    loss on the response tokens only; the privacy unit is one example)."""
     text_field: Annotated[str, StringConstraints(min_length=1, max_length=128)] = "text"
     """Key of the document text in each JSONL record."""
+    prompt_field: Annotated[str, StringConstraints(min_length=1, max_length=128)] = "prompt"
+    """Key of the prompt in each instruction record (format instruction; no loss on it)."""
+    response_field: Annotated[str, StringConstraints(min_length=1, max_length=128)] = "response"
+    """Key of the response in each instruction record (format instruction; the loss is on it)."""
     tokenizer: Literal["byte", "sentencepiece", "huggingface"] = "byte"
     """Byte-level tokenizer (default), a SentencePiece model, or a Hugging Face tokenizer.json
     (read with the `tokenizers` library)."""
@@ -70,7 +83,8 @@ class DataSpec(_Model):
     """SentencePiece .model file (sentencepiece), or tokenizer.json or its directory
     (huggingface; default: the model.pretrained checkpoint's)."""
     sequence_length: int = Field(default=1024, ge=16, le=32768)
-    """Tokens per training sequence; documents are packed or split to this length."""
+    """Tokens per training sequence; documents are packed or split to this length (instruction
+    examples are truncated or padded to it)."""
     num_sequences: int | None = Field(default=None, ge=1, le=10**13)
     """Dataset size N in sequences, when known; otherwise data preparation measures it."""
     dataset_ref: DnsLabel | None = None
@@ -121,6 +135,32 @@ class ModelSpec(_Model):
     planner plans batch, iterations, σ and learning rate for it."""
 
 
+LoraTarget = Literal["q", "k", "v", "o", "gate", "up", "down"]
+
+
+def _all_lora_targets() -> list[LoraTarget]:
+    return ["q", "k", "v", "o", "gate", "up", "down"]
+
+
+class LoraSpec(_Model):
+    """Low-rank adapters (LoRA): train ``W + (alpha/rank)·A·B`` with the base weights frozen.
+
+    Only the adapters are trained: per-example gradients, clipping and noise cover the adapters
+    alone, and the optimizer keeps state for them only. ``B`` starts at zero (the model starts as
+    the base), ``A`` random.
+    """
+
+    rank: int = Field(default=8, ge=1, le=4096)
+    """Rank r of every adapter."""
+    alpha: float = Field(default=16.0, gt=0, le=1e6)
+    """Scale numerator: the adapter's update is multiplied by alpha / rank (as PEFT's
+    lora_alpha)."""
+    targets: Annotated[list[LoraTarget], Field(min_length=1, max_length=7)] = Field(
+        default_factory=_all_lora_targets)
+    """Linear maps that get an adapter: attention projections q, k, v, o and MLP gate, up,
+    down (each at most once)."""
+
+
 class TrainingSpec(_Model):
     """Pins for the planner and optimiser settings. Unset fields are chosen by the planner."""
 
@@ -149,6 +189,13 @@ class TrainingSpec(_Model):
     activations and output gradients; no per-example gradients in memory) or `per-example`
     (materialised per-example gradients, the reference). Same results; ghost is faster and
     smaller."""
+    lora: LoraSpec | None = None
+    """Train low-rank adapters instead of every parameter (needs model.pretrained): the base
+    weights stay bit-identical; export merges the adapters (or writes them alone in PEFT's
+    format with `dptrain export --adapter-only`)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Compute precision: `bf16` runs activations and matmuls in bfloat16 while the master
+    weights, optimizer state, per-example norms, clipping and noise stay float32."""
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     """Seed of the model's initialisation only (public). Batch sampling and noise come from a
     secret per-job key, never from this seed."""
@@ -162,13 +209,40 @@ class MonitoringSpec(_Model):
     fraction, gradient norms). An unaccounted release: they are not covered by the job's ε."""
 
 
+class EvaluationSpec(_Model):
+    """Held-out evaluation: a separate source (`data`) or a document-level split.
+
+    Its statistics are published un-noised and are not covered by the job's ε (they are
+    computed on documents the job does not train on).
+    """
+
+    data: DataSpec | None = None
+    """A separate evaluation source, shaped like spec.data (path/builtin, volume, format and
+    field names; the training tokenizer and sequence length are used). Exclusive with
+    `holdoutFraction`."""
+    holdout_fraction: float | None = Field(default=None, gt=0, le=0.5)
+    """Fraction of spec.data's documents (instruction examples) held out for evaluation. The
+    split is by document, before packing, so no held-out token is ever trained on."""
+    interval_steps: int = Field(default=100, ge=1, le=10**8)
+    """Evaluate every this many steps (and at the end)."""
+    max_rows: int = Field(default=256, ge=1, le=10**7)
+    """Evaluate on at most this many sequences (the first ones of the evaluation set)."""
+
+
 class CheckpointSpec(_Model):
     """Where checkpoints and the local ledger live."""
 
     path: SafePath | None = None
-    """Directory for checkpoints (inside `volume` when set)."""
+    """Directory for checkpoints (inside `volume` when set); with `uri`, the local directory
+    checkpoints are staged in before the upload (default: the run's output directory)."""
     volume: VolumeSource | None = None
     """PersistentVolumeClaim for checkpoints (mounted read-write)."""
+    uri: ObjectUri | None = None
+    """Directory (key prefix) for checkpoints and the ledger in object storage: s3://BUCKET/KEY,
+    gs://BUCKET/KEY or file:///PATH; exclusive with `volume`. Checkpoints are written by orbax
+    to local scratch (`path`) and uploaded, each step directory before its commit marker."""
+    secret_ref: StorageSecretRef | None = None
+    """Credentials for `uri` (default: the pod's identity, the cloud's default chain)."""
     interval_steps: int = Field(default=100, ge=1, le=10**8)
     """Save every this many steps (and at the end)."""
     keep: int = Field(default=3, ge=1, le=100)
@@ -192,13 +266,21 @@ class DPTrainingJobSpec(_Model):
     """Checkpoint location and cadence."""
     monitoring: MonitoringSpec = MonitoringSpec()
     """What the job publishes beyond its DP loss estimate."""
+    evaluation: EvaluationSpec | None = None
+    """Held-out evaluation (loss and perplexity on data not trained on)."""
     image: Annotated[str, StringConstraints(min_length=1, max_length=512,
                                             pattern=r"^[^\s]+$")] = DEFAULT_TRAINER_IMAGE
     """Trainer container image."""
     suspend: bool = False
     """Suspend: delete the workload, keep the ledger; resume recreates it from the checkpoint."""
     max_restarts: int = Field(default=3, ge=0, le=100)
-    """Trainer failures retried (each resuming from the ledger) before the job fails."""
+    """Trainer failures retried (each from the ledger) before the job fails (not disruptions)."""
+    pod_template_overrides: PodTemplateOverrides | None = None
+    """A partial PodTemplateSpec applied last to the trainer and data-preparation pods
+    (labels, annotations, scheduling, identity, volumes, env, resources); fields the operator
+    owns are refused."""
+    ttl_seconds_after_finished: int = Field(default=3600, ge=0, le=30 * 24 * 3600)
+    """How long a finished or failed workload (its pods and their logs) is kept, in seconds."""
 
 
 class ObjectMeta(BaseModel):

@@ -97,6 +97,8 @@ def _rule(error: Mapping[str, Any]) -> str:
         return f"must match {ctx.get('pattern')}"
     if kind == "literal_error":
         return f"must be one of {ctx.get('expected')}"
+    if kind == "value_error":  # our validators' own words, which name sub-fields and values
+        return str(error["msg"]).removeprefix("Value error, ").rstrip(".")
     return str(error["msg"]).lower().rstrip(".")
 
 

@@ -24,6 +24,39 @@ class Condition(_Status):
     observed_generation: int | None = None
 
 
+class TolerationStatus(_Status):
+    """A toleration of the trainer pods (as in a pod spec)."""
+
+    key: str | None = None
+    operator: str | None = None
+    value: str | None = None
+    effect: str | None = None
+    toleration_seconds: int | None = None
+
+
+class PodsStatus(_Status):
+    """The trainer pods of a plan, sized once with it (the workload is built from this).
+
+    Resources fit the node allocatable of the accelerator profile's machine type, when the
+    profile names one.
+    """
+
+    hosts: int = 1
+    """Pods (one JAX process each)."""
+    chips_per_host: int = 0
+    """Accelerators per pod (0 on CPU)."""
+    topology: str | None = None
+    """TPU slice topology."""
+    resources: dict[str, dict[str, str]] = {}  # noqa: RUF012 (pydantic copies defaults)
+    """The trainer container's ``requests`` and ``limits``."""
+    node_selector: dict[str, str] = {}  # noqa: RUF012
+    tolerations: list[TolerationStatus] = []  # noqa: RUF012
+    machine_type: str | None = None
+    """The node machine type the pods were fitted to (None: the profile names none)."""
+    profile: str | None = None
+    """The accelerator profile that placed the pods."""
+
+
 class PlanStatus(_Status):
     """The plan chosen for this job (by the planner, from budgets and pins)."""
 
@@ -52,6 +85,8 @@ class PlanStatus(_Status):
     accountant: Literal["pld", "rdp"] = "pld"
     spec_generation: int | None = None
     """metadata.generation of the spec this plan was made for."""
+    pods: PodsStatus | None = None
+    """The trainer pods' sizing and placement (not part of the trainer's config)."""
 
 
 class PrivacyLedgerStatus(_Status):
@@ -104,6 +139,41 @@ class MechanismFingerprint(_Status):
     """Checksum of the source documents it trains on."""
 
 
+class EvaluationStatus(_Status):
+    """Held-out evaluation as the trainer last measured it.
+
+    Not covered by the job's ε: computed (un-noised) on documents the job does not train on.
+    """
+
+    step: int
+    """Model step the evaluated parameters include."""
+    loss: float
+    """Mean next-token cross-entropy per evaluated token (nats)."""
+    perplexity: float
+    """exp(loss)."""
+    rows: int
+    """Sequences evaluated."""
+    tokens: int
+    """Target tokens evaluated (padding and prompts excluded)."""
+    source: Literal["holdout", "separate"] = "separate"
+    """A document-level split of spec.data (holdout) or spec.evaluation.data (separate)."""
+    privacy: str | None = None
+    """What ε covers here (it does not cover these statistics)."""
+
+
+class ArtifactsStatus(_Status):
+    """Where a finished job's outputs lie (volume-qualified when on a PersistentVolumeClaim)."""
+
+    checkpoint: str | None = None
+    """The checkpoint directory (orbax checkpoints and ledger.json)."""
+    export: str | None = None
+    """The Hugging Face export (config.json, model.safetensors, tokenizer, model card)."""
+    report: str | None = None
+    """report.json (ε, losses, evaluation, plots beside it)."""
+    export_error: str | None = None
+    """Why the automatic export failed (the checkpoint and the ledger stand)."""
+
+
 class ProgressStatus(_Status):
     """Progress as reported by the trainer (advisory; the ledger is kept separately)."""
 
@@ -122,6 +192,10 @@ class ProgressStatus(_Status):
     """Set when raw statistics of the training data are published outside ε."""
     mechanism: MechanismFingerprint | None = None
     """The mechanism the trainer runs (checked against the plan)."""
+    evaluation: EvaluationStatus | None = None
+    """The latest held-out evaluation (the operator copies it to status.evaluation)."""
+    artifacts: ArtifactsStatus | None = None
+    """The finished run's outputs (the operator copies them to status.artifacts)."""
 
 
 class WorkloadRef(_Status):
@@ -150,5 +224,12 @@ class DPTrainingJobStatus(_Status):
     progress: ProgressStatus | None = None
     workload: WorkloadRef | None = None
     dataset: DatasetStatus | None = None
+    evaluation: EvaluationStatus | None = None
+    """The latest held-out evaluation (not covered by ε; copied from the trainer's report)."""
+    artifacts: ArtifactsStatus | None = None
+    """Where the finished job's checkpoint, export and report lie."""
     restarts: int = 0
+    """Trainer restarts counted against ``spec.maxRestarts``."""
+    disruptions: int = 0
+    """Restarts after a disruption (preemption, node drain), not counted."""
     observed_generation: int | None = None

@@ -10,7 +10,7 @@ import argparse
 import pathlib
 from typing import Any
 
-from dptrain.cli._output import EXIT_INVALID, emit, fail
+from dptrain.cli._output import EXIT_ERROR, EXIT_INVALID, emit, fail
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -32,6 +32,13 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                         help="checkpoint step to export (default: the latest)")
     export.add_argument("--overwrite", action="store_true",
                         help="write into a non-empty output directory")
+    export.add_argument("--report", choices=["kubernetes"], default=None,
+                        help="also merge-patch status.progress.artifacts of the pod's job "
+                             "(the operator's export Job)")
+    export.add_argument("--adapter-only", action="store_true",
+                        help="LoRA checkpoints: write the adapters alone in PEFT's format "
+                             "(adapter_config.json, adapter_model.safetensors) instead of the "
+                             "model with the adapters merged (the default)")
     export.set_defaults(handler=_export)
 
     gen = subparsers.add_parser(
@@ -60,15 +67,20 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 
 def _export(args: argparse.Namespace) -> int:
-    from dptrain.trainer._export import ExportError, export_huggingface
+    from dptrain.trainer import StatusReportError, export_checkpoint
+    from dptrain.trainer._export import ExportError
 
     try:
-        result = export_huggingface(args.checkpoint, args.output, step=args.step,
-                                    overwrite=args.overwrite)
+        result = export_checkpoint(args.checkpoint, args.output, step=args.step,
+                                   overwrite=args.overwrite, adapter_only=args.adapter_only,
+                                   report_status=args.report == "kubernetes")
     except ExportError as error:
         fail(str(error), EXIT_INVALID)
+    except StatusReportError as error:
+        fail(str(error), EXIT_ERROR)
     summary = {"output": str(result.output), "files": result.files, "step": result.step,
-               "format": args.format, "privacy": result.privacy}
+               "format": "peft-lora" if args.adapter_only else args.format,
+               "privacy": result.privacy}
 
     def human(r: dict[str, Any]) -> str:
         p = r["privacy"]

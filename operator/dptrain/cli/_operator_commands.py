@@ -42,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                         help="run trainers as a JobSet, an Indexed Job + headless Service, or "
                              "auto-detect JobSet (default auto)")
     parser.add_argument("--cache-dir", default=os.environ.get("DPTRAIN_CACHE_DIR"),
-                        help="planner cache directory (default $DPTRAIN_CACHE_DIR)")
+                        help="cache directory: planner σ tables, charged jobs' PLDs "
+                             "(default $DPTRAIN_CACHE_DIR)")
     parser.add_argument("--timer-interval", type=float, default=60.0,
                         help="seconds between safety reconciles of each job (default 60)")
     parser.add_argument("--stall-timeout", type=float, default=900.0,

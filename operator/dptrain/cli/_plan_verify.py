@@ -2,7 +2,8 @@
 
 The plan's pick, its next K − 1 runners-up and perturbations of the pick at equal compute
 (B × and ÷ 2, 4 and 8 with T the other way, and the neighbouring model sizes with T scaled to
-keep 6·M·B·S·T) are each trained with the real DP-SGD step (the sweep's harness,
+keep 6·M·B·S·T) are each trained, at the table's best learning rate for its own (σ̄, T), with
+the real DP-SGD step (the sweep's harness,
 :func:`dptrain.trainer._sweep.train_and_evaluate`) at the noise multiplier their (q, T) needs for
 the job's ε, and their held-out loss is compared with the loss model's prediction.
 
@@ -35,6 +36,7 @@ class VerifyCandidate:
     iterations: int
     noise_multiplier: float
     predicted_loss: float | None
+    learning_rate: float
 
 
 def check_public(spec: Any, public_data: bool) -> None:
@@ -92,7 +94,12 @@ def candidates(plan: Any, k: int, spec: Any, loss_model: Any) -> list[VerifyCand
             physical_batch_size=n))
         predicted = (None if plan.loss_source == "paper" else float(loss_model.predict(
             np.array(params), np.array(steps), np.array(sigma / batch))))
-        out.append(VerifyCandidate(label, preset, params, batch, steps, float(sigma), predicted))
+        # Each candidate at its own best learning rate (the table's, for its σ̄ and T), as the
+        # planner would give it: the pick is compared with alternatives at their best.
+        lr = (plan.learning_rate if label == "pick" or spec.training.learning_rate is not None
+              else loss_model.learning_rate(params, sigma / batch, steps) or plan.learning_rate)
+        out.append(VerifyCandidate(label, preset, params, batch, steps, float(sigma), predicted,
+                                   float(lr)))
     return out
 
 
@@ -130,7 +137,7 @@ def verify(plan: Any, spec: Any, k: int, *, loss_model: Any, public_data: bool,
             physical_batch_size=None, seed=0)
         curve, diverged, step_s = train_and_evaluate(
             dataset, shape, batch_size=cand.batch_size, steps=cand.iterations,
-            sigma=cand.noise_multiplier, learning_rate=plan.learning_rate, settings=settings,
+            sigma=cand.noise_multiplier, learning_rate=cand.learning_rate, settings=settings,
             train_rows=plan.dataset_size)
         realised = None if diverged or not curve else curve[-1].heldout_loss
         rows.append({**dataclasses.asdict(cand), "realised_loss": realised,

@@ -35,10 +35,12 @@ from dptrain.cli._output import EXIT_ERROR, EXIT_INVALID, emit, fail
 from dptrain.planner._sweep_table import (
     LOSS_NOTE,
     TABLE_COLUMNS,
+    RunKey,
     SweepRun,
     SweepSettings,
     eval_steps,
     finished_runs,
+    shared_settings,
     table_rows,
     write_table,
 )
@@ -70,7 +72,14 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     sweep.add_argument("--learning-rates", default=DEFAULT_LEARNING_RATES, metavar="LIST",
                        help=f"comma-separated peak learning rates (default "
                             f"{DEFAULT_LEARNING_RATES}; the planner takes the minimum loss)")
-    sweep.add_argument("--steps", type=int, default=200, help="steps per run (default 200)")
+    sweep.add_argument("--steps", default="200", metavar="LIST",
+                       help="steps per run: one horizon or comma-separated horizons, each run's "
+                            "schedule (warm-up, cosine decay) spanning its own horizon, so the "
+                            "last point of a run is the loss a job of that many steps ends at "
+                            "(default 200; e.g. 16,64,256,1024)")
+    sweep.add_argument("--max-sequences", type=int, default=None, metavar="S",
+                       help="skip the grid's runs with B × steps > S sequences (the corner "
+                            "beyond the compute the planner plans for on this hardware)")
     sweep.add_argument("--batch-size", type=int, default=16,
                        help="expected batch B in sequences (default 16; see --batch-sizes)")
     sweep.add_argument("--batch-sizes", default=None, metavar="LIST",
@@ -147,7 +156,7 @@ def _list(args: argparse.Namespace, option: str, *, allow_zero: bool = False) ->
 
 
 def _check_args(args: argparse.Namespace) -> tuple[list[str], list[float], list[float],
-                                                  list[int]]:
+                                                  list[int], list[int]]:
     presets = list(dict.fromkeys(p.strip() for p in args.presets.split(",") if p.strip()))
     if not presets:
         fail("--presets: name at least one model preset", EXIT_INVALID)
@@ -156,6 +165,14 @@ def _check_args(args: argparse.Namespace) -> tuple[list[str], list[float], list[
     if args.input is not None and not args.public_data:
         fail("--input: a sweep's results table is published un-noised, so only public data "
              "may be swept; pass --public-data to declare the input public", EXIT_INVALID)
+    try:
+        horizons = sorted({int(v) for v in str(args.steps).split(",") if v.strip()})
+    except ValueError:
+        fail(f"--steps: must be comma-separated integers, got {args.steps!r}", EXIT_INVALID)
+    if not horizons or min(horizons) < 1:
+        fail(f"--steps: every value must be >= 1, got {args.steps!r}", EXIT_INVALID)
+    if args.max_sequences is not None and args.max_sequences < 1:
+        fail(f"--max-sequences: must be >= 1, got {args.max_sequences}", EXIT_INVALID)
     batches = [args.batch_size]
     if args.batch_sizes is not None:
         try:
@@ -166,16 +183,16 @@ def _check_args(args: argparse.Namespace) -> tuple[list[str], list[float], list[
         if not batches or min(batches) < 1:
             fail(f"--batch-sizes: every value must be >= 1, got {args.batch_sizes!r}",
                  EXIT_INVALID)
-    for option, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
+    for option, value, low in (("--batch-size", args.batch_size, 1),
                                ("--sequence-length", args.sequence_length, 2),
                                ("--log-every", args.log_every or 1, 1),
                                ("--heldout-rows", args.heldout_rows, 1),
                                ("--eval-points", args.eval_points, 2)):
         if value < low:
             fail(f"{option}: must be >= {low}, got {value}", EXIT_INVALID)
-    if args.log_every is not None and args.log_every > args.steps:
-        fail(f"--log-every: must be <= --steps ({args.steps}), got {args.log_every}",
-             EXIT_INVALID)
+    if args.log_every is not None and args.log_every > min(horizons):
+        fail(f"--log-every: must be <= the shortest --steps ({min(horizons)}), got "
+             f"{args.log_every}", EXIT_INVALID)
     if not 0 <= args.warmup_fraction < 1:
         fail(f"--warmup-fraction: must be in [0, 1), got {args.warmup_fraction}", EXIT_INVALID)
     if not args.clip_norm > 0:
@@ -184,7 +201,7 @@ def _check_args(args: argparse.Namespace) -> tuple[list[str], list[float], list[
                           ("--microbatch-size", args.microbatch_size)):
         if value is not None and value < 1:
             fail(f"{option}: must be >= 1, got {value}", EXIT_INVALID)
-    return presets, ratios, rates, batches
+    return presets, ratios, rates, batches, horizons
 
 
 # -------------------------------------------------------------------------------------- sweep
@@ -198,7 +215,7 @@ def _sweep(args: argparse.Namespace) -> int:
         fail("--input: a sweep publishes training losses of its input outside any privacy "
              "guarantee (no ε is accounted); pass --public-data to declare the input public, "
              "or use --builtin", EXIT_INVALID)
-    presets, ratios, rates, batches = _check_args(args)
+    presets, ratios, rates, batches, horizons = _check_args(args)
     import jax
     from tqdm import tqdm
 
@@ -243,45 +260,64 @@ def _sweep(args: argparse.Namespace) -> int:
         fail(f"--batch-size: must be <= the dataset's {n - args.heldout_rows} training "
              f"sequences, got {max(batches)}", EXIT_INVALID)
 
+    longest = max(horizons)
     settings = SweepSettings(
-        steps=args.steps, sequence_length=args.sequence_length,
-        eval_steps=eval_steps(args.steps, points=args.eval_points, every=args.log_every),
+        steps=longest, sequence_length=args.sequence_length,
+        eval_steps=eval_steps(longest, points=args.eval_points, every=args.log_every),
         heldout_rows=args.heldout_rows, clip_norm=args.clip_norm, optimizer=args.optimizer,
-        weight_decay=args.weight_decay, warmup_steps=round(args.warmup_fraction * args.steps),
+        weight_decay=args.weight_decay, warmup_steps=round(args.warmup_fraction * longest),
         microbatch_size=args.microbatch_size, physical_batch_size=args.physical_batch_size,
         seed=args.seed)
+    per_run = {h: settings.for_horizon(h, points=args.eval_points, every=args.log_every,
+                                       warmup_fraction=args.warmup_fraction) for h in horizons}
+    shared = shared_settings(settings, dataset, points=args.eval_points, every=args.log_every,
+                             warmup_fraction=args.warmup_fraction)
     physical = {b: physical_batch_size(b, n - args.heldout_rows, devices=jax.device_count(),
                                        microbatch=args.microbatch_size,
                                        override=args.physical_batch_size) for b in batches}
     provenance_path = args.provenance or args.output.with_suffix(".json")
-    runs = [SweepRun(p, b, r, lr) for p in presets for b in batches for lr in rates
-            for r in ratios]
+    # Shortest horizons first: a sweep stopped early has covered every cell at short T.
+    runs = [SweepRun(p, b, r, lr, h) for h in horizons for p in presets for b in batches
+            for lr in rates for r in ratios
+            if args.max_sequences is None or b * h <= args.max_sequences]
     rows: list[dict[str, Any]] = []
-    done: dict[tuple[str, int, float, float], dict[str, Any]] = {}
+    done: dict[RunKey, dict[str, Any]] = {}
+    earlier: dict[str, Any] = {}
     if args.resume:
         try:
-            rows, done = finished_runs(args.output, provenance_path,
-                                       settings.to_dict(dataset), runs)
+            rows, done, earlier = finished_runs(args.output, provenance_path, shared)
         except (OSError, ValueError, KeyError) as error:
             fail(f"--resume: {error}; use another --output", EXIT_INVALID)
     todo = [run for run in runs if run.key not in done]
+    # A resumed sweep keeps every earlier run: its grid is the union of both.
+    kept = [SweepRun(k[0], k[1], k[2], k[3], k[4]) for k in done if k not in
+            {run.key for run in runs}]
+    runs = kept + runs
+    for preset in {run.preset for run in kept} - set(shapes):
+        shapes[preset] = shape_for(preset, vocab_size=tokenizer.vocab_size)
     provenance: dict[str, Any] = {
         "kind": "dptrain-sweep", "measured": True, "complete": False, "privacy": PRIVACY_NOTE,
         "command": shlex.join(["dptrain", "sweep", *_argv(args)]),
+        "earlier_commands": [*earlier.get("earlier_commands", []),
+                             *([earlier["command"]] if "command" in earlier else [])],
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "grid": {"presets": presets,
-                 "model_params": {p: shapes[p].param_count for p in presets},
-                 "batch_sizes": batches, "physical_batch_sizes": physical,
-                 "noise_batch_ratios": ratios, "learning_rates": rates},
-        "settings": settings.to_dict(dataset), "loss": LOSS_NOTE,
+        "grid": {"presets": sorted({run.preset for run in runs}),
+                 "model_params": {p: shapes[p].param_count for p in sorted(shapes)},
+                 "batch_sizes": sorted({run.batch_size for run in runs}),
+                 "physical_batch_sizes": physical,
+                 "noise_batch_ratios": sorted({run.ratio for run in runs}),
+                 "learning_rates": sorted({run.learning_rate for run in runs}),
+                 "horizons": sorted({run.steps for run in runs}),
+                 "max_sequences": args.max_sequences},
+        "settings": shared, "loss": LOSS_NOTE,
         "dataset": {"name": source.name, "num_sequences": n,
                     "num_tokens": dataset.manifest.num_tokens,
                     "checksum": dataset.manifest.source_checksum,
                     "heldout_rows": args.heldout_rows,
-                    "tokens_per_run": {b: args.steps * b * (args.sequence_length - 1)
-                                       for b in batches},
-                    "epochs_per_run": {b: args.steps * b / (n - args.heldout_rows)
-                                       for b in batches}},
+                    "tokens_per_run_longest": {
+                        b: longest * b * (args.sequence_length - 1) for b in batches},
+                    "epochs_per_run_longest": {
+                        b: longest * b / (n - args.heldout_rows) for b in batches}},
         "environment": environment(),
         "columns": list(TABLE_COLUMNS),
         "runs": [done[run.key] for run in runs if run.key in done],
@@ -292,10 +328,10 @@ def _sweep(args: argparse.Namespace) -> int:
     try:
         for run in todo:
             bar.set_postfix_str(f"{run.preset} B={run.batch_size} σ̄={run.ratio:.3g} "
-                                f"lr={run.learning_rate:g}")
-            record, curve = trainer.run(shapes[run.preset], run)
+                                f"lr={run.learning_rate:g} T={run.steps}")
+            record, curve = trainer.run(shapes[run.preset], run, per_run[run.steps])
             done[run.key] = record
-            rows += table_rows(shapes[run.preset].param_count, run, curve, settings)
+            rows += table_rows(shapes[run.preset].param_count, run, curve, per_run[run.steps])
             provenance["runs"] = [done[r.key] for r in runs if r.key in done]
             provenance["wall_seconds"] = round(time.perf_counter() - started, 1)
             write_table(args.output, provenance_path, rows, provenance)
@@ -335,8 +371,7 @@ def _report(args: argparse.Namespace, provenance: dict[str, Any], json_path: pat
             key = (r["preset"], r["batch_size"], r["noise_batch_ratio"])
             best[key] = min(best.get(key, math.inf), r["final_loss"])
     grid = provenance["grid"]
-    cells = [(p, b, s) for p in grid["presets"] for b in grid["batch_sizes"]
-             for s in grid["noise_batch_ratios"]]
+    cells = sorted({(r["preset"], r["batch_size"], r["noise_batch_ratio"]) for r in runs})
     missing = [c for c in cells if c not in best]
     warnings = [f"every learning rate diverged at {p}, B={b}, σ̄={s:g}: the table has a hole"
                 for p, b, s in missing]
@@ -344,14 +379,26 @@ def _report(args: argparse.Namespace, provenance: dict[str, Any], json_path: pat
     try:
         described = TableLossModel.from_csv(args.output).describe()
         loss_model = {k: described[k] for k in ("model_params", "noise_batch_ratios",
-                                                  "measured_steps", "dropped")}
-        cells = leave_one_out(read_results_csv(args.output), source=str(args.output))
-        if cells:
-            errors = [abs(c["relative_error"]) for c in cells]
+                                                  "measured_steps", "dropped", "fit")}
+        loo = leave_one_out(read_results_csv(args.output), source=str(args.output))
+        if loo:
+            errors = [abs(c["relative_error"]) for c in loo]
+            horizons = any("held_out" in c for c in loo)
             loss_model["leave_one_out"] = {
-                "cells": len(cells), "mean_abs_relative_error": sum(errors) / len(errors),
+                "cells": len(loo), "mean_abs_relative_error": sum(errors) / len(errors),
                 "max_abs_relative_error": max(errors), "target": 0.03,
-                "method": "each interior σ̄ held out, predicted at each model's last step"}
+                "method": ("each interior σ̄ (at every horizon) and each interior horizon (at "
+                           "every σ̄) held out in turn, the model refitted without it and "
+                           "compared with the cell's final held-out loss (min over learning "
+                           "rates and batches)") if horizons else
+                          "each interior σ̄ held out, predicted at each model's last step",
+                "cells_detail": loo}
+            if horizons:
+                loss_model["leave_one_out"]["by_held_out"] = {
+                    kind: {"cells": len(e), "mean_abs_relative_error": sum(e) / len(e),
+                           "max_abs_relative_error": max(e)}
+                    for kind in ("ratio", "horizon")
+                    if (e := [abs(c["relative_error"]) for c in loo if c["held_out"] == kind])}
     except ValueError as error:
         warnings.append(f"the planner cannot use this table: {error}")
     result = {"output": str(args.output), "provenance": str(json_path), "rows": len(rows),
@@ -380,5 +427,9 @@ def _human(r: dict[str, Any]) -> str:
         lines.append(f"leave-one-out over {loo['cells']} held-out cells: mean |error| "
                      f"{loo['mean_abs_relative_error']:.1%}, "
                      f"max {loo['max_abs_relative_error']:.1%} (target {loo['target']:.0%})")
+        for kind, e in (loo.get("by_held_out") or {}).items():
+            lines.append(f"  held-out {kind}s: {e['cells']} cells, mean |error| "
+                         f"{e['mean_abs_relative_error']:.1%}, "
+                         f"max {e['max_abs_relative_error']:.1%}")
     lines += [f"warning: {w}" for w in r["warnings"]]
     return "\n".join(lines)

@@ -117,6 +117,10 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ledger-block", type=int, default=1,
                         help="steps reserved in the ledger at a time (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--export", choices=["huggingface"], default=None,
+                        help="when the run ends with a final model (Succeeded or "
+                             "BudgetExhausted), export it to CHECKPOINT_DIR/export (on a "
+                             "cluster the operator's export Job does this)")
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -129,16 +133,21 @@ def _typed_errors(*, bad_values: bool = False) -> Iterator[None]:
     ``bad_values``: any ``ValueError`` is bad input too (data preparation's readers raise it).
     """
     from dptrain.trainer import (
+        AdaptersUnchangedError,
         DataError,
         InvalidInputError,
+        LedgerError,
         StatusReportError,
+        StorageError,
         TrainingInterruptedError,
     )
     try:
         yield
     except TrainingInterruptedError as error:
         fail(str(error), EXIT_INTERRUPTED)
-    except StatusReportError as error:
+    except (StatusReportError, StorageError, LedgerError, AdaptersUnchangedError) as error:
+        # Object storage or a durable record failed, or the adapters never moved: an error
+        # (retried), not bad input.
         fail(str(error), EXIT_ERROR)
     except (InvalidJobError, InvalidInputError, DataError, ValueError) as error:
         if not (bad_values or isinstance(error, (InvalidJobError, InvalidInputError, DataError))):
@@ -150,7 +159,7 @@ def _typed_errors(*, bad_values: bool = False) -> Iterator[None]:
 def _options(args: argparse.Namespace) -> RunOptions:
     from dptrain.trainer import RunOptions
     return RunOptions(metrics_port=args.metrics_port, ledger_block=args.ledger_block,
-                      progress=not args.no_progress and not args.json)
+                      progress=not args.no_progress and not args.json, export=args.export)
 
 
 def _human(result: dict[str, Any]) -> str:
@@ -160,7 +169,22 @@ def _human(result: dict[str, Any]) -> str:
             f"{num(result['epsilon_spent'], '.4g')} of {result['epsilon_budget']:g} "
             f"(δ = {result['delta']:g}); loss {num(result['initial_loss'], '.4f')} → "
             f"{num(result['final_loss'], '.4f')}; {num(result['tokens_per_second'], ',.0f')} "
-            f"tokens/s\nreport: {result.get('report')}")
+            f"tokens/s\nreport: {result.get('report')}" + _human_extras(result))
+
+
+def _human_extras(result: dict[str, Any]) -> str:
+    lines = ""
+    evaluation = result.get("evaluation")
+    if evaluation:
+        lines += (f"\nheld-out loss {evaluation['loss']:.4f}, perplexity "
+                  f"{evaluation['perplexity']:.4g} at step {evaluation['step']} "
+                  "(not covered by ε: data not trained on)")
+    artifacts = result.get("artifacts") or {}
+    if artifacts.get("export"):
+        lines += f"\nexport: {artifacts['export']}"
+    elif artifacts.get("exportError"):
+        lines += f"\nexport failed: {artifacts['exportError']}"
+    return lines
 
 
 def _emit_outcome(args: argparse.Namespace, outcome: RunOutcome) -> int:

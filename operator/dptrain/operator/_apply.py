@@ -7,7 +7,6 @@ copy in ``status.privacy``), the status patch, then events (best effort).
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime as dt
 import json
@@ -24,10 +23,12 @@ from dptrain.api import (
     PlanStatus,
     status_path,
 )
+from dptrain.operator import _kueue as kueue
 from dptrain.operator import _metrics
 from dptrain.operator._children import (
     ChildNames,
     JobRef,
+    PodSizing,
     build_config_map,
     build_key_secret,
     build_role,
@@ -39,11 +40,14 @@ from dptrain.operator._draft import Decision
 from dptrain.operator._kube import ApiError, KubeClient, resource_path
 from dptrain.operator._ledger_record import ANNOTATION_LEDGER
 from dptrain.operator._observed import Settings
+from dptrain.operator._overrides import apply_overrides, service_account
 from dptrain.operator._peering import PeeringIdentity
 from dptrain.operator._profiles import Placements, placements
 from dptrain.operator._spec_changes import ANNOTATION_APPLIED_SPEC
 from dptrain.operator._tools import OperatorTools
 from dptrain.operator._workloads import (
+    Lifecycle,
+    build_export_job,
     build_headless_service,
     build_jobset,
     build_prepare_job,
@@ -102,6 +106,8 @@ async def apply_decision(client: KubeClient, config: ReconcilerConfig, tools: Op
                 await client.delete(resource_path("v1", "services", ns, names.service))
         elif child == "prepare":
             await client.delete(resource_path("batch/v1", "jobs", ns, names.prepare))
+        elif child == "export":
+            await client.delete(resource_path("batch/v1", "jobs", ns, names.export))
         elif child == "config":
             await client.delete(resource_path("v1", "configmaps", ns, names.config_map))
     spec, plan = decision.spec, decision.plan
@@ -119,13 +125,7 @@ async def apply_decision(client: KubeClient, config: ReconcilerConfig, tools: Op
                 resource_path("v1", "configmaps", ns),
                 build_config_map(config_spec, job, plan, dataset))
         elif child == "rbac":
-            await client.create(resource_path("v1", "serviceaccounts", ns),
-                                build_service_account(job))
-            await client.create(
-                resource_path("rbac.authorization.k8s.io/v1", "roles", ns), build_role(job))
-            await client.create(
-                resource_path("rbac.authorization.k8s.io/v1", "rolebindings", ns),
-                build_role_binding(job))
+            await _create_rbac(client, job, service_account(spec))
         elif child == "service" and not config.use_jobset:
             await client.create(resource_path("v1", "services", ns),
                                 build_headless_service(job))
@@ -135,12 +135,20 @@ async def apply_decision(client: KubeClient, config: ReconcilerConfig, tools: Op
             # (AlreadyExists keeps the first key, so restarts reuse it); never logged.
             await client.create(resource_path("v1", "secrets", ns),
                                 build_key_secret(job, secrets.token_bytes(32)))
-            await _create_workload(client, config, tools, job, decision, plan, spec)
+            await _create_workload(client, config, job, decision, plan, spec, _labels(body))
         elif child == "prepare":
-            await client.create(
-                resource_path("batch/v1", "jobs", ns),
-                config.placements.trainer.apply(
-                    build_prepare_job(spec, job, api_server=config.pod_api_server)))
+            prepare = config.placements.trainer.apply(
+                build_prepare_job(spec, job, api_server=config.pod_api_server,
+                                  ttl_seconds_after_finished=spec.ttl_seconds_after_finished))
+            prepare = apply_overrides(prepare, spec.pod_template_overrides)
+            await client.create(resource_path("batch/v1", "jobs", ns),
+                                kueue.for_queue(prepare, _labels(body)))
+        elif child == "export":
+            export = config.placements.trainer.apply(
+                build_export_job(spec, job, api_server=config.pod_api_server))
+            export = apply_overrides(export, spec.pod_template_overrides)
+            await client.create(resource_path("batch/v1", "jobs", ns),
+                                kueue.for_queue(export, _labels(body)))
     if decision.update_config and not created_config and config_spec is not None:
         # The ConfigMap is immutable: a new config is a new object (delete, then create) —
         # but only when it differs: a pass repeated after a lost status write re-plans the same
@@ -178,18 +186,51 @@ async def apply_decision(client: KubeClient, config: ReconcilerConfig, tools: Op
         logger.info("%s/%s halted: %s (%s)", ns, job.name, decision.phase, decision.halted)
 
 
-async def _create_workload(client: KubeClient, config: ReconcilerConfig, tools: OperatorTools,
-                           job: JobRef, decision: Decision, plan: PlanStatus,
-                           spec: DPTrainingJobSpec) -> None:
-    planned = decision.spec if decision.spec is not None else spec  # the planner's key
-    sizing = await asyncio.to_thread(tools.pod_sizing, planned, plan)
-    sizing = config.placements.place(sizing, spec.compute.accelerator)
+def _labels(body: Mapping[str, Any]) -> dict[str, str]:
+    return dict((body.get("metadata") or {}).get("labels") or {})
+
+
+async def _create_rbac(client: KubeClient, job: JobRef, account: str | None) -> None:
+    """The job's status Role, bound to its own account or to the pods' (cloud identity)."""
+    ns = job.namespace
+    if account is None:
+        await client.create(resource_path("v1", "serviceaccounts", ns),
+                            build_service_account(job))
+    await client.create(
+        resource_path("rbac.authorization.k8s.io/v1", "roles", ns), build_role(job))
+    binding = build_role_binding(job, account)
+    path = resource_path("rbac.authorization.k8s.io/v1", "rolebindings", ns)
+    if not await client.create(path, binding):
+        # It exists: bound to whom the pods run as now (the override may have changed).
+        named = resource_path("rbac.authorization.k8s.io/v1", "rolebindings", ns,
+                              binding["metadata"]["name"])
+        existing = await client.get(named)
+        if existing is not None and existing.get("subjects") != binding["subjects"]:
+            await client.merge_patch(named, {"subjects": binding["subjects"]})
+
+
+async def _create_workload(client: KubeClient, config: ReconcilerConfig, job: JobRef,
+                           decision: Decision, plan: PlanStatus, spec: DPTrainingJobSpec,
+                           job_labels: Mapping[str, str]) -> None:
+    # Built from the sizing stored with the plan (status.plan.pods), never from a re-plan: what
+    # the status shows is what the pods request.
+    if plan.pods is None:
+        raise ValueError("status.plan.pods is missing: the decision must size the pods first")
+    sizing = PodSizing(hosts=plan.pods.hosts, resources=plan.pods.resources,
+                       node_selector=plan.pods.node_selector,
+                       tolerations=tuple(t.model_dump(by_alias=True, exclude_none=True)
+                                         for t in plan.pods.tolerations))
+    lifecycle = Lifecycle(ttl_seconds_after_finished=spec.ttl_seconds_after_finished,
+                          active_deadline_seconds=decision.active_deadline_seconds)
     if config.use_jobset:
         workload = build_jobset(spec, job, plan, sizing, api_server=config.pod_api_server,
-                                restart=decision.restart)
+                                restart=decision.restart, lifecycle=lifecycle)
     else:
         workload = build_trainer_job(spec, job, plan, sizing,
                                      api_server=config.pod_api_server,
-                                     restart=decision.restart)
+                                     restart=decision.restart, lifecycle=lifecycle)
+    workload = apply_overrides(config.placements.trainer.apply(workload),
+                               spec.pod_template_overrides)
+    multi_host_tpu = spec.compute.accelerator.startswith("tpu-") and sizing.hosts > 1
     await client.create(workload_path(config, job.namespace),
-                        config.placements.trainer.apply(workload))
+                        kueue.for_queue(workload, job_labels, multi_host_tpu=multi_host_tpu))

@@ -9,8 +9,12 @@ paths, ports and exit codes are defined once, in ``dptrain.api._contract``):
 
 - The ConfigMap ``<job>-config`` holds ``config.json``, mounted read-only at ``/etc/dptrain``. It is
   a complete ``DPTrainingJob`` manifest whose paths are rewritten to paths *inside the pod*
-  (``spec.data.volume`` mounted at ``/data``, ``spec.checkpoint.volume`` at ``/checkpoints``; the
-  rewritten spec has no ``volume`` fields, so its paths are plain local paths) and whose
+  (``spec.data.volume`` mounted at ``/data``, ``spec.model.pretrained.volume`` read-only at
+  ``/pretrained``, ``spec.evaluation.data.volume`` at ``/eval-data``,
+  ``spec.checkpoint.volume`` at ``/checkpoints``; the
+  rewritten spec has no ``volume`` fields, so its paths are plain local paths; ``uri`` fields
+  stay as they are, without their ``secretRef``; with a ``checkpoint.uri`` the checkpoint path
+  is the ``/checkpoints`` scratch directory orbax stages in before each upload) and whose
   ``status`` carries what the trainer must follow: ``status.plan`` (the operator's plan; the
   trainer must not re-plan, so that its accounting matches the operator's) and, once known,
   ``status.dataset`` (``numSequences``, ``location`` of prepared data, ``checksum``).
@@ -31,6 +35,9 @@ paths, ports and exit codes are defined once, in ``dptrain.api._contract``):
   in an env var, the ConfigMap, a status or a log, and no Role the operator creates grants any
   verb on Secrets (the kubelet mounts it). The trainer derives every batch and noise draw from
   it (``dptrain.trainer._keys``).
+- Object-storage credentials (``spec.data.secretRef``, ``spec.checkpoint.secretRef``) reach the
+  trainer and data-preparation containers as ``envFrom`` (or, with ``keyFile``, a read-only mount
+  named by ``GOOGLE_APPLICATION_CREDENTIALS``): see ``_workloads.storage_credentials``.
 - When N is unknown, a data-preparation Job runs ``dptrain prepare-data --config
   /etc/dptrain/config.json --output <checkpoint dir>/prepared --report kubernetes`` with the same
   env (without the JAX variables) and merge-patches ``status.dataset`` (``numSequences``,
@@ -50,10 +57,12 @@ from dptrain.api import (
     CONFIG_FILE,
     COORDINATOR_PORT,
     DATA_MOUNT,
+    EVAL_DATA_MOUNT,
     GROUP,
     KEY_FILE,
     KIND,
     PLURAL,
+    PRETRAINED_MOUNT,
     TRAINER_METRICS_PORT,
     DatasetStatus,
     DPTrainingJobSpec,
@@ -81,6 +90,7 @@ from dptrain.operator._names import (
     prepared_dir,
 )
 from dptrain.operator._workloads import (
+    build_export_job,
     build_headless_service,
     build_jobset,
     build_prepare_job,
@@ -106,6 +116,7 @@ __all__ = [
     "JobRef",
     "PodSizing",
     "build_config_map",
+    "build_export_job",
     "build_headless_service",
     "build_jobset",
     "build_key_secret",
@@ -138,8 +149,25 @@ def pod_spec_manifest(spec: DPTrainingJobSpec, job: JobRef) -> dict[str, Any]:
             data["path"] = posixpath.join(DATA_MOUNT, spec.data.path.lstrip("/"))
         else:
             data["path"] = DATA_MOUNT
+    # Which Secret holds credentials is the pod's business (envFrom, a mount), not the config's.
+    data.pop("secretRef", None)
+    pretrained = spec.model.pretrained
+    if pretrained is not None and pretrained.volume is not None:
+        model = out["model"]["pretrained"]
+        model.pop("volume")
+        model["path"] = posixpath.join(PRETRAINED_MOUNT, pretrained.path.lstrip("/"))
+    evaluation = spec.evaluation.data if spec.evaluation is not None else None
+    if evaluation is not None and evaluation.volume is not None:
+        eval_data = out["evaluation"]["data"]
+        eval_data.pop("volume")
+        eval_data["path"] = (posixpath.join(EVAL_DATA_MOUNT, evaluation.path.lstrip("/"))
+                             if evaluation.path is not None else EVAL_DATA_MOUNT)
+    if evaluation is not None:
+        out["evaluation"]["data"].pop("secretRef", None)
     checkpoint = out["checkpoint"]
     checkpoint.pop("volume", None)
+    checkpoint.pop("secretRef", None)
+    # With a uri this is the scratch orbax writes to before each upload.
     checkpoint["path"] = checkpoint_dir(spec, job)
     return out
 
@@ -160,7 +188,9 @@ def trainer_config(spec: DPTrainingJobSpec, job: JobRef, plan: PlanStatus | None
         status["dataset"] = dataset.model_dump(mode="json", by_alias=True, exclude_none=True)
         manifest_spec["data"]["numSequences"] = dataset.num_sequences
     if plan is not None:
-        status["plan"] = plan.model_dump(mode="json", by_alias=True, exclude_none=True)
+        # The pods' sizing is the operator's business, not the trainer's (nor part of its config).
+        status["plan"] = plan.model_dump(mode="json", by_alias=True, exclude_none=True,
+                                         exclude={"pods"})
         manifest_spec["data"]["numSequences"] = plan.dataset_size
     config: dict[str, Any] = {
         "apiVersion": API_VERSION,
@@ -228,14 +258,20 @@ def build_role(job: JobRef) -> dict[str, Any]:
     }
 
 
-def build_role_binding(job: JobRef) -> dict[str, Any]:
-    """Binds the per-job Role to the per-job ServiceAccount."""
+def build_role_binding(job: JobRef, service_account: str | None = None) -> dict[str, Any]:
+    """Binds the per-job Role to the per-job ServiceAccount, or to the pods' own account.
+
+    ``service_account``: the existing account the pods run as
+    (``spec.podTemplateOverrides.spec.serviceAccountName``: a cloud identity such as EKS IRSA
+    or GKE Workload Identity); None binds the per-job account the operator creates.
+    """
     names = ChildNames.of(job.name)
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
         "metadata": child_meta(job, names.role_binding, "trainer"),
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": names.role},
-        "subjects": [{"kind": "ServiceAccount", "name": names.service_account,
+        "subjects": [{"kind": "ServiceAccount",
+                      "name": service_account or names.service_account,
                       "namespace": job.namespace}],
     }

@@ -24,6 +24,7 @@ Formal guarantees (each checked by a test in ``tests/test_operator_decisions.py`
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Mapping
 from typing import Any
@@ -37,7 +38,15 @@ from dptrain.api import (
 from dptrain.operator._admission import dataset_gate
 from dptrain.operator._children import JobRef, trainer_config
 from dptrain.operator._conditions import find
-from dptrain.operator._draft import Child, Decision, Event, StatusDraft, parse_status
+from dptrain.operator._draft import (
+    Child,
+    Decision,
+    Event,
+    StatusDraft,
+    locate_artifacts,
+    parse_status,
+)
+from dptrain.operator._fit import PodsDoNotFitError
 from dptrain.operator._observed import (
     ChildState,
     ConfigState,
@@ -46,7 +55,15 @@ from dptrain.operator._observed import (
     Settings,
     Tools,
 )
-from dptrain.operator._phases import charge, delete_existing, fail, halt, prepare, run_workload
+from dptrain.operator._phases import (
+    charge,
+    delete_existing,
+    export_step,
+    fail,
+    halt,
+    prepare,
+    run_workload,
+)
 from dptrain.operator._spec_changes import (
     ANNOTATION_APPLIED_SPEC,
     MUTABLE_AFTER_START,
@@ -80,7 +97,8 @@ __all__ = [
 
 DEFAULT_SETTINGS = Settings()
 
-RECOVERABLE_FAILURES = frozenset({"InvalidSpec", "InfeasibleBudget", "PlanningFailed"})
+RECOVERABLE_FAILURES = frozenset({"InvalidSpec", "InfeasibleBudget", "PlanningFailed",
+                                  "PodsDoNotFit"})
 
 
 def _ledger_for(spec: DPTrainingJobSpec, plan: PlanStatus,
@@ -109,6 +127,10 @@ def decide(body: Mapping[str, Any], observed: Observed, now: dt.datetime, *, too
 
     # ------------------------------------------------------------------ terminal phases
     spec, problems = validated_spec(body, known_n)
+    if spec is not None:
+        d.artifacts = locate_artifacts(d.artifacts, spec, JobRef(
+            name=str(meta.get("name", "")), namespace=str(meta.get("namespace", "")),
+            uid=str(meta.get("uid", ""))))
     reopened = False
     if d.phase in TERMINAL_PHASES:
         failed = find(d.conditions, "Failed")
@@ -123,7 +145,13 @@ def decide(body: Mapping[str, Any], observed: Observed, now: dt.datetime, *, too
             reopened = True  # an explicit budget raise; the amendment below decides
         else:
             delete_existing(out, observed)
-            return d.finish()
+            return d.finish(requeue_after=export_step(d, out, spec, observed, settings))
+        work = observed.workload
+        if work is not None and (work.complete or work.failed) and not work.deleting:
+            # The previous run's workload was kept for its logs; a new run needs its name.
+            out.delete.append("workload")
+            observed = dataclasses.replace(
+                observed, workload=dataclasses.replace(work, deleting=True))
 
     # ------------------------------------------------------------------ validation
     applied = applied_spec(body)
@@ -148,8 +176,9 @@ def decide(body: Mapping[str, Any], observed: Observed, now: dt.datetime, *, too
     out.dataset = status.dataset
     if n is None:
         return prepare(d, spec, observed, settings)
-    if observed.prepare is not None and not observed.prepare.deleting:
-        out.delete.append("prepare")
+    if (observed.prepare is not None and not observed.prepare.deleting
+            and not (observed.prepare.complete or observed.prepare.failed)):
+        out.delete.append("prepare")  # a finished one stays for its TTL (its logs)
     d.condition("DataPrepared", "True",
                 "Given" if spec.data.num_sequences else "Prepared", f"N = {n} sequences")
 
@@ -160,6 +189,8 @@ def decide(body: Mapping[str, Any], observed: Observed, now: dt.datetime, *, too
             try:
                 fresh = tools.plan(spec, n)
                 enforced = tools.enforce(fresh, spec.privacy.epsilon, spec.privacy.delta)
+            except PodsDoNotFitError as error:
+                return fail(d, out, observed, "PodsDoNotFit", str(error), "Planned")
             except ValueError as error:
                 return fail(d, out, observed, "InfeasibleBudget", str(error), "Planned")
             if enforced.max_steps < 1:
@@ -256,6 +287,18 @@ def decide(body: Mapping[str, Any], observed: Observed, now: dt.datetime, *, too
         d.condition("Suspended", "False", "Resumed", "resumed from the last checkpoint",
                     event="Normal")
 
+    if plan.pods is None:
+        # A plan written before pods were sized with it: size them once, now, and keep them.
+        try:
+            sized = tools.plan(spec, plan.dataset_size).pods
+        except ValueError as error:
+            reason = "PodsDoNotFit" if isinstance(error, PodsDoNotFitError) else "PodSizingFailed"
+            return fail(d, out, observed, reason,
+                         f"the trainer pods of the running plan cannot be sized: {error}",
+                         "Planned")
+        if sized is not None:
+            plan = plan.model_copy(update={"pods": sized})
+            d.plan = out.plan = plan
     if spec.data.dataset_ref is not None:
         held = dataset_gate(d, out, spec, plan, ledger, status, observed)
         if held is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import posixpath
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ import pydantic
 
 from dptrain.api import (
     TERMINAL_PHASES,
+    ArtifactsStatus,
     Condition,
     DatasetCharge,
     DatasetStatus,
@@ -32,8 +34,9 @@ from dptrain.operator._ledger_record import (
     authoritative,
     read_record,
 )
+from dptrain.operator._names import JobRef, checkpoint_dir
 
-Child = Literal["config", "rbac", "service", "workload", "prepare"]
+Child = Literal["config", "rbac", "service", "workload", "prepare", "export"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,6 +59,8 @@ class Decision:
         plan: the plan the children follow.
         dataset: the prepared dataset, if known.
         restart: the restart count to stamp on a new workload.
+        active_deadline_seconds: the new workload's ``activeDeadlineSeconds`` (from
+            ``spec.compute.deadline``; None: no deadline).
         create: children to ensure (created if absent).
         update_config: the trainer config changed: rewrite the ConfigMap.
         delete: children to delete.
@@ -75,6 +80,7 @@ class Decision:
     plan: PlanStatus | None = None
     dataset: DatasetStatus | None = None
     restart: int = 0
+    active_deadline_seconds: int | None = None
     create: list[Child] = dataclasses.field(default_factory=list)
     update_config: bool = False
     delete: list[Child] = dataclasses.field(default_factory=list)
@@ -101,7 +107,15 @@ class StatusDraft:
         self.privacy = status.privacy
         self.workload = status.workload
         self.restarts = status.restarts
+        self.disruptions = status.disruptions
         self.observed_generation = status.observed_generation
+        # The trainer reports evaluation and artifacts with its progress; the status shows the
+        # latest of them (kept once reported: a later report without them changes nothing).
+        progress = status.progress
+        self.evaluation = (progress.evaluation if progress is not None
+                           and progress.evaluation is not None else status.evaluation)
+        self.artifacts = (progress.artifacts if progress is not None
+                          and progress.artifacts is not None else status.artifacts)
         self.now = now
         self.generation = generation
         self.decision = Decision()
@@ -154,7 +168,10 @@ class StatusDraft:
             "privacy": dump_model(self.privacy),
             "workload": dump_model(self.workload),
             "restarts": self.restarts,
+            "disruptions": self.disruptions,
             "observedGeneration": self.observed_generation,
+            "evaluation": dump_model(self.evaluation),
+            "artifacts": dump_model(self.artifacts),
         }
         old = self.original
         before: dict[str, Any] = {
@@ -164,13 +181,40 @@ class StatusDraft:
             "privacy": dump_model(old.privacy),
             "workload": dump_model(old.workload),
             "restarts": old.restarts if "restarts" in old.model_fields_set else None,
+            "disruptions": old.disruptions if "disruptions" in old.model_fields_set else 0,
             "observedGeneration": old.observed_generation,
+            "evaluation": dump_model(old.evaluation),
+            "artifacts": dump_model(old.artifacts),
         }
         self.decision.status = {k: v for k, v in new.items() if before.get(k) != v}
         self.decision.phase = self.phase
         if requeue_after is not None:
             self.decision.requeue_after = requeue_after
         return self.decision
+
+
+def locate_artifacts(artifacts: ArtifactsStatus | None, spec: DPTrainingJobSpec,
+                     job: JobRef) -> ArtifactsStatus | None:
+    """``artifacts`` with in-pod paths on the checkpoint volume as ``pvc://CLAIM/PATH``.
+
+    The trainer reports paths inside its pod; what a user can find is the claim and the path in
+    it. Idempotent (located paths are left alone); paths elsewhere are kept as reported.
+    """
+    volume = spec.checkpoint.volume
+    if artifacts is None or volume is None:
+        return artifacts
+    mount = checkpoint_dir(spec, job)
+    inside = posixpath.join(volume.sub_path or "", (spec.checkpoint.path or job.name).lstrip("/"))
+
+    def locate(path: str | None) -> str | None:
+        if path is None or not (path == mount or path.startswith(mount + "/")):
+            return path
+        rest = path[len(mount):].lstrip("/")
+        return "pvc://" + posixpath.join(volume.claim_name, inside, rest).rstrip("/")
+
+    return artifacts.model_copy(update={"checkpoint": locate(artifacts.checkpoint),
+                                        "export": locate(artifacts.export),
+                                        "report": locate(artifacts.report)})
 
 
 def dump_model(model: pydantic.BaseModel | None) -> Any:

@@ -7,14 +7,21 @@ reconciler reads the whole state and acts (see ``_decisions``). The triggers are
   initial listing, spec edits, the trainer's ``status.progress`` and the data-preparation pod's
   ``status.dataset``); events caused only by the operator's own status writes are skipped;
 - watch events of the Jobs (and JobSets) the operator created (they finish or fail);
-- a timer per job, the safety net that also notices stalled trainers;
+- a periodic sweep over every known job and dataset, the safety net that also notices stalled
+  trainers (:meth:`Reconciler.sweep`);
 - deletion of a job (its metric series go; its children go by ownerReference).
+
+No handler needs a finalizer, so kopf puts none on DPTrainingJobs or DPDatasets (and removes the
+``dptrain.io/operator`` finalizer that earlier versions left): a job deleted while the operator
+is down is gone at once, its children with it (ownerReferences). The sweep is ours and not a
+``kopf.timer`` because kopf's timers and daemons always require a finalizer.
 
 Handlers declare the kwargs they use and take ``**_``; they are plain async functions.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import Mapping
@@ -23,6 +30,7 @@ from typing import Any
 import kopf
 
 from dptrain.api import DATASET_PLURAL, GROUP, PLURAL, VERSION
+from dptrain.operator import _dataset_budget as dataset_budget
 from dptrain.operator._children import LABEL_JOB, LABEL_MANAGED_BY, MANAGER
 from dptrain.operator._kube import KubeClient
 from dptrain.operator._peering import collection_path, peering_object
@@ -43,6 +51,7 @@ class OperatorMemo:
     namespaces: tuple[str, ...] = ()
     connection: kopf.ConnectionInfo | None = None
     reconciler: Reconciler | None = None
+    sweeper: asyncio.Task[None] | None = None
 
 
 def _reconciler(memo: Any) -> Reconciler:
@@ -50,8 +59,10 @@ def _reconciler(memo: Any) -> Reconciler:
     if state.reconciler is None:
         if state.connection is None:
             raise kopf.TemporaryError("not logged in yet", delay=1)
-        state.reconciler = Reconciler(KubeClient(state.connection),
-                                      OperatorTools(cache_dir=state.cache_dir), state.config)
+        state.reconciler = Reconciler(
+            KubeClient(state.connection),
+            OperatorTools(cache_dir=state.cache_dir, placements=state.config.placements),
+            state.config)
     return state.reconciler
 
 
@@ -68,6 +79,7 @@ async def startup(*, memo: Any, settings: kopf.OperatorSettings, logger: Any,
     """Operator settings, and whether JobSet is served."""
     if memo.dptrain.connection is None:  # kopf runs startup before its login activity
         memo.dptrain.connection = kopf.login_via_client(logger=logger, settings=settings)
+    # No handler requires a finalizer; kopf removes this one (left by earlier versions).
     settings.persistence.finalizer = "dptrain.io/operator"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
         prefix="operator.dptrain.io")
@@ -78,6 +90,8 @@ async def startup(*, memo: Any, settings: kopf.OperatorSettings, logger: Any,
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 10
     state: OperatorMemo = memo.dptrain
+    # Charged jobs' PLDs survive restarts: the first admission after one reads them back.
+    dataset_budget.persist_under(state.cache_dir)
     peer = state.config.peering
     if peer is not None:
         # kopf only patches an existing peering object, and a replica stays paused until it
@@ -96,10 +110,15 @@ async def startup(*, memo: Any, settings: kopf.OperatorSettings, logger: Any,
     if state.reconciler is not None:
         state.reconciler.config = state.config
     logger.info("workloads run as %s", "JobSets" if use else "Indexed Jobs + headless Services")
+    if state.sweeper is None:
+        state.sweeper = asyncio.create_task(_reconciler(memo).sweep(state.timer_interval))
 
 
 async def cleanup(*, memo: Any, **_: Any) -> None:
-    """Cancel requeues and close the HTTP session."""
+    """Stop the sweep, cancel requeues and close the HTTP session."""
+    if memo.dptrain.sweeper is not None:
+        memo.dptrain.sweeper.cancel()
+        memo.dptrain.sweeper = None
     if memo.dptrain.reconciler is not None:
         await memo.dptrain.reconciler.close()
 
@@ -133,24 +152,21 @@ async def workload_event(*, namespace: str | None, labels: Mapping[str, str], me
 async def dataset_event(*, event: kopf.RawEvent, name: str, namespace: str | None, memo: Any,
                         **_: Any) -> None:
     """Any watch event of a DPDataset: summarise its ledger, wake the jobs waiting on it."""
-    if namespace is not None and event.get("type") != "DELETED":
-        await _reconciler(memo).reconcile_dataset(namespace, name)
-
-
-async def dataset_timer(*, name: str, namespace: str | None, memo: Any, **_: Any) -> None:
-    """Periodic look at a DPDataset (jobs deleted while the operator was down)."""
-    if namespace is not None:
-        await _reconciler(memo).reconcile_dataset(namespace, name)
-
-
-async def safety_timer(*, name: str, namespace: str | None, memo: Any, **_: Any) -> None:
-    """Periodic look: stalled trainers, missed events."""
-    if namespace is not None:
-        await _reconciler(memo).poke(namespace, name, "timer")
+    if namespace is None:
+        return
+    if event.get("type") == "DELETED":
+        _reconciler(memo).forget_dataset(namespace, name)
+        return
+    await _reconciler(memo).reconcile_dataset(namespace, name)
 
 
 def register(registry: kopf.OperatorRegistry, *, timer_interval: float = 60.0) -> None:
-    """Register the handlers in ``registry``."""
+    """Register the handlers in ``registry``.
+
+    ``timer_interval`` is unused here: :func:`startup` starts the sweep
+    (:meth:`Reconciler.sweep`) with the memo's interval.
+    """
+    del timer_interval
     kopf.on.login(registry=registry)(login)
     kopf.on.startup(registry=registry)(startup)
     kopf.on.cleanup(registry=registry)(cleanup)
@@ -159,8 +175,4 @@ def register(registry: kopf.OperatorRegistry, *, timer_interval: float = 60.0) -
     kopf.on.event("batch", "v1", "jobs", labels=managed, registry=registry)(workload_event)
     kopf.on.event("jobset.x-k8s.io", "v1alpha2", "jobsets", labels=managed,
                   registry=registry, id="jobset_event")(workload_event)
-    kopf.timer(GROUP, VERSION, PLURAL, interval=timer_interval, initial_delay=timer_interval,
-               idle=None, registry=registry)(safety_timer)
     kopf.on.event(GROUP, VERSION, DATASET_PLURAL, registry=registry)(dataset_event)
-    kopf.timer(GROUP, VERSION, DATASET_PLURAL, interval=timer_interval,
-               initial_delay=timer_interval, idle=None, registry=registry)(dataset_timer)

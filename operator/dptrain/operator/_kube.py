@@ -109,6 +109,11 @@ class KubeClient:
                 return None
             raise
 
+    async def list(self, path: str, *, label_selector: str) -> list[dict[str, Any]]:
+        """The items of a collection that match ``label_selector`` (filtered server-side)."""
+        body = await self._request("GET", path, params={"labelSelector": label_selector})
+        return list(body.get("items") or [])
+
     async def create(self, path: str, body: Mapping[str, Any]) -> bool:
         """Create an object in the collection at ``path``; False if it already existed."""
         try:

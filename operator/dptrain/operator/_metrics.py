@@ -24,6 +24,13 @@ EPSILON_BUDGET = Gauge("dptrain_job_epsilon_budget", "ε budget of the job.",
                        ["namespace", "name"], registry=REGISTRY)
 STEPS_CHARGED = Gauge("dptrain_job_steps_charged", "DP-SGD steps charged to the job's ledger.",
                       ["namespace", "name"], registry=REGISTRY)
+EVAL_LOSS = Gauge("dptrain_job_eval_loss",
+                  "Held-out evaluation loss (nats per token) the trainer last reported; not "
+                  "covered by the job's epsilon (computed on data it does not train on).",
+                  ["namespace", "name"], registry=REGISTRY)
+EVAL_PERPLEXITY = Gauge("dptrain_job_eval_perplexity",
+                        "Held-out evaluation perplexity the trainer last reported; not covered "
+                        "by the job's epsilon.", ["namespace", "name"], registry=REGISTRY)
 PHASE = Gauge("dptrain_job_phase", "1 for the job's current phase, 0 for the others.",
               ["namespace", "name", "phase"], registry=REGISTRY)
 HALTED = Counter("dptrain_jobs_halted", "Jobs that reached a terminal phase, by reason.",
@@ -46,7 +53,8 @@ RECONCILE_DURATION = Histogram("dptrain_reconcile_duration_seconds",
 
 
 def observe_job(namespace: str, name: str, *, phase: str, epsilon_spent: float | None,
-                epsilon_budget: float | None, steps_charged: int | None) -> None:
+                epsilon_budget: float | None, steps_charged: int | None,
+                eval_loss: float | None = None, eval_perplexity: float | None = None) -> None:
     """Set a job's gauges from its status."""
     for candidate in PHASES:
         PHASE.labels(namespace, name, candidate).set(1.0 if candidate == phase else 0.0)
@@ -56,11 +64,15 @@ def observe_job(namespace: str, name: str, *, phase: str, epsilon_spent: float |
         EPSILON_BUDGET.labels(namespace, name).set(epsilon_budget)
     if steps_charged is not None:
         STEPS_CHARGED.labels(namespace, name).set(steps_charged)
+    if eval_loss is not None:
+        EVAL_LOSS.labels(namespace, name).set(eval_loss)
+    if eval_perplexity is not None:
+        EVAL_PERPLEXITY.labels(namespace, name).set(eval_perplexity)
 
 
 def forget_job(namespace: str, name: str) -> None:
     """Remove every series of a deleted job."""
-    for gauge in (EPSILON_SPENT, EPSILON_BUDGET, STEPS_CHARGED):
+    for gauge in (EPSILON_SPENT, EPSILON_BUDGET, STEPS_CHARGED, EVAL_LOSS, EVAL_PERPLEXITY):
         with contextlib.suppress(KeyError):
             gauge.remove(namespace, name)
     for candidate in PHASES:

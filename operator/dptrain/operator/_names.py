@@ -87,6 +87,7 @@ class ChildNames:
     service: str
     workload: str
     prepare: str
+    export: str
 
     @classmethod
     def of(cls, job: str) -> ChildNames:
@@ -103,6 +104,7 @@ class ChildNames:
             service=_shorten(service_base, "hosts", 63),
             workload=_shorten(job, "train", 52),
             prepare=_shorten(job, "prepare", 52),
+            export=_shorten(job, "export", 52),
         )
 
 

@@ -40,6 +40,7 @@ def child_state(obj: Mapping[str, Any] | None, owner_uid: str) -> tuple[ChildSta
         complete=complete is not None,
         failed=failed is not None,
         deleting=bool(meta.get("deletionTimestamp")) or foreign,
+        suspended=(obj.get("spec") or {}).get("suspend") is True,
         message=message,
         created=parse_time(meta.get("creationTimestamp")),
         finished=parse_time(finished.get("lastTransitionTime")) if finished else None,

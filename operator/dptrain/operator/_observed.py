@@ -18,6 +18,7 @@ from dptrain.api import (
     DPTrainingJobSpec,
     PlanStatus,
 )
+from dptrain.operator._pod_status import PodsView
 
 
 class Tools(Protocol):
@@ -49,8 +50,12 @@ class Settings:
     restart_backoff: float = 10.0
     max_restart_backoff: float = 300.0
     report_grace: float = 30.0
+    pod_poll: float = 15.0
+    """How often pods that are not all scheduled are looked at again (pods are not watched)."""
     workload_api_version: str = "batch/v1"
     workload_kind: str = "Job"
+    export: bool = True
+    """Export finished models (on a checkpoint volume) with an export Job."""
 
     def backoff(self, restarts: int) -> float:
         """Delay before restart number ``restarts`` (1-based): exponential, capped."""
@@ -66,6 +71,8 @@ class ChildState:
     complete: bool = False
     failed: bool = False
     deleting: bool = False
+    suspended: bool = False
+    """``spec.suspend`` is true: waiting for admission (Kueue), or preempted by it."""
     message: str = ""
     created: dt.datetime | None = None
     finished: dt.datetime | None = None
@@ -110,6 +117,11 @@ class Observed:
 
     workload: ChildState | None = None
     prepare: ChildState | None = None
+    export: ChildState | None = None
     config: ConfigState | None = None
     config_observed: bool = False
     dataset: DatasetView | None = None
+    pods: PodsView | None = None
+    """The workload's trainer pods (None: not looked at, or no workload)."""
+    prepare_pods: PodsView | None = None
+    """The data-preparation pods, looked at when that Job failed."""

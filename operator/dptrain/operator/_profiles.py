@@ -36,6 +36,7 @@ from pydantic.alias_generators import to_camel
 
 from dptrain.api import DEFAULT_TRAINER_IMAGE, DPTrainingJobSpec
 from dptrain.operator._children import PodSizing
+from dptrain.operator._machines import EKS_MACHINES, GKE_MACHINES, MACHINES, MIB
 from dptrain.planner import ACCELERATORS
 
 
@@ -58,6 +59,19 @@ class Toleration(_Model):
         return self.model_dump(by_alias=True, exclude_none=True)
 
 
+class NodeShape(_Model):
+    """A kind of node the pods may land on, and what one pod may request there."""
+
+    name: str = Field(min_length=1)
+    """The machine (instance) type, or any name of your own (it appears in messages)."""
+    accelerators: int = Field(ge=0)
+    """Accelerator chips on the node."""
+    cpu: str = Field(pattern=r"^[0-9]+(\.[0-9]+)?m?$")
+    """CPU one pod may request (node allocatable less the DaemonSets'), e.g. ``"42"``."""
+    memory: str = Field(pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+    """Memory one pod may request (node allocatable less the DaemonSets'), e.g. ``"160Gi"``."""
+
+
 class Placement(_Model):
     """Where the pods of one accelerator go, and what else they request."""
 
@@ -65,6 +79,9 @@ class Placement(_Model):
     tolerations: tuple[Toleration, ...] = ()
     extra_resources: dict[str, str] = Field(default_factory=dict)
     """Added to requests and limits, e.g. ``vpc.amazonaws.com/efa: "32"``."""
+    nodes: tuple[NodeShape, ...] = ()
+    """The node shapes pods of this accelerator land on; requests are fitted to them and a pod
+    that fits none is refused (empty: unknown nodes, requests are not checked)."""
 
 
 class Profile(_Model):
@@ -82,6 +99,10 @@ class TrainerDefaults(_Model):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     image_pull_secrets: tuple[str, ...] = ()
     """Secrets (in each job's namespace) to pull the image with."""
+    export: Literal["huggingface", "none"] = "huggingface"
+    """Export every finished model (Succeeded or BudgetExhausted) whose checkpoints are on a
+    volume as a Hugging Face directory into ``export/`` under its checkpoint directory (an
+    export Job; ``status.artifacts.export``), or not."""
 
     def spec(self, spec: DPTrainingJobSpec) -> DPTrainingJobSpec:
         """``spec`` with the default image when it names none of its own."""
@@ -126,6 +147,15 @@ _GKE = {name: spec.node_label for name, spec in ACCELERATORS.items()
 # The EC2 instance type of each GPU (8 GPUs per instance): p4de (A100 80 GB), p5 (H100), p5e (H200).
 _EKS = {"nvidia-a100-80gb": "p4de.24xlarge", "nvidia-h100-80gb": "p5.48xlarge",
         "nvidia-h200": "p5e.48xlarge"}
+
+
+def _shapes(names: tuple[str, ...]) -> tuple[NodeShape, ...]:
+    """The node shapes of machine types of the table (``_machines``), usable per pod."""
+    return tuple(NodeShape(name=m.name, accelerators=m.accelerators,
+                           cpu=f"{m.usable_cpu_milli}m", memory=f"{m.usable_memory // MIB}Mi")
+                 for m in (MACHINES[n] for n in names))
+
+
 GPUS = tuple(name for name, spec in ACCELERATORS.items() if spec.kind == "gpu")
 TPUS = tuple(name for name, spec in ACCELERATORS.items() if spec.kind == "tpu")
 
@@ -136,15 +166,17 @@ SHIPPED: dict[str, Profile] = {
     "gke": Profile(
         description="Google Kubernetes Engine node labels and accelerator taints",
         accelerators={
-            **{name: Placement(node_selector=dict([_GKE[name]]), tolerations=(_GPU_TAINT,))
+            **{name: Placement(node_selector=dict([_GKE[name]]), tolerations=(_GPU_TAINT,),
+                               nodes=_shapes(GKE_MACHINES[name]))
                for name in GPUS},
-            **{name: Placement(node_selector=dict([_GKE[name]]), tolerations=(_TPU_TAINT,))
+            **{name: Placement(node_selector=dict([_GKE[name]]), tolerations=(_TPU_TAINT,),
+                               nodes=_shapes(GKE_MACHINES[name]))
                for name in TPUS}}),
     "eks": Profile(
         description="Amazon EKS (managed node groups or Karpenter): EC2 instance types",
         accelerators={name: Placement(
             node_selector={"node.kubernetes.io/instance-type": _EKS[name]},
-            tolerations=(_GPU_TAINT,)) for name in GPUS}),
+            tolerations=(_GPU_TAINT,), nodes=_shapes(EKS_MACHINES[name])) for name in GPUS}),
 }
 TOPOLOGY_LABEL = "cloud.google.com/gke-tpu-topology"
 

@@ -31,6 +31,9 @@ from dptrain.operator._apply import (
     workload_path,
 )
 from dptrain.operator._children import (
+    ANNOTATION_RESTART,
+    LABEL_COMPONENT,
+    LABEL_JOB,
     ChildNames,
     JobRef,
 )
@@ -51,6 +54,7 @@ from dptrain.operator._observation import (
 )
 from dptrain.operator._observed import ChildState, Observed, Settings
 from dptrain.operator._peering import standing_by
+from dptrain.operator._pod_status import pods_view
 from dptrain.operator._tools import OperatorTools
 
 __all__ = ["JOBSET_API", "SELF_TRIGGERS", "Reconciler", "ReconcilerConfig", "fingerprint"]
@@ -58,7 +62,7 @@ __all__ = ["JOBSET_API", "SELF_TRIGGERS", "Reconciler", "ReconcilerConfig", "fin
 logger = logging.getLogger("dptrain.operator")
 
 DEFAULT_CONFIG = ReconcilerConfig()
-SELF_TRIGGERS = frozenset({"requeue", "dataset"})
+SELF_TRIGGERS = frozenset({"requeue", "dataset", "timer"})
 """Triggers the operator schedules itself (kopf's peering pause does not stop them)."""
 
 
@@ -86,6 +90,7 @@ class Reconciler:
         self._dataset_running: set[tuple[str, str]] = set()
         self._dataset_dirty: set[tuple[str, str]] = set()
         self._dataset_seen: dict[tuple[str, str], tuple[float, float]] = {}
+        self._datasets: set[tuple[str, str]] = set()
 
     # ----------------------------------------------------------------------- triggering
 
@@ -132,6 +137,32 @@ class Reconciler:
         if state is not None and state.requeue is not None:
             state.requeue.cancel()
         _metrics.forget_job(namespace, name)
+
+    def forget_dataset(self, namespace: str, name: str) -> None:
+        """Drop a deleted DPDataset from the sweep."""
+        self._datasets.discard((namespace, name))
+        self._dataset_seen.pop((namespace, name), None)
+
+    async def sweep(self, interval: float) -> None:
+        """Every ``interval`` seconds, look at every known job and dataset (the safety net).
+
+        It notices stalled trainers and anything a lost watch event hid (e.g. a job deleted
+        while the operator was down, whose dataset charge becomes final). Jobs and datasets are
+        known from their watch events, the initial listing included. A replica that stands by
+        (peering) skips it. Not a ``kopf.timer``: kopf's timers force a finalizer.
+        """
+        while True:
+            await asyncio.sleep(interval)
+            for namespace, name in list(self._jobs):
+                self._spawn(self.poke(namespace, name, "timer"))
+            for namespace, name in list(self._datasets):
+                if not await self._standing_by(namespace):
+                    self._spawn(self.reconcile_dataset(namespace, name))
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _schedule(self, namespace: str, name: str, delay: float, state: _JobState) -> None:
         loop = asyncio.get_running_loop()
@@ -259,6 +290,7 @@ class Reconciler:
         two compositions, not one each.
         """
         key = (namespace, name)
+        self._datasets.add(key)
         if key in self._dataset_running:
             self._dataset_dirty.add(key)
             return
@@ -307,18 +339,41 @@ class Reconciler:
         job = JobRef.from_body(body)
         names = ChildNames.of(job.name)
         paths = {"workload": workload_path(self.config, job.namespace, names.workload),
-                 "prepare": resource_path("batch/v1", "jobs", job.namespace, names.prepare)}
+                 "prepare": resource_path("batch/v1", "jobs", job.namespace, names.prepare),
+                 "export": resource_path("batch/v1", "jobs", job.namespace, names.export)}
         states: dict[str, ChildState | None] = {}
+        bodies: dict[str, dict[str, Any] | None] = {}
         for key, path in paths.items():
-            state, foreign = child_state(await self.client.get(path), job.uid)
+            bodies[key] = await self.client.get(path)
+            state, foreign = child_state(bodies[key], job.uid)
             if foreign:
                 # Left over from an earlier job of the same name: it is not ours to keep.
                 await self.client.delete(path)
             states[key] = state
         config = await self.client.get(resource_path("v1", "configmaps", job.namespace,
                                                      names.config_map))
+        pods = None
+        if states["workload"] is not None:
+            # Scheduling, disruptions and termination messages are on the pods (_pod_status).
+            selector = f"{LABEL_JOB}={job.name},{LABEL_COMPONENT}=trainer"
+            listed = await self.client.list(resource_path("v1", "pods", job.namespace),
+                                            label_selector=selector)
+            # Only this attempt's pods: an earlier attempt's may still be terminating.
+            attempt = ((bodies["workload"] or {}).get("metadata") or {}).get(
+                "annotations", {}).get(ANNOTATION_RESTART)
+            pods = pods_view(p for p in listed
+                             if ((p.get("metadata") or {}).get("annotations") or {}).get(
+                                 ANNOTATION_RESTART) == attempt)
+        prepare_pods = None
+        if states["prepare"] is not None and states["prepare"].failed:
+            # Its last words go into the DataPrepared condition.
+            prepare_pods = pods_view(await self.client.list(
+                resource_path("v1", "pods", job.namespace),
+                label_selector=f"{LABEL_JOB}={job.name},{LABEL_COMPONENT}=prepare"))
         return Observed(workload=states["workload"], prepare=states["prepare"],
-                        config=config_state(config), config_observed=True)
+                        export=states["export"],
+                        config=config_state(config), config_observed=True, pods=pods,
+                        prepare_pods=prepare_pods)
 
     @staticmethod
     def _observe_metrics(namespace: str, name: str, body: Mapping[str, Any],
@@ -331,8 +386,11 @@ class Reconciler:
             # and alerts see the job from the start, not only once it is planned.
             privacy = {"epsilonBudget": decision.spec.privacy.epsilon, "epsilonSpent": 0.0,
                        "stepsCharged": 0, **privacy}
+        evaluation = (decision.status.get("evaluation")
+                      or (body.get("status") or {}).get("evaluation") or {})
         _metrics.observe_job(
             namespace, name, phase=decision.phase,
             epsilon_spent=privacy.get("epsilonSpent"),
             epsilon_budget=privacy.get("epsilonBudget"),
-            steps_charged=privacy.get("stepsCharged"))
+            steps_charged=privacy.get("stepsCharged"),
+            eval_loss=evaluation.get("loss"), eval_perplexity=evaluation.get("perplexity"))

@@ -40,7 +40,8 @@ class OperatorOptions:
         verbose: debug logging.
         pod_api_server: API server URL given to trainer pods.
         jobset: ``auto`` (use JobSet when the cluster serves it), ``jobset`` or ``job``.
-        cache_dir: planner cache directory (σ tables); None: the planner's default.
+        cache_dir: cache directory (planner σ tables; dataset jobs' PLDs, kept across
+            restarts); None: the planner's default, and dataset PLDs in memory only.
         timer_interval: seconds between safety reconciles of each job.
         stall_timeout: seconds without progress before a job is marked Stalled.
         restart_backoff: first delay before restarting a failed trainer (doubles each time).
@@ -111,7 +112,9 @@ def build(options: OperatorOptions, peer: PeeringIdentity | None = None
     _handlers.register(registry, timer_interval=options.timer_interval)
     config = ReconcilerConfig(
         decisions=Settings(stall_timeout=options.stall_timeout,
-                           restart_backoff=options.restart_backoff),
+                           restart_backoff=options.restart_backoff,
+                           export=(options.config is None
+                                   or options.config.trainer.export != "none")),
         pod_api_server=options.pod_api_server, peering=peer,
         placements=placements(options.config))
     memo = kopf.Memo(dptrain=_handlers.OperatorMemo(

@@ -30,7 +30,8 @@ ANNOTATION_APPLIED_SPEC = "dptrain.io/applied-spec"
 
 #: Spec fields that may change after training has started (they do not touch the accounting).
 MUTABLE_AFTER_START = frozenset({
-    ("suspend",), ("maxRestarts",), ("image",), ("privacy", "epsilon"),
+    ("suspend",), ("maxRestarts",), ("ttlSecondsAfterFinished",), ("image",),
+    ("privacy", "epsilon"),
     ("training", "iterations"), ("checkpoint", "intervalSteps"), ("checkpoint", "keep"),
 })
 

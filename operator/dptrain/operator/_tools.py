@@ -3,8 +3,12 @@
 :class:`OperatorTools` implements :class:`~dptrain.operator._observed.Tools`.
 
 ``make_plan`` is deterministic for the same spec and dataset size, so its results are memoised
-in-process by (spec, N): a reconcile re-planning the same job (after an operator restart, or to
-size pods again for a restart) costs a dictionary look-up, not a search.
+in-process by (spec, N): a reconcile re-planning the same job (after an operator restart, before
+its status write landed) costs a dictionary look-up, not a search.
+
+A plan carries its trainer pods (``status.plan.pods``), sized once here with the planner's pod and
+fitted to the accelerator profile's nodes (``_fit``); workloads are built from that record and
+never from a re-plan.
 """
 
 from __future__ import annotations
@@ -16,18 +20,22 @@ from collections import OrderedDict
 
 from dptrain.api import DPTrainingJobSpec, PlanStatus
 from dptrain.operator._accounting import Accountant
-from dptrain.operator._children import PodSizing
+from dptrain.operator._fit import size_pods
+from dptrain.operator._profiles import Placements, placements
 from dptrain.planner import make_plan
 from dptrain.planner._plan import Plan
 
 _MEMO_SIZE = 2048
+_default_placements = placements
 
 
 class OperatorTools:
     """Planner and accountant behind one small interface, with memoised plans."""
 
-    def __init__(self, *, cache_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, *, cache_dir: str | os.PathLike[str] | None = None,
+                 placements: Placements | None = None) -> None:
         self.accountant = Accountant()
+        self.placements = placements if placements is not None else _default_placements()
         self._cache_dir = cache_dir
         self._plans: OrderedDict[tuple[str, int], Plan] = OrderedDict()
         self._lock = threading.Lock()
@@ -47,19 +55,15 @@ class OperatorTools:
         return plan
 
     def plan(self, spec: DPTrainingJobSpec, dataset_size: int) -> PlanStatus:
-        """The planner's plan as ``status.plan`` (raises ValueError if no plan fits)."""
-        return self._plan(spec, dataset_size).to_status()
+        """The planner's plan as ``status.plan``, with its pods sized and fitted.
 
-    def pod_sizing(self, spec: DPTrainingJobSpec, plan: PlanStatus) -> PodSizing:
-        """Pod resources, node selectors and tolerations for ``plan``'s hosts."""
-        try:
-            pod = self._plan(spec, plan.dataset_size).pod
-        except ValueError:
-            # An amended spec (e.g. more iterations) may not plan on its own; the pods of the
-            # running plan only depend on its hosts, so fall back to a plain sizing.
-            return PodSizing(hosts=plan.hosts)
-        return PodSizing(hosts=plan.hosts, resources=pod.resources,
-                         node_selector=pod.node_selector, tolerations=tuple(pod.tolerations))
+        Raises:
+            ValueError: no plan fits the budgets (``InfeasibleBudgetError``), or its pods fit
+                no node of the profile (``PodsDoNotFitError``).
+        """
+        plan = self._plan(spec, dataset_size)
+        pods = size_pods(plan.pod, self.placements, spec.compute.accelerator)
+        return plan.to_status().model_copy(update={"pods": pods})
 
     def enforce(self, plan: PlanStatus, budget: float, delta: float, *,
                 iterations: int | None = None) -> PlanStatus:

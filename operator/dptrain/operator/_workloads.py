@@ -3,14 +3,22 @@
 The trainer's Indexed Job (or JobSet) and its headless Service, and the data-preparation Job.
 
 The pods follow the pod contract (``dptrain.api._contract``): they run :func:`trainer_command` /
-:func:`prepare_command` with :func:`trainer_env`, mount the config, the data, the checkpoints
-and (trainers only) the job's secret key, and never run as root. Exit code
+:func:`prepare_command` with :func:`trainer_env`, mount the config, the data, the pretrained
+checkpoint (read-only) and the evaluation data when they are on volumes, the checkpoints and
+(trainers only) the job's secret key, and never run as root. Exit code
 ``EXIT_BUDGET_EXHAUSTED`` fails the Job for good (never retried); retries are the operator's.
+
+Lifecycle (:class:`Lifecycle`): a finished or failed workload stays for
+``spec.ttlSecondsAfterFinished`` (Kubernetes' TTL controller deletes it, its pods and their logs
+with it); ``compute.deadline`` becomes the Job's ``activeDeadlineSeconds``; containers write
+their last log lines as the termination message when they fail without one
+(``FallbackToLogsOnError``), which the operator copies into the failure condition.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,20 +28,27 @@ from dptrain.api import (
     COORDINATOR_PORT,
     DATA_MOUNT,
     ENV_API_SERVER,
+    ENV_GOOGLE_CREDENTIALS,
     ENV_JAX_COORDINATOR,
     ENV_JAX_NUM_PROCESSES,
     ENV_JAX_PROCESS_ID,
     ENV_JOB_NAME,
     ENV_JOB_NAMESPACE,
     ENV_REPORT,
+    EVAL_DATA_MOUNT,
     EXIT_BUDGET_EXHAUSTED,
     IN_CLUSTER_API_SERVER,
     KEY_DIR,
     KEY_FILE,
+    PRETRAINED_MOUNT,
     REPORT_KUBERNETES,
+    STORAGE_SECRET_DIR,
     TRAINER_METRICS_PORT,
     DPTrainingJobSpec,
     PlanStatus,
+    StorageSecretRef,
+    VolumeSource,
+    export_command,
     prepare_command,
     trainer_command,
 )
@@ -48,11 +63,25 @@ from dptrain.operator._names import (
     ChildNames,
     JobRef,
     PodSizing,
+    checkpoint_dir,
     child_meta,
     key_secret_name,
     labels,
     prepared_dir,
 )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Lifecycle:
+    """How long a workload may run and is kept.
+
+    Attributes:
+        ttl_seconds_after_finished: kept this long after it finished or failed (None: forever).
+        active_deadline_seconds: the Job fails ``DeadlineExceeded`` after this long running.
+    """
+
+    ttl_seconds_after_finished: int | None = None
+    active_deadline_seconds: int | None = None
 
 
 def trainer_env(job: JobRef, *, hosts: int, api_server: str,
@@ -77,9 +106,24 @@ def trainer_env(job: JobRef, *, hosts: int, api_server: str,
     return env
 
 
+def _claim(name: str, source: VolumeSource, mount_path: str, *, read_only: bool
+           ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A PersistentVolumeClaim volume and its mount (``subPath`` when the source names one)."""
+    volume = {"name": name, "persistentVolumeClaim": {"claimName": source.claim_name,
+                                                      "readOnly": read_only}}
+    mount: dict[str, Any] = {"name": name, "mountPath": mount_path, "readOnly": read_only}
+    if source.sub_path:
+        mount["subPath"] = source.sub_path
+    return volume, mount
+
+
 def _volumes(spec: DPTrainingJobSpec, job: JobRef, *, key: bool = False
              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Pod volumes and the container's mounts: config, /tmp, data, checkpoints (and the key)."""
+    """Pod volumes and the container's mounts.
+
+    Config, /tmp, data, the pretrained checkpoint and the evaluation data (when on volumes),
+    checkpoints (and the key).
+    """
     names = ChildNames.of(job.name)
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": names.config_map}},
@@ -97,6 +141,18 @@ def _volumes(spec: DPTrainingJobSpec, job: JobRef, *, key: bool = False
         if spec.data.volume.sub_path:
             mount["subPath"] = spec.data.volume.sub_path
         mounts.append(mount)
+    pretrained = spec.model.pretrained
+    if pretrained is not None and pretrained.volume is not None:
+        # Always read-only: nothing the job does may alter the weights it starts from.
+        volume, mount = _claim("pretrained", pretrained.volume, PRETRAINED_MOUNT, read_only=True)
+        volumes.append(volume)
+        mounts.append(mount)
+    evaluation = spec.evaluation.data if spec.evaluation is not None else None
+    if evaluation is not None and evaluation.volume is not None:
+        volume, mount = _claim("eval-data", evaluation.volume, EVAL_DATA_MOUNT,
+                               read_only=evaluation.volume.read_only)
+        volumes.append(volume)
+        mounts.append(mount)
     if spec.checkpoint.volume is not None:
         volumes.append({"name": "checkpoints", "persistentVolumeClaim": {
             "claimName": spec.checkpoint.volume.claim_name}})
@@ -106,7 +162,8 @@ def _volumes(spec: DPTrainingJobSpec, job: JobRef, *, key: bool = False
         mounts.append(mount)
     else:
         # Without a volume checkpoints live as long as the pod: a restart starts from the ledger
-        # (steps stay charged) but not from the weights.
+        # (steps stay charged) but not from the weights. With a uri this is only the scratch
+        # where orbax writes before the upload (and the prepared data, the report).
         volumes.append({"name": "checkpoints", "emptyDir": {}})
         mounts.append({"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT})
     if key:
@@ -115,6 +172,39 @@ def _volumes(spec: DPTrainingJobSpec, job: JobRef, *, key: bool = False
             "items": [{"key": KEY_FILE, "path": KEY_FILE}]}})
         mounts.append({"name": "job-key", "mountPath": KEY_DIR, "readOnly": True})
     return volumes, mounts
+
+
+def storage_credentials(spec: DPTrainingJobSpec) -> tuple[
+        list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The pod's object-storage credentials: (env, envFrom, volumes, mounts).
+
+    A ``secretRef`` without ``keyFile`` becomes ``envFrom`` (its keys are the container's
+    environment: what the clouds' default credential chains read); with ``keyFile`` only that key
+    is mounted, read-only, and ``GOOGLE_APPLICATION_CREDENTIALS`` names it. The kubelet resolves
+    both: the Secret's values never pass through the operator, the ConfigMap or a status. Without
+    a ``secretRef`` the pod's identity is used (nothing to add). The same Secret named for data
+    and checkpoints is wired once.
+    """
+    refs: list[StorageSecretRef] = []
+    for ref in (spec.data.secret_ref, spec.checkpoint.secret_ref):
+        if ref is not None and ref not in refs:
+            refs.append(ref)
+    env: list[dict[str, Any]] = []
+    env_from: list[dict[str, Any]] = []
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    for ref in refs:
+        if ref.key_file is None:
+            env_from.append({"secretRef": {"name": ref.name}})
+            continue
+        volumes.append({"name": "storage-credentials", "secret": {
+            "secretName": ref.name, "defaultMode": KEY_FILE_MODE,
+            "items": [{"key": ref.key_file, "path": ref.key_file}]}})
+        mounts.append({"name": "storage-credentials", "mountPath": STORAGE_SECRET_DIR,
+                       "readOnly": True})
+        env.append({"name": ENV_GOOGLE_CREDENTIALS,
+                    "value": f"{STORAGE_SECRET_DIR}/{ref.key_file}"})
+    return env, env_from, volumes, mounts
 
 
 def _security_context() -> dict[str, Any]:
@@ -133,16 +223,24 @@ def _pod_template(spec: DPTrainingJobSpec, job: JobRef, *, component: str,
                   subdomain: str | None, annotations: Mapping[str, str],
                   ports: list[dict[str, Any]], key: bool = False) -> dict[str, Any]:
     volumes, mounts = _volumes(spec, job, key=key)
+    storage_env, env_from, storage_volumes, storage_mounts = storage_credentials(spec)
+    volumes += storage_volumes
+    mounts += storage_mounts
     container: dict[str, Any] = {
         "name": component,
         "image": spec.image,
         "imagePullPolicy": "IfNotPresent",
         "command": command,
-        "env": env,
+        "env": [*env, *storage_env],
         "resources": copy.deepcopy({k: dict(v) for k, v in sizing.resources.items()}),
         "securityContext": _security_context(),
         "volumeMounts": mounts,
+        # A failure's last log lines become its termination message (copied into the job's
+        # failure condition), so the reason survives the pod.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    if env_from:
+        container["envFrom"] = env_from
     if ports:
         container["ports"] = ports
     pod_spec: dict[str, Any] = {
@@ -165,8 +263,8 @@ def _pod_template(spec: DPTrainingJobSpec, job: JobRef, *, component: str,
             "spec": pod_spec}
 
 
-def _job_spec(template: dict[str, Any], hosts: int) -> dict[str, Any]:
-    return {
+def _job_spec(template: dict[str, Any], hosts: int, lifecycle: Lifecycle) -> dict[str, Any]:
+    spec: dict[str, Any] = {
         "completionMode": "Indexed",
         "completions": hosts,
         "parallelism": hosts,
@@ -182,11 +280,16 @@ def _job_spec(template: dict[str, Any], hosts: int) -> dict[str, Any]:
         ]},
         "template": template,
     }
+    if lifecycle.ttl_seconds_after_finished is not None:
+        spec["ttlSecondsAfterFinished"] = lifecycle.ttl_seconds_after_finished
+    if lifecycle.active_deadline_seconds is not None:
+        spec["activeDeadlineSeconds"] = lifecycle.active_deadline_seconds
+    return spec
 
 
 def build_trainer_job(spec: DPTrainingJobSpec, job: JobRef, plan: PlanStatus, sizing: PodSizing,
-                      *, api_server: str = IN_CLUSTER_API_SERVER, restart: int = 0
-                      ) -> dict[str, Any]:
+                      *, api_server: str = IN_CLUSTER_API_SERVER, restart: int = 0,
+                      lifecycle: Lifecycle | None = None) -> dict[str, Any]:
     """The Indexed Job that runs the trainer on ``sizing.hosts`` pods."""
     names = ChildNames.of(job.name)
     coordinator = f"{names.workload}-0.{names.service}:{COORDINATOR_PORT}"
@@ -201,7 +304,7 @@ def build_trainer_job(spec: DPTrainingJobSpec, job: JobRef, plan: PlanStatus, si
     meta = child_meta(job, names.workload, "trainer")
     meta["annotations"] = annotations
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
-            "spec": _job_spec(template, sizing.hosts)}
+            "spec": _job_spec(template, sizing.hosts, lifecycle or Lifecycle())}
 
 
 def build_headless_service(job: JobRef) -> dict[str, Any]:
@@ -223,7 +326,8 @@ def build_headless_service(job: JobRef) -> dict[str, Any]:
 
 
 def build_jobset(spec: DPTrainingJobSpec, job: JobRef, plan: PlanStatus, sizing: PodSizing,
-                 *, api_server: str = IN_CLUSTER_API_SERVER, restart: int = 0) -> dict[str, Any]:
+                 *, api_server: str = IN_CLUSTER_API_SERVER, restart: int = 0,
+                 lifecycle: Lifecycle | None = None) -> dict[str, Any]:
     """The same workload as a JobSet (one replicated Job ``node``; JobSet makes the Service)."""
     names = ChildNames.of(job.name)
     jobset = names.workload
@@ -238,21 +342,44 @@ def build_jobset(spec: DPTrainingJobSpec, job: JobRef, plan: PlanStatus, sizing:
                {"name": "metrics", "containerPort": TRAINER_METRICS_PORT}], key=True)
     meta = child_meta(job, jobset, "trainer")
     meta["annotations"] = annotations
-    return {
-        "apiVersion": "jobset.x-k8s.io/v1alpha2",
-        "kind": "JobSet",
-        "metadata": meta,
-        "spec": {
-            "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
-            "failurePolicy": {"maxRestarts": 0},
-            "replicatedJobs": [{"name": "node", "replicas": 1,
-                                "template": {"spec": _job_spec(template, sizing.hosts)}}],
-        },
+    lifecycle = lifecycle or Lifecycle()
+    # The TTL is the JobSet's (it deletes its Jobs); the deadline is each Job's.
+    inner = _job_spec(template, sizing.hosts,
+                      dataclasses.replace(lifecycle, ttl_seconds_after_finished=None))
+    jobset_spec: dict[str, Any] = {
+        "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
+        "failurePolicy": {"maxRestarts": 0},
+        "replicatedJobs": [{"name": "node", "replicas": 1, "template": {"spec": inner}}],
     }
+    if lifecycle.ttl_seconds_after_finished is not None:
+        jobset_spec["ttlSecondsAfterFinished"] = lifecycle.ttl_seconds_after_finished
+    return {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet", "metadata": meta,
+            "spec": jobset_spec}
+
+
+def build_export_job(spec: DPTrainingJobSpec, job: JobRef, *,
+                     api_server: str = IN_CLUSTER_API_SERVER) -> dict[str, Any]:
+    """The export Job: the final checkpoint as a Hugging Face directory, reported in status.
+
+    Post-processing of the released model (no privacy cost); it runs as the job's per-job
+    ServiceAccount with the same mounts as the trainer (the pretrained checkpoint's tokenizer
+    files are copied from its volume), without the secret key.
+    """
+    names = ChildNames.of(job.name)
+    sizing = PodSizing(resources={"requests": {"cpu": "1", "memory": "2Gi"},
+                                  "limits": {"memory": "8Gi"}})
+    template = _pod_template(
+        spec, job, component="export", command=export_command(checkpoint_dir(spec, job)),
+        env=trainer_env(job, hosts=1, api_server=api_server, coordinator=None),
+        sizing=sizing, subdomain=None, annotations={}, ports=[])
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": child_meta(job, names.export, "export"),
+            "spec": {"backoffLimit": 1, "template": template}}
 
 
 def build_prepare_job(spec: DPTrainingJobSpec, job: JobRef, *,
-                      api_server: str = IN_CLUSTER_API_SERVER) -> dict[str, Any]:
+                      api_server: str = IN_CLUSTER_API_SERVER,
+                      ttl_seconds_after_finished: int | None = None) -> dict[str, Any]:
     """The data-preparation Job: measures N, writes prepared sequences, reports status.dataset."""
     names = ChildNames.of(job.name)
     command = prepare_command(prepared_dir(spec, job))
@@ -262,6 +389,8 @@ def build_prepare_job(spec: DPTrainingJobSpec, job: JobRef, *,
         spec, job, component="prepare", command=command,
         env=trainer_env(job, hosts=1, api_server=api_server, coordinator=None),
         sizing=sizing, subdomain=None, annotations={}, ports=[])
-    job_spec = {"backoffLimit": 2, "template": template}
+    job_spec: dict[str, Any] = {"backoffLimit": 2, "template": template}
+    if ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = ttl_seconds_after_finished
     return {"apiVersion": "batch/v1", "kind": "Job",
             "metadata": child_meta(job, names.prepare, "prepare"), "spec": job_spec}

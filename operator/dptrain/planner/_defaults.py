@@ -10,8 +10,8 @@ from typing import Any
 from dptrain.planner._loss_model import TableLossModel
 
 PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
-DEFAULT_TABLE = PACKAGE_DIR / "default_loss_table.csv"
-DEFAULT_PROVENANCE = PACKAGE_DIR / "default_loss_table.json"
+DEFAULT_TABLE = PACKAGE_DIR / "heldout_loss_table.csv"
+DEFAULT_PROVENANCE = PACKAGE_DIR / "heldout_loss_table.json"
 
 
 def default_provenance() -> dict[str, Any]:

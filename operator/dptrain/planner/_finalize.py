@@ -128,7 +128,7 @@ def finalize(spec: DPTrainingJobSpec, shapes: list[ModelShape], result: SearchRe
     if budget is None and training.iterations is None:
         warnings.append("no compute budget: chose the cheapest configuration within 1% of the "
                         "best predicted loss")
-    lr = training.learning_rate or loss_model.learning_rate(shape.param_count, ratio) or \
+    lr = training.learning_rate or loss_model.learning_rate(shape.param_count, ratio, t) or \
         DEFAULT_LEARNING_RATE[training.optimizer]
     flops = 6.0 * shape.param_count * b * spec.data.sequence_length * t
     regime, guidance = noise_regime(ratio)

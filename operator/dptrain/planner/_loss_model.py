@@ -39,9 +39,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-from scipy.interpolate import RegularGridInterpolator
+from scipy.interpolate import PchipInterpolator, RegularGridInterpolator
 from scipy.optimize import isotonic_regression
 
+from dptrain.planner._curve_fit import FittedCurve, best_points, fit_curves
 from dptrain.planner._sweep_table import read_results_csv
 
 PAPER_MIN_STEP = 1000
@@ -49,6 +50,12 @@ MIN_POINTS_AFTER_DROP = 5
 SHORT_CURVE_DROP_FRACTION = 0.1
 ROLLING_WINDOW = 3
 MAX_T_NODES = 16
+HORIZON_NODES = 24
+RATIO_NODES_PER_OCTAVE = 4
+THROUGH_MEASURED = True
+"""Horizon tables: the fitted curve corrected to pass through each measured (min over learning
+rate and batch) point; the fit alone misses some by a few percent where the best batch changes
+between horizons (the power law's shape is kept between them)."""
 EXTRAPOLATE_T_TO = 2.0**24
 MAX_T_EXTRAPOLATION = 2.0**7
 """Farthest the power law is followed, as a multiple of the measured steps (the paper's 128K-step
@@ -69,8 +76,9 @@ class LossModel(Protocol):
         """How the prediction at one point leaves the model's domain ([] inside it)."""
         ...
 
-    def learning_rate(self, model_params: float, noise_batch_ratio: float) -> float | None:
-        """The learning rate the model's data suggests for (M, σ̄), if it knows one."""
+    def learning_rate(self, model_params: float, noise_batch_ratio: float,
+                      steps: float | None = None) -> float | None:
+        """The learning rate the model's data suggests for (M, σ̄[, T]), if it knows one."""
         ...
 
     def describe(self) -> dict[str, Any]:
@@ -128,6 +136,12 @@ class TableLossModel:
                  metadata: Mapping[str, Any] | None = None) -> None:
         self.source = source
         self.metadata = dict(metadata or {})
+        rows = list(rows)
+        self.fits: dict[tuple[float, float], FittedCurve] = {}
+        self._lr_by_horizon: dict[tuple[float, float], dict[float, float]] = {}
+        if any(float(row.get("horizon", 0.0)) > 0 for row in rows):
+            self._build_horizons(rows)
+            return
         grouped: dict[tuple[float, float, float, float], list[tuple[float, float]]] = \
             defaultdict(list)
         raw_max = 0.0
@@ -178,6 +192,65 @@ class TableLossModel:
         if int(keep.sum()) < 2:
             keep = np.ones_like(keep)
         return _Curve(curve.steps[keep], _rolling_mean(curve.losses[keep], ROLLING_WINDOW))
+
+    def _build_horizons(self, rows: Sequence[Mapping[str, float]]) -> None:
+        """A horizon table: one fitted curve per (M, σ̄) (see ``_curve_fit``), flat beyond."""
+        points, self._lr_by_horizon = best_points(rows)
+        self._best_lr = {k: rates[max(rates)] for k, rates in self._lr_by_horizon.items()}
+        if not points:
+            raise ValueError(f"{self.source}: no run ends at its horizon with "
+                             f"noise_batch_ratio > 0")
+        self.loss_ceiling = max(float(r["loss"]) for r in rows)
+        self.dropped_below = "none: one point per run, the held-out loss at its horizon"
+        models = sorted({m for m, _ in points})
+        ratios = sorted({r for _, r in points})
+        missing = [(m, r) for m in models for r in ratios if (m, r) not in points]
+        if missing:
+            m, r = missing[0]
+            raise ValueError(f"{self.source}: the table is not a full grid: no run of "
+                             f"model_params={m:g}, noise_batch_ratio={r:g} ends at its horizon "
+                             f"({len(missing)} such pairs)")
+        self.fits = fit_curves(points)
+        horizons = sorted({t for curve in points.values() for t in curve})
+        self.measured_steps = (horizons[0], horizons[-1])
+        log_nodes = np.union1d(np.linspace(math.log(horizons[0]), math.log(horizons[-1]),
+                                           HORIZON_NODES), np.log(horizons))
+        log_loss = np.empty((len(models), len(log_nodes), len(ratios)))
+        for (m, r), fit in self.fits.items():
+            # A curve measured less far than the table holds flat past its own last horizon.
+            steps = np.minimum(np.exp(log_nodes), fit.steps[-1])
+            curve = np.log(fit(steps))
+            if THROUGH_MEASURED:
+                # The fit's shape between horizons, through the measured points themselves
+                # (the residual in log L interpolated linearly in log T).
+                log_t = np.log(np.array(fit.steps))
+                residual = np.log(np.array(fit.losses)) - np.log(fit(np.array(fit.steps)))
+                curve = curve + np.interp(np.log(steps), log_t, residual)
+            log_loss[models.index(m), :, ratios.index(r)] = curve
+        self.asymptotes = {m: self.fits[(m, ratios[0])].irreducible for m in models}
+        log_loss = self._isotonic(log_loss)
+        self.measured_ratios = list(ratios)
+        if len(ratios) >= 3:
+            # Between measured σ̄, a monotone cubic (PCHIP) in (log σ̄, log L), sampled on
+            # RATIO_NODES_PER_OCTAVE nodes per octave: the loss bends upward with σ̄ (flat while
+            # the noise is small against the gradient, then rising), which a straight line
+            # between σ̄ 2-4× apart cuts off; PCHIP keeps the data's monotonicity.
+            log_r = np.log(np.array(ratios))
+            dense = np.union1d(log_r, np.linspace(log_r[0], log_r[-1], 1 + math.ceil(
+                RATIO_NODES_PER_OCTAVE * (log_r[-1] - log_r[0]) / math.log(2.0))))
+            log_loss = PchipInterpolator(log_r, log_loss, axis=2)(dense)
+            ratios = list(np.exp(dense))
+        self._set_grid(models, log_nodes, ratios, self._monotone(log_loss))
+
+    def _set_grid(self, models: Sequence[float], log_steps: np.ndarray, ratios: Sequence[float],
+                  log_loss: np.ndarray) -> None:
+        self.log_models = np.log(np.array(models))
+        self.log_steps = log_steps
+        self.log_ratios = np.log(np.array(ratios))
+        self.log_loss = log_loss
+        self._interp = RegularGridInterpolator(
+            (_axis(self.log_models), self.log_steps, _axis(self.log_ratios)),
+            _pad(_pad(log_loss, 0), 2), method="linear")
 
     def _build_grid(self, curves: Mapping[tuple[float, float, float, float], _Curve]) -> None:
         models = sorted({k[0] for k in curves})
@@ -237,14 +310,8 @@ class TableLossModel:
                 seam = log_loss[i, -1, k] - math.log(math.exp(slope * log_nodes[-1] + intercept)
                                                      + e_star)
                 extended[i, :, k] = np.concatenate([log_loss[i, :, k], tail_fit + seam])
-        extended = self._monotone(extended)
-        self.log_models = np.log(np.array(models))
-        self.log_steps = full
-        self.log_ratios = np.log(np.array(ratios))
-        self.log_loss = extended
-        self._interp = RegularGridInterpolator(
-            (_axis(self.log_models), self.log_steps, _axis(self.log_ratios)),
-            _pad(_pad(extended, 0), 2), method="linear")
+        self.measured_ratios = list(ratios)
+        self._set_grid(models, full, ratios, self._monotone(extended))
 
     @staticmethod
     def _isotonic(log_loss: np.ndarray) -> np.ndarray:
@@ -299,7 +366,10 @@ class TableLossModel:
                          f"[{m_lo:.3g}, {m_hi:.3g}] parameters: clamped to the nearest")
         t_lo, t_hi = self.measured_steps
         t_end = float(np.exp(self.log_steps[-1]))
-        if steps > t_end * 1.001:
+        if self.fits and steps > t_hi * 1.001:
+            notes.append(f"{steps:.3g} steps beyond the longest measured horizon {t_hi:.3g}: "
+                         f"held flat (no gain beyond the data is predicted)")
+        elif steps > t_end * 1.001:
             notes.append(f"{steps:.3g} steps beyond the measured {t_hi:.3g}: power-law "
                          f"extrapolation L = exp(m·log T + b) + E* up to {t_end:.3g} steps, "
                          f"held flat beyond (no further gain assumed)")
@@ -308,7 +378,7 @@ class TableLossModel:
                          f"extrapolation L = exp(m·log T + b) + E*")
         elif steps < t_lo * 0.999:
             notes.append(f"{steps:.3g} steps below the measured {t_lo:.3g}: clamped (optimistic)")
-        r_lo, r_hi = np.exp(self.log_ratios[[0, -1]])
+        r_lo, r_hi = self.measured_ratios[0], self.measured_ratios[-1]
         if noise_batch_ratio > r_hi * 1.001:
             notes.append(f"noise-batch ratio {noise_batch_ratio:.3g} above the table's "
                          f"{r_hi:.3g}: log-log extrapolation of the last segment")
@@ -317,24 +387,43 @@ class TableLossModel:
                          f"{r_lo:.3g}: clamped (pessimistic)")
         return notes
 
-    def learning_rate(self, model_params: float, noise_batch_ratio: float) -> float | None:
-        """The best learning rate measured at the nearest table (M, σ̄)."""
+    def learning_rate(self, model_params: float, noise_batch_ratio: float,
+                      steps: float | None = None) -> float | None:
+        """The best learning rate measured at the nearest table (M, σ̄).
+
+        A horizon table knows it per horizon: the one nearest ``steps`` (log scale) is used
+        (short runs want larger rates than long ones); otherwise the longest.
+        """
         m = float(np.exp(self.log_models[np.argmin(abs(self.log_models
                                                         - math.log(model_params)))]))
-        r = float(np.exp(self.log_ratios[np.argmin(abs(self.log_ratios - math.log(
+        log_measured = np.log(np.array(self.measured_ratios))
+        r = float(np.exp(log_measured[np.argmin(abs(log_measured - math.log(
             max(noise_batch_ratio, 1e-300))))]))
         for (mm, rr), lr in self._best_lr.items():
             if math.isclose(mm, m, rel_tol=1e-9) and math.isclose(rr, r, rel_tol=1e-9):
+                by_t: dict[float, float] = self._lr_by_horizon.get((mm, rr), {})
+                if by_t and steps is not None and steps > 0:
+                    near = min(by_t, key=lambda t: abs(math.log(t / steps)))
+                    return float(by_t[near])
                 return lr
         return None
 
     def describe(self) -> dict[str, Any]:
         """Source, domain and smoothing choices."""
+        fit: dict[str, Any] = {}
+        if self.fits:
+            fit = {"form": "L(T) = E_M + A·T^(-α) per (M, σ̄), E_M fitted per model, α ≥ 0; "
+                           "flat beyond the longest measured horizon",
+                   "irreducible": {f"{m:g}": e for m, e in self.asymptotes.items()},
+                   "max_relative_residual": max(f.max_relative_residual
+                                                for f in self.fits.values()),
+                   "beyond_horizon": "flat"}
         return {
             "kind": "table",
+            "fit": fit,
             "source": self.source,
             "model_params": [float(x) for x in np.exp(self.log_models)],
-            "noise_batch_ratios": [float(x) for x in np.exp(self.log_ratios)],
+            "noise_batch_ratios": [float(x) for x in self.measured_ratios],
             "measured_steps": list(self.measured_steps),
             "dropped": self.dropped_below,
             "rolling_window": ROLLING_WINDOW,
@@ -361,10 +450,18 @@ def leave_one_out(rows: Sequence[Mapping[str, float]], *,
     minimum over learning rates and batches, smoothed as the model smooths it: the mean of the
     last ``ROLLING_WINDOW`` logged points).
 
+    A horizon table (runs of several lengths, see ``_curve_fit``) holds out cells two ways:
+    each interior σ̄ (every horizon of it), and each interior horizon (every σ̄ at it); the
+    measured loss of a cell is its runs' final held-out loss, minimised over learning rates and
+    batches as the model minimises it.
+
     Returns:
-        One record per (model size, held-out σ̄): ``model_params``, ``noise_batch_ratio``,
-        ``step``, ``measured``, ``predicted`` and ``relative_error`` (predicted / measured − 1).
+        One record per (model size, held-out σ̄[, horizon]): ``model_params``,
+        ``noise_batch_ratio``, ``step``, ``measured``, ``predicted``, ``relative_error``
+        (predicted / measured − 1) and, for horizon tables, ``held_out`` ("ratio" or "horizon").
     """
+    if any(float(r.get("horizon", 0.0)) > 0 for r in rows):
+        return _leave_one_out_horizons(rows, source)
     ratios = sorted({float(r["noise_batch_ratio"]) for r in rows if r["noise_batch_ratio"] > 0})
     out: list[dict[str, float]] = []
     for held in ratios[1:-1]:
@@ -388,4 +485,27 @@ def leave_one_out(rows: Sequence[Mapping[str, float]], *,
             out.append({"model_params": m, "noise_batch_ratio": held, "step": step,
                         "measured": measured, "predicted": predicted,
                         "relative_error": predicted / measured - 1})
+    return out
+
+
+def _leave_one_out_horizons(rows: Sequence[Mapping[str, float]],
+                            source: str) -> list[dict[str, Any]]:
+    points, _ = best_points(rows)
+    ratios = sorted({r for _, r in points})
+    horizons = sorted({t for curve in points.values() for t in curve})
+    out: list[dict[str, Any]] = []
+    for kind, values, column in (("ratio", ratios, "noise_batch_ratio"),
+                                 ("horizon", horizons, "horizon")):
+        for held in values[1:-1]:
+            kept = [r for r in rows if float(r.get(column, 0.0)) != held]
+            model = TableLossModel(kept, source=f"{source} without {column}={held:g}")
+            for (m, ratio), curve in sorted(points.items()):
+                for step, measured in sorted(curve.items()):
+                    if (ratio if kind == "ratio" else step) != held:
+                        continue
+                    predicted = float(model.predict(np.array(m), np.array(step),
+                                                    np.array(ratio)))
+                    out.append({"held_out": kind, "model_params": m, "noise_batch_ratio": ratio,
+                                "step": step, "measured": measured, "predicted": predicted,
+                                "relative_error": predicted / measured - 1})
     return out

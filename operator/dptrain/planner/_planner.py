@@ -137,9 +137,18 @@ def make_plan(spec: DPTrainingJobSpec, *, dataset_size: int,
                        training.noise_multiplier)
 
     deadline_s = _deadline_seconds(compute.deadline, now)
-    slices = candidate_slices(accelerator, max_hosts=compute.max_hosts,
+    # Object-storage checkpoints are staged per host and uploaded: orbax's multi-host save needs
+    # one directory all hosts share, so a job with checkpoint.uri runs on one host.
+    max_hosts = 1 if spec.checkpoint.uri is not None else compute.max_hosts
+    slices = candidate_slices(accelerator, max_hosts=max_hosts,
                               max_chips_per_host=compute.max_chips_per_host,
                               topology=compute.tpu_topology)
+    if spec.checkpoint.uri is not None and not any(sl.hosts == 1 for sl in slices):
+        raise InfeasibleBudgetError(
+            "compute", f"TPU topology {compute.tpu_topology} needs several hosts, and "
+            "object-storage checkpoints are written by single-host jobs only; use a "
+            "single-host topology, or checkpoint.volume (ReadWriteMany) with checkpoint.path",
+            field="spec.checkpoint.uri")
     order = _preference(result, budget is not None or training.iterations is not None)
     if source == "paper":
         # The anchor's steps first, then shorter runs: the table cannot rank what it does not

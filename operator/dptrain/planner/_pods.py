@@ -74,6 +74,9 @@ class PodPlan:
             (per-step overhead included).
         est_wall_seconds: estimated training time.
         accelerator_hours: chips × estimated hours.
+        host_memory_required: host memory (bytes) the pod cannot do with less of (state copies
+            for checkpoints and transfers; on CPU the whole estimate); ``resources`` may ask
+            more, and the operator may lower the request to this to fit a node.
     """
 
     accelerator: str
@@ -90,6 +93,7 @@ class PodPlan:
     utilization: float
     est_wall_seconds: float
     accelerator_hours: float
+    host_memory_required: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -236,11 +240,11 @@ def size_pod(shape: ModelShape, accelerator: AcceleratorSpec, slices: list[Slice
 
 def _pod(accelerator: AcceleratorSpec, sl: Slice, microbatch: int, accumulation: int,
          physical: int, est: MemoryEstimate, util: float, wall: float) -> PodPlan:
-    host_memory = max(accelerator.host_memory_per_chip * max(1, sl.chips_per_host),
-                      int(1.25 * est.state) + 2 * GIB)
+    required = int(1.25 * est.state) + 2 * GIB
+    host_memory = max(accelerator.host_memory_per_chip * max(1, sl.chips_per_host), required)
     if accelerator.kind == "cpu":
         # The whole estimate lives in host memory; request cores, not devices.
-        host_memory = int(1.25 * est.total) + 2 * GIB
+        host_memory = required = int(1.25 * est.total) + 2 * GIB
         cpu = str(sl.chips_per_host)
         resources = {"requests": {"cpu": cpu, "memory": _mib(host_memory)},
                      "limits": {"memory": _mib(host_memory)}}
@@ -268,7 +272,8 @@ def _pod(accelerator: AcceleratorSpec, sl: Slice, microbatch: int, accumulation:
                    accumulation_steps=accumulation, physical_batch_size=physical, memory=est,
                    resources=resources, node_selector=node_selector, tolerations=tolerations,
                    utilization=util, est_wall_seconds=wall,
-                   accelerator_hours=wall * sl.chips / 3600.0)
+                   accelerator_hours=wall * sl.chips / 3600.0,
+                   host_memory_required=required)
 
 
 def _mib(n_bytes: int) -> str:

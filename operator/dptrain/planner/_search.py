@@ -37,7 +37,10 @@ class SearchSpace:
         grid_per_octave: grid points per factor of two in B and T (the paper: 4).
     """
 
-    min_steps: int = 100
+    min_steps: int = 16
+    """The shortest horizon of the shipped CPU table: at small budgets a large batch for few
+    steps can be best (the paper's conclusion for DP), and only a grid that reaches it can
+    choose it."""
     max_steps: int = 8_200_000
     log2_batch_max: int = 25
     grid_per_octave: int = 4

@@ -19,17 +19,23 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 REQUIRED_COLUMNS = ("model_params", "noise_batch_ratio", "learning_rate", "step", "loss")
-OPTIONAL_COLUMNS = ("batch_size",)
+OPTIONAL_COLUMNS = ("batch_size", "horizon")
 """Read when present: curves of several batches at one (M, σ̄) are folded like learning rates
 (the minimum is taken), since the paper's law has no B of its own (B enters through σ̄ and the
-compute); a table without the column is one batch per curve."""
+compute); a table without the column is one batch per curve. ``horizon`` is the length of the
+run's schedule (its ``--steps``): a row with ``step == horizon`` is the loss a job of that many
+steps ends at (warm-up and cosine decay completed), which is what the planner predicts."""
 TABLE_COLUMNS = ("model_params", "noise_batch_ratio", "learning_rate", "step", "loss", "preset",
-                 "noise_multiplier", "batch_size", "sequence_length", "seed", "train_loss")
+                 "noise_multiplier", "batch_size", "sequence_length", "seed", "train_loss",
+                 "horizon")
 LOSS_NOTE = ("held-out loss: the mean next-token cross-entropy (nats/token) of the model after "
              "`step` updates on the dataset's last `heldout_rows` sequences, which no run samples "
              "for training; train_loss: the mean over the Poisson-sampled sequences of the steps "
              "since the previous logged step, each computed before its step's update")
 SCHEDULE_NOTE = "linear warm-up, cosine decay to 10% of the peak over --steps (as jobs)"
+
+
+RunKey = tuple[str, int, float, float, int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,11 +46,13 @@ class SweepRun:
     batch_size: int
     ratio: float
     learning_rate: float
+    steps: int
+    """The run's horizon: the length of its schedule (warm-up, cosine decay)."""
 
     @property
-    def key(self) -> tuple[str, int, float, float]:
-        """(preset, B, σ̄, learning rate)."""
-        return (self.preset, self.batch_size, self.ratio, self.learning_rate)
+    def key(self) -> RunKey:
+        """(preset, B, σ̄, learning rate, horizon)."""
+        return (self.preset, self.batch_size, self.ratio, self.learning_rate, self.steps)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -70,6 +78,26 @@ class SweepSettings:
         return {**out, "schedule": SCHEDULE_NOTE,
                 "dataset_checksum": dataset.manifest.source_checksum,
                 "tokenizer": dataset.manifest.tokenizer}
+
+    def for_horizon(self, steps: int, *, points: int, every: int | None,
+                    warmup_fraction: float) -> SweepSettings:
+        """The settings of one run of ``steps`` steps (its schedule and evaluations)."""
+        return dataclasses.replace(self, steps=steps,
+                                   eval_steps=eval_steps(steps, points=points, every=every),
+                                   warmup_steps=round(warmup_fraction * steps))
+
+
+def shared_settings(settings: SweepSettings, dataset: Any, *, points: int, every: int | None,
+                    warmup_fraction: float) -> dict[str, Any]:
+    """What every run of a multi-horizon sweep shares (a resumed sweep must match it exactly).
+
+    The horizons themselves are part of the grid, not of the settings: a resumed sweep may add
+    horizons (or batches, ratios, learning rates, presets) and keeps the runs already measured.
+    """
+    out = settings.to_dict(dataset)
+    for key in ("steps", "eval_steps", "warmup_steps"):
+        out.pop(key)
+    return {**out, "eval_points": points, "log_every": every, "warmup_fraction": warmup_fraction}
 
 
 def eval_steps(steps: int, *, points: int, every: int | None) -> tuple[int, ...]:
@@ -102,7 +130,8 @@ def table_rows(params: int, run: SweepRun, curve: Iterable[Measured],
              "loss": f"{m.heldout_loss:.6f}", "preset": run.preset,
              "noise_multiplier": f"{run.ratio * run.batch_size:.6g}",
              "batch_size": run.batch_size, "sequence_length": settings.sequence_length,
-             "seed": settings.seed, "train_loss": f"{m.train_loss:.6f}"} for m in curve]
+             "seed": settings.seed, "train_loss": f"{m.train_loss:.6f}",
+             "horizon": run.steps} for m in curve]
 
 
 def write_table(csv_path: pathlib.Path, json_path: pathlib.Path,
@@ -121,17 +150,18 @@ def write_table(csv_path: pathlib.Path, json_path: pathlib.Path,
     os.replace(tmp, json_path)
 
 
-def finished_runs(csv_path: pathlib.Path, json_path: pathlib.Path, settings: dict[str, Any],
-                  grid: Iterable[SweepRun]) -> tuple[list[dict[str, Any]],
-                                                     dict[tuple[str, int, float, float],
-                                                          dict[str, Any]]]:
-    """Rows and records of an earlier sweep's runs that belong to ``grid``.
+def finished_runs(csv_path: pathlib.Path, json_path: pathlib.Path, settings: dict[str, Any]
+                  ) -> tuple[list[dict[str, Any]], dict[RunKey, dict[str, Any]], dict[str, Any]]:
+    """Rows and records of an earlier sweep's runs, and its provenance.
+
+    Every earlier run is kept (a resumed sweep extends the grid, it never drops measurements);
+    a run counts as finished when it has rows or diverged.
 
     Raises:
         ValueError: the earlier sweep is unreadable or was measured with other settings.
     """
     if not csv_path.is_file() or not json_path.is_file():
-        return [], {}
+        return [], {}, {}
     old = json.loads(json_path.read_text(encoding="utf-8"))
     with csv_path.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
@@ -139,15 +169,14 @@ def finished_runs(csv_path: pathlib.Path, json_path: pathlib.Path, settings: dic
         changed = sorted(k for k in settings if old.get("settings", {}).get(k) != settings[k])
         raise ValueError(f"{csv_path} was measured with other settings ({', '.join(changed)})")
 
-    def key(r: dict[str, Any]) -> tuple[str, int, float, float]:
+    def key(r: dict[str, Any]) -> RunKey:
         return (r["preset"], int(r["batch_size"]), float(r["noise_batch_ratio"]),
-                float(r["learning_rate"]))
+                float(r["learning_rate"]), int(r["horizon"]))
 
-    wanted = {run.key for run in grid}
     with_rows = {key(r) for r in rows}
     done = {key(r): r for r in old.get("runs", [])
-            if key(r) in wanted and (key(r) in with_rows or r.get("diverged"))}
-    return [r for r in rows if key(r) in done], done
+            if key(r) in with_rows or r.get("diverged")}
+    return [r for r in rows if key(r) in done], done, old
 
 
 def read_results_csv(path: str | os.PathLike[str]) -> list[dict[str, float]]:

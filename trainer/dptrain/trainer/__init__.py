@@ -11,6 +11,7 @@ start-up), ``_metrics`` (Prometheus), ``_config`` (resolved settings, keeping th
 ``_entry`` (the pod and local entry points: ``dptrain run``, ``train``, ``prepare-data``).
 """
 
+from dptrain.trainer._artifacts import export_checkpoint
 from dptrain.trainer._audit import (
     MatchRate,
     MemorizationResult,
@@ -74,6 +75,7 @@ from dptrain.trainer._loop import (
     mechanism_for,
     train,
 )
+from dptrain.trainer._lora import AdaptersUnchangedError, LoraConfig
 from dptrain.trainer._mesh import make_mesh
 from dptrain.trainer._metrics import TrainerMetrics
 from dptrain.trainer._model import Decoder, build_model, count_params, sequence_loss
@@ -86,6 +88,7 @@ from dptrain.trainer._reporters import (
     reporters_from_env,
 )
 from dptrain.trainer._sampling import PoissonSampler, SampledBatch
+from dptrain.trainer._storage import StorageError
 from dptrain.trainer._tokenizer import ByteTokenizer, Tokenizer, make_tokenizer
 
 __all__ = [
@@ -94,6 +97,7 @@ __all__ = [
     "DEFAULT_RUNS_DIR",
     "REPORT_KEYS",
     "SUCCEEDED",
+    "AdaptersUnchangedError",
     "BudgetExceededError",
     "ByteTokenizer",
     "Checkpointer",
@@ -110,6 +114,7 @@ __all__ = [
     "LedgerError",
     "LedgerFile",
     "LocalRun",
+    "LoraConfig",
     "MatchRate",
     "MemorizationResult",
     "PoissonSampler",
@@ -124,6 +129,7 @@ __all__ = [
     "SampledBatch",
     "StatusReportError",
     "StepMetrics",
+    "StorageError",
     "Tokenizer",
     "TrainConfig",
     "TrainResult",
@@ -138,6 +144,7 @@ __all__ = [
     "count_params",
     "distributed_env",
     "edit_distance",
+    "export_checkpoint",
     "initialize_from_env",
     "load_dataset",
     "make_canaries",

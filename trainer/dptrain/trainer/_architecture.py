@@ -69,7 +69,10 @@ class Architecture:
 
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:
     """``cap·tanh(x/cap)`` (identity when ``cap`` is None)."""
-    return x if cap is None else jnp.tanh(x / np.float32(cap)) * np.float32(cap)
+    if cap is None:
+        return x
+    c = jnp.asarray(np.float32(cap), x.dtype)  # the compute dtype (float32 or bfloat16)
+    return jnp.tanh(x / c) * c
 
 
 def visibility(query_pos: Any, key_pos: Any, window: jax.Array | int | None) -> jax.Array:

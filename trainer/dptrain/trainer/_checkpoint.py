@@ -8,6 +8,16 @@ state — the ledger, the model shape, the plan and the dataset identity).
 
 Checkpoints are written synchronously: the loop must know a checkpoint is complete before it
 reports it, and the ledger ordering (ledger first, then checkpoint) relies on program order.
+
+With a ``remote`` directory (``spec.checkpoint.uri``: ``s3://``, ``gs://`` or ``file://``) orbax
+still writes to the local ``directory`` — orbax 0.12 builds its tensorstore kvstore for ``gs://``
+only and refuses other non-local paths (``build_kvstore_tspec`` requires an absolute local path),
+so S3 cannot be written by orbax itself — and each finished step directory is then uploaded
+through fsspec, file by file, followed by a commit marker (:data:`COMMIT_MARKER`). Only steps with
+a marker are complete: a crash mid-upload leaves a step that is never restored. On start the
+latest committed step is downloaded into ``directory`` when it is not there (a fresh pod, a new
+machine); the remote keeps the ``keep`` newest committed steps. One code path serves every
+scheme, so what the S3 tests show holds for GCS.
 """
 
 from __future__ import annotations
@@ -15,13 +25,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import shutil
+import tempfile
 from typing import Any
 
 import orbax.checkpoint as ocp
 
 from dptrain.planner import ModelShape
+from dptrain.trainer._storage import RemoteDir
 
 _ITEMS = ("params", "opt_state", "meta")
+#: Written into a remote step directory after all its files: the step is complete.
+COMMIT_MARKER = "_DPTRAIN_COMMITTED"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,14 +57,65 @@ class Restored:
 
 
 class Checkpointer:
-    """Save and restore training state in ``directory`` (one sub-directory per step)."""
+    """Save and restore training state in ``directory`` (one sub-directory per step).
 
-    def __init__(self, directory: str | os.PathLike[str], *, keep: int = 3) -> None:
+    With ``remote`` (a URI) every saved step is also uploaded there, and the latest committed
+    remote step is downloaded on start (see the module docstring).
+
+    Raises:
+        StorageError: the remote cannot be read (names ``spec.checkpoint.uri``).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, keep: int = 3,
+                 remote: str | None = None) -> None:
         self.directory = pathlib.Path(directory).absolute()
+        self.keep = keep
+        self.remote = (RemoteDir(remote, field="spec.checkpoint.uri")
+                       if remote is not None else None)
+        if self.remote is not None:
+            self._pull_latest()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=False)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=_ITEMS)
+
+    def remote_steps(self) -> list[int]:
+        """Steps committed to the remote, oldest first (empty without a remote)."""
+        if self.remote is None:
+            return []
+        steps = set()
+        for name in self.remote.files():
+            parts = name.split("/")
+            if len(parts) == 2 and parts[1] == COMMIT_MARKER and parts[0].isdigit():
+                steps.add(int(parts[0]))
+        return sorted(steps)
+
+    def _pull_latest(self) -> None:
+        assert self.remote is not None
+        steps = self.remote_steps()
+        if not steps or (self.directory / str(steps[-1])).is_dir():
+            return
+        step = steps[-1]
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # Into a temporary sibling, then renamed: orbax never sees a half-downloaded step.
+        staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{step}.download-",
+                                                dir=self.directory))
+        try:
+            self.remote.download(str(step), staging)
+            (staging / COMMIT_MARKER).unlink(missing_ok=True)
+            staging.rename(self.directory / str(step))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _push(self, step: int) -> None:
+        assert self.remote is not None
+        name = str(step)
+        self.remote.remove(f"{name}/{COMMIT_MARKER}")  # a re-save is incomplete until re-marked
+        self.remote.upload(self.directory / name, name)
+        self.remote.write_bytes(f"{name}/{COMMIT_MARKER}", b"")
+        for old in self.remote_steps()[:-self.keep]:
+            self.remote.remove(f"{old}/{COMMIT_MARKER}")  # no longer complete, then gone
+            self.remote.remove(str(old))
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or ``None``."""
@@ -69,6 +135,8 @@ class Checkpointer:
             opt_state=ocp.args.StandardSave(opt_state),
             meta=ocp.args.JsonSave(record)), force=True)
         self._manager.wait_until_finished()
+        if self.remote is not None:
+            self._push(step)
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         """The JSON record of ``step`` (default: the latest)."""
@@ -111,7 +179,8 @@ class Checkpointer:
         if step is None:
             step = self.latest_step()
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+            where = self.remote.uri if self.remote is not None else self.directory
+            raise FileNotFoundError(f"no checkpoint in {where}")
         return step
 
 

@@ -15,6 +15,8 @@ from dptrain.api import DPTrainingJob, FieldError, InvalidJobError, PlanStatus
 from dptrain.planner import ModelShape, get_preset, mechanism_of
 from dptrain.privacy import DpSgdMechanism
 from dptrain.trainer._data import PreparedDataset
+from dptrain.trainer._evaluation import EvaluationSettings
+from dptrain.trainer._lora import LoraConfig
 from dptrain.trainer._model import Architecture
 
 
@@ -42,7 +44,8 @@ class TrainConfig:
             secret job key).
         epsilon_budget: ε the job may spend.
         delta: δ.
-        checkpoint_dir: where checkpoints and ``ledger.json`` go.
+        checkpoint_dir: where checkpoints and ``ledger.json`` go (with ``checkpoint_uri``: the
+            local scratch orbax writes to before the upload).
         checkpoint_interval: save every this many steps (and at the end).
         checkpoint_keep: checkpoints to keep.
         output_dir: where ``metrics.jsonl``, the report and plots go.
@@ -57,6 +60,12 @@ class TrainConfig:
         architecture: the decoder's architecture switches (Gemma 2 features of pretrained
             models; the default is dptrain's from-scratch decoder).
         pretrained_dir: a Hugging Face checkpoint to initialise from (None: random init).
+        evaluation: held-out evaluation (None: none); never touches the ledger.
+        checkpoint_uri: ``spec.checkpoint.uri``: object storage holding the checkpoints and the
+            ledger (None: ``checkpoint_dir`` only).
+        lora: train LoRA adapters only (None: every parameter).
+        precision: ``fp32`` or ``bf16`` (activations and matmuls; master weights, clipping and
+            noise stay float32).
     """
 
     job_name: str
@@ -85,6 +94,10 @@ class TrainConfig:
     release_raw_statistics: bool = False
     architecture: Architecture = dataclasses.field(default_factory=Architecture)
     pretrained_dir: pathlib.Path | None = None
+    evaluation: EvaluationSettings | None = None
+    checkpoint_uri: str | None = None
+    lora: LoraConfig | None = None
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         errors = []
@@ -108,6 +121,8 @@ class TrainConfig:
                                      str(self.noise_multiplier)))
         if self.ledger_block < 1:
             errors.append(FieldError("ledgerBlock", "must be ≥ 1", str(self.ledger_block)))
+        if self.lora is not None and self.pretrained_dir is None:
+            errors.append(FieldError("spec.training.lora", "needs spec.model.pretrained"))
         if errors:
             raise InvalidJobError(errors)
 
@@ -204,8 +219,8 @@ def config_from_plan(job: DPTrainingJob, plan: PlanStatus, *, dataset: PreparedD
                      checkpoint_dir: pathlib.Path | None = None, metrics_port: int | None = None,
                      progress: bool = True, ledger_block: int = 1,
                      initial_steps_charged: int = 0, key_file: pathlib.Path | None = None,
-                     create_key: bool = True, base_dir: pathlib.Path | None = None
-                     ) -> TrainConfig:
+                     create_key: bool = True, base_dir: pathlib.Path | None = None,
+                     evaluation: EvaluationSettings | None = None) -> TrainConfig:
     """The configuration that carries out ``plan`` for ``job`` on ``dataset``.
 
     ``base_dir`` resolves a relative ``spec.model.pretrained.path`` (default: the working
@@ -249,7 +264,12 @@ def config_from_plan(job: DPTrainingJob, plan: PlanStatus, *, dataset: PreparedD
         progress=progress, initial_steps_charged=initial_steps_charged, key_file=key_file,
         create_key=create_key, clipping=training.clipping,
         release_raw_statistics=spec.monitoring.release_raw_statistics,
-        architecture=architecture, pretrained_dir=pretrained_dir)
+        architecture=architecture, pretrained_dir=pretrained_dir, evaluation=evaluation,
+        checkpoint_uri=spec.checkpoint.uri,
+        lora=None if training.lora is None else LoraConfig(
+            rank=training.lora.rank, alpha=training.lora.alpha,
+            targets=tuple(training.lora.targets)),
+        precision=training.precision)
 
 
 def pretrained_model(job: DPTrainingJob, *, base_dir: pathlib.Path

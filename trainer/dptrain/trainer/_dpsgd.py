@@ -23,6 +23,11 @@ released loss costs no ε beyond the job's. We give the loss a fixed share β of
 not shrink its loss: the estimate is unbiased for the mean clipped loss.
 
 The model's parameters are a pytree of arrays (``eqx.partition``); the static part is closed over.
+With LoRA (``_lora.split``) the trained parameters are the adapters alone and the base weights
+are the step's ``frozen`` input: gradients, norms, clipping, noise and the optimizer cover the
+adapters only, and the guarantees below hold for them unchanged (the accounting does not depend
+on the number of trained coordinates). ``ModelLoss.precision`` ``bf16`` computes the forward and
+backward in bfloat16; everything from the per-example norms on is float32.
 
 Formal guarantees:
     1. Bounded contribution: every real example's vector ``vᵢ = (ĝᵢ, α·ℓ̃ᵢ)`` has L2 norm ≤
@@ -61,7 +66,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dptrain.privacy import round_up_to_float32
-from dptrain.trainer._ghost import ghost_norms, weighted_grad_sum
+from dptrain.trainer._ghost import cast_floating, ghost_norms, weighted_grad_sum
 from dptrain.trainer._mesh import DATA_AXIS
 from dptrain.trainer._model import Decoder, sequence_loss
 from dptrain.trainer._noise import secure_normal
@@ -142,29 +147,56 @@ class DpSgdConfig:
         return self.loss_share * self.clip_norm / self.loss_bound
 
 
+PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelLoss:
     """``loss(params, tokens)`` of one sequence for a decoder split by ``eqx.partition``.
 
-    A plain callable to the per-example path; the ghost path reads ``static`` and ``pad_id``,
-    and the non-private step calls :meth:`batched` (the model's batched path).
+    A plain callable to the per-example path; the ghost path reads ``static``, ``pad_id`` and
+    ``precision``, and the non-private step calls :meth:`batched` (the model's batched path).
+    ``static`` may hold frozen arrays (:meth:`with_frozen`): the base weights of a LoRA model,
+    which are inputs of the step but never differentiated. ``precision`` ``bf16``
+    runs the forward and backward in bfloat16 on a bfloat16 copy of the float32 weights; the
+    gradient reaching ``params`` is float32 (the cast's transpose), so norms, clipping, noise and
+    the update stay float32.
     """
 
     static: Decoder
     pad_id: int = 0
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"spec.training.precision must be one of {sorted(PRECISIONS)} "
+                             f"(got {self.precision!r})")
+
+    @property
+    def compute_dtype(self) -> Any:
+        """The dtype of activations and matmuls."""
+        return PRECISIONS[self.precision]
+
+    def with_frozen(self, frozen: Params | None) -> ModelLoss:
+        """This loss with ``frozen`` arrays (traced inputs) filled into ``static``."""
+        if frozen is None:
+            return self
+        return dataclasses.replace(self, static=eqx.combine(frozen, self.static))
 
     def __call__(self, params: Params, tokens: jax.Array) -> jax.Array:
         """Mean next-token loss of ``tokens`` (``[L]``)."""
-        return sequence_loss(eqx.combine(params, self.static), tokens, self.pad_id)
+        model = cast_floating(eqx.combine(params, self.static), self.compute_dtype)
+        return sequence_loss(model, tokens, self.pad_id)
 
     def batched(self, params: Params, tokens: jax.Array) -> jax.Array:
         """Each row's loss of ``tokens`` (``[B, L]``): ``vmap(self)`` on the batched path."""
-        return sequence_loss(eqx.combine(params, self.static), tokens, self.pad_id)
+        model = cast_floating(eqx.combine(params, self.static), self.compute_dtype)
+        return sequence_loss(model, tokens, self.pad_id)
 
 
-def model_loss_fn(static: Decoder, pad_id: int = 0) -> LossFn:
+def model_loss_fn(static: Decoder, pad_id: int = 0, precision: str = "fp32") -> LossFn:
     """``loss(params, tokens)`` of one sequence for a model split by ``eqx.partition``."""
-    return ModelLoss(static, pad_id)
+    return ModelLoss(static, pad_id, precision)
 
 
 def per_example_sq_norms(tree: Params) -> jax.Array:
@@ -262,7 +294,8 @@ def local_clipped_sum(loss_fn: LossFn, params: Params, tokens: jax.Array, mask: 
         if ghost:
             assert isinstance(loss_fn, ModelLoss)
             sq_norms, losses, tape = ghost_norms(loss_fn.static, params, mb_tokens,
-                                                 loss_fn.pad_id)
+                                                 loss_fn.pad_id,
+                                                 compute_dtype=loss_fn.compute_dtype)
         else:
             losses, grads = value_and_grad(params, mb_tokens)
             sq_norms = per_example_sq_norms(grads)
@@ -271,7 +304,8 @@ def local_clipped_sum(loss_fn: LossFn, params: Params, tokens: jax.Array, mask: 
         keep = mb_mask & jnp.isfinite(sq_norms) & jnp.isfinite(losses)
         weights = clip_factor(norms, grad_clip, keep)
         if ghost:  # rows of weight 0 are selected away inside (NaN-safe)
-            summed = weighted_grad_sum(params, tape, weights)
+            assert isinstance(loss_fn, ModelLoss)
+            summed = weighted_grad_sum(params, tape, weights, loss_fn.static)
         else:
             summed = weighted_sum(grads, weights, keep, jnp.all(jnp.isfinite(sq_norms)))
         coordinate = loss_coordinate(losses, keep, loss_bound=config.loss_bound,
@@ -331,7 +365,9 @@ def make_dp_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, confi
     """A jitted DP-SGD step.
 
     The returned function is ``step(params, opt_state, tokens, mask, key, step,
-    noise_multiplier) -> (params, opt_state, metrics)``, where ``key`` is this execution's secret
+    noise_multiplier, frozen=None) -> (params, opt_state, metrics)``, where ``frozen`` holds the
+    arrays that are inputs of the model but not trained (a LoRA model's base weights; they are
+    neither differentiated nor updated nor donated), and ``key`` is this execution's secret
     noise key as raw ``uint32`` key data (``_keys.noise_key_data``): ``tokens`` ``[B, L]`` and
     ``mask`` ``[B]`` are sharded over the mesh's data axis; ``noise_multiplier`` is an argument
     (not a constant; pass it through ``round_up_to_float32``), so one compiled step serves any
@@ -341,19 +377,21 @@ def make_dp_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, confi
     expected = float(config.expected_batch_size)
     loss_divisor = config.loss_scale * expected
 
-    def device_sum(params: Params, tokens: jax.Array, mask: jax.Array) -> Any:
-        out = local_clipped_sum(loss_fn, params, tokens, mask, config=config)
+    def device_sum(params: Params, frozen: Params, tokens: jax.Array, mask: jax.Array) -> Any:
+        bound = loss_fn.with_frozen(frozen) if isinstance(loss_fn, ModelLoss) else loss_fn
+        out = local_clipped_sum(bound, params, tokens, mask, config=config)
         real = jnp.sum(mask.astype(jnp.float32))
         return jax.lax.psum((*out, real), DATA_AXIS)
 
-    sharded_sum = jax.shard_map(device_sum, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)),
+    sharded_sum = jax.shard_map(device_sum, mesh=mesh,
+                                in_specs=(P(), P(), P(DATA_AXIS), P(DATA_AXIS)),
                                 out_specs=P(), check_vma=False)
 
     def step(params: Params, opt_state: Any, tokens: jax.Array, mask: jax.Array,
              root_key: jax.Array, step_index: jax.Array, noise_multiplier: jax.Array,
-             ) -> tuple[Params, Any, StepMetrics]:
+             frozen: Params = None) -> tuple[Params, Any, StepMetrics]:
         grad_sum, coordinate_sum, loss_sum, norm_sum, clipped, real = sharded_sum(
-            params, tokens, mask)
+            params, frozen, tokens, mask)
         # The one noise draw of this step: replicated, outside the per-device function, over
         # the gradient and the loss coordinate together (one Gaussian mechanism).
         key = noise_key(jax.random.wrap_key_data(root_key), step_index)
@@ -380,14 +418,15 @@ def make_plain_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
     Same signature as :func:`make_dp_step` (the key, step and σ arguments are ignored); used by
     the benchmark and the reduction tests.
     """
-    def device_sum(params: Params, tokens: jax.Array, mask: jax.Array) -> Any:
+    def device_sum(params: Params, frozen: Params, tokens: jax.Array, mask: jax.Array) -> Any:
+        bound = loss_fn.with_frozen(frozen) if isinstance(loss_fn, ModelLoss) else loss_fn
         token_mb, mask_mb = _microbatches(tokens, mask, microbatch_size)
 
         def summed_loss(p: Params, mb_tokens: jax.Array, mb_mask: jax.Array) -> jax.Array:
-            if isinstance(loss_fn, ModelLoss):  # the decoder's batched path (same losses)
-                losses = loss_fn.batched(p, mb_tokens)
+            if isinstance(bound, ModelLoss):  # the decoder's batched path (same losses)
+                losses = bound.batched(p, mb_tokens)
             else:
-                losses = jax.vmap(loss_fn, in_axes=(None, 0))(p, mb_tokens)
+                losses = jax.vmap(bound, in_axes=(None, 0))(p, mb_tokens)
             return jnp.sum(losses * mb_mask.astype(losses.dtype))
 
         def accumulate(carry: Any, batch: tuple[jax.Array, jax.Array]) -> tuple[Any, None]:
@@ -403,14 +442,15 @@ def make_plain_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
         real = jnp.sum(mask.astype(jnp.float32))
         return jax.lax.psum((grad_sum, loss_sum, real), DATA_AXIS)
 
-    sharded_sum = jax.shard_map(device_sum, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)),
+    sharded_sum = jax.shard_map(device_sum, mesh=mesh,
+                                in_specs=(P(), P(), P(DATA_AXIS), P(DATA_AXIS)),
                                 out_specs=P(), check_vma=False)
 
     def step(params: Params, opt_state: Any, tokens: jax.Array, mask: jax.Array,
              root_key: jax.Array, step_index: jax.Array, noise_multiplier: jax.Array,
-             ) -> tuple[Params, Any, StepMetrics]:
+             frozen: Params = None) -> tuple[Params, Any, StepMetrics]:
         del root_key, step_index, noise_multiplier
-        grad_sum, loss_sum, real = sharded_sum(params, tokens, mask)
+        grad_sum, loss_sum, real = sharded_sum(params, frozen, tokens, mask)
         denominator = jnp.maximum(real, 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / denominator, grad_sum)
         updates, opt_state = optimizer.update(grads, opt_state, params)

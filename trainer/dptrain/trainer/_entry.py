@@ -35,16 +35,28 @@ from dptrain.api import (
     steps_charged_of,
 )
 from dptrain.planner import InfeasibleBudgetError, ModelShape, make_plan
+from dptrain.trainer._artifacts import StatusReportError, finish_artifacts
 from dptrain.trainer._config import config_from_plan, pretrained_model
 from dptrain.trainer._data import (
+    ARRAY_NAME,
     BUILTIN_STDLIB_DOCS,
+    MANIFEST_NAME,
+    DataError,
     PreparedDataset,
+    fetch_prepared,
     load_dataset,
     prepare_dataset,
     prepare_or_reuse,
     source_from_spec,
 )
 from dptrain.trainer._distributed import ProcessInfo, initialize_from_env
+from dptrain.trainer._evaluation import (
+    EVAL_DATA_DIR,
+    data_source,
+    evaluation_status,
+    prepare_evaluation,
+)
+from dptrain.trainer._ledger import Progress
 from dptrain.trainer._loop import TrainResult, train
 from dptrain.trainer._report import write_report
 from dptrain.trainer._reporters import (
@@ -53,18 +65,17 @@ from dptrain.trainer._reporters import (
     KubernetesTarget,
     reporters_from_env,
 )
+from dptrain.trainer._storage import RemoteDir
 from dptrain.trainer._tokenizer import make_tokenizer
 
 DEFAULT_RUNS_DIR = "runs"
+#: Where data preparation publishes the prepared sequences under ``spec.checkpoint.uri``.
+PREPARED_DIR = "prepared"
 MIN_SEQUENCE_LENGTH, MAX_SEQUENCE_LENGTH = 16, 32768
 
 
 class InvalidInputError(ValueError):
     """The job or an input is invalid; the message names the field (or flag) and the rule."""
-
-
-class StatusReportError(RuntimeError):
-    """A result could not be reported to the job's status (nothing was lost locally)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -76,11 +87,15 @@ class RunOptions:
             pod, off locally); 0: off.
         ledger_block: steps reserved in the ledger at a time.
         progress: show progress bars.
+        export: ``huggingface``: export the final model to ``<checkpoint dir>/export`` when
+            the run ends with its model final (Succeeded or BudgetExhausted); None: no export
+            (in a cluster the operator's export Job does it, ``dptrain.api.export_command``).
     """
 
     metrics_port: int | None = None
     ledger_block: int = 1
     progress: bool = True
+    export: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,16 +142,22 @@ def dataset_for(job: DPTrainingJob, *, base_dir: pathlib.Path, prepared_dir: pat
         DataError: the data cannot be read or prepared.
     """
     data = job.spec.data
+    if data.format == "prepared" and data.uri is not None:
+        return fetch_prepared(data.uri, prepared_dir)
     if data.format == "prepared":
         if data.path is None:
             raise InvalidInputError("spec.data.path: required when format is prepared")
         path = pathlib.Path(data.path)
         return load_dataset(path if path.is_absolute() else base_dir / path)
     location = (job.status.dataset.location if job.status and job.status.dataset else None)
-    if location and (pathlib.Path(location) / "manifest.json").is_file():
+    if location and "://" in location:  # data preparation published it beside the checkpoints
+        try:
+            return fetch_prepared(location, prepared_dir)
+        except DataError:
+            pass  # gone (a new bucket, kept steps pruned by hand): prepare again below
+    elif location and (pathlib.Path(location) / "manifest.json").is_file():
         return load_dataset(location)
-    source = source_from_spec(path=data.path, builtin=data.builtin, fmt=data.format,
-                              text_field=data.text_field, base_dir=base_dir)
+    source = data_source(job, base_dir)  # minus a held-out split, if any
     model_path = None
     if data.tokenizer_model is not None:
         model_path = pathlib.Path(data.tokenizer_model)
@@ -235,20 +256,43 @@ def train_job(job: DPTrainingJob, plan: PlanStatus, shape: ModelShape | None,
             belongs to another run.
     """
     process = initialize_from_env() if in_pod else ProcessInfo(process_id=0, num_processes=1)
+    eval_dir = output / EVAL_DATA_DIR
+    if process.num_processes > 1:  # the output may be a volume every host shares
+        eval_dir = eval_dir / str(process.process_id)
+    evaluation = prepare_evaluation(job, dataset.tokenizer,
+                                    sequence_length=dataset.manifest.sequence_length,
+                                    out_dir=eval_dir, base_dir=base_dir or pathlib.Path.cwd(),
+                                    progress=options.progress)
     config = config_from_plan(
         job, plan, dataset=dataset, output_dir=output, shape=shape, base_dir=base_dir,
         metrics_port=metrics_port(options.metrics_port) if process.is_leader else None,
         progress=options.progress, ledger_block=options.ledger_block,
         initial_steps_charged=initial_steps_charged, key_file=key_file,
-        create_key=key_file is None)
+        create_key=key_file is None, evaluation=evaluation)
     reporters = reporters_from_env(output) if in_pod else [FileReporter(output)]
     with stop_on_sigterm() as stop:
         result = train(config, reporters=reporters, process=process, stop=stop)
     report: dict[str, Any] = {}
     if process.is_leader:
-        report = write_report(result, output, extra={
-            "job": job.metadata.name, "plan": plan.model_dump(mode="json", by_alias=True),
-            "report": str(output / "report.json")})
+        artifacts = finish_artifacts(result, output, options.export)
+        extra = {"job": job.metadata.name, "plan": plan.model_dump(mode="json", by_alias=True),
+                 "report": str(output / "report.json"), "artifacts": artifacts}
+        if job.spec.checkpoint.uri is not None:
+            extra["checkpoint_uri"] = job.spec.checkpoint.uri
+        report = write_report(result, output, extra=extra)
+        if job.spec.checkpoint.uri is not None:  # the pod's scratch goes; the bucket stays
+            RemoteDir(job.spec.checkpoint.uri, field="spec.checkpoint.uri").publish(
+                output, ("report.json", "loss.png", "epsilon.png"))
+        if in_pod or options.export:
+            # Where the outputs lie (a file reporter rewrites progress.json: keep the rest).
+            final = Progress(steps_charged=result.steps_charged, step=result.step,
+                             loss=result.history[-1]["loss"] if result.history else None,
+                             epsilon_spent=result.epsilon_spent, end_state=result.end_state,
+                             evaluation=(evaluation_status(result.evaluations[-1])
+                                         if result.evaluations else None),
+                             artifacts=artifacts)
+            for reporter in reporters:
+                reporter.report(final)
     return RunOutcome(result=result, report=report)
 
 
@@ -277,6 +321,7 @@ def train_pod(config_path: pathlib.Path, output: pathlib.Path | None, options: R
         see :func:`load_pod_config`, :func:`dataset_for` and :func:`train_job`.
     """
     job, charged = load_pod_config(config_path)
+    # With a uri the checkpoint path is scratch: orbax's staging, prepared data, the report.
     checkpoint = pathlib.Path(job.spec.checkpoint.path or "checkpoints")
     out = output or checkpoint
     out.mkdir(parents=True, exist_ok=True)
@@ -337,11 +382,13 @@ def prepare_data(request: PrepareRequest) -> dict[str, Any]:
     """
     from dptrain.trainer._audit import make_canaries
 
+    checkpoint_uri = None
     if request.config is not None:
         job, _ = load_pod_config(request.config)
+        checkpoint_uri = job.spec.checkpoint.uri
         data = job.spec.data
-        source = source_from_spec(path=data.path, builtin=data.builtin, fmt=data.format,
-                                  text_field=data.text_field, base_dir=pathlib.Path.cwd())
+        # The trainer's own source (a held-out split excluded): the same N and checksum.
+        source = data_source(job, pathlib.Path.cwd())
         tokenizer = make_tokenizer(data.tokenizer, data.tokenizer_model)
         length = data.sequence_length
     else:
@@ -361,6 +408,15 @@ def prepare_data(request: PrepareRequest) -> dict[str, Any]:
                               canary_repeats=request.canary_repeats, progress=request.progress)
     manifest = dataset.manifest
     result = {"location": str(dataset.directory.resolve()), **manifest.to_dict()}
+    if checkpoint_uri is not None:
+        # No volume is shared with the trainer pods: publish the sequences beside the
+        # checkpoints (the same private storage), the manifest last, so that they are fetched
+        # instead of tokenized again.
+        remote = RemoteDir(checkpoint_uri, field="spec.checkpoint.uri")
+        remote.publish(dataset.directory, (ARRAY_NAME,), under=PREPARED_DIR)
+        remote.write_bytes(f"{PREPARED_DIR}/{MANIFEST_NAME}", (dataset.directory /
+                                                              MANIFEST_NAME).read_bytes())
+        result["location"] = remote.url(PREPARED_DIR)
     result.pop("canaries")
     result["canaries"] = len(manifest.canaries)
     if request.report_status:

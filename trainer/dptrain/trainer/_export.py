@@ -12,6 +12,13 @@
   reads it; transformers ignores unknown keys);
 * ``README.md``: a model card with the privacy statement.
 
+A LoRA checkpoint (adapters only; the base is the pretrained checkpoint it records) is exported
+merged (``W + (alpha/rank)·A B`` in float32) by default, or with ``adapter_only`` in PEFT's
+adapter format: ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's key names,
+``base_model.model.model.layers.{i}.{module}.lora_{A,B}.weight``), which
+``peft.PeftModel.from_pretrained(base, OUT)`` loads onto the base model, with the model card and
+the tokenizer files.
+
 The privacy statement is computed, never copied from a possibly stale field: ε is recomputed with
 the accountant from the mechanism recorded in the checkpoint and the *largest* count of steps
 charged that any record holds (checkpoint, ``ledger.json`` beside it, ``report.json``), so it
@@ -33,7 +40,8 @@ import jax
 
 from dptrain.planner import ModelShape
 from dptrain.trainer._checkpoint import Checkpointer, shape_from_dict
-from dptrain.trainer._hf import hf_config, read_config, save_tensors
+from dptrain.trainer._hf import hf_config, load_pretrained, read_config, save_tensors
+from dptrain.trainer._lora import LoraConfig, add_adapters, merge, peft_config, peft_tensors, split
 from dptrain.trainer._model import Architecture, Decoder, build_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -61,12 +69,17 @@ class ExportResult:
     privacy: dict[str, Any]
 
 
-def load_checkpoint_model(checkpoint_dir: str | pathlib.Path,
-                          step: int | None = None) -> tuple[Decoder, dict[str, Any]]:
+def load_checkpoint_model(checkpoint_dir: str | pathlib.Path, step: int | None = None, *,
+                          merged: bool = True) -> tuple[Decoder, dict[str, Any]]:
     """The decoder saved in a dptrain checkpoint directory (default: the latest step) and meta.
 
+    A LoRA checkpoint holds the adapters only: the base weights are read from the pretrained
+    checkpoint its metadata records, and the adapters merged into them (``merged=False``: kept
+    as adapters, ``Decoder.lora``).
+
     Raises:
-        ExportError: no checkpoint there, or one without the model's description.
+        ExportError: no checkpoint there, one without the model's description, or a LoRA
+            checkpoint whose base checkpoint cannot be read.
     """
     directory = pathlib.Path(checkpoint_dir)
     if not directory.is_dir():
@@ -82,14 +95,30 @@ def load_checkpoint_model(checkpoint_dir: str | pathlib.Path,
         except (KeyError, TypeError, ValueError) as error:
             raise ExportError(f"{directory}: checkpoint metadata lacks the model "
                               f"description ({error})") from None
+        lora = LoraConfig.from_dict(meta["lora"]) if meta.get("lora") else None
         template = build_model(shape, key=jax.random.key(0), arch=arch)
-        params, static = eqx.partition(template, eqx.is_array)
+        if lora is not None:
+            template = add_adapters(template, lora, key=jax.random.key(0))
+        params, _, static = split(template)
         restored = checkpointer.restore(params, step=step)
     except FileNotFoundError as error:
         raise ExportError(f"{directory}: {error}") from None
     finally:
         checkpointer.close()
-    return eqx.combine(restored.params, static), {**restored.meta, "step": restored.step}
+    meta = {**restored.meta, "step": restored.step}
+    if lora is None:
+        return eqx.combine(restored.params, static), meta
+    base_dir = (meta.get("pretrained") or {}).get("path")
+    try:
+        base = load_pretrained(base_dir)[0] if base_dir else None
+    except (OSError, ValueError) as error:
+        raise ExportError(f"{directory}: a LoRA checkpoint needs its base model {base_dir} "
+                          f"({error})") from None
+    if base is None:
+        raise ExportError(f"{directory}: a LoRA checkpoint without a recorded base model")
+    frozen = split(add_adapters(base, lora, key=jax.random.key(0)))[1]
+    model = eqx.combine(restored.params, frozen, static)
+    return (merge(model) if merged else model), meta
 
 
 def _read_json(path: pathlib.Path) -> dict[str, Any] | None:
@@ -156,6 +185,11 @@ def model_card(privacy: dict[str, Any], *, shape: ModelShape, config: dict[str, 
     base = (f"Fine-tuned with DP-SGD from the pretrained checkpoint `{base_model}`. The guarantee "
             "below covers the fine-tuning data only; the base model's own training data is not "
             "covered by it." if base_model else "Trained from scratch with DP-SGD by dptrain.")
+    lora = meta.get("lora")
+    if lora:
+        base += (f" Only low-rank (LoRA) adapters were trained (rank {lora['rank']}, alpha "
+                 f"{lora['alpha']:g}, on {', '.join(lora['targets'])}); the base weights were not "
+                 "changed by fine-tuning.")
     audit = privacy.get("audit")
     audit_line = (f"| Empirical audit | {json.dumps(audit)} |\n" if audit else "")
     return f"""---
@@ -209,18 +243,24 @@ or `dptrain generate PATH_TO_THIS_DIRECTORY --prompt "..."`.
 
 
 def export_huggingface(checkpoint_dir: str | pathlib.Path, output: str | pathlib.Path, *,
-                       step: int | None = None, overwrite: bool = False) -> ExportResult:
+                       step: int | None = None, overwrite: bool = False,
+                       adapter_only: bool = False) -> ExportResult:
     """Write a Hugging Face model directory for a dptrain checkpoint.
 
+    ``adapter_only``: for a LoRA checkpoint, write the adapters alone in PEFT's format
+    (``adapter_config.json``, ``adapter_model.safetensors``) instead of the merged model.
+
     Raises:
-        ExportError: the checkpoint cannot be read, or ``output`` exists and is not empty
-            (unless ``overwrite``).
+        ExportError: the checkpoint cannot be read, ``adapter_only`` for a checkpoint without
+            adapters, or ``output`` exists and is not empty (unless ``overwrite``).
     """
     source = pathlib.Path(checkpoint_dir)
     out = pathlib.Path(output)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise ExportError(f"{out}: exists and is not an empty directory (use --overwrite)")
-    model, meta = load_checkpoint_model(source, step)
+    model, meta = load_checkpoint_model(source, step, merged=not adapter_only)
+    if adapter_only:
+        return _export_adapters(source, out, model, meta)
     privacy = privacy_statement(source, meta)
     shape = shape_from_dict(meta["model_shape"])
     pretrained_dir = None
@@ -264,4 +304,39 @@ def export_huggingface(checkpoint_dir: str | pathlib.Path, output: str | pathlib
     (out / "README.md").write_text(model_card(
         privacy, shape=shape, config=config, meta=meta,
         base_model=str(pretrained_dir) if pretrained_dir is not None else None))
+    return ExportResult(output=out, files=files, step=int(meta["step"]), privacy=privacy)
+
+
+def _export_adapters(source: pathlib.Path, out: pathlib.Path, model: Decoder,
+                     meta: dict[str, Any]) -> ExportResult:
+    """PEFT's adapter directory for a LoRA checkpoint (``model`` keeps its adapters)."""
+    if model.lora is None or not meta.get("lora"):
+        raise ExportError(f"{source}: --adapter-only needs a LoRA checkpoint "
+                          "(spec.training.lora); this one trained every parameter")
+    from safetensors.numpy import save_file
+
+    privacy = privacy_statement(source, meta)
+    shape = shape_from_dict(meta["model_shape"])
+    base_dir = pathlib.Path(meta["pretrained"]["path"])
+    lora = LoraConfig.from_dict(meta["lora"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adapter_config.json").write_text(
+        json.dumps(peft_config(lora, base_model=str(base_dir)), indent=2) + "\n")
+    save_file(peft_tensors(model.lora), str(out / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    files = ["adapter_config.json", "adapter_model.safetensors", "README.md"]
+    for name in TOKENIZER_FILES:
+        if (base_dir / name).is_file():
+            shutil.copyfile(base_dir / name, out / name)
+            files.append(name)
+    config = hf_config(shape, model.arch, base=read_config(base_dir))
+    card = model_card(privacy, shape=shape, config=config, meta=meta, base_model=str(base_dir))
+    card = card.replace(
+        "## Use\n", "## Use\n\nThese are LoRA adapters (rank "
+        f"{lora.rank}, alpha {lora.alpha:g}, on {', '.join(lora.targets)}) in PEFT's format; "
+        "load them onto the base model:\n\n```python\nfrom peft import PeftModel\n"
+        "from transformers import AutoModelForCausalLM\nbase = AutoModelForCausalLM."
+        f"from_pretrained({str(base_dir)!r})\nmodel = PeftModel.from_pretrained(base, "
+        "\"PATH_TO_THIS_DIRECTORY\")\n```\n\nMerged into the base weights, they are:\n", 1)
+    (out / "README.md").write_text(card)
     return ExportResult(output=out, files=files, step=int(meta["step"]), privacy=privacy)

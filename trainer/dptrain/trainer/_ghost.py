@@ -17,7 +17,14 @@ al. 2023 "book-keeping"):
   by token-equality grouping (``d·Σ_{l,m: t_l = t_m} δ_l·δ_m``), the output part as a linear map,
   and twice their inner product (``√d·Σ_l δ_l · Σ_m δ_logits[m, t_l] h_m``);
 * RMSNorm scales (``d`` numbers) get exact per-example gradients ``Σ_l δ_l ⊙ x̂_l`` — the pre-norms,
-  the final norm and, in Gemma-2-style models, the post-norms alike.
+  the final norm and, in Gemma-2-style models, the post-norms alike;
+* a LoRA adapter ``y = x W + s·(x A) B`` (``W`` frozen) has per-example gradients
+  ``∇B = (s·x A)ᵀ δ`` and ``∇A = xᵀ (s·δ Bᵀ)``: two linear maps whose inputs and output gradients
+  come from the same taps and probes (``x A`` and ``δ Bᵀ`` are ``[L, rank]``), so their norms and
+  clipped sums are the linear case above (with the same kept-or-ghost choice; ``rank`` is small,
+  so the adapters' per-example gradients are usually kept). A model holding adapters trains only
+  them (``_lora.split``): only the adapters' norms are computed, and only their linear outputs
+  probed.
 
 Soft-capping, sliding windows and the query scale have no parameters: they only shape the output
 gradients ``δ``, which the backward pass computes through them, so the norms stay exact.
@@ -25,19 +32,24 @@ gradients ``δ``, which the backward pass computes through them, so the norms st
 The output gradients ``δ`` come from one backward pass of the batched model (``Decoder.forward``
 on ``[B, L]``) with respect to zero "probes" added to every linear output, which computes no
 weight gradient; the inputs ``x`` are the forward's taps. The clipped sum ``Σ_b c_b g_b`` is then
-book-kept from the kept gradients and the tape, without a second backward pass.
+book-kept from the kept gradients and the tape, without a second backward pass. With a bfloat16
+compute dtype the forward and backward run in it; the taps and output gradients are cast to
+float32 before any norm or sum (float32 clipping). Targets marked "no loss" (an instruction's
+prompt, :func:`~dptrain.trainer._model.mask_target`) are read as plain ids and carry no loss.
 
 Formal guarantees:
     1. Exactness: :func:`ghost_norms` returns the squared L2 norm of each example's full gradient
        (all parameters jointly) and :func:`weighted_grad_sum` returns ``Σ_b w_b ∇loss_b``; both
        equal the ``vmap(grad)`` reference up to floating-point reassociation (tested to 1e-5
-       relative on every preset shape).
+       relative on every preset shape, and on LoRA adapters, where the gradient is the
+       adapters').
     2. A row with weight 0 (padding, or a non-finite norm) contributes exactly zero, even when its
        activations or gradients are NaN or infinite (selected away, not multiplied by zero).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -46,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dptrain.trainer._model import Decoder, Taps, token_loss, zero_probes
+from dptrain.trainer._model import Adapters, Decoder, Taps, input_ids, token_loss, zero_probes
 
 Params = Any
 
@@ -95,6 +107,39 @@ def _linear_pairs(taps: Taps, grads: Taps) -> dict[str, tuple[jax.Array, jax.Arr
             "w_down": (taps["down"], grads["down"])}
 
 
+def _lora_pairs(taps: Taps, grads: Taps,
+                lora: Adapters) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """``(input, output gradient)`` of every adapter matrix, ``[layers, B, L, features]``.
+
+    ``A``: ``(x, s·δBᵀ)``; ``B``: ``(s·xA, δ)`` (``s`` the adapters' scale; ``x`` and ``δ`` the
+    target's input and output gradient).
+    """
+    taps, grads = taps["blocks"], grads["blocks"]
+    inputs = {"q": taps["attn_in"], "k": taps["attn_in"], "v": taps["attn_in"],
+              "o": _flat(taps["o"], 2), "gate": taps["mlp_in"], "up": taps["mlp_in"],
+              "down": taps["down"]}
+    pairs = {}
+    for name in lora.a:
+        x, delta = inputs[name], _flat(grads[name], grads[name].ndim - 3)
+        a, b = lora.a[name], lora.b[name]  # [n, in, r], [n, r, out]
+        pairs["a/" + name] = (x, lora.scale * jnp.einsum("nblo,nro->nblr", delta, b))
+        pairs["b/" + name] = (lora.scale * jnp.einsum("nbli,nir->nblr", x, a), delta)
+    return pairs
+
+
+def _linear_sq_norms(pairs: dict[str, tuple[jax.Array, jax.Array]], length: int,
+                     book: dict[str, jax.Array]) -> list[jax.Array]:
+    """Each pair's per-example squared norms ``[B]``: kept gradient (into ``book``) or ghost."""
+    squares = []
+    for name, (x, delta) in pairs.items():
+        if _materialise(length, x.shape[-1], delta.shape[-1]):
+            book[name] = jnp.einsum("nbli,nblo->nbio", x, delta)
+            squares.append(jnp.sum(jnp.square(book[name]), axis=(0, 2, 3)))
+        else:
+            squares.append(_gram_sq_norms(x, delta))
+    return squares
+
+
 def _gram_sq_norms(x: jax.Array, delta: jax.Array) -> jax.Array:
     """``‖x_bᵀ δ_b‖²`` by the ghost norm ``⟨x xᵀ, δ δᵀ⟩``, summed over the layer axis: ``[B]``."""
     gram_x = jnp.einsum("nbli,nbmi->nblm", x, x)
@@ -131,21 +176,28 @@ def _embedding_grads(tokens: jax.Array, delta_in: jax.Array, delta_out: jax.Arra
     return jnp.einsum("blv,bld->bvd", left, right)
 
 
-def ghost_norms(static: Decoder, params: Params, tokens: jax.Array,
-                pad_id: int = 0) -> tuple[jax.Array, jax.Array, GhostTape]:
+def ghost_norms(static: Decoder, params: Params, tokens: jax.Array, pad_id: int = 0, *,
+                compute_dtype: Any = jnp.float32) -> tuple[jax.Array, jax.Array, GhostTape]:
     """Per-example squared gradient norms and losses of ``tokens`` (``[B, L+1]``), and the tape.
 
     One forward and one backward pass of the batched model with respect to zero probes on every
     linear output: the probes of row ``b`` only reach row ``b``'s loss, so the gradient of the
     summed loss with respect to them is each row's own output gradient.
 
+    ``static`` may hold frozen arrays (a LoRA model's base): the gradient is ``params``'. With a
+    ``compute_dtype`` of bfloat16 the forward and backward run in it, and the taps and output
+    gradients are cast to float32 before any norm or sum (float32 clipping).
+
     Returns:
         ``(squared_norms [B], losses [B], tape)``; the tape feeds :func:`weighted_grad_sum`.
     """
-    model = eqx.combine(params, static)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    model = cast_floating(eqx.combine(params, static), compute_dtype)
+    # Marked targets (an instruction's prompt) are read as plain ids and carry no loss.
+    inputs, targets = input_ids(tokens[:, :-1]), tokens[:, 1:]
     batch, length = inputs.shape
-    probes = zero_probes(model, length, batch)
+    lora = model.lora
+    probes = zero_probes(model, length, batch, dtype=compute_dtype,
+                         targets=None if lora is None else tuple(lora.a))
 
     def total(probe: Taps) -> tuple[jax.Array, tuple[jax.Array, Taps]]:
         logits, taps = model.forward(inputs, probe)
@@ -153,14 +205,16 @@ def ghost_norms(static: Decoder, params: Params, tokens: jax.Array,
         return jnp.sum(losses), (losses, taps)
 
     (_, (losses, taps)), grads = jax.value_and_grad(total, has_aux=True)(probes)
-    squares: list[jax.Array] = []
+    to32 = functools.partial(jax.tree_util.tree_map, lambda a: a.astype(jnp.float32))
+    taps, grads = to32(taps), to32(grads)
     book: dict[str, jax.Array] = {}
-    for name, (x, delta) in _linear_pairs(taps, grads).items():
-        if _materialise(length, x.shape[-1], delta.shape[-1]):
-            book[name] = jnp.einsum("nbli,nblo->nbio", x, delta)
-            squares.append(jnp.sum(jnp.square(book[name]), axis=(0, 2, 3)))
-        else:
-            squares.append(_gram_sq_norms(x, delta))
+    if lora is not None:  # only the adapters are trained
+        adapters = eqx.combine(params, static).lora  # float32 master copy
+        assert adapters is not None
+        squares = _linear_sq_norms(_lora_pairs(taps, grads, adapters), length, book)
+        tape = GhostTape(tokens=inputs, taps=taps, grads=grads, book=book)
+        return sum(squares[1:], squares[0]), losses, tape
+    squares = _linear_sq_norms(_linear_pairs(taps, grads), length, book)
     for name in _NORMS:  # RMSNorm scales: exact per-example gradients, [layers, B, d]
         if name in taps["blocks"]:
             book[name] = jnp.einsum("nbld,nbld->nbd", taps["blocks"][name],
@@ -186,8 +240,21 @@ def _select(a: jax.Array, keep: jax.Array, axis: int = 0) -> jax.Array:
     return jnp.where(keep.reshape(shape), a, 0.0)
 
 
-def weighted_grad_sum(params: Params, tape: GhostTape, weights: jax.Array) -> Params:
-    """``Σ_b weights_b ∇loss_b``, shaped like ``params``; rows of weight 0 contribute zero."""
+def cast_floating(tree: Any, dtype: Any) -> Any:
+    """``tree`` with its floating arrays cast to ``dtype`` (no-op for float32 arrays)."""
+    def cast(a: Any) -> Any:
+        if eqx.is_array(a) and jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != dtype:
+            return a.astype(dtype)
+        return a
+    return jax.tree_util.tree_map(cast, tree)
+
+
+def weighted_grad_sum(params: Params, tape: GhostTape, weights: jax.Array,
+                      static: Decoder | None = None) -> Params:
+    """``Σ_b weights_b ∇loss_b``, shaped like ``params``; rows of weight 0 contribute zero.
+
+    ``static``: the rest of the model when ``params`` are LoRA adapters (their base arrays).
+    """
     keep = weights != 0
     w = jnp.where(keep, weights, 0.0)
 
@@ -202,13 +269,24 @@ def weighted_grad_sum(params: Params, tape: GhostTape, weights: jax.Array) -> Pa
         axis = 0 if name in ("final_norm", "embedding") else 1
         return jnp.tensordot(w, _select(g, keep, axis), axes=([0], [axis]))
 
+    def linear_sum(name: str, x: jax.Array, delta: jax.Array) -> jax.Array:
+        """``Σ_b w_b x_bᵀδ_b`` from the kept gradient or book-kept from the tape."""
+        if name in tape.book:
+            return book_sum(name)
+        return jnp.einsum("nbli,nblo->nio", _select(x, keep, 1), scaled(delta, 1))
+
+    if getattr(params, "lora", None) is not None:
+        adapters = params.lora if static is None else eqx.combine(params, static).lora
+        sums = {key: linear_sum(key, x, delta)
+                for key, (x, delta) in _lora_pairs(tape.taps, tape.grads, adapters).items()}
+        return eqx.tree_at(lambda p: (p.lora.a, p.lora.b), params,
+                           ({t: sums["a/" + t] for t in adapters.a},
+                            {t: sums["b/" + t] for t in adapters.b}))
+
     blocks = params.blocks
     new: dict[str, jax.Array] = {}
     for name, (x, delta) in _linear_pairs(tape.taps, tape.grads).items():
-        if name in tape.book:
-            summed = book_sum(name)
-        else:
-            summed = jnp.einsum("nbli,nblo->nio", _select(x, keep, 1), scaled(delta, 1))
+        summed = linear_sum(name, x, delta)
         layer = blocks.attn if name in ("wq", "wk", "wv", "wo") else blocks.mlp
         new[name] = summed.reshape(getattr(layer, name).shape)
     scales = {name: book_sum(name) for name in (*_NORMS, "final_norm") if name in tape.book}

@@ -351,7 +351,11 @@ def hf_config(shape: ModelShape, arch: Architecture, *,
         "query_pre_attn_scalar": round(scalar) if abs(scalar - round(scalar)) < 1e-6 else scalar,
         "attn_logit_softcapping": arch.attn_softcap,
         "final_logit_softcapping": arch.final_softcap,
-        "sliding_window": arch.sliding_window, "layer_types": layer_types,
+        # transformers builds a sliding-window mask even when no layer uses it, and refuses a
+        # null window: a window as long as the context changes nothing (every layer is full).
+        "sliding_window": (arch.sliding_window if arch.sliding_window is not None
+                           else shape.max_seq_len),
+        "layer_types": layer_types,
         "rope_parameters": {"rope_type": "default", "rope_theta": arch.rope_theta},
         "dtype": "float32"})
     out.pop("rope_theta", None)

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from dptrain.privacy import EpsilonCurve, PrivacyLedger
+from dptrain.trainer._storage import RemoteDir, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,9 @@ class Progress:
         unaccounted_release: what is published outside ε, when anything is.
         mechanism: the fingerprint of the mechanism run (``status.progress.mechanism``), which
             the operator compares with the plan it accounts.
+        evaluation: the latest held-out evaluation (``status.progress.evaluation``; not
+            covered by ε).
+        artifacts: where the finished run's outputs lie (``status.progress.artifacts``).
     """
 
     steps_charged: int
@@ -80,6 +84,8 @@ class Progress:
     raw_loss: float | None = None
     unaccounted_release: str | None = None
     mechanism: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None
+    artifacts: dict[str, Any] | None = None
 
     def to_status(self) -> dict[str, Any]:
         """CamelCase ``status.progress`` (the fields of ``dptrain.api.ProgressStatus``)."""
@@ -97,6 +103,10 @@ class Progress:
             out["unaccountedRelease"] = self.unaccounted_release
         if self.mechanism is not None:
             out["mechanism"] = dict(self.mechanism)
+        if self.evaluation is not None:
+            out["evaluation"] = dict(self.evaluation)
+        if self.artifacts is not None:
+            out["artifacts"] = dict(self.artifacts)
         return out
 
 
@@ -137,16 +147,36 @@ def write_json_durably(path: pathlib.Path, data: dict[str, Any]) -> None:
 
 
 class LedgerFile:
-    """``ledger.json`` beside the checkpoints: the local durable record of steps charged."""
+    """``ledger.json`` beside the checkpoints: the local durable record of steps charged.
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    With ``remote`` (``spec.checkpoint.uri``) the record is also written there, as one object
+    replaced whole by each write (a single PUT: atomic, and durable once acknowledged), after the
+    local file; a write returns only when both hold it. Reading takes the larger of the two
+    records, so a fresh machine resumes from the remote count.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, remote: str | None = None) -> None:
         self.path = pathlib.Path(directory) / LEDGER_FILE
+        self.remote = (RemoteDir(remote, field="spec.checkpoint.uri")
+                       if remote is not None else None)
+        self._remote_count: int | None = None  # the remote count as last read or written
 
     def read(self) -> dict[str, Any] | None:
-        """The last record, or ``None`` when there is none."""
-        if not self.path.is_file():
-            return None
-        return dict(json.loads(self.path.read_text()))
+        """The last record (the larger, local or remote), or ``None`` when there is none."""
+        records = []
+        if self.path.is_file():
+            records.append(dict(json.loads(self.path.read_text())))
+        if self.remote is not None:
+            try:
+                data = self.remote.read_bytes(LEDGER_FILE)
+            except StorageError as error:
+                raise LedgerError(str(error)) from None
+            if data is not None:
+                records.append(dict(json.loads(data)))
+                self._remote_count = int(records[-1]["steps_charged"])
+            else:
+                self._remote_count = 0
+        return max(records, key=lambda r: int(r["steps_charged"])) if records else None
 
     def steps_charged(self) -> int:
         """The recorded count (0 when there is no file)."""
@@ -155,15 +185,30 @@ class LedgerFile:
 
     def write(self, ledger: PrivacyLedger, epsilon_spent: float) -> None:
         """Record ``ledger`` durably; a count below the recorded one is refused."""
-        recorded = self.steps_charged()
+        if self.remote is not None and self._remote_count is not None:
+            # This process is the job's only writer: the remote holds what it last wrote
+            # (one GET per job, not one per step).
+            local = (int(json.loads(self.path.read_text())["steps_charged"])
+                     if self.path.is_file() else 0)
+            recorded = max(local, self._remote_count)
+        else:
+            recorded = self.steps_charged()
         if ledger.steps_charged < recorded:
             raise LedgerError(f"refusing to lower the ledger in {self.path} from {recorded} to "
                               f"{ledger.steps_charged} steps charged")
-        write_json_durably(self.path, {
+        record = {
             "steps_charged": ledger.steps_charged, "epsilon_spent": epsilon_spent,
             "epsilon_budget": ledger.epsilon_budget, "delta": ledger.mechanism.delta,
             "accountant": ledger.mechanism.accountant, "updated": now_iso(),
-            "ledger": ledger.to_dict()})
+            "ledger": ledger.to_dict()}
+        write_json_durably(self.path, record)
+        if self.remote is not None:
+            try:
+                self.remote.write_bytes(LEDGER_FILE, json.dumps(record, indent=2,
+                                                                sort_keys=True).encode())
+            except StorageError as error:
+                raise LedgerError(str(error)) from None
+            self._remote_count = ledger.steps_charged
 
 
 class DurableLedger:

@@ -28,6 +28,10 @@ Formal guarantees (the budget guard):
     6. By default the loop publishes only the DP loss estimate, ε and public quantities
        (steps, throughput of the physical batch); raw statistics of the sampled rows only with
        ``release_raw_statistics`` (an unaccounted release, labelled as such).
+    7. Held-out evaluation (``config.evaluation``, every ``interval_steps`` and at the end)
+       reads the parameters and the evaluation set only: it neither charges the ledger nor
+       draws randomness, and its statistics (not covered by ε: the data is not trained on)
+       are labelled as such (``dptrain.trainer._evaluation``).
 """
 
 from __future__ import annotations
@@ -43,7 +47,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import equinox as eqx
 import jax
 import numpy as np
 from jax.sharding import Mesh
@@ -57,12 +60,14 @@ from dptrain.trainer._config import TrainConfig
 from dptrain.trainer._data import load_dataset
 from dptrain.trainer._distributed import ProcessInfo
 from dptrain.trainer._dpsgd import DpSgdConfig, StepFn, make_dp_step, model_loss_fn
+from dptrain.trainer._evaluation import EVAL_HISTORY_FILE, Evaluator, evaluation_status
 from dptrain.trainer._hf import load_pretrained
 from dptrain.trainer._keys import (
     key_fingerprint,
     noise_key_data,
 )
 from dptrain.trainer._ledger import DurableLedger, LedgerFile, Progress, Reporter
+from dptrain.trainer._lora import LoraConfig, add_adapters, check_moved, split
 from dptrain.trainer._mesh import fill_devices, make_mesh, replicate, shard_batch, to_host
 from dptrain.trainer._metrics import TrainerMetrics
 from dptrain.trainer._model import Architecture, build_model
@@ -107,6 +112,8 @@ class TrainResult:
         checkpoint_dir: where the final checkpoint lies.
         raw_statistics_released: raw statistics were published (an unaccounted release).
         key_fingerprint: SHA-256 fingerprint of the job's secret key.
+        evaluations: held-out evaluation records (``step``, ``loss``, ``perplexity``, ``rows``,
+            ``tokens``, ``source``); not covered by ε.
     """
 
     end_state: str
@@ -122,6 +129,7 @@ class TrainResult:
     checkpoint_dir: pathlib.Path
     raw_statistics_released: bool = False
     key_fingerprint: str | None = None
+    evaluations: tuple[dict[str, Any], ...] = ()
 
     @property
     def exit_code(self) -> int:
@@ -149,17 +157,21 @@ def compiled_step(shape: ModelShape, optimizer: tuple[Any, ...], clip_norm: floa
                   expected_batch: float, microbatch: int | None, pad_id: int,
                   mesh: Mesh, loss_bound: float = 16.0,
                   clipping: str = "ghost",
-                  arch: Architecture | None = None) -> tuple[StepFn, Any, Any]:
+                  arch: Architecture | None = None, lora: LoraConfig | None = None,
+                  precision: str = "fp32") -> tuple[StepFn, Any, Any]:
     """The jitted DP step, optimizer and model skeleton for a configuration.
 
-    Memoised, so that restarts within one process (and tests) compile once.
+    With ``lora`` the step trains the adapters only: it takes the base arrays as its ``frozen``
+    argument. Memoised, so that restarts within one process (and tests) compile once.
     """
     name, lr, total, warmup, decay = optimizer
     opt = make_optimizer(name, learning_rate=lr, total_steps=total, warmup_steps=warmup,
                          weight_decay=decay)
-    _, static = eqx.partition(build_model(shape, key=jax.random.key(0),
-                                          arch=arch or Architecture()), eqx.is_array)
-    step = make_dp_step(model_loss_fn(static, pad_id), opt,
+    skeleton = build_model(shape, key=jax.random.key(0), arch=arch or Architecture())
+    if lora is not None:
+        skeleton = add_adapters(skeleton, lora, key=jax.random.key(0))
+    static = split(skeleton)[2]
+    step = make_dp_step(model_loss_fn(static, pad_id, precision), opt,
                         DpSgdConfig(clip_norm=clip_norm, expected_batch_size=expected_batch,
                                     microbatch_size=microbatch, pad_id=pad_id,
                                     loss_bound=loss_bound, clipping=clipping), mesh)
@@ -201,9 +213,15 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
     pad_id = tokenizer.pad_id
     rows = physical_rows(config, mesh.devices.size)
     mechanism = config.mechanism
-    ledger_file = LedgerFile(config.checkpoint_dir)
+    if config.checkpoint_uri is not None and process.num_processes > 1:
+        raise InvalidJobError([FieldError(
+            "spec.checkpoint.uri", "object-storage checkpoints are written by single-host jobs "
+            "only (each host's orbax shards would need a shared commit); use a ReadWriteMany "
+            "volume for multi-host jobs", config.checkpoint_uri)])
+    ledger_file = LedgerFile(config.checkpoint_dir, remote=config.checkpoint_uri)
     start_count = max(config.initial_steps_charged, ledger_file.steps_charged())
-    checkpointer = Checkpointer(config.checkpoint_dir, keep=config.checkpoint_keep)
+    checkpointer = Checkpointer(config.checkpoint_dir, keep=config.checkpoint_keep,
+                                remote=config.checkpoint_uri)
     try:
         # Resuming = this run's own records exist (a count from the operator alone is not a
         # local run to resume: its pods read the mounted key).
@@ -226,19 +244,23 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
 
     optimizer_key = (config.optimizer, config.learning_rate, config.iterations,
                      config.warmup_steps, config.weight_decay)
-    step_fn, optimizer, _ = compiled_step(
+    step_fn, optimizer, static = compiled_step(
         config.shape, optimizer_key, config.clip_norm, float(config.batch_size),
         config.microbatch_size, pad_id, mesh, loss_bound_for(config.shape.vocab_size),
-        config.clipping, config.architecture)
+        config.clipping, config.architecture, config.lora, config.precision)
+    # The public seed initialises the model (or the adapters), and nothing else.
+    seed_key = jax.random.key(config.seed)
     if config.pretrained_dir is not None:
         model = load_pretrained(config.pretrained_dir)[0]
     else:
-        # The public seed initialises the model, and nothing else.
-        seed_key = jax.random.key(config.seed)
         model = build_model(config.shape, key=jax.random.fold_in(seed_key, 0),
                             arch=config.architecture)
-    params, _ = eqx.partition(model, eqx.is_array)
+    if config.lora is not None:
+        model = add_adapters(model, config.lora, key=jax.random.fold_in(seed_key, 1))
+    # The trained arrays (every one, or the adapters) and the frozen base (LoRA; else None).
+    params, frozen, _ = split(model)
     params = replicate(mesh, params)
+    frozen = None if frozen is None else replicate(mesh, frozen)
     opt_state = replicate(mesh, optimizer.init(params))
     meta_template = checkpoint_meta(config, ledger.state, dataset.manifest.source_checksum,
                                      fingerprint)
@@ -247,7 +269,8 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
     checkpoint_count = 0
     if checkpointer.latest_step() is not None:
         restored = checkpointer.restore(params, opt_state)
-        check_compatible(restored.meta, meta_template, checkpointer.directory)
+        check_compatible(restored.meta, meta_template,
+                         checkpointer.remote.uri if checkpointer.remote else checkpointer.directory)
         params, opt_state, step = restored.params, restored.opt_state, restored.step
         checkpoint_count = int(restored.meta["ledger"]["steps_charged"])
     charged = ledger.resume(start_count, checkpoint_count)
@@ -265,6 +288,12 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
     log.info("starting at step %d with %d steps charged", step, charged)
 
     history_path = config.output_dir / HISTORY_FILE
+    remote = checkpointer.remote  # spec.checkpoint.uri: the history is kept beside it
+    if remote is not None and process.is_leader and not history_path.is_file():
+        published = remote.read_bytes(HISTORY_FILE)  # a fresh machine: the history so far
+        if published is not None:
+            config.output_dir.mkdir(parents=True, exist_ok=True)
+            history_path.write_bytes(published)
     history = read_history(history_path, step)
     if process.is_leader:
         config.output_dir.mkdir(parents=True, exist_ok=True)
@@ -283,6 +312,41 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
         log.warning("unaccounted release: %s", UNACCOUNTED_RELEASE)
     end_state = SUCCEEDED
     saved_step = step if checkpointer.latest_step() == step else -1
+    evaluator: Evaluator | None = None
+    evaluations: list[dict[str, Any]] = []
+    eval_path = config.output_dir / EVAL_HISTORY_FILE
+    if config.evaluation is not None:
+        evaluator = Evaluator(static, load_dataset(config.evaluation.data_dir),
+                              max_rows=config.evaluation.max_rows, pad_id=pad_id, mesh=mesh,
+                              source=config.evaluation.source)
+        evaluations = read_history(eval_path, step)
+        if process.is_leader:
+            eval_path.write_text("".join(json.dumps(e) + "\n" for e in evaluations))
+    last_eval: dict[str, Any] | None = evaluations[-1] if evaluations else None
+
+    def evaluate() -> dict[str, Any] | None:
+        """Evaluate the current parameters (no ledger, no randomness); the status record."""
+        nonlocal last_eval
+        if evaluator is None:
+            return None
+        if last_eval is None or last_eval["step"] != step:
+            last_eval = evaluator(params, step, frozen)
+            evaluations.append(last_eval)
+            if process.is_leader:
+                with eval_path.open("a") as handle:
+                    handle.write(json.dumps(last_eval) + "\n")
+            if metrics is not None:
+                metrics.update_evaluation(loss=last_eval["loss"],
+                                          perplexity=last_eval["perplexity"])
+            log.info("step %d: held-out loss %.4f, perplexity %.4g (not covered by ε)", step,
+                     last_eval["loss"], last_eval["perplexity"])
+        return evaluation_status(last_eval)
+    # LoRA: the adapters at this run's start (copied: the step donates its arguments), checked
+    # once a step with a non-zero learning rate has run (warm-up starts at 0: step 1 then).
+    start_step = step
+    adapters_before = (None if config.lora is None
+                       else jax.tree_util.tree_map(np.array, params.lora))
+    first_moving_step = 1 if min(config.warmup_steps, config.iterations - 1) > 0 else 0
 
     def save() -> None:
         nonlocal saved_step
@@ -292,11 +356,16 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
         meta["tokenizer"] = dict(dataset.manifest.tokenizer)
         checkpointer.save(step, params, opt_state, meta)
         saved_step = step
+        if remote is not None and process.is_leader and history_path.is_file():
+            remote.write_bytes(HISTORY_FILE, history_path.read_bytes())  # public: DP losses
 
     try:
         while step < config.iterations:
             to_checkpoint = config.checkpoint_interval - step % config.checkpoint_interval
             wanted = min(config.ledger_block, config.iterations - step, to_checkpoint)
+            if config.evaluation is not None:  # blocks end at evaluation steps
+                interval = config.evaluation.interval_steps
+                wanted = min(wanted, interval - step % interval)
             block = ledger.affordable(wanted)
             if block == 0:
                 end_state = BUDGET_EXHAUSTED
@@ -315,7 +384,7 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
                 sharded_tokens, sharded_mask = shard_batch(mesh, tokens, batch.mask)
                 params, opt_state, out = step_fn(params, opt_state, sharded_tokens, sharded_mask,
                                                  noise_key_data(key, execution), np.int32(step),
-                                                 sigma)
+                                                 sigma, frozen)
                 step += 1
                 host = to_host(out)
                 losses.append(float(host.dp_loss))
@@ -333,6 +402,10 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
                     with history_path.open("a") as handle:
                         handle.write(json.dumps(record) + "\n")
             elapsed = time.perf_counter() - started
+            if adapters_before is not None and step - 1 >= first_moving_step:
+                # A known silent failure: adapters that never move return the base model.
+                check_moved(adapters_before, params.lora, step=step - start_step)
+                adapters_before = None
             # The physical batch (public), padding included: the realised size is private.
             block_tokens = float(block * rows * (config.sequence_length - 1))
             if not first_block:  # the first block includes compilation
@@ -341,6 +414,10 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
             first_block = False
             tps = tokens_done / seconds if seconds > 0 else None
             eps = ledger.epsilon_spent()
+            # Every report carries the latest evaluation (a file reporter rewrites its file).
+            evaluation = (evaluate() if config.evaluation is not None
+                          and step % config.evaluation.interval_steps == 0
+                          else evaluation_status(last_eval) if last_eval is not None else None)
             bar.update(block)
             bar.set_postfix_str(f"DP loss {losses[-1]:.3f}  ε {eps:.3f}/"
                                 f"{config.epsilon_budget:g}"
@@ -349,7 +426,7 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
                                    loss=losses[-1], tokens_per_second=tps, epsilon_spent=eps,
                                    raw_loss=raw_losses[-1] if raw else None,
                                    unaccounted_release=UNACCOUNTED_RELEASE if raw else None,
-                                   mechanism=mechanism_run))
+                                   mechanism=mechanism_run, evaluation=evaluation))
             if metrics is not None:
                 metrics.update(step=step, loss=losses[-1], epsilon_spent=eps,
                                epsilon_budget=config.epsilon_budget, tokens_per_second=tps,
@@ -362,6 +439,7 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
                 raise TrainingInterruptedError(f"stopped at step {step}; checkpoint saved")
         if saved_step != step:
             save()
+        final_evaluation = evaluate()  # at the end, whatever the interval
     finally:
         bar.close()
         checkpointer.close()
@@ -376,7 +454,7 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
                            tokens_per_second=tokens_done / seconds if seconds else None,
                            epsilon_spent=spent, end_state=end_state,
                            unaccounted_release=UNACCOUNTED_RELEASE if raw else None,
-                           mechanism=mechanism_run))
+                           mechanism=mechanism_run, evaluation=final_evaluation))
     head = history[:max(1, len(history) // 20)]  # averages the estimate's noise
     tail = history[-max(1, len(history) // 10):]
     return TrainResult(
@@ -386,4 +464,4 @@ def train(config: TrainConfig, *, reporters: Sequence[Reporter] = (),
         final_loss=float(np.mean([h["loss"] for h in tail])) if history else None,
         tokens_per_second=tokens_done / seconds if seconds else None, history=tuple(history),
         checkpoint_dir=config.checkpoint_dir, raw_statistics_released=raw,
-        key_fingerprint=fingerprint)
+        key_fingerprint=fingerprint, evaluations=tuple(evaluations))

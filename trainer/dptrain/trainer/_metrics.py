@@ -2,8 +2,10 @@
 
 Metric names are fixed across the project (base units, label ``job``): ``dptrain_trainer_step``,
 ``dptrain_trainer_loss``, ``dptrain_trainer_epsilon_spent``, ``dptrain_trainer_epsilon_budget``,
-``dptrain_trainer_tokens_per_second`` and the counter ``dptrain_trainer_steps_total`` (steps
-charged). A private registry keeps several trainers in one process (tests) apart.
+``dptrain_trainer_tokens_per_second``, the held-out ``dptrain_trainer_eval_loss`` and
+``dptrain_trainer_eval_perplexity`` (not covered by ε) and the counter
+``dptrain_trainer_steps_total`` (steps charged). A private registry keeps several trainers
+in one process (tests) apart.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ class TrainerMetrics:
         self.tokens_per_second = gauge("dptrain_trainer_tokens_per_second",
                                        "Throughput of the physical batch (tokens per "
                                        "second, padding included).")
+        self.eval_loss = gauge("dptrain_trainer_eval_loss", "Held-out evaluation loss (nats "
+                               "per token; un-noised, not covered by the job's epsilon: the "
+                               "data is not trained on).")
+        self.eval_perplexity = gauge("dptrain_trainer_eval_perplexity",
+                                     "Held-out evaluation perplexity (not covered by epsilon).")
         self.steps_total = Counter("dptrain_trainer_steps", "Steps charged by this process.",
                                    labels, registry=self.registry).labels(job=job)
         self._server: Any = None
@@ -48,6 +55,11 @@ class TrainerMetrics:
             self.tokens_per_second.set(tokens_per_second)
         if new_steps:
             self.steps_total.inc(new_steps)
+
+    def update_evaluation(self, *, loss: float, perplexity: float) -> None:
+        """Record a held-out evaluation."""
+        self.eval_loss.set(loss)
+        self.eval_perplexity.set(perplexity)
 
     def close(self) -> None:
         """Stop the HTTP server, if one was started."""

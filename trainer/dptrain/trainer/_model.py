@@ -8,9 +8,9 @@ leading ``...``): rows never mix (dense layers and norms act per position, atten
 it computes what ``vmap`` computes (tested), with one loss per row, so that one backward pass of
 the summed loss gives every row's output gradients, and with the layer axis leading in the stacked
 taps (``[layers, B, L, ...]``, contiguous per layer for the weight-gradient matmuls). The linear
-maps are :func:`~dptrain.trainer._linear.dense` (2-D matmuls with a backward pass XLA:CPU runs
-fast). The non-private step and ghost clipping use the batched path; the per-example reference
-(``vmap(grad)``) keeps the one-example formulation.
+maps, LoRA adapters included, are :func:`~dptrain.trainer._linear.dense` (2-D matmuls with a
+backward pass XLA:CPU runs fast). The non-private step and ghost clipping use the batched path;
+the per-example reference (``vmap(grad)``) keeps the one-example formulation.
 
 Architecture (VaultGemma): RMSNorm pre-norm before attention and MLP, *no* post-norms; multi-query
 attention (``n_kv_heads`` key/value heads shared by all query heads) with rotary position
@@ -53,8 +53,30 @@ _DEFAULT_ARCH = Architecture()
 
 
 def _probe(y: jax.Array, probes: Taps | None, name: str) -> jax.Array:
-    """``y`` plus its probe (the probe is zeros; its gradient is ``∂loss/∂y``)."""
-    return y if probes is None else y + probes[name]
+    """``y`` plus its probe (the probe is zeros; its gradient is ``∂loss/∂y``), if probed."""
+    probe = None if probes is None else probes.get(name)
+    return y if probe is None else y + probe
+
+
+class Adapters(eqx.Module):
+    """LoRA adapters of the linear maps of the blocks (stacked on a leading layer axis).
+
+    A target's linear map ``y = x W`` (features flattened: heads × head_dim) becomes
+    ``y = x W + scale·(x A) B`` with ``A``: ``[fan_in, rank]`` and ``B``: ``[rank, fan_out]``.
+    A model holding adapters trains them only (``_lora.split``); its base weights are frozen.
+    """
+
+    a: dict[str, jax.Array]  # target -> [n_layers, fan_in, rank] (one layer: [fan_in, rank])
+    b: dict[str, jax.Array]  # target -> [n_layers, rank, fan_out]
+    scale: float = eqx.field(static=True)  # alpha / rank
+
+
+def _adapt(y: jax.Array, x: jax.Array, lora: Adapters | None, name: str) -> jax.Array:
+    """``y + scale·(x A) B`` for a target with an adapter (``x``: ``[..., L, fan_in]``), else y."""
+    if lora is None or name not in lora.a:
+        return y
+    low = dense(dense(x, lora.a[name].astype(x.dtype)), lora.b[name].astype(x.dtype))
+    return y + (lora.scale * low).reshape(y.shape)
 
 
 def host_rng(key: jax.Array) -> np.random.Generator:
@@ -90,11 +112,13 @@ class RMSNorm(eqx.Module):
     def forward(self, x: jax.Array, probe: jax.Array | None = None) -> tuple[jax.Array,
                                                                             jax.Array]:
         """``(norm(x) + probe, x / rms(x))``: the output and the scale's input."""
-        mean_square = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
-        normed = x * jax.lax.rsqrt(mean_square + np.float32(self.eps))
-        gain = (1.0 + self.scale).reshape((1,) * (x.ndim - 1) + (-1,))
-        out = normed * gain
-        return (out if probe is None else out + probe), normed
+        # In float32 whatever the compute dtype (as the reference), cast back at the end.
+        xf = x.astype(jnp.float32)
+        mean_square = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
+        normed = xf * jax.lax.rsqrt(mean_square + np.float32(self.eps))
+        gain = (1.0 + self.scale.astype(jnp.float32)).reshape((1,) * (x.ndim - 1) + (-1,))
+        out = (normed * gain).astype(x.dtype)
+        return (out if probe is None else out + probe), normed.astype(x.dtype)
 
 
 def rope_tables(length: int, head_dim: int,
@@ -129,7 +153,8 @@ def apply_rope(x: jax.Array, positions: jax.Array | None = None,
         angles = positions.astype(jnp.float32)[:, None] * inverse_frequencies(x.shape[-1], base)
         sin, cos = jnp.sin(angles)[:, None, :], jnp.cos(angles)[:, None, :]
     lead = (1,) * (x.ndim - 3)  # batch axes of the batched path, broadcast explicitly
-    sin, cos = sin.reshape(*lead, *sin.shape), cos.reshape(*lead, *cos.shape)
+    sin = jnp.asarray(sin, x.dtype).reshape(*lead, *sin.shape)
+    cos = jnp.asarray(cos, x.dtype).reshape(*lead, *cos.shape)
     x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
@@ -157,16 +182,20 @@ class Attention(eqx.Module):
         return self.forward(x)[0]
 
     def project(self, x: jax.Array, probes: Taps | None = None,
-                positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                positions: jax.Array | None = None, lora: Adapters | None = None
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Rotated queries (scaled), rotated keys and values of ``x`` at ``positions``."""
         head_dim, base = self.wq.shape[2], self.arch.rope_theta
         scale = self.arch.query_scale if self.arch.query_scale is not None else head_dim ** -0.5
-        q = apply_rope(_probe(dense(x, self.wq), probes, "q"), positions,
-                       base)
-        k = apply_rope(_probe(dense(x, self.wk), probes, "k"), positions,
-                       base)
-        v = _probe(dense(x, self.wv), probes, "v")
-        return q * np.float32(scale), k, v
+
+        def linear(w: jax.Array, name: str) -> jax.Array:
+            y = _adapt(dense(x, w), x, lora, name)
+            return _probe(y, probes, name)
+
+        q = apply_rope(linear(self.wq, "q"), positions, base)
+        k = apply_rope(linear(self.wk, "k"), positions, base)
+        v = linear(self.wv, "v")
+        return q * jnp.asarray(scale, q.dtype), k, v
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
         """Attention of queries ``[L, heads, hd]`` over keys/values ``[M, kv, hd]``.
@@ -181,21 +210,24 @@ class Attention(eqx.Module):
         scores = softcap(jnp.einsum("...lgrk,...mgk->...grlm", q, k), self.arch.attn_softcap)
         # A finite minimum (not -inf) keeps gradients finite on fully masked entries.
         scores = jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
-        weights = jax.nn.softmax(scores, axis=-1)
+        weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
         return jnp.einsum("...grlm,...mgk->...lgrk", weights, v).reshape(*lead, n_heads, head_dim)
 
     def forward(self, x: jax.Array, probes: Taps | None = None,
-                window: jax.Array | int | None = None) -> tuple[jax.Array, Taps]:
+                window: jax.Array | int | None = None,
+                lora: Adapters | None = None) -> tuple[jax.Array, Taps]:
         """The attention output and the input of ``wo`` (``[L, heads, head_dim]``).
 
-        ``window``: this layer's attention window (None: full causal attention).
+        ``window``: this layer's attention window (None: full causal attention); ``lora``:
+        this layer's adapters.
         """
         length = x.shape[-2]
-        q, k, v = self.project(x, probes)
+        q, k, v = self.project(x, probes, lora=lora)
         visible = visibility(np.arange(length), np.arange(length), window)
         out = self.attend(q, k, v, visible)
         flat_out, flat_wo = out.reshape(*out.shape[:-2], -1), self.wo.reshape(-1, self.wo.shape[-1])
-        return _probe(dense(flat_out, flat_wo), probes, "o"), {"o": out}
+        y = _adapt(dense(flat_out, flat_wo), flat_out, lora, "o")
+        return _probe(y, probes, "o"), {"o": out}
 
 
 class GeGLU(eqx.Module):
@@ -214,11 +246,14 @@ class GeGLU(eqx.Module):
         """Apply the MLP position-wise to ``x`` (``[L, d_model]``)."""
         return self.forward(x)[0]
 
-    def forward(self, x: jax.Array, probes: Taps | None = None) -> tuple[jax.Array, Taps]:
+    def forward(self, x: jax.Array, probes: Taps | None = None,
+                lora: Adapters | None = None) -> tuple[jax.Array, Taps]:
         """The MLP output and the input of ``w_down`` (``[L, d_ff]``)."""
-        gate = _probe(dense(x, self.w_gate), probes, "gate")
-        hidden = jax.nn.gelu(gate, approximate=True) * _probe(dense(x, self.w_up), probes, "up")
-        return _probe(dense(hidden, self.w_down), probes, "down"), {"down": hidden}
+        gate = _probe(_adapt(dense(x, self.w_gate), x, lora, "gate"), probes, "gate")
+        up = _probe(_adapt(dense(x, self.w_up), x, lora, "up"), probes, "up")
+        hidden = jax.nn.gelu(gate, approximate=True) * up
+        return _probe(_adapt(dense(hidden, self.w_down), hidden, lora, "down"), probes, "down"), {
+            "down": hidden}
 
 
 class Block(eqx.Module):
@@ -251,18 +286,19 @@ class Block(eqx.Module):
         return self.forward(x)[0]
 
     def forward(self, x: jax.Array, probes: Taps | None = None,
-                window: jax.Array | int | None = None) -> tuple[jax.Array, Taps]:
+                window: jax.Array | int | None = None,
+                lora: Adapters | None = None) -> tuple[jax.Array, Taps]:
         """The block's output and its taps (inputs of every linear map and norm scale)."""
-        get = (lambda name: None) if probes is None else probes.__getitem__
+        get = (lambda name: None) if probes is None else probes.get
         attn_in, attn_normed = self.attn_norm.forward(x, get("attn_norm"))
-        attn_out, attn_taps = self.attn.forward(attn_in, probes, window)
+        attn_out, attn_taps = self.attn.forward(attn_in, probes, window, lora)
         taps = {"attn_norm": attn_normed, "attn_in": attn_in, **attn_taps}
         if self.attn_post_norm is not None:
             attn_out, taps["attn_post_norm"] = self.attn_post_norm.forward(
                 attn_out, get("attn_post_norm"))
         x = x + attn_out
         mlp_in, mlp_normed = self.mlp_norm.forward(x, get("mlp_norm"))
-        mlp_out, mlp_taps = self.mlp.forward(mlp_in, probes)
+        mlp_out, mlp_taps = self.mlp.forward(mlp_in, probes, lora)
         taps |= {"mlp_norm": mlp_normed, "mlp_in": mlp_in, **mlp_taps}
         if self.mlp_post_norm is not None:
             mlp_out, taps["mlp_post_norm"] = self.mlp_post_norm.forward(
@@ -309,6 +345,7 @@ class Decoder(eqx.Module):
     final_norm: RMSNorm
     max_seq_len: int = eqx.field(static=True)
     arch: Architecture = eqx.field(static=True, default=_DEFAULT_ARCH)
+    lora: Adapters | None = None  # LoRA adapters (``_lora.add_adapters``); None: full model
 
     def __init__(self, shape: ModelShape, *, key: jax.Array,
                  arch: Architecture = _DEFAULT_ARCH) -> None:
@@ -321,6 +358,7 @@ class Decoder(eqx.Module):
         self.final_norm = RMSNorm(shape.d_model, arch.norm_eps)
         self.max_seq_len = shape.max_seq_len
         self.arch = arch
+        self.lora = None
 
     @property
     def n_layers(self) -> int:
@@ -334,7 +372,8 @@ class Decoder(eqx.Module):
     def embed(self, tokens: jax.Array) -> jax.Array:
         """Scaled input embeddings ``[L, d_model]`` (Gemma's ``sqrt(d_model)``)."""
         d_model = self.embedding.shape[1]
-        return self.embedding[tokens] * np.float32(math.sqrt(d_model))
+        x = self.embedding[tokens]
+        return x * jnp.asarray(math.sqrt(d_model), x.dtype)
 
     def head(self, h: jax.Array, probe: jax.Array | None = None) -> jax.Array:
         """Logits of final hidden states ``h`` (tied projection, then the final soft-cap)."""
@@ -356,18 +395,20 @@ class Decoder(eqx.Module):
         if tokens.shape[-1] > self.max_seq_len:
             raise ValueError(f"sequence of {tokens.shape[-1]} tokens exceeds the model's "
                              f"max_seq_len {self.max_seq_len}")
-        get = (lambda name: None) if probes is None else probes.__getitem__
+        get = (lambda name: None) if probes is None else probes.get
         x = self.embed(tokens)
-        if probes is not None:
-            x = x + probes["embed"]
+        if get("embed") is not None:
+            x = x + get("embed")
         arrays, static = eqx.partition(self.blocks, eqx.is_array)
         windows = self.arch.windows(self.n_layers, tokens.shape[-1])
 
-        def layer(h: jax.Array, xs: tuple[Block, Taps | None, jax.Array]) -> tuple[jax.Array, Taps]:
-            block_arrays, block_probes, window = xs
-            return eqx.combine(block_arrays, static).forward(h, block_probes, window)
+        def layer(h: jax.Array, xs: tuple[Block, Taps | None, jax.Array, Adapters | None]
+                  ) -> tuple[jax.Array, Taps]:
+            block_arrays, block_probes, window, lora = xs
+            return eqx.combine(block_arrays, static).forward(h, block_probes, window, lora)
 
-        x, block_taps = jax.lax.scan(layer, x, (arrays, get("blocks"), jnp.asarray(windows)))
+        x, block_taps = jax.lax.scan(
+            layer, x, (arrays, get("blocks"), jnp.asarray(windows), self.lora))
         head, final_normed = self.final_norm.forward(x, get("final_norm"))
         logits = self.head(head, get("logits"))
         return logits, {"blocks": block_taps, "final_norm": final_normed, "head": head}
@@ -378,7 +419,11 @@ class Decoder(eqx.Module):
         """Next-token logits ``[vocab]`` after ``token`` at ``position``, with a KV cache.
 
         ``cache``: keys and values ``[n_layers, T, kv, head_dim]`` (see :func:`empty_cache`).
+        A model with LoRA adapters is decoded after merging them (``_lora.merge``).
         """
+        if self.lora is not None:
+            raise ValueError("decode a model with LoRA adapters after merging them "
+                             "(dptrain.trainer._lora.merge)")
         arrays, static = eqx.partition(self.blocks, eqx.is_array)
         keys, values = cache
         windows = jnp.asarray(self.arch.windows(self.n_layers, keys.shape[1]))
@@ -401,12 +446,14 @@ def empty_cache(model: Decoder, length: int) -> tuple[jax.Array, jax.Array]:
     return zeros, zeros
 
 
-def zero_probes(model: Decoder, length: int, batch: int | None = None) -> Taps:
+def zero_probes(model: Decoder, length: int, batch: int | None = None, *,
+                targets: tuple[str, ...] | None = None, dtype: Any = jnp.float32) -> Taps:
     """Zeros shaped like every probed output of ``model`` on a sequence of ``length`` tokens.
 
     With ``batch``, for the batched path (``forward`` on ``[batch, length]``): the block probes
     are ``[n_layers, batch, length, ...]`` (layer axis first, as ``lax.scan`` stacks the taps),
-    the others ``[batch, length, ...]``.
+    the others ``[batch, length, ...]``. ``targets``: probe only these block linear maps (the
+    LoRA targets), nothing else.
     """
     attn, d_model = model.blocks.attn, model.embedding.shape[1]
     n_layers, _, n_heads, head_dim = attn.wq.shape
@@ -414,7 +461,7 @@ def zero_probes(model: Decoder, length: int, batch: int | None = None) -> Taps:
     rows = (length,) if batch is None else (batch, length)
 
     def zeros(*shape: int) -> jax.Array:
-        return jnp.zeros(shape, jnp.float32)
+        return jnp.zeros(shape, dtype)
 
     def per_layer(*feature: int) -> jax.Array:
         return zeros(n_layers, *rows, *feature)
@@ -423,6 +470,8 @@ def zero_probes(model: Decoder, length: int, batch: int | None = None) -> Taps:
               "k": per_layer(n_kv, head_dim), "v": per_layer(n_kv, head_dim),
               "o": per_layer(d_model), "mlp_norm": per_layer(d_model), "gate": per_layer(d_ff),
               "up": per_layer(d_ff), "down": per_layer(d_model)}
+    if targets is not None:
+        return {"blocks": {name: blocks[name] for name in targets}}
     if model.blocks.attn_post_norm is not None:
         blocks |= {"attn_post_norm": per_layer(d_model), "mlp_post_norm": per_layer(d_model)}
     return {"embed": zeros(*rows, d_model), "blocks": blocks, "final_norm": zeros(*rows, d_model),
@@ -444,17 +493,46 @@ def count_params(model: Decoder) -> int:
 def sequence_loss(model: Decoder, tokens: jax.Array, pad_id: int = 0) -> jax.Array:
     """Mean next-token cross-entropy of one sequence ``[L]``; targets equal to ``pad_id`` count 0.
 
-    A sequence that is all padding has loss 0 (and zero gradient). On a batch ``[B, L]`` (the
-    batched path) it returns each row's loss, ``[B]``: the same as ``vmap`` over the rows.
+    A token stored as ``~id`` (negative: :func:`mask_target`) is read as ``id`` but carries no
+    loss as a target (an instruction's prompt). A sequence that is all padding has loss 0 (and
+    zero gradient). On a batch ``[B, L]`` (the batched path) it returns each row's loss, ``[B]``:
+    the same as ``vmap`` over the rows.
     """
-    return token_loss(model.forward(tokens[..., :-1])[0], tokens[..., 1:], pad_id)
+    return token_loss(model.forward(input_ids(tokens[..., :-1]))[0], tokens[..., 1:], pad_id)
+
+
+def mask_target(ids: Any) -> Any:
+    """``ids`` marked "no loss as a target": ``~id`` (``-id - 1``, negative).
+
+    :func:`input_ids` reads them back. Works on ints, numpy and JAX arrays.
+    """
+    return ~ids
+
+
+def input_ids(tokens: jax.Array) -> jax.Array:
+    """The token ids of ``tokens`` with the no-loss marks (:func:`mask_target`) removed."""
+    return jnp.where(tokens < 0, ~tokens, tokens)
+
+
+def target_weights(targets: jax.Array, pad_id: int = 0) -> jax.Array:
+    """1.0 for targets that carry loss: not padding, not marked by :func:`mask_target`."""
+    return ((targets >= 0) & (targets != pad_id)).astype(jnp.float32)
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-position cross-entropy of ``logits`` (``[..., L, vocab]``) against (unmarked) targets."""
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(log_probs, input_ids(targets)[..., None], axis=-1)[..., 0]
 
 
 def token_loss(logits: jax.Array, targets: jax.Array, pad_id: int = 0) -> jax.Array:
-    """Mean cross-entropy of ``logits`` (``[..., L, vocab]``) against targets not ``pad_id``."""
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    weights = (targets != pad_id).astype(nll.dtype)
+    """Mean cross-entropy of ``logits`` (``[..., L, vocab]``) against the targets carrying loss.
+
+    Targets equal to ``pad_id`` or marked by :func:`mask_target` count 0. Computed in float32
+    whatever the logits' precision.
+    """
+    nll = token_nll(logits.astype(jnp.float32), targets)
+    weights = target_weights(targets, pad_id).astype(nll.dtype)
     return jnp.sum(nll * weights, axis=-1) / jnp.maximum(jnp.sum(weights, axis=-1), 1.0)
 
 

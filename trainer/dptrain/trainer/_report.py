@@ -4,7 +4,9 @@
 ``initial_loss``, ``final_loss``, ``tokens_per_second`` and ``end_state``, plus context (steps
 charged, plan, where the checkpoints are, the secret key's fingerprint). The losses are the DP
 loss estimate (released under the job's ε); ``raw_statistics`` says whether raw statistics of the
-training rows were also published (an unaccounted release). Plots are drawn with matplotlib's
+training rows were also published (an unaccounted release). With held-out evaluation the report
+has ``evaluation`` (the latest loss and perplexity, every record, and the note that they are not
+covered by ε) and ``evaluation.png``. Plots are drawn with matplotlib's
 Agg canvas directly (no global backend switch), so they work headless and in any thread.
 """
 
@@ -19,11 +21,13 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from dptrain.trainer._evaluation import PRIVACY_NOTE
 from dptrain.trainer._loop import TrainResult
 
 REPORT_FILE = "report.json"
 LOSS_PLOT = "loss.png"
 EPSILON_PLOT = "epsilon.png"
+EVALUATION_PLOT = "evaluation.png"
 REPORT_KEYS = ("epsilon_spent", "epsilon_budget", "delta", "steps", "initial_loss", "final_loss",
                "tokens_per_second", "end_state")
 
@@ -48,6 +52,12 @@ def report_dict(result: TrainResult, extra: dict[str, Any] | None = None) -> dic
                            if result.raw_statistics_released else "not released"),
         "key_fingerprint": result.key_fingerprint,
     }
+    if result.evaluations:
+        last = result.evaluations[-1]
+        report["evaluation"] = {
+            "loss": last["loss"], "perplexity": last["perplexity"], "step": last["step"],
+            "rows": last["rows"], "tokens": last["tokens"], "source": last["source"],
+            "privacy": PRIVACY_NOTE, "history": list(result.evaluations)}
     if extra:
         report.update(extra)
     return report
@@ -103,6 +113,12 @@ def write_report(result: TrainResult, output_dir: str | os.PathLike[str],
               title=f"privacy spent (δ = {result.delta:g})", ylabel="ε", xlabel="steps charged",
               hline=result.epsilon_budget, step=True)
         report["plots"] = [str(out / LOSS_PLOT), str(out / EPSILON_PLOT)]
+    if result.evaluations:
+        _plot(out / EVALUATION_PLOT, [e["step"] for e in result.evaluations],
+              [e["loss"] for e in result.evaluations],
+              title="held-out loss (not covered by ε: not trained on)",
+              ylabel="held-out loss (nats/token)")
+        report.setdefault("plots", []).append(str(out / EVALUATION_PLOT))
     tmp = out / f".{REPORT_FILE}.tmp"
     tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, out / REPORT_FILE)

@@ -33,7 +33,11 @@ def checkpoint_meta(config: TrainConfig, ledger: PrivacyLedger, checksum: str,
             # The plan as it is (status.plan's form), and what the job adds to it.
             "plan": config.plan.model_dump(mode="json", by_alias=True, exclude_none=True),
             "training": {"optimizer": config.optimizer, "epsilon_budget": config.epsilon_budget,
-                         "delta": config.delta}}
+                         "delta": config.delta},
+            "precision": config.precision,
+            # Adapters (None: full fine-tuning): the checkpoint's params are then the adapters
+            # alone, and the base is the pretrained checkpoint's.
+            "lora": None if config.lora is None else config.lora.to_dict()}
 
 
 #: Fields an accepted spec change may alter on resume: they do not change the mechanism (the
@@ -71,26 +75,38 @@ def same_run(meta: dict[str, Any], expected: dict[str, Any]) -> bool:
     return got == want
 
 
-def check_compatible(meta: dict[str, Any], expected: dict[str, Any], where: pathlib.Path) -> None:
+def check_compatible(meta: dict[str, Any], expected: dict[str, Any],
+                     where: pathlib.Path | str) -> None:
+    field = "spec.checkpoint.uri" if isinstance(where, str) else "spec.checkpoint.path"
     if meta.get("key_fingerprint") != expected["key_fingerprint"]:
         raise InvalidJobError([FieldError(
-            "spec.checkpoint.path", f"the checkpoint in {where} was made with another secret "
+            field, f"the checkpoint in {where} was made with another secret "
             f"job key (fingerprint {meta.get('key_fingerprint') or 'absent'}, this run's "
             f"{expected['key_fingerprint']}); restore the job's key file or use a fresh "
             "checkpoint directory")])
-    for key in ("seed", "model_shape", "plan", "architecture"):
+    for key in ("seed", "model_shape", "plan", "architecture", "lora"):
         if key == "plan":
             same = same_run(meta, expected)
         else:  # an older checkpoint without an architecture: the expected one
             got = meta.get(key, expected[key] if key == "architecture" else None)
+            if key == "lora":  # older checkpoints: no adapters
+                got, want = meta.get(key), expected.get(key)
+                same = got == want
+                if not same:
+                    raise InvalidJobError([FieldError(
+                        "spec.training.lora", f"the checkpoint in {where} was trained "
+                        f"{'with adapters ' + str(got) if got else 'without adapters'}, this "
+                        f"run {'with ' + str(want) if want else 'without'}; use a fresh "
+                        "checkpoint directory")])
+                continue
             same = got == expected[key]
         if not same:
             raise InvalidJobError([FieldError(
-                "spec.checkpoint.path", f"the checkpoint in {where} belongs to another "
+                field, f"the checkpoint in {where} belongs to another "
                 f"configuration ({key} differs); use a fresh checkpoint directory")])
     if meta.get("dataset", {}).get("checksum") != expected["dataset"]["checksum"]:
         raise InvalidJobError([FieldError(
-            "spec.checkpoint.path", f"the checkpoint in {where} was trained on other data "
+            field, f"the checkpoint in {where} was trained on other data "
             "(dataset checksum differs)")])
 
 

@@ -143,23 +143,27 @@ def compile_step(dataset: Any, shape: Any, *, batch_size: int, learning_rate: fl
 class SweepTrainer:
     """Trains grid points one after another.
 
-    The compiled step of the current (preset, B, learning rate) is kept: σ is an argument of
-    the step, so every σ̄ of that triple reuses it.
+    The compiled step of the current (preset, B, learning rate, horizon) is kept: σ is an
+    argument of the step, so every σ̄ of that quadruple reuses it (the horizon is the schedule's
+    length, compiled into the optimiser).
     """
 
     def __init__(self, dataset: Any, settings: SweepSettings) -> None:
         self.dataset, self.settings = dataset, settings
-        self._cached: tuple[tuple[str, int, float], Any] | None = None
+        self._cached: tuple[tuple[str, int, float, int], Any] | None = None
 
-    def run(self, shape: Any, run: SweepRun) -> tuple[dict[str, Any], list[Measured]]:
+    def run(self, shape: Any, run: SweepRun, settings: SweepSettings | None = None,
+            ) -> tuple[dict[str, Any], list[Measured]]:
         """Train one grid point; returns its record and its measured curve.
 
-        A run whose loss turns non-finite stops there and returns no curve (the planner takes
-        the minimum over learning rates, so a diverged learning rate simply drops out).
+        ``settings`` are the run's own (its horizon's schedule and evaluation steps; default:
+        the sweep's). A run whose loss turns non-finite stops there and returns no curve (the
+        planner takes the minimum over learning rates, so a diverged learning rate simply drops
+        out).
         """
-        s = self.settings
+        s = settings or self.settings
         started = time.perf_counter()
-        key = (shape.name, run.batch_size, run.learning_rate)
+        key = (shape.name, run.batch_size, run.learning_rate, s.steps)
         if self._cached is None or self._cached[0] != key:
             self._cached = (key, compile_step(self.dataset, shape, batch_size=run.batch_size,
                                               learning_rate=run.learning_rate, settings=s,
@@ -171,7 +175,7 @@ class SweepTrainer:
         record = {"preset": run.preset, "model_params": shape.param_count,
                   "batch_size": run.batch_size, "noise_batch_ratio": run.ratio,
                   "learning_rate": run.learning_rate, "noise_multiplier": float(sigma),
-                  "steps": curve[-1].step if curve else 0,
+                  "horizon": s.steps, "steps": curve[-1].step if curve else 0,
                   "final_loss": curve[-1].heldout_loss if curve else None,
                   "final_train_loss": curve[-1].train_loss if curve else None,
                   "diverged": diverged,
