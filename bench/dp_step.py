@@ -16,6 +16,7 @@ the DP step (target: the whole secure draw ≤ 5 % of a DP step on ``tiny`` and 
 
     python bench/dp_step.py --presets tiny small --batch 64 --seq-len 128
     for s in non_dp dp; do python bench/dp_step.py --presets small --only $s --json; done
+    python bench/dp_step.py --presets small --compile-only   # compiled memory only, no steps
 
 ``--finetune`` compares instead the DP step of full fine-tuning (every parameter) with LoRA
 fine-tuning (``--lora-rank``, adapters on every attention and MLP projection; the base weights
@@ -87,7 +88,7 @@ def _memory_mb(compiled) -> float | None:
 
 def bench_preset(name: str, *, batch: int, seq_len: int, repeats: int,
                  microbatch: int | None, clipping: str = "ghost",
-                 only: str | None = None) -> dict:
+                 only: str | None = None, compile_only: bool = False) -> dict:
     shape = get_preset(name)
     seq_len = min(seq_len, shape.max_seq_len)
     mesh = make_mesh()
@@ -117,6 +118,9 @@ def bench_preset(name: str, *, batch: int, seq_len: int, repeats: int,
         started = time.perf_counter()
         compiled = step.lower(*args).compile()
         compile_s = time.perf_counter() - started
+        if compile_only:
+            result[label] = {"compile_s": compile_s, "memory_mb": _memory_mb(compiled)}
+            continue
         p, s, _ = compiled(*args)  # warm-up
         jax.block_until_ready(p)
         times = []
@@ -130,6 +134,11 @@ def bench_preset(name: str, *, batch: int, seq_len: int, repeats: int,
                          "examples_per_s": batch / median,
                          "tokens_per_s": batch * (seq_len - 1) / median,
                          "memory_mb": _memory_mb(compiled)}
+    if compile_only:
+        if only is None:
+            result["memory_ratio"] = result["dp"]["memory_mb"] / result["non_dp"]["memory_mb"]
+            result["compile_ratio"] = result["dp"]["compile_s"] / result["non_dp"]["compile_s"]
+        return result
     if only is None:
         result["ratio_dp_over_non_dp"] = result["dp"]["step_s"] / result["non_dp"]["step_s"]
         result["memory_ratio"] = ((result["dp"]["memory_mb"] or 0)
@@ -225,6 +234,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--microbatch", type=int, default=None)
     parser.add_argument("--clipping", choices=["ghost", "per-example"], default="ghost")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile and report compiled memory and compile time only (JSON)")
     parser.add_argument("--only", choices=["dp", "non_dp", "full", "lora"], default=None,
                         help="time one step kind (its own process: peak RSS is that step's); "
                              "full/lora with --finetune")
@@ -247,9 +258,10 @@ def main() -> None:
     if args.only in ("full", "lora"):
         parser.error("--only full/lora needs --finetune")
     results = [bench_preset(p, batch=args.batch, seq_len=args.seq_len, repeats=args.repeats,
-                            microbatch=args.microbatch, clipping=args.clipping, only=args.only)
+                            microbatch=args.microbatch, clipping=args.clipping, only=args.only,
+                            compile_only=args.compile_only)
                for p in args.presets]
-    if args.json or args.only:
+    if args.json or args.only or args.compile_only:
         print(json.dumps(results, indent=2))
         return
     print(f"{'preset':<8}{'params':>9}{'step':>8}{'s/step':>9}{'ex/s':>9}{'tok/s':>10}"

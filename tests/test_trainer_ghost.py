@@ -65,26 +65,51 @@ def _assert_trees_close(actual, expected, rel):
         np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=0, atol=rel * scale + 1e-12)
 
 
+def _narrow(name, head_dim=4):
+    """A preset's structure (layers, heads, key/value heads, MLP ratio, vocabulary) at a width
+    that compiles in seconds: ``head_dim`` shrunk, ``d_model`` and ``d_ff`` in proportion."""
+    preset = get_preset(name)
+    factor = preset.head_dim // head_dim
+    return dataclasses.replace(preset, name=f"{name}-narrow", head_dim=head_dim,
+                               d_model=preset.d_model // factor, d_ff=preset.d_ff // factor,
+                               max_seq_len=LENGTH - 1)
+
+
 def _shapes():
-    small = [dataclasses.replace(get_preset(name), max_seq_len=LENGTH - 1)
-             for name in ("tiny", "small", "base")]
-    # A grouped-query variant, so the ghost path does not rely on one key/value head.
-    gqa = dataclasses.replace(small[0], name="gqa", n_kv_heads=2)
-    cases = [pytest.param((s, Architecture()), id=s.name) for s in [*small, gqa]]
+    # Every preset's structure, narrow: each linear map's per-example gradient is no larger than
+    # its tape there, so ghost clipping keeps it (the book-kept branch).
+    narrow = [_narrow(name) for name in ("tiny", "small", "base")]
+    cases = [pytest.param((s, Architecture(), "book"), id=s.name) for s in narrow]
+    # ``tiny`` at full width: every map (and the tied embedding) by ghost norms (the Gram branch).
+    tiny = dataclasses.replace(get_preset("tiny"), max_seq_len=LENGTH - 1)
+    cases.append(pytest.param((tiny, Architecture(), "gram"), id="tiny"))
+    # A grouped-query variant mixing both branches (attention maps kept, MLP and embedding Gram),
+    # so the ghost path does not rely on one key/value head.
+    gqa = dataclasses.replace(tiny, name="gqa", d_model=32, n_heads=4, n_kv_heads=2, head_dim=8)
+    cases.append(pytest.param((gqa, Architecture(), "mixed"), id="gqa"))
     # Gemma 2's features (post-norm scales, soft-caps small enough to bend, a sliding window
     # shorter than the row, a query_pre_attn_scalar): a new parameter kind and new non-linearities.
     gemma2 = Architecture(attn_softcap=1.0, final_softcap=2.0, query_scale=0.2, post_norms=True,
                           sliding_window=5, sliding_layers=(True, False), norm_eps=1e-5)
-    tiny2 = dataclasses.replace(gqa, name="gemma2-tiny", n_layers=2)
-    return [*cases, pytest.param((tiny2, gemma2), id="gemma2-tiny")]
+    gemma2_tiny = dataclasses.replace(gqa, name="gemma2-tiny", n_layers=2)
+    return [*cases, pytest.param((gemma2_tiny, gemma2, "mixed"), id="gemma2-tiny")]
+
+
+def _assert_branches(tape, branch):
+    """The tape book-keeps the per-example gradients of the maps the case means to exercise."""
+    kept = {name for name in ("wq", "wo", "w_gate", "w_down", "embedding") if name in tape.book}
+    expected = {"book": {"wq", "wo", "w_gate", "w_down", "embedding"}, "gram": set(),
+                "mixed": {"wq", "wo"}}[branch]
+    assert kept == expected
 
 
 @pytest.mark.parametrize("case", _shapes())
 def test_ghost_norms_equal_per_example_gradient_norms(case):
-    shape, arch = case
+    shape, arch, branch = case
     params, static, tokens = _setup(shape, arch=arch)
     _, expected = _reference(params, static, tokens)
-    squared, losses, _ = jax.jit(ghost_norms, static_argnums=0)(static, params, tokens)
+    squared, losses, tape = jax.jit(ghost_norms, static_argnums=0)(static, params, tokens)
+    _assert_branches(tape, branch)
     np.testing.assert_allclose(np.sqrt(np.asarray(squared)), np.asarray(expected), rtol=1e-5,
                                atol=1e-7)
     assert float(squared[2]) == 0.0  # the all-padding row
@@ -94,7 +119,7 @@ def test_ghost_norms_equal_per_example_gradient_norms(case):
 
 @pytest.mark.parametrize("case", _shapes())
 def test_ghost_clipped_sum_equals_per_example_clipping(case):
-    shape, arch = case
+    shape, arch, _ = case
     params, static, tokens = _setup(shape, arch=arch)
     _, norms = _reference(params, static, tokens)
     # Midway between two norms (no ties at C): some rows are clipped, some are not.
@@ -144,8 +169,15 @@ def test_non_finite_rows_get_weight_zero_and_contribute_exactly_zero(micro_shape
     weights = clip_factor(jnp.sqrt(squared), 1.0, keep)
     assert float(weights[0]) == 0.0 and float(weights[1]) == 0.0 and float(weights[3]) > 0
     # Poison row 0's tape: a zero weight must select it away, not multiply NaN by zero.
-    poisoned = jax.tree_util.tree_map(lambda a: a.at[0].set(jnp.nan) if a.dtype == jnp.float32
-                                      else a, tape)
+    def poison(path, a):  # row 0 along the batch axis (axis 1 under a layer axis)
+        if a.dtype != jnp.float32:
+            return a
+        keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        layered = "blocks" in keys or (keys[0] == "book"
+                                       and keys[1] not in ("final_norm", "embedding"))
+        return a.at[:, 0].set(jnp.nan) if layered else a.at[0].set(jnp.nan)
+
+    poisoned = jax.tree_util.tree_map_with_path(poison, tape)
     clean = weighted_grad_sum(params, tape, weights)
     dirty = weighted_grad_sum(params, poisoned, weights)
     for a, b in zip(jax.tree_util.tree_leaves(dirty), jax.tree_util.tree_leaves(clean),

@@ -144,3 +144,44 @@ def test_lora_config_rejects_bad_targets():
         LoraConfig(targets=("qkv",))
     with pytest.raises(ValueError, match="rank"):
         LoraConfig(rank=0)
+
+
+@pytest.mark.slow  # compiles the batched (fp32, bf16), vmap and ghost paths: ~40 s on 2 cores
+def test_batched_path_with_adapters_and_prompt_masks_equals_the_vmapped_model():
+    """The batched path (ghost clipping's and the non-private step's) carries the adapters' delta
+    on every target and reads instruction-masked tokens as the per-example model does."""
+    from dptrain.trainer._ghost import cast_floating
+    from dptrain.trainer._model import input_ids, mask_target
+
+    base, model = _model(("q", "o", "up", "down"))
+    tokens = np.array(_tokens(3))
+    tokens[0, :4] = mask_target(tokens[0, :4])  # an instruction's prompt: no loss as targets
+    tokens = jnp.asarray(tokens)
+    inputs = input_ids(tokens[:, :-1])
+    per_example = np.asarray(jax.jit(jax.vmap(model))(inputs))
+    jax.config.update("jax_numpy_rank_promotion", "raise")  # the batched path broadcasts nothing
+    try:
+        batched = np.asarray(jax.jit(lambda t: model.forward(t)[0])(inputs))
+        half = cast_floating(model, jnp.bfloat16)
+        batched_bf16 = np.asarray(jax.jit(lambda t: half.forward(t)[0])(inputs), np.float32)
+    finally:
+        jax.config.update("jax_numpy_rank_promotion", "allow")
+    scale = float(np.max(np.abs(per_example)))
+    np.testing.assert_allclose(batched, per_example, rtol=0, atol=1e-5 * scale)
+    # The adapters change the logits (so the comparison above covers their delta).
+    unadapted = np.asarray(jax.jit(jax.vmap(base))(inputs))
+    assert float(np.max(np.abs(unadapted - per_example))) > 1e-2 * scale
+    # bf16 on the batched path: the float32 model's logits to bfloat16's precision.
+    np.testing.assert_allclose(batched_bf16, per_example, rtol=0, atol=3e-2 * scale)
+
+    params, frozen, static = split(model)
+    loss = model_loss_fn(static).with_frozen(frozen)
+    expected = global_norms(jax.vmap(jax.grad(loss), in_axes=(None, 0))(params, tokens))
+    squared, losses, tape = jax.jit(lambda p, t: ghost_norms(loss.static, p, t))(params, tokens)
+    assert set(tape.book) == {f"{m}/{t}" for m in "ab" for t in ("q", "o", "up", "down")}
+    np.testing.assert_allclose(np.sqrt(np.asarray(squared)), np.asarray(expected), rtol=1e-5,
+                               atol=1e-7)
+    assert float(squared[2]) == 0.0 and float(losses[2]) == 0.0  # the all-padding row
+    np.testing.assert_allclose(np.asarray(losses),
+                               np.asarray(jax.vmap(loss, in_axes=(None, 0))(params, tokens)),
+                               rtol=1e-6)

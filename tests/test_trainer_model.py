@@ -125,8 +125,67 @@ def test_logits_equal_a_straightforward_reference_implementation(micro_shape, n_
         tuple(jnp.asarray(rng.normal(0, s, a.shape), jnp.float32) for s, a in (
             (0.5, model.embedding), (0.3, model.blocks.attn_norm.scale),
             (0.3, model.blocks.mlp_norm.scale), (0.3, model.final_norm.scale))))
-    tokens = jnp.asarray(rng.integers(3, shape.vocab_size, shape.max_seq_len), jnp.int32)
+    batch = jnp.asarray(rng.integers(3, shape.vocab_size, (3, shape.max_seq_len)), jnp.int32)
+    tokens = batch[1]
     logits = np.asarray(jax.jit(lambda t: model(t))(tokens))
     expected = _reference_logits(model, tokens)
     assert float(np.max(np.abs(expected))) > 1.0  # the comparison is not between near-zeros
-    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5 * np.max(np.abs(expected)))
+    tolerance = 1e-5 * np.max(np.abs(expected))
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=tolerance)
+    # The batched path (a [B, L] batch straight through the layers) is the same model.
+    batched = np.asarray(jax.jit(lambda t: model.forward(t)[0])(batch))
+    np.testing.assert_allclose(batched[1], expected, rtol=0, atol=tolerance)
+    np.testing.assert_allclose(batched, np.asarray(jax.jit(jax.vmap(model))(batch)), rtol=0,
+                               atol=tolerance)
+
+
+def test_batched_losses_and_gradients_equal_the_vmapped_model(micro_shape):
+    import equinox as eqx
+
+    from dptrain.trainer import model_loss_fn
+
+    params, static = eqx.partition(build_model(micro_shape, key=jax.random.key(2)), eqx.is_array)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(3, 40, (3, 9)), jnp.int32)
+    tokens = tokens.at[2, 4:].set(0)  # padding targets count zero on both paths
+    loss = model_loss_fn(static)
+    jax.config.update("jax_numpy_rank_promotion", "raise")  # the batched path broadcasts nothing
+    try:
+        batched = loss.batched(params, tokens)
+    finally:
+        jax.config.update("jax_numpy_rank_promotion", "allow")
+    np.testing.assert_allclose(np.asarray(batched),
+                               np.asarray(jax.vmap(loss, in_axes=(None, 0))(params, tokens)),
+                               rtol=1e-6)
+    weights = jnp.asarray([1.0, -0.5, 2.0])
+    got = jax.grad(lambda p: jnp.sum(weights * loss.batched(p, tokens)))(params)
+    want = jax.grad(lambda p: jnp.sum(weights * jax.vmap(loss, in_axes=(None, 0))(p, tokens)))(
+        params)
+    for a, e in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=0,
+                                   atol=1e-5 * float(jnp.max(jnp.abs(e))) + 1e-12)
+
+
+def test_dense_gradient_equals_the_matmul_gradient():
+    from dptrain.trainer._linear import dense
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 5, 6)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(6, 3, 4)), jnp.float32)
+    cotangent = jnp.asarray(rng.normal(size=(2, 5, 3, 4)), jnp.float32)
+
+    def reference(x, w):
+        return jnp.einsum("bli,ihk->blhk", x, w)
+
+    def pullback(f):
+        out, vjp = jax.vjp(f, x, w)
+        return (out, *vjp(cotangent))
+
+    for got, want in zip(pullback(dense), pullback(reference), strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    # Per example under vmap (the per-example reference path) as well.
+    per_example = jax.vmap(jax.grad(lambda w, x: jnp.sum(dense(x, w) ** 2)), in_axes=(None, 0))
+    expected = jax.vmap(jax.grad(lambda w, x: jnp.sum(reference(x[None], w) ** 2)),
+                        in_axes=(None, 0))
+    np.testing.assert_allclose(np.asarray(per_example(w, x)), np.asarray(expected(w, x)),
+                               rtol=1e-5, atol=1e-5)

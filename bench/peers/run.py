@@ -70,6 +70,8 @@ def main() -> None:
         for name in order:
             print(f"round {index + 1}/{args.rounds}: {name} ...", file=sys.stderr)
             measured[name] = run_json(commands[name], timeout=1800)
+            # Each result as it comes (a long run on a loaded machine keeps what it measured).
+            print(json.dumps({"round": index + 1, name: measured[name]}), file=sys.stderr)
         rounds.append(measured)
     rows = {  # label: (stack, DP key, non-private key)
         "dptrain, ghost clipping": ("dptrain", "ghost", "non_private"),

@@ -105,7 +105,8 @@ class DpSgdConfig:
         loss_share: β, the share of ``clip_norm`` given to the loss coordinate (the gradient is
             clipped to ``clip_norm·√(1 − β²)``).
         clipping: ``ghost`` (default: per-example norms and the clipped sum from activations and
-            output gradients, no per-example gradients in memory; used where the loss is a
+            output gradients; a layer's per-example gradient is held only where it is no larger
+            than the activations and output gradients it replaces; used where the loss is a
             :class:`ModelLoss`, i.e. the decoder) or ``per-example`` (``vmap(grad)``, the
             reference). Same results up to floating-point reassociation.
     """
@@ -154,8 +155,9 @@ class ModelLoss:
     """``loss(params, tokens)`` of one sequence for a decoder split by ``eqx.partition``.
 
     A plain callable to the per-example path; the ghost path reads ``static``, ``pad_id`` and
-    ``precision``. ``static`` may hold frozen arrays (:meth:`with_frozen`): the base weights of a
-    LoRA model, which are inputs of the step but never differentiated. ``precision`` ``bf16``
+    ``precision``, and the non-private step calls :meth:`batched` (the model's batched path).
+    ``static`` may hold frozen arrays (:meth:`with_frozen`): the base weights of a LoRA model,
+    which are inputs of the step but never differentiated. ``precision`` ``bf16``
     runs the forward and backward in bfloat16 on a bfloat16 copy of the float32 weights; the
     gradient reaching ``params`` is float32 (the cast's transpose), so norms, clipping, noise and
     the update stay float32.
@@ -183,6 +185,11 @@ class ModelLoss:
 
     def __call__(self, params: Params, tokens: jax.Array) -> jax.Array:
         """Mean next-token loss of ``tokens`` (``[L]``)."""
+        model = cast_floating(eqx.combine(params, self.static), self.compute_dtype)
+        return sequence_loss(model, tokens, self.pad_id)
+
+    def batched(self, params: Params, tokens: jax.Array) -> jax.Array:
+        """Each row's loss of ``tokens`` (``[B, L]``): ``vmap(self)`` on the batched path."""
         model = cast_floating(eqx.combine(params, self.static), self.compute_dtype)
         return sequence_loss(model, tokens, self.pad_id)
 
@@ -277,7 +284,7 @@ def local_clipped_sum(loss_fn: LossFn, params: Params, tokens: jax.Array, mask: 
     token_mb, mask_mb = _microbatches(tokens, mask, config.microbatch_size)
     grad_clip = config.gradient_clip_norm
     # Ghost clipping where the loss is the decoder's: the same norms and weighted sum from
-    # activations and output gradients, without per-example gradients in memory.
+    # activations and output gradients (per-example gradients only where no larger than those).
     ghost = config.clipping == "ghost" and isinstance(loss_fn, ModelLoss)
 
     def accumulate(carry: tuple[Any, ...],
@@ -416,7 +423,10 @@ def make_plain_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
         token_mb, mask_mb = _microbatches(tokens, mask, microbatch_size)
 
         def summed_loss(p: Params, mb_tokens: jax.Array, mb_mask: jax.Array) -> jax.Array:
-            losses = jax.vmap(bound, in_axes=(None, 0))(p, mb_tokens)
+            if isinstance(bound, ModelLoss):  # the decoder's batched path (same losses)
+                losses = bound.batched(p, mb_tokens)
+            else:
+                losses = jax.vmap(bound, in_axes=(None, 0))(p, mb_tokens)
             return jnp.sum(losses * mb_mask.astype(losses.dtype))
 
         def accumulate(carry: Any, batch: tuple[jax.Array, jax.Array]) -> tuple[Any, None]:

@@ -6,28 +6,36 @@ and the clipped sum can be had from those tensors alone (Li et al. 2022 "ghost c
 al. 2023 "book-keeping"):
 
 * a linear map ``y = x W`` (``x``: ``[L, i]``, output gradient ``δ = ∂loss/∂y``: ``[L, o]``) has
-  per-example gradient ``xᵀδ``, with ``‖xᵀδ‖² = ⟨x xᵀ, δ δᵀ⟩`` (the "ghost norm", ``L²(i+o)``
-  work) or, when cheaper, ``‖xᵀδ‖²`` computed directly (``L·i·o`` work, ``i·o`` memory per
-  example; only chosen when that is no more than the ghost norm's);
-* the tied embedding's gradient is ``√d·scatter(δ_embed at tokens) + δ_logitsᵀ h``: its squared
-  norm is the input part by token-equality grouping (``d·Σ_{l,m: t_l = t_m} δ_l·δ_m``), the output
-  part as a linear map, and twice their inner product (``√d·Σ_l δ_l · Σ_m δ_logits[m, t_l] h_m``);
+  per-example gradient ``G = xᵀδ``. When ``i·o > L(i+o)`` its norm is the "ghost norm"
+  ``‖xᵀδ‖² = ⟨x xᵀ, δ δᵀ⟩`` (``L²(i+o)`` work) and the clipped sum is book-kept from ``x, δ``
+  (``Σ_b c_b x_bᵀδ_b``, the non-private weight gradient's matmul). Otherwise ``G_b`` is no larger
+  than the tape ``x_b, δ_b`` it is computed from and no slower to get than the ghost norm: it is
+  kept (``GhostTape.book``), its norm read off, and the clipped sum is ``Σ_b c_b G_b`` — a cheap
+  weighted sum in place of a second weight-gradient matmul (book-keeping, Bu et al. 2023);
+* the tied embedding's gradient is ``√d·scatter(δ_embed at tokens) + δ_logitsᵀ h``. Kept per
+  example by the same rule (both parts in one matmul), or else its squared norm is the input part
+  by token-equality grouping (``d·Σ_{l,m: t_l = t_m} δ_l·δ_m``), the output part as a linear map,
+  and twice their inner product (``√d·Σ_l δ_l · Σ_m δ_logits[m, t_l] h_m``);
 * RMSNorm scales (``d`` numbers) get exact per-example gradients ``Σ_l δ_l ⊙ x̂_l`` — the pre-norms,
-  the final norm and, in Gemma-2-style models, the post-norms alike.
-
+  the final norm and, in Gemma-2-style models, the post-norms alike;
 * a LoRA adapter ``y = x W + s·(x A) B`` (``W`` frozen) has per-example gradients
   ``∇B = (s·x A)ᵀ δ`` and ``∇A = xᵀ (s·δ Bᵀ)``: two linear maps whose inputs and output gradients
   come from the same taps and probes (``x A`` and ``δ Bᵀ`` are ``[L, rank]``), so their norms and
-  clipped sums are the linear case above. A model holding adapters trains only them
-  (``_lora.split``): only the adapters' norms are computed, and only their linear outputs probed.
+  clipped sums are the linear case above (with the same kept-or-ghost choice; ``rank`` is small,
+  so the adapters' per-example gradients are usually kept). A model holding adapters trains only
+  them (``_lora.split``): only the adapters' norms are computed, and only their linear outputs
+  probed.
 
 Soft-capping, sliding windows and the query scale have no parameters: they only shape the output
 gradients ``δ``, which the backward pass computes through them, so the norms stay exact.
 
-The output gradients ``δ`` come from one backward pass with respect to zero "probes" added to
-every linear output (``Decoder.forward``), which computes no weight gradient; the inputs ``x``
-are the forward's taps. The clipped sum ``Σ_b c_b g_b`` is then book-kept from the same tensors
-(``Σ_b c_b x_bᵀδ_b``: the non-private weight gradient's work), without a second backward pass.
+The output gradients ``δ`` come from one backward pass of the batched model (``Decoder.forward``
+on ``[B, L]``) with respect to zero "probes" added to every linear output, which computes no
+weight gradient; the inputs ``x`` are the forward's taps. The clipped sum ``Σ_b c_b g_b`` is then
+book-kept from the kept gradients and the tape, without a second backward pass. With a bfloat16
+compute dtype the forward and backward run in it; the taps and output gradients are cast to
+float32 before any norm or sum (float32 clipping). Targets marked "no loss" (an instruction's
+prompt, :func:`~dptrain.trainer._model.mask_target`) are read as plain ids and carry no loss.
 
 Formal guarantees:
     1. Exactness: :func:`ghost_norms` returns the squared L2 norm of each example's full gradient
@@ -48,6 +56,7 @@ from typing import Any, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dptrain.trainer._model import Adapters, Decoder, Taps, input_ids, token_loss, zero_probes
 
@@ -58,22 +67,27 @@ _NORMS = ("attn_norm", "mlp_norm", "attn_post_norm", "mlp_post_norm")
 
 
 class GhostTape(NamedTuple):
-    """What the clipped sum is book-kept from: each example's taps and output gradients."""
+    """What the clipped sum is book-kept from.
+
+    Batched-path layout: block entries are ``[layers, B, L, ...]``, the others ``[B, L, ...]``.
+    """
 
     tokens: jax.Array  # [B, L] the model's input tokens (targets excluded)
-    taps: Taps  # inputs of every linear map / norm scale, leading batch axis
-    grads: Taps  # ∂loss_b/∂(probed output), same structure as zero_probes, leading batch axis
+    taps: Taps  # inputs of every linear map / norm scale
+    grads: Taps  # ∂loss_b/∂(probed output), same structure as zero_probes(batch=B)
+    book: dict[str, jax.Array]  # per-example gradients kept for the sum (see _materialise)
 
 
-def _sq_norm_linear(x: jax.Array, delta: jax.Array) -> jax.Array:
-    """``‖x_bᵀ δ_b‖²`` per leading index for ``x`` ``[..., L, i]`` and ``delta`` ``[..., L, o]``."""
-    length, fan_in, fan_out = x.shape[-2], x.shape[-1], delta.shape[-1]
-    if fan_in * fan_out <= length * (fan_in + fan_out):
-        grad = jnp.einsum("...li,...lo->...io", x, delta)
-        return jnp.sum(jnp.square(grad), axis=(-2, -1))
-    gram_x = jnp.einsum("...li,...mi->...lm", x, x)
-    gram_d = jnp.einsum("...lo,...mo->...lm", delta, delta)
-    return jnp.sum(gram_x * gram_d, axis=(-2, -1))
+def _materialise(length: int, fan_in: int, fan_out: int) -> bool:
+    """Whether a linear map's per-example gradient is kept rather than its ghost norm used.
+
+    ``x_bᵀδ_b`` (``i·o`` numbers and ``L·i·o`` work per example) against the ghost norm's Gram
+    matrices (``L²(i+o)`` work) and the tape ``x_b, δ_b`` that the sum would otherwise be
+    book-kept from (``L(i+o)`` numbers): when ``i·o ≤ L(i+o)`` the per-example gradient is no
+    larger than the tape it replaces and no slower to get, and the clipped sum is then a cheap
+    ``Σ_b c_b G_b`` instead of a second weight-gradient matmul.
+    """
+    return fan_in * fan_out <= length * (fan_in + fan_out)
 
 
 def _flat(a: jax.Array, dims: int) -> jax.Array:
@@ -81,9 +95,9 @@ def _flat(a: jax.Array, dims: int) -> jax.Array:
     return a.reshape(*a.shape[: a.ndim - dims], -1)
 
 
-def _linear_pairs(tape: GhostTape) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """``(input, output gradient)`` of every block linear map, ``[B, layers, L, features]``."""
-    taps, grads = tape.taps["blocks"], tape.grads["blocks"]
+def _linear_pairs(taps: Taps, grads: Taps) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """``(input, output gradient)`` of every block linear map, ``[layers, B, L, features]``."""
+    taps, grads = taps["blocks"], grads["blocks"]
     return {"wq": (taps["attn_in"], _flat(grads["q"], 2)),
             "wk": (taps["attn_in"], _flat(grads["k"], 2)),
             "wv": (taps["attn_in"], _flat(grads["v"], 2)),
@@ -93,44 +107,55 @@ def _linear_pairs(tape: GhostTape) -> dict[str, tuple[jax.Array, jax.Array]]:
             "w_down": (taps["down"], grads["down"])}
 
 
-def _lora_inputs(tape: GhostTape) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """``(input, output gradient)`` of each LoRA target's linear map, ``[B, layers, L, f]``."""
-    taps, grads = tape.taps["blocks"], tape.grads["blocks"]
+def _lora_pairs(taps: Taps, grads: Taps,
+                lora: Adapters) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """``(input, output gradient)`` of every adapter matrix, ``[layers, B, L, features]``.
+
+    ``A``: ``(x, s·δBᵀ)``; ``B``: ``(s·xA, δ)`` (``s`` the adapters' scale; ``x`` and ``δ`` the
+    target's input and output gradient).
+    """
+    taps, grads = taps["blocks"], grads["blocks"]
     inputs = {"q": taps["attn_in"], "k": taps["attn_in"], "v": taps["attn_in"],
               "o": _flat(taps["o"], 2), "gate": taps["mlp_in"], "up": taps["mlp_in"],
               "down": taps["down"]}
-    return {name: (inputs[name], _flat(grads[name], grads[name].ndim - 3)) for name in grads}
-
-
-def _lora_pairs(tape: GhostTape, lora: Adapters) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """``(input, output gradient)`` of every adapter matrix.
-
-    ``A``: ``(x, s·δBᵀ)``; ``B``: ``(s·xA, δ)`` (``s`` the adapters' scale).
-    """
     pairs = {}
-    for name, (x, delta) in _lora_inputs(tape).items():
+    for name in lora.a:
+        x, delta = inputs[name], _flat(grads[name], grads[name].ndim - 3)
         a, b = lora.a[name], lora.b[name]  # [n, in, r], [n, r, out]
-        pairs["a/" + name] = (x, lora.scale * jnp.einsum("bnlo,nro->bnlr", delta, b))
-        pairs["b/" + name] = (lora.scale * jnp.einsum("bnli,nir->bnlr", x, a), delta)
+        pairs["a/" + name] = (x, lora.scale * jnp.einsum("nblo,nro->nblr", delta, b))
+        pairs["b/" + name] = (lora.scale * jnp.einsum("nbli,nir->nblr", x, a), delta)
     return pairs
 
 
-def _norm_scale_grads(tape: GhostTape) -> dict[str, jax.Array]:
-    """Exact per-example gradients of the RMSNorm scales (``[B, layers, d]`` / ``[B, d]``)."""
-    taps, grads = tape.taps, tape.grads
-    return {name: jnp.einsum("bnld,bnld->bnd", taps["blocks"][name], grads["blocks"][name])
-            for name in _NORMS if name in taps["blocks"]} | {
-        "final_norm": jnp.einsum("bld,bld->bd", taps["final_norm"], grads["final_norm"])}
+def _linear_sq_norms(pairs: dict[str, tuple[jax.Array, jax.Array]], length: int,
+                     book: dict[str, jax.Array]) -> list[jax.Array]:
+    """Each pair's per-example squared norms ``[B]``: kept gradient (into ``book``) or ghost."""
+    squares = []
+    for name, (x, delta) in pairs.items():
+        if _materialise(length, x.shape[-1], delta.shape[-1]):
+            book[name] = jnp.einsum("nbli,nblo->nbio", x, delta)
+            squares.append(jnp.sum(jnp.square(book[name]), axis=(0, 2, 3)))
+        else:
+            squares.append(_gram_sq_norms(x, delta))
+    return squares
 
 
-def _embedding_sq_norms(tape: GhostTape) -> jax.Array:
+def _gram_sq_norms(x: jax.Array, delta: jax.Array) -> jax.Array:
+    """``‖x_bᵀ δ_b‖²`` by the ghost norm ``⟨x xᵀ, δ δᵀ⟩``, summed over the layer axis: ``[B]``."""
+    gram_x = jnp.einsum("nbli,nbmi->nblm", x, x)
+    gram_d = jnp.einsum("nblo,nbmo->nblm", delta, delta)
+    return jnp.sum(gram_x * gram_d, axis=(0, 2, 3))
+
+
+def _embedding_gram_sq_norms(tokens: jax.Array, delta_in: jax.Array, delta_out: jax.Array,
+                             head: jax.Array) -> jax.Array:
     """Squared norm of each example's tied-embedding gradient (input gather + output head)."""
-    delta_in, delta_out, head = tape.grads["embed"], tape.grads["logits"], tape.taps["head"]
-    tokens, d_model = tape.tokens, delta_in.shape[-1]
+    d_model = delta_in.shape[-1]
     same = (tokens[:, :, None] == tokens[:, None, :]).astype(delta_in.dtype)
     input_part = d_model * jnp.sum(same * jnp.einsum("bld,bmd->blm", delta_in, delta_in),
                                    axis=(1, 2))
-    output_part = _sq_norm_linear(head, delta_out)
+    output_part = jnp.sum(jnp.einsum("blv,bmv->blm", delta_out, delta_out)
+                          * jnp.einsum("bld,bmd->blm", head, head), axis=(1, 2))
     # Row t_l of the head's gradient, Σ_m δ_logits[m, t_l] h_m, met by the input part at l.
     at_tokens = jnp.take_along_axis(delta_out, tokens[:, None, :], axis=2)  # [B, m, l]
     rows = jnp.einsum("bml,bmd->bld", at_tokens, head)
@@ -138,9 +163,26 @@ def _embedding_sq_norms(tape: GhostTape) -> jax.Array:
     return input_part + output_part + cross
 
 
+def _embedding_grads(tokens: jax.Array, delta_in: jax.Array, delta_out: jax.Array,
+                     head: jax.Array) -> jax.Array:
+    """Each example's tied-embedding gradient ``[B, vocab, d]``: head part plus the gather's.
+
+    ``δ_logitsᵀ h + √d·onehot(tokens)ᵀ δ_embed``, as one matmul over the positions of both.
+    """
+    vocab, d_model = delta_out.shape[-1], delta_in.shape[-1]
+    left = jnp.concatenate([delta_out, jax.nn.one_hot(tokens, vocab, dtype=delta_out.dtype)],
+                           axis=1)
+    right = jnp.concatenate([head, np.float32(math.sqrt(d_model)) * delta_in], axis=1)
+    return jnp.einsum("blv,bld->bvd", left, right)
+
+
 def ghost_norms(static: Decoder, params: Params, tokens: jax.Array, pad_id: int = 0, *,
                 compute_dtype: Any = jnp.float32) -> tuple[jax.Array, jax.Array, GhostTape]:
     """Per-example squared gradient norms and losses of ``tokens`` (``[B, L+1]``), and the tape.
+
+    One forward and one backward pass of the batched model with respect to zero probes on every
+    linear output: the probes of row ``b`` only reach row ``b``'s loss, so the gradient of the
+    summed loss with respect to them is each row's own output gradient.
 
     ``static`` may hold frozen arrays (a LoRA model's base): the gradient is ``params``'. With a
     ``compute_dtype`` of bfloat16 the forward and backward run in it, and the taps and output
@@ -152,34 +194,50 @@ def ghost_norms(static: Decoder, params: Params, tokens: jax.Array, pad_id: int 
     model = cast_floating(eqx.combine(params, static), compute_dtype)
     # Marked targets (an instruction's prompt) are read as plain ids and carry no loss.
     inputs, targets = input_ids(tokens[:, :-1]), tokens[:, 1:]
+    batch, length = inputs.shape
     lora = model.lora
-    probes = zero_probes(model, inputs.shape[1], dtype=compute_dtype,
+    probes = zero_probes(model, length, batch, dtype=compute_dtype,
                          targets=None if lora is None else tuple(lora.a))
 
-    def loss(probe: Taps, row: jax.Array, target: jax.Array) -> tuple[jax.Array, Taps]:
-        logits, taps = model.forward(row, probe)
-        return token_loss(logits, target, pad_id), taps
+    def total(probe: Taps) -> tuple[jax.Array, tuple[jax.Array, Taps]]:
+        logits, taps = model.forward(inputs, probe)
+        losses = token_loss(logits, targets, pad_id)
+        return jnp.sum(losses), (losses, taps)
 
-    per_example = jax.vmap(jax.value_and_grad(loss, has_aux=True), in_axes=(None, 0, 0))
-    (losses, taps), grads = per_example(probes, inputs, targets)
+    (_, (losses, taps)), grads = jax.value_and_grad(total, has_aux=True)(probes)
     to32 = functools.partial(jax.tree_util.tree_map, lambda a: a.astype(jnp.float32))
-    tape = GhostTape(tokens=inputs, taps=to32(taps), grads=to32(grads))
+    taps, grads = to32(taps), to32(grads)
+    book: dict[str, jax.Array] = {}
     if lora is not None:  # only the adapters are trained
         adapters = eqx.combine(params, static).lora  # float32 master copy
         assert adapters is not None
-        squares = [jnp.sum(_sq_norm_linear(x, d), axis=1)
-                   for x, d in _lora_pairs(tape, adapters).values()]
+        squares = _linear_sq_norms(_lora_pairs(taps, grads, adapters), length, book)
+        tape = GhostTape(tokens=inputs, taps=taps, grads=grads, book=book)
         return sum(squares[1:], squares[0]), losses, tape
-    squares = [jnp.sum(_sq_norm_linear(x, d), axis=1) for x, d in _linear_pairs(tape).values()]
-    squares += [jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1)
-                for g in _norm_scale_grads(tape).values()]
-    squares.append(_embedding_sq_norms(tape))
+    squares = _linear_sq_norms(_linear_pairs(taps, grads), length, book)
+    for name in _NORMS:  # RMSNorm scales: exact per-example gradients, [layers, B, d]
+        if name in taps["blocks"]:
+            book[name] = jnp.einsum("nbld,nbld->nbd", taps["blocks"][name],
+                                    grads["blocks"][name])
+            squares.append(jnp.sum(jnp.square(book[name]), axis=(0, 2)))
+    book["final_norm"] = jnp.einsum("bld,bld->bd", taps["final_norm"], grads["final_norm"])
+    squares.append(jnp.sum(jnp.square(book["final_norm"]), axis=1))
+    embed = (inputs, grads["embed"], grads["logits"], taps["head"])
+    vocab, d_model = model.embedding.shape
+    if _materialise(length, vocab, d_model):
+        book["embedding"] = _embedding_grads(*embed)
+        squares.append(jnp.sum(jnp.square(book["embedding"]), axis=(1, 2)))
+    else:
+        squares.append(_embedding_gram_sq_norms(*embed))
+    tape = GhostTape(tokens=inputs, taps=taps, grads=grads, book=book)
     return sum(squares[1:], squares[0]), losses, tape
 
 
-def _select(a: jax.Array, keep: jax.Array) -> jax.Array:
-    """``a`` with rows where ``keep`` is False replaced by exact zeros (NaN-safe)."""
-    return jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, 0.0)
+def _select(a: jax.Array, keep: jax.Array, axis: int = 0) -> jax.Array:
+    """``a`` with rows (along ``axis``) where ``keep`` is False replaced by exact zeros."""
+    shape = [1] * a.ndim
+    shape[axis] = -1
+    return jnp.where(keep.reshape(shape), a, 0.0)
 
 
 def cast_floating(tree: Any, dtype: Any) -> Any:
@@ -200,30 +258,46 @@ def weighted_grad_sum(params: Params, tape: GhostTape, weights: jax.Array,
     keep = weights != 0
     w = jnp.where(keep, weights, 0.0)
 
-    def scaled(delta: jax.Array) -> jax.Array:
-        return _select(delta, keep) * w.reshape((-1,) + (1,) * (delta.ndim - 1))
+    def scaled(a: jax.Array, axis: int) -> jax.Array:
+        shape = [1] * a.ndim
+        shape[axis] = -1
+        return _select(a, keep, axis) * w.reshape(shape)
+
+    def book_sum(name: str) -> jax.Array:
+        """``Σ_b w_b G_b`` of a kept per-example gradient (batch axis 1 under a layer axis)."""
+        g = tape.book[name]
+        axis = 0 if name in ("final_norm", "embedding") else 1
+        return jnp.tensordot(w, _select(g, keep, axis), axes=([0], [axis]))
+
+    def linear_sum(name: str, x: jax.Array, delta: jax.Array) -> jax.Array:
+        """``Σ_b w_b x_bᵀδ_b`` from the kept gradient or book-kept from the tape."""
+        if name in tape.book:
+            return book_sum(name)
+        return jnp.einsum("nbli,nblo->nio", _select(x, keep, 1), scaled(delta, 1))
 
     if getattr(params, "lora", None) is not None:
         adapters = params.lora if static is None else eqx.combine(params, static).lora
-        sums = {key: jnp.einsum("bnli,bnlo->nio", _select(x, keep), scaled(delta))
-                for key, (x, delta) in _lora_pairs(tape, adapters).items()}
+        sums = {key: linear_sum(key, x, delta)
+                for key, (x, delta) in _lora_pairs(tape.taps, tape.grads, adapters).items()}
         return eqx.tree_at(lambda p: (p.lora.a, p.lora.b), params,
                            ({t: sums["a/" + t] for t in adapters.a},
                             {t: sums["b/" + t] for t in adapters.b}))
 
     blocks = params.blocks
     new: dict[str, jax.Array] = {}
-    for name, (x, delta) in _linear_pairs(tape).items():
-        summed = jnp.einsum("bnli,bnlo->nio", _select(x, keep), scaled(delta))
+    for name, (x, delta) in _linear_pairs(tape.taps, tape.grads).items():
+        summed = linear_sum(name, x, delta)
         layer = blocks.attn if name in ("wq", "wk", "wv", "wo") else blocks.mlp
         new[name] = summed.reshape(getattr(layer, name).shape)
-    scales = {name: jnp.einsum("bnd->nd" if g.ndim == 3 else "bd->d", scaled(g))
-              for name, g in _norm_scale_grads(tape).items()}
-    delta_in, delta_out, head = tape.grads["embed"], tape.grads["logits"], tape.taps["head"]
-    d_model = delta_in.shape[-1]
-    embed = jnp.einsum("blv,bld->vd", scaled(delta_out), _select(head, keep))
-    embed = embed.at[tape.tokens.reshape(-1)].add(
-        (math.sqrt(d_model) * scaled(delta_in)).reshape(-1, d_model))
+    scales = {name: book_sum(name) for name in (*_NORMS, "final_norm") if name in tape.book}
+    if "embedding" in tape.book:
+        embed = book_sum("embedding")
+    else:
+        delta_in, delta_out, head = tape.grads["embed"], tape.grads["logits"], tape.taps["head"]
+        d_model = delta_in.shape[-1]
+        embed = jnp.einsum("blv,bld->vd", scaled(delta_out, 0), _select(head, keep))
+        embed = embed.at[tape.tokens.reshape(-1)].add(
+            (math.sqrt(d_model) * scaled(delta_in, 0)).reshape(-1, d_model))
     out = eqx.tree_at(
         lambda p: (p.embedding, p.blocks.attn.wq, p.blocks.attn.wk, p.blocks.attn.wv,
                    p.blocks.attn.wo, p.blocks.mlp.w_gate, p.blocks.mlp.w_up, p.blocks.mlp.w_down,

@@ -3,6 +3,15 @@
 Every layer maps one unbatched sequence ``[L]`` to ``[L, vocab]``; batching is ``jax.vmap`` outside,
 which is exactly the shape per-example DP gradients need (``vmap(grad(loss), in_axes=(None, 0))``).
 
+The same code also takes a batch ``[B, L]`` directly (the *batched path*: every einsum carries a
+leading ``...``): rows never mix (dense layers and norms act per position, attention per row), so
+it computes what ``vmap`` computes (tested), with one loss per row, so that one backward pass of
+the summed loss gives every row's output gradients, and with the layer axis leading in the stacked
+taps (``[layers, B, L, ...]``, contiguous per layer for the weight-gradient matmuls). The linear
+maps, LoRA adapters included, are :func:`~dptrain.trainer._linear.dense` (2-D matmuls with a
+backward pass XLA:CPU runs fast). The non-private step and ghost clipping use the batched path;
+the per-example reference (``vmap(grad)``) keeps the one-example formulation.
+
 Architecture (VaultGemma): RMSNorm pre-norm before attention and MLP, *no* post-norms; multi-query
 attention (``n_kv_heads`` key/value heads shared by all query heads) with rotary position
 embeddings; full causal attention in every layer; GeGLU MLP; input embedding scaled by
@@ -37,6 +46,7 @@ from dptrain.planner import ModelShape
 from dptrain.trainer._architecture import NORM_EPS as _NORM_EPS
 from dptrain.trainer._architecture import ROPE_BASE as _ROPE_BASE
 from dptrain.trainer._architecture import Architecture, softcap, visibility
+from dptrain.trainer._linear import dense
 
 Taps = dict[str, Any]  # layer name -> array (or nested Taps for the stacked blocks)
 _DEFAULT_ARCH = Architecture()
@@ -62,10 +72,10 @@ class Adapters(eqx.Module):
 
 
 def _adapt(y: jax.Array, x: jax.Array, lora: Adapters | None, name: str) -> jax.Array:
-    """``y + scale·(x A) B`` for a target with an adapter (``x``: ``[L, fan_in]``), else ``y``."""
+    """``y + scale·(x A) B`` for a target with an adapter (``x``: ``[..., L, fan_in]``), else y."""
     if lora is None or name not in lora.a:
         return y
-    low = (x @ lora.a[name].astype(x.dtype)) @ lora.b[name].astype(x.dtype)
+    low = dense(dense(x, lora.a[name].astype(x.dtype)), lora.b[name].astype(x.dtype))
     return y + (lora.scale * low).reshape(y.shape)
 
 
@@ -132,17 +142,19 @@ def inverse_frequencies(head_dim: int, base: float = _ROPE_BASE) -> np.ndarray:
 
 def apply_rope(x: jax.Array, positions: jax.Array | None = None,
                base: float = _ROPE_BASE) -> jax.Array:
-    """Rotary position embedding of ``x`` (``[L, heads, head_dim]``).
+    """Rotary position embedding of ``x`` (``[..., L, heads, head_dim]``).
 
     ``positions`` (``[L]`` int, traced) defaults to ``0..L-1`` (tables computed on the host).
     """
     half = x.shape[-1] // 2
     if positions is None:
-        sin, cos = rope_tables(x.shape[0], x.shape[-1], base)
+        sin, cos = rope_tables(x.shape[-3], x.shape[-1], base)
     else:
         angles = positions.astype(jnp.float32)[:, None] * inverse_frequencies(x.shape[-1], base)
         sin, cos = jnp.sin(angles)[:, None, :], jnp.cos(angles)[:, None, :]
-    sin, cos = jnp.asarray(sin, x.dtype), jnp.asarray(cos, x.dtype)
+    lead = (1,) * (x.ndim - 3)  # batch axes of the batched path, broadcast explicitly
+    sin = jnp.asarray(sin, x.dtype).reshape(*lead, *sin.shape)
+    cos = jnp.asarray(cos, x.dtype).reshape(*lead, *cos.shape)
     x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
@@ -177,7 +189,7 @@ class Attention(eqx.Module):
         scale = self.arch.query_scale if self.arch.query_scale is not None else head_dim ** -0.5
 
         def linear(w: jax.Array, name: str) -> jax.Array:
-            y = _adapt(jnp.einsum("ld,dhk->lhk", x, w), x, lora, name)
+            y = _adapt(dense(x, w), x, lora, name)
             return _probe(y, probes, name)
 
         q = apply_rope(linear(self.wq, "q"), positions, base)
@@ -191,15 +203,15 @@ class Attention(eqx.Module):
         ``visible`` (``[L, M]`` bool) says which key each query may see. Returns the input of
         ``wo`` (``[L, heads, head_dim]``).
         """
-        length, n_heads, head_dim = q.shape
-        n_kv = k.shape[1]
+        *lead, n_heads, head_dim = q.shape
+        n_kv = k.shape[-2]
         # Query heads are grouped over the shared key/value heads (one group per kv head).
-        q = q.reshape(length, n_kv, n_heads // n_kv, head_dim)
-        scores = softcap(jnp.einsum("lgrk,mgk->grlm", q, k), self.arch.attn_softcap)
+        q = q.reshape(*lead, n_kv, n_heads // n_kv, head_dim)
+        scores = softcap(jnp.einsum("...lgrk,...mgk->...grlm", q, k), self.arch.attn_softcap)
         # A finite minimum (not -inf) keeps gradients finite on fully masked entries.
         scores = jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
         weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
-        return jnp.einsum("grlm,mgk->lgrk", weights, v).reshape(length, n_heads, head_dim)
+        return jnp.einsum("...grlm,...mgk->...lgrk", weights, v).reshape(*lead, n_heads, head_dim)
 
     def forward(self, x: jax.Array, probes: Taps | None = None,
                 window: jax.Array | int | None = None,
@@ -209,11 +221,12 @@ class Attention(eqx.Module):
         ``window``: this layer's attention window (None: full causal attention); ``lora``:
         this layer's adapters.
         """
-        length = x.shape[0]
+        length = x.shape[-2]
         q, k, v = self.project(x, probes, lora=lora)
         visible = visibility(np.arange(length), np.arange(length), window)
         out = self.attend(q, k, v, visible)
-        y = _adapt(jnp.einsum("lhk,hkd->ld", out, self.wo), out.reshape(length, -1), lora, "o")
+        flat_out, flat_wo = out.reshape(*out.shape[:-2], -1), self.wo.reshape(-1, self.wo.shape[-1])
+        y = _adapt(dense(flat_out, flat_wo), flat_out, lora, "o")
         return _probe(y, probes, "o"), {"o": out}
 
 
@@ -236,10 +249,10 @@ class GeGLU(eqx.Module):
     def forward(self, x: jax.Array, probes: Taps | None = None,
                 lora: Adapters | None = None) -> tuple[jax.Array, Taps]:
         """The MLP output and the input of ``w_down`` (``[L, d_ff]``)."""
-        gate = _probe(_adapt(x @ self.w_gate, x, lora, "gate"), probes, "gate")
-        up = _probe(_adapt(x @ self.w_up, x, lora, "up"), probes, "up")
+        gate = _probe(_adapt(dense(x, self.w_gate), x, lora, "gate"), probes, "gate")
+        up = _probe(_adapt(dense(x, self.w_up), x, lora, "up"), probes, "up")
         hidden = jax.nn.gelu(gate, approximate=True) * up
-        return _probe(_adapt(hidden @ self.w_down, hidden, lora, "down"), probes, "down"), {
+        return _probe(_adapt(dense(hidden, self.w_down), hidden, lora, "down"), probes, "down"), {
             "down": hidden}
 
 
@@ -364,7 +377,7 @@ class Decoder(eqx.Module):
 
     def head(self, h: jax.Array, probe: jax.Array | None = None) -> jax.Array:
         """Logits of final hidden states ``h`` (tied projection, then the final soft-cap)."""
-        logits = h @ self.embedding.T
+        logits = dense(h, self.embedding.T)
         if probe is not None:
             logits = logits + probe
         return softcap(logits, self.arch.final_softcap)
@@ -376,18 +389,18 @@ class Decoder(eqx.Module):
         (the normalised input of the final norm's scale) and ``head`` (the input of the tied
         output projection).
         """
-        if tokens.ndim != 1:
-            raise ValueError(f"Decoder takes one sequence [L]; got shape {tokens.shape} "
-                             "(batch with jax.vmap)")
-        if tokens.shape[0] > self.max_seq_len:
-            raise ValueError(f"sequence of {tokens.shape[0]} tokens exceeds the model's "
+        if tokens.ndim not in (1, 2):
+            raise ValueError(f"Decoder takes one sequence [L] (or a batch [B, L] on the batched "
+                             f"path); got shape {tokens.shape}")
+        if tokens.shape[-1] > self.max_seq_len:
+            raise ValueError(f"sequence of {tokens.shape[-1]} tokens exceeds the model's "
                              f"max_seq_len {self.max_seq_len}")
         get = (lambda name: None) if probes is None else probes.get
         x = self.embed(tokens)
         if get("embed") is not None:
             x = x + get("embed")
         arrays, static = eqx.partition(self.blocks, eqx.is_array)
-        windows = self.arch.windows(self.n_layers, tokens.shape[0])
+        windows = self.arch.windows(self.n_layers, tokens.shape[-1])
 
         def layer(h: jax.Array, xs: tuple[Block, Taps | None, jax.Array, Adapters | None]
                   ) -> tuple[jax.Array, Taps]:
@@ -433,32 +446,36 @@ def empty_cache(model: Decoder, length: int) -> tuple[jax.Array, jax.Array]:
     return zeros, zeros
 
 
-def zero_probes(model: Decoder, length: int, *, targets: tuple[str, ...] | None = None,
-                dtype: Any = jnp.float32) -> Taps:
+def zero_probes(model: Decoder, length: int, batch: int | None = None, *,
+                targets: tuple[str, ...] | None = None, dtype: Any = jnp.float32) -> Taps:
     """Zeros shaped like every probed output of ``model`` on a sequence of ``length`` tokens.
 
-    ``targets``: probe only these block linear maps (the LoRA targets), nothing else.
+    With ``batch``, for the batched path (``forward`` on ``[batch, length]``): the block probes
+    are ``[n_layers, batch, length, ...]`` (layer axis first, as ``lax.scan`` stacks the taps),
+    the others ``[batch, length, ...]``. ``targets``: probe only these block linear maps (the
+    LoRA targets), nothing else.
     """
     attn, d_model = model.blocks.attn, model.embedding.shape[1]
     n_layers, _, n_heads, head_dim = attn.wq.shape
     n_kv, d_ff = attn.wk.shape[2], model.blocks.mlp.w_gate.shape[-1]
+    rows = (length,) if batch is None else (batch, length)
 
     def zeros(*shape: int) -> jax.Array:
         return jnp.zeros(shape, dtype)
 
-    blocks = {"attn_norm": zeros(n_layers, length, d_model), "q": zeros(n_layers, length, n_heads,
-              head_dim), "k": zeros(n_layers, length, n_kv, head_dim),
-              "v": zeros(n_layers, length, n_kv, head_dim), "o": zeros(n_layers, length, d_model),
-              "mlp_norm": zeros(n_layers, length, d_model), "gate": zeros(n_layers, length, d_ff),
-              "up": zeros(n_layers, length, d_ff), "down": zeros(n_layers, length, d_model)}
+    def per_layer(*feature: int) -> jax.Array:
+        return zeros(n_layers, *rows, *feature)
+
+    blocks = {"attn_norm": per_layer(d_model), "q": per_layer(n_heads, head_dim),
+              "k": per_layer(n_kv, head_dim), "v": per_layer(n_kv, head_dim),
+              "o": per_layer(d_model), "mlp_norm": per_layer(d_model), "gate": per_layer(d_ff),
+              "up": per_layer(d_ff), "down": per_layer(d_model)}
     if targets is not None:
         return {"blocks": {name: blocks[name] for name in targets}}
     if model.blocks.attn_post_norm is not None:
-        blocks |= {"attn_post_norm": zeros(n_layers, length, d_model),
-                   "mlp_post_norm": zeros(n_layers, length, d_model)}
-    return {"embed": zeros(length, d_model), "blocks": blocks,
-            "final_norm": zeros(length, d_model),
-            "logits": zeros(length, model.embedding.shape[0])}
+        blocks |= {"attn_post_norm": per_layer(d_model), "mlp_post_norm": per_layer(d_model)}
+    return {"embed": zeros(*rows, d_model), "blocks": blocks, "final_norm": zeros(*rows, d_model),
+            "logits": zeros(*rows, model.embedding.shape[0])}
 
 
 def build_model(shape: ModelShape, *, key: jax.Array,
@@ -478,9 +495,10 @@ def sequence_loss(model: Decoder, tokens: jax.Array, pad_id: int = 0) -> jax.Arr
 
     A token stored as ``~id`` (negative: :func:`mask_target`) is read as ``id`` but carries no
     loss as a target (an instruction's prompt). A sequence that is all padding has loss 0 (and
-    zero gradient).
+    zero gradient). On a batch ``[B, L]`` (the batched path) it returns each row's loss, ``[B]``:
+    the same as ``vmap`` over the rows.
     """
-    return token_loss(model(input_ids(tokens[:-1])), tokens[1:], pad_id)
+    return token_loss(model.forward(input_ids(tokens[..., :-1]))[0], tokens[..., 1:], pad_id)
 
 
 def mask_target(ids: Any) -> Any:
@@ -502,20 +520,20 @@ def target_weights(targets: jax.Array, pad_id: int = 0) -> jax.Array:
 
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Per-position cross-entropy of ``logits`` (``[L, vocab]``) against (unmarked) targets."""
+    """Per-position cross-entropy of ``logits`` (``[..., L, vocab]``) against (unmarked) targets."""
     log_probs = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(log_probs, input_ids(targets)[:, None], axis=-1)[:, 0]
+    return -jnp.take_along_axis(log_probs, input_ids(targets)[..., None], axis=-1)[..., 0]
 
 
 def token_loss(logits: jax.Array, targets: jax.Array, pad_id: int = 0) -> jax.Array:
-    """Mean cross-entropy of ``logits`` (``[L, vocab]``) against the targets carrying loss.
+    """Mean cross-entropy of ``logits`` (``[..., L, vocab]``) against the targets carrying loss.
 
     Targets equal to ``pad_id`` or marked by :func:`mask_target` count 0. Computed in float32
     whatever the logits' precision.
     """
     nll = token_nll(logits.astype(jnp.float32), targets)
     weights = target_weights(targets, pad_id).astype(nll.dtype)
-    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    return jnp.sum(nll * weights, axis=-1) / jnp.maximum(jnp.sum(weights, axis=-1), 1.0)
 
 
 def greedy_continue(model: Decoder, prompt: jax.Array, num_tokens: int) -> jax.Array:
