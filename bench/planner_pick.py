@@ -62,7 +62,7 @@ def main() -> None:
     if args.pick_model_alternative:
         configs.append(("alt., pick's model", plan.model_shape.name, 64, 512, None,
                         plan.learning_rate))
-    print(f"{'configuration':<14}{'model':<11}{'B':>6}{'T':>7}{'σ':>8}{'held-out':>10}"
+    print(f"{'configuration':<19}{'model':<11}{'B':>6}{'T':>7}{'σ':>8}{'held-out':>10}"
           f"{'train':>8}{'wall s':>8}{'tok/s':>9}")
     for label, preset, b, t, sigma, lr in configs:
         if sigma is None:
@@ -79,7 +79,7 @@ def main() -> None:
                                                 sigma=sigma, learning_rate=lr,
                                                 settings=settings, train_rows=n)
         last = curve[-1]
-        print(f"{label:<14}{preset:<11}{b:>6}{t:>7}{sigma:>8.3f}"
+        print(f"{label:<19}{preset:<11}{b:>6}{t:>7}{sigma:>8.3f}"
               f"{'diverged' if diverged else f'{last.heldout_loss:.3f}':>10}"
               f"{last.train_loss:>8.3f}{last.seconds:>8.0f}{b * t * 64 / last.seconds:>9.0f}",
               flush=True)
