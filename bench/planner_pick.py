@@ -5,7 +5,8 @@ then trains the pick and the issue's alternatives (tiny, B = 64 / T = 512 and B 
 calibrated for ε = 8 at their (q, T)) with the DP-SGD step, and prints each one's held-out loss
 (the last 256 rows, never trained on), wall time and throughput.
 
-Run: python bench/planner_pick.py [--skip-old-pick] [--skip-new-pick] [--skip-alternatives].
+Run: python bench/planner_pick.py [--skip-old-pick] [--skip-new-pick] [--skip-alternatives]
+[--pick-model-alternative].
 The old pick (B = 2, T = 16,384) takes the longest; it is included unless skipped.
 """
 
@@ -34,6 +35,9 @@ def main() -> None:
     parser.add_argument("--skip-new-pick", action="store_true",
                         help="train the alternatives only (they do not depend on the table)")
     parser.add_argument("--skip-alternatives", action="store_true")
+    parser.add_argument("--pick-model-alternative", action="store_true",
+                        help="also train the pick's own model and learning rate at B = 64 / "
+                             "T = 512 (the issue's best alternative, with the pick's model)")
     args = parser.parse_args()
     spec = DPTrainingJobSpec.model_validate(SPEC)
     with tempfile.TemporaryDirectory() as cache:
@@ -55,7 +59,10 @@ def main() -> None:
     if not args.skip_alternatives:
         configs += [("alternative", "tiny", 64, 512, None, 1e-2),
                     ("alternative", "tiny", 512, 64, None, 1e-2)]
-    print(f"{'configuration':<14}{'model':<11}{'B':>6}{'T':>7}{'σ':>8}{'held-out':>10}"
+    if args.pick_model_alternative:
+        configs.append(("alt., pick's model", plan.model_shape.name, 64, 512, None,
+                        plan.learning_rate))
+    print(f"{'configuration':<19}{'model':<11}{'B':>6}{'T':>7}{'σ':>8}{'held-out':>10}"
           f"{'train':>8}{'wall s':>8}{'tok/s':>9}")
     for label, preset, b, t, sigma, lr in configs:
         if sigma is None:
@@ -72,7 +79,7 @@ def main() -> None:
                                                 sigma=sigma, learning_rate=lr,
                                                 settings=settings, train_rows=n)
         last = curve[-1]
-        print(f"{label:<14}{preset:<11}{b:>6}{t:>7}{sigma:>8.3f}"
+        print(f"{label:<19}{preset:<11}{b:>6}{t:>7}{sigma:>8.3f}"
               f"{'diverged' if diverged else f'{last.heldout_loss:.3f}':>10}"
               f"{last.train_loss:>8.3f}{last.seconds:>8.0f}{b * t * 64 / last.seconds:>9.0f}",
               flush=True)

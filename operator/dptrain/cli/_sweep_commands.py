@@ -293,6 +293,14 @@ def _sweep(args: argparse.Namespace) -> int:
     kept = [SweepRun(k[0], k[1], k[2], k[3], k[4]) for k in done if k not in
             {run.key for run in runs}]
     runs = kept + runs
+    # Each batch's longest run (--max-sequences cuts the long horizons of large batches).
+    longest_by_b = {b: max(run.steps for run in runs if run.batch_size == b)
+                    for b in sorted({run.batch_size for run in runs})}
+    for b in longest_by_b.keys() - physical.keys():
+        physical[b] = physical_batch_size(b, n - args.heldout_rows, devices=jax.device_count(),
+                                          microbatch=args.microbatch_size,
+                                          override=args.physical_batch_size)
+    physical = dict(sorted(physical.items()))
     for preset in {run.preset for run in kept} - set(shapes):
         shapes[preset] = shape_for(preset, vocab_size=tokenizer.vocab_size)
     provenance: dict[str, Any] = {
@@ -315,9 +323,9 @@ def _sweep(args: argparse.Namespace) -> int:
                     "checksum": dataset.manifest.source_checksum,
                     "heldout_rows": args.heldout_rows,
                     "tokens_per_run_longest": {
-                        b: longest * b * (args.sequence_length - 1) for b in batches},
+                        b: t * b * (args.sequence_length - 1) for b, t in longest_by_b.items()},
                     "epochs_per_run_longest": {
-                        b: longest * b / (n - args.heldout_rows) for b in batches}},
+                        b: t * b / (n - args.heldout_rows) for b, t in longest_by_b.items()}},
         "environment": environment(),
         "columns": list(TABLE_COLUMNS),
         "runs": [done[run.key] for run in runs if run.key in done],
