@@ -202,40 +202,36 @@ def held_out(text: str, fraction: float) -> bool:
 
 def _instruction_records(handle: Iterator[str], path: str, prompt_field: str,
                          response_field: str) -> Iterator[tuple[str, str]]:
-    field = "spec.data.uri" if "://" in path else "spec.data.path"
+    pairs = ((prompt_field, "promptField"), (response_field, "responseField"))
+    for prompt, response in _string_fields(handle, path, pairs):  # noqa: UP028 - typed as pairs
+        yield prompt, response
+
+
+def _jsonl_documents(handle: Iterator[str], path: str, text_field: str) -> Iterator[str]:
+    for (text,) in _string_fields(handle, path, ((text_field, "textField"),)):
+        yield text
+
+
+def _string_fields(handle: Iterator[str], path: str,
+                   fields: tuple[tuple[str, str], ...]) -> Iterator[tuple[str, ...]]:
+    """Each JSONL record's string ``fields`` (key, spec field naming it); blank lines skipped."""
+    where = "spec.data.uri" if "://" in path else "spec.data.path"
     for number, line in enumerate(handle, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise DataError(f"{field}: {path} line {number} is not valid JSON "
+            raise DataError(f"{where}: {path} line {number} is not valid JSON "
                             f"({error.msg})") from None
-        fields = []
-        for key, name in ((prompt_field, "promptField"), (response_field, "responseField")):
+        values = []
+        for key, name in fields:
             value = record.get(key) if isinstance(record, dict) else None
             if not isinstance(value, str):
                 raise DataError(f"spec.data.{name}: {path} line {number} has no string "
                                 f"field {key!r}")
-            fields.append(value)
-        yield fields[0], fields[1]
-
-
-def _jsonl_documents(handle: Iterator[str], path: str, text_field: str) -> Iterator[str]:
-    field = "spec.data.uri" if "://" in path else "spec.data.path"
-    for number, line in enumerate(handle, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{field}: {path} line {number} is not valid JSON "
-                            f"({error.msg})") from None
-        text = record.get(text_field) if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            raise DataError(f"spec.data.textField: {path} line {number} has no string field "
-                            f"{text_field!r}")
-        yield text
+            values.append(value)
+        yield tuple(values)
 
 
 def _docstrings(path: pathlib.Path) -> Iterator[str]:
