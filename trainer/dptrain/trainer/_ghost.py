@@ -76,16 +76,22 @@ class GhostTape(NamedTuple):
     taps: Taps  # inputs of every linear map / norm scale
     grads: Taps  # ∂loss_b/∂(probed output), same structure as zero_probes(batch=B)
     book: dict[str, jax.Array]  # per-example gradients kept for the sum (see _materialise)
+    sq_norms: jax.Array  # [B] the squared norms computed from this tape (see weighted_grad_sum)
 
 
 def _materialise(length: int, fan_in: int, fan_out: int) -> bool:
     """Whether a linear map's per-example gradient is kept rather than its ghost norm used.
 
-    ``x_bᵀδ_b`` (``i·o`` numbers and ``L·i·o`` work per example) against the ghost norm's Gram
-    matrices (``L²(i+o)`` work) and the tape ``x_b, δ_b`` that the sum would otherwise be
-    book-kept from (``L(i+o)`` numbers): when ``i·o ≤ L(i+o)`` the per-example gradient is no
-    larger than the tape it replaces and no slower to get, and the clipped sum is then a cheap
-    ``Σ_b c_b G_b`` instead of a second weight-gradient matmul.
+    Kept: ``G_b = x_bᵀδ_b`` (``L·i·o`` multiply-adds, the work of the non-private weight
+    gradient), one pass over it for the norm and one for ``Σ_b c_b G_b`` (a batched
+    matrix-vector product): ``L·i·o + 2p·i·o``, ``p`` the cost of a memory pass per number in
+    matmul multiply-adds. Ghost: the Gram matrices (``L²(i+o)``) and the clipped sum book-kept as
+    a second weight-gradient matmul ``xᵀ(c ⊙ δ)`` (``L·i·o``). Measured on XLA:CPU
+    (``bench/dp_overhead.py``: ``p`` ≈ 10–13), the kept branch is the faster wherever
+    ``2p·i·o ≤ L²(i+o)``, which at ``L ≥ 2p`` (every sequence length trained in practice) holds
+    wherever the rule used here does: keep ``G_b`` when it is no larger than the tape
+    ``x_b, δ_b`` it is computed from (``i·o ≤ L(i+o)``), so that the DP step's memory stays the
+    non-private step's plus at most one more tape.
     """
     return fan_in * fan_out <= length * (fan_in + fan_out)
 
@@ -129,22 +135,24 @@ def _lora_pairs(taps: Taps, grads: Taps,
 
 def _linear_sq_norms(pairs: dict[str, tuple[jax.Array, jax.Array]], length: int,
                      book: dict[str, jax.Array]) -> list[jax.Array]:
-    """Each pair's per-example squared norms ``[B]``: kept gradient (into ``book``) or ghost."""
+    """Each pair's per-example squared norms ``[B]``: kept gradient (into ``book``) or ghost.
+
+    Maps reading the same input (q, k, v; gate and up; LoRA ``A`` of one target) share its Gram
+    matrix ``x xᵀ``: ``Σ_k ‖xᵀδ_k‖² = ⟨x xᵀ, Σ_k δ_k δ_kᵀ⟩``, one product and reduction for all.
+    """
     squares = []
+    shared: dict[int, tuple[jax.Array, list[jax.Array]]] = {}  # id(x) -> (x, [δ δᵀ, ...])
     for name, (x, delta) in pairs.items():
         if _materialise(length, x.shape[-1], delta.shape[-1]):
             book[name] = jnp.einsum("nbli,nblo->nbio", x, delta)
             squares.append(jnp.sum(jnp.square(book[name]), axis=(0, 2, 3)))
         else:
-            squares.append(_gram_sq_norms(x, delta))
+            gram_d = jnp.einsum("nblo,nbmo->nblm", delta, delta)
+            shared.setdefault(id(x), (x, []))[1].append(gram_d)
+    for x, gram_ds in shared.values():
+        gram_x = jnp.einsum("nbli,nbmi->nblm", x, x)
+        squares.append(jnp.sum(gram_x * sum(gram_ds[1:], gram_ds[0]), axis=(0, 2, 3)))
     return squares
-
-
-def _gram_sq_norms(x: jax.Array, delta: jax.Array) -> jax.Array:
-    """``‖x_bᵀ δ_b‖²`` by the ghost norm ``⟨x xᵀ, δ δᵀ⟩``, summed over the layer axis: ``[B]``."""
-    gram_x = jnp.einsum("nbli,nbmi->nblm", x, x)
-    gram_d = jnp.einsum("nblo,nbmo->nblm", delta, delta)
-    return jnp.sum(gram_x * gram_d, axis=(0, 2, 3))
 
 
 def _embedding_gram_sq_norms(tokens: jax.Array, delta_in: jax.Array, delta_out: jax.Array,
@@ -212,8 +220,9 @@ def ghost_norms(static: Decoder, params: Params, tokens: jax.Array, pad_id: int 
         adapters = eqx.combine(params, static).lora  # float32 master copy
         assert adapters is not None
         squares = _linear_sq_norms(_lora_pairs(taps, grads, adapters), length, book)
-        tape = GhostTape(tokens=inputs, taps=taps, grads=grads, book=book)
-        return sum(squares[1:], squares[0]), losses, tape
+        sq_norms = sum(squares[1:], squares[0])
+        return sq_norms, losses, GhostTape(tokens=inputs, taps=taps, grads=grads, book=book,
+                                           sq_norms=sq_norms)
     squares = _linear_sq_norms(_linear_pairs(taps, grads), length, book)
     for name in _NORMS:  # RMSNorm scales: exact per-example gradients, [layers, B, d]
         if name in taps["blocks"]:
@@ -229,8 +238,9 @@ def ghost_norms(static: Decoder, params: Params, tokens: jax.Array, pad_id: int 
         squares.append(jnp.sum(jnp.square(book["embedding"]), axis=(1, 2)))
     else:
         squares.append(_embedding_gram_sq_norms(*embed))
-    tape = GhostTape(tokens=inputs, taps=taps, grads=grads, book=book)
-    return sum(squares[1:], squares[0]), losses, tape
+    sq_norms = sum(squares[1:], squares[0])
+    return sq_norms, losses, GhostTape(tokens=inputs, taps=taps, grads=grads, book=book,
+                                       sq_norms=sq_norms)
 
 
 def _select(a: jax.Array, keep: jax.Array, axis: int = 0) -> jax.Array:
@@ -249,31 +259,76 @@ def cast_floating(tree: Any, dtype: Any) -> Any:
     return jax.tree_util.tree_map(cast, tree)
 
 
+def _layered(name: str) -> bool:
+    """Whether a kept gradient is stacked on a leading layer axis (batch axis 1)."""
+    return name not in ("final_norm", "embedding")
+
+
+def _book_sum(g: jax.Array, w: jax.Array, layered: bool) -> jax.Array:
+    """``Σ_b w_b G_b`` as a (batched) matrix-vector product: ``[1, B] × [B, rest]``.
+
+    Written so because XLA:CPU runs a ``dot`` contracting the batch axis of ``[layers, B, ...]``
+    (``tensordot``) after a transpose of the whole of ``G``, 4–5× slower (bench/dp_overhead.py).
+    """
+    if not layered:
+        return (w[None, :] @ g.reshape(g.shape[0], -1)).reshape(g.shape[1:])
+    n, batch = g.shape[:2]
+    rows = jnp.broadcast_to(w[None, None, :], (n, 1, batch))
+    return jnp.matmul(rows, g.reshape(n, batch, -1)).reshape(n, *g.shape[2:])
+
+
+def _tape_sum(x: jax.Array, delta: jax.Array, w: jax.Array) -> jax.Array:
+    """``Σ_b w_b x_bᵀδ_b`` (``[layers, B, L, ...]`` inputs) as one 2-D matmul per layer.
+
+    ``xᵀ (w ⊙ δ)`` over the merged batch and position axes, in the form
+    :func:`~dptrain.trainer._linear.dense`'s backward pass uses (the weight gradient's).
+    """
+    n, batch, length, fan_in = x.shape
+    scaled = (delta * w[None, :, None, None]).reshape(n, batch * length, -1)
+    return jnp.matmul(jnp.swapaxes(x.reshape(n, batch * length, fan_in), 1, 2), scaled)
+
+
+def _select_rows(tape: GhostTape, keep: jax.Array) -> GhostTape:
+    """``tape`` with the rows not kept replaced by exact zeros in every float array."""
+    def zero(a: jax.Array, axis: int) -> jax.Array:
+        return _select(a, keep, axis) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    def layered_tree(tree: Taps) -> Taps:
+        return {k: jax.tree_util.tree_map(functools.partial(zero, axis=1 if k == "blocks" else 0),
+                                          v) for k, v in tree.items()}
+
+    book = {k: zero(v, 1 if _layered(k) else 0) for k, v in tape.book.items()}
+    return tape._replace(taps=layered_tree(tape.taps), grads=layered_tree(tape.grads),
+                         book=book)
+
+
 def weighted_grad_sum(params: Params, tape: GhostTape, weights: jax.Array,
                       static: Decoder | None = None) -> Params:
     """``Σ_b weights_b ∇loss_b``, shaped like ``params``; rows of weight 0 contribute zero.
 
     ``static``: the rest of the model when ``params`` are LoRA adapters (their base arrays).
+
+    A row of weight 0 contributes exactly zero: when every squared norm on the tape is finite,
+    every number the sum reads is finite (a NaN or infinity in a row's kept gradient, inputs or
+    output gradients makes its squared norm non-finite: it enters its own square, or the Gram
+    matrix diagonal ``‖x_l‖²·‖δ_l‖²``), so ``0 × value = ±0``; otherwise (rare) the rows of weight
+    0 are first replaced by zeros (selected away, never multiplied), at the cost of a copy.
     """
     keep = weights != 0
     w = jnp.where(keep, weights, 0.0)
+    finite = jnp.all(jnp.isfinite(tape.sq_norms))
+    return jax.lax.cond(finite, lambda t: _weighted_sum(params, t, w, static),
+                        lambda t: _weighted_sum(params, _select_rows(t, keep), w, static), tape)
 
-    def scaled(a: jax.Array, axis: int) -> jax.Array:
-        shape = [1] * a.ndim
-        shape[axis] = -1
-        return _select(a, keep, axis) * w.reshape(shape)
 
-    def book_sum(name: str) -> jax.Array:
-        """``Σ_b w_b G_b`` of a kept per-example gradient (batch axis 1 under a layer axis)."""
-        g = tape.book[name]
-        axis = 0 if name in ("final_norm", "embedding") else 1
-        return jnp.tensordot(w, _select(g, keep, axis), axes=([0], [axis]))
-
+def _weighted_sum(params: Params, tape: GhostTape, w: jax.Array,
+                  static: Decoder | None) -> Params:
+    """``Σ_b w_b ∇loss_b`` from a tape whose every row is finite (see weighted_grad_sum)."""
     def linear_sum(name: str, x: jax.Array, delta: jax.Array) -> jax.Array:
         """``Σ_b w_b x_bᵀδ_b`` from the kept gradient or book-kept from the tape."""
         if name in tape.book:
-            return book_sum(name)
-        return jnp.einsum("nbli,nblo->nio", _select(x, keep, 1), scaled(delta, 1))
+            return _book_sum(tape.book[name], w, layered=True)
+        return _tape_sum(x, delta, w)
 
     if getattr(params, "lora", None) is not None:
         adapters = params.lora if static is None else eqx.combine(params, static).lora
@@ -289,15 +344,16 @@ def weighted_grad_sum(params: Params, tape: GhostTape, weights: jax.Array,
         summed = linear_sum(name, x, delta)
         layer = blocks.attn if name in ("wq", "wk", "wv", "wo") else blocks.mlp
         new[name] = summed.reshape(getattr(layer, name).shape)
-    scales = {name: book_sum(name) for name in (*_NORMS, "final_norm") if name in tape.book}
+    scales = {name: _book_sum(tape.book[name], w, _layered(name))
+              for name in (*_NORMS, "final_norm") if name in tape.book}
     if "embedding" in tape.book:
-        embed = book_sum("embedding")
+        embed = _book_sum(tape.book["embedding"], w, layered=False)
     else:
         delta_in, delta_out, head = tape.grads["embed"], tape.grads["logits"], tape.taps["head"]
         d_model = delta_in.shape[-1]
-        embed = jnp.einsum("blv,bld->vd", scaled(delta_out, 0), _select(head, keep))
+        embed = jnp.einsum("blv,bld->vd", delta_out * w[:, None, None], head)
         embed = embed.at[tape.tokens.reshape(-1)].add(
-            (math.sqrt(d_model) * scaled(delta_in, 0)).reshape(-1, d_model))
+            (math.sqrt(d_model) * delta_in * w[:, None, None]).reshape(-1, d_model))
     out = eqx.tree_at(
         lambda p: (p.embedding, p.blocks.attn.wq, p.blocks.attn.wk, p.blocks.attn.wv,
                    p.blocks.attn.wo, p.blocks.mlp.w_gate, p.blocks.mlp.w_up, p.blocks.mlp.w_down,
