@@ -2,8 +2,9 @@
 
 On the peers' configuration (``bench/peers``: batch 64, 129-token rows, byte vocabulary, width
 128, 2 layers, 4 heads, GeGLU 512, C = 1, σ = 1, Adam, fp32) each piece is jitted on its own and
-timed (median of ``--repeats`` after one warm-up), in one process, so the figures are comparable
-with each other (not with another run on a shared machine):
+timed round-robin (one call of each piece per round, median of ``--repeats`` rounds after one
+warm-up), in one process, so that the figures are comparable with each other (not with another
+run on a shared machine):
 
 * ``plain_grad``: the non-private gradient (one forward and backward of the batched summed loss);
 * ``probe_backward``: the ghost path's forward and backward with respect to the zero probes only
@@ -52,14 +53,18 @@ from dptrain.trainer._mesh import replicate, shard_batch
 from dptrain.trainer._model import input_ids, token_loss, zero_probes
 
 
-def _median(fn: Callable[[], Any], repeats: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
+def _interleaved_medians(pieces: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds of each piece, timed round-robin (one call of each per round), so that a
+    shared machine's load changes hit every piece alike; one warm-up call each first."""
+    for fn in pieces.values():
         jax.block_until_ready(fn())
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in pieces}
+    for _ in range(repeats):
+        for name, fn in pieces.items():
+            started = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _kept_norm(x: jax.Array, d: jax.Array) -> jax.Array:
@@ -107,11 +112,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(3, args.vocab, size=(args.batch, args.seq_len)), jnp.int32)
     mask = jnp.ones(args.batch, bool)
-    r = args.repeats
-    out: dict[str, float] = {}
+    pieces: dict[str, Callable[[], Any]] = {}
 
     plain = jax.jit(jax.value_and_grad(lambda p, t: jnp.sum(loss_fn.batched(p, t))))
-    out["plain_grad"] = _median(lambda: plain(params, tokens), r)
+    pieces["plain_grad"] = lambda: plain(params, tokens)
 
     def probe_backward(p: Any, t: jax.Array) -> Any:
         m = eqx.combine(p, static)
@@ -127,7 +131,7 @@ def main() -> None:
         return losses, taps, grads
 
     probe_jit = jax.jit(probe_backward)
-    out["probe_backward"] = _median(lambda: probe_jit(params, tokens), r)
+    pieces["probe_backward"] = lambda: probe_jit(params, tokens)
     _, taps, grads = probe_jit(params, tokens)
     blocks, gb = taps["blocks"], grads["blocks"]
 
@@ -150,27 +154,27 @@ def main() -> None:
     for name, (x, d) in pairs.items():
         for kind, fn in (("kept", _kept_norm), ("gram", _gram_norm)):
             f = jax.jit(fn)
-            out[f"norms/{name}/{kind}"] = _median(lambda f=f, x=x, d=d: f(x, d), r)
+            pieces[f"norms/{name}/{kind}"] = lambda f=f, x=x, d=d: f(x, d)
         for kind, fn in (("kept", _kept_sum), ("matmul", _matmul_sum)):
             f = jax.jit(fn)
-            out[f"sum/{name}/{kind}"] = _median(lambda f=f, x=x, d=d: f(x, d, c), r)
+            pieces[f"sum/{name}/{kind}"] = lambda f=f, x=x, d=d: f(x, d, c)
 
     gn = jax.jit(lambda p, t: ghost_norms(static, p, t))
-    out["ghost_norms"] = _median(lambda: gn(params, tokens), r)
+    pieces["ghost_norms"] = lambda: gn(params, tokens)
     _, _, tape = gn(params, tokens)
     ws = jax.jit(lambda p, tp, w: weighted_grad_sum(p, tp, w, static))
-    out["ghost_weighted_sum"] = _median(lambda: ws(params, tape, c), r)
+    pieces["ghost_weighted_sum"] = lambda: ws(params, tape, c)
     config = DpSgdConfig(clip_norm=1.0, expected_batch_size=args.batch)
     lcs = jax.jit(lambda p, t, m: local_clipped_sum(loss_fn, p, t, m, config=config))
-    out["ghost_clipped_sum"] = _median(lambda: lcs(params, tokens, mask), r)
+    pieces["ghost_clipped_sum"] = lambda: lcs(params, tokens, mask)
 
     noise = jax.jit(lambda g, k: add_noise(g, k, 1.0))
-    keys = iter([jax.random.key(i) for i in range(r + 2)])
-    out["noise"] = _median(lambda: noise(params, next(keys)), r)
+    key = jax.random.key(1)
+    pieces["noise"] = lambda: noise(params, key)
     adam = make_optimizer("adamw", learning_rate=1e-3, total_steps=1000)
     state = adam.init(params)
     update = jax.jit(adam.update)
-    out["optimizer"] = _median(lambda: update(params, state, params), r)
+    pieces["optimizer"] = lambda: update(params, state, params)
 
     mesh = make_mesh()
     sharded = shard_batch(mesh, np.asarray(tokens), np.ones(args.batch, bool))
@@ -187,9 +191,17 @@ def main() -> None:
                                          np.float32(1.0))
             return box[0]
 
-        out[f"step/{label}"] = _median(run, r)
+        pieces[f"step/{label}"] = run
+    out = _interleaved_medians(pieces, args.repeats)
     out["step/dp_minus_non_private"] = out["step/dp"] - out["step/non_private"]
     out["step/ratio"] = out["step/dp"] / out["step/non_private"]
+    # The extra time, attributed: norms on top of the probe backward, the weighted sum, what the
+    # probe backward saves (no weight gradient), and the rest of the step (noise, clipping).
+    out["extra/norms"] = out["ghost_norms"] - out["probe_backward"]
+    out["extra/clipped_sum_over_plain_grad"] = out["ghost_clipped_sum"] - out["plain_grad"]
+    out["extra/saved_weight_grads"] = out["probe_backward"] - out["plain_grad"]
+    out["extra/step_rest"] = (out["step/dp_minus_non_private"]
+                              - out["extra/clipped_sum_over_plain_grad"])
     if args.json:
         print(json.dumps(out, indent=2))
         return
