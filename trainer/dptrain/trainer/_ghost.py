@@ -101,16 +101,43 @@ def _flat(a: jax.Array, dims: int) -> jax.Array:
     return a.reshape(*a.shape[: a.ndim - dims], -1)
 
 
+# Block linear maps: parameter -> (tap holding its input, probe of its output).
+_LINEAR = {"wq": ("attn_in", "q"), "wk": ("attn_in", "k"), "wv": ("attn_in", "v"),
+           "wo": ("o", "o"), "w_gate": ("mlp_in", "gate"), "w_up": ("mlp_in", "up"),
+           "w_down": ("down", "down")}
+
+
 def _linear_pairs(taps: Taps, grads: Taps) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """``(input, output gradient)`` of every block linear map, ``[layers, B, L, features]``."""
+    """``(input, output gradient)`` of the probed block linear maps, ``[layers, B, L, features]``.
+
+    Only the maps on the ghost branch have their outputs probed (the kept ones: weight probes).
+    """
     taps, grads = taps["blocks"], grads["blocks"]
-    return {"wq": (taps["attn_in"], _flat(grads["q"], 2)),
-            "wk": (taps["attn_in"], _flat(grads["k"], 2)),
-            "wv": (taps["attn_in"], _flat(grads["v"], 2)),
-            "wo": (_flat(taps["o"], 2), grads["o"]),
-            "w_gate": (taps["mlp_in"], grads["gate"]),
-            "w_up": (taps["mlp_in"], grads["up"]),
-            "w_down": (taps["down"], grads["down"])}
+    pairs = {}
+    for name, (tap, out) in _LINEAR.items():
+        if out in grads:
+            x = _flat(taps[tap], 2) if tap == "o" else taps[tap]
+            pairs[name] = (x, _flat(grads[out], grads[out].ndim - 3))
+    return pairs
+
+
+def _weight_probes(model: Decoder, probes: Taps, length: int, batch: int) -> Taps:
+    """``probes`` with each kept map's output probe replaced by a weight probe.
+
+    A weight probe (``_model.weight_probe``) receives the map's per-example gradient
+    ``x_bᵀδ_b`` from inside the backward pass, where ``δ`` is made: the output gradients of kept
+    maps are then never stacked over the layers nor read back.
+    """
+    blocks = dict(probes["blocks"])
+    for name, (_, out) in _LINEAR.items():
+        w = getattr(model.blocks.attn if name in ("wq", "wk", "wv", "wo") else model.blocks.mlp,
+                    name)
+        fan_in, out_shape = ((w.shape[1] * w.shape[2], w.shape[3:]) if name == "wo"
+                             else (w.shape[1], w.shape[2:]))
+        if _materialise(length, fan_in, math.prod(out_shape)):
+            del blocks[out]
+            blocks[out + "@w"] = jnp.zeros((w.shape[0], batch, fan_in, *out_shape), jnp.float32)
+    return {**probes, "blocks": blocks}
 
 
 def _lora_pairs(taps: Taps, grads: Taps,
@@ -206,6 +233,8 @@ def ghost_norms(static: Decoder, params: Params, tokens: jax.Array, pad_id: int 
     lora = model.lora
     probes = zero_probes(model, length, batch, dtype=compute_dtype,
                          targets=None if lora is None else tuple(lora.a))
+    if lora is None:
+        probes = _weight_probes(model, probes, length, batch)
 
     def total(probe: Taps) -> tuple[jax.Array, tuple[jax.Array, Taps]]:
         logits, taps = model.forward(inputs, probe)
@@ -223,7 +252,13 @@ def ghost_norms(static: Decoder, params: Params, tokens: jax.Array, pad_id: int 
         sq_norms = sum(squares[1:], squares[0])
         return sq_norms, losses, GhostTape(tokens=inputs, taps=taps, grads=grads, book=book,
                                            sq_norms=sq_norms)
-    squares = _linear_sq_norms(_linear_pairs(taps, grads), length, book)
+    squares = []
+    for name, (_, out) in _LINEAR.items():  # kept: the weight probes' gradients
+        if out + "@w" in grads["blocks"]:
+            book[name] = grads["blocks"][out + "@w"]
+            squares.append(jnp.sum(jnp.square(book[name]), axis=(0, *range(2, book[name].ndim))))
+    pairs = _linear_pairs(taps, grads)
+    squares += _linear_sq_norms(pairs, length, book)
     for name in _NORMS:  # RMSNorm scales: exact per-example gradients, [layers, B, d]
         if name in taps["blocks"]:
             book[name] = jnp.einsum("nbld,nbld->nbd", taps["blocks"][name],
@@ -233,14 +268,21 @@ def ghost_norms(static: Decoder, params: Params, tokens: jax.Array, pad_id: int 
     squares.append(jnp.sum(jnp.square(book["final_norm"]), axis=1))
     embed = (inputs, grads["embed"], grads["logits"], taps["head"])
     vocab, d_model = model.embedding.shape
+    # The tape keeps only what the weighted sum reads besides the book: the ghost branch's.
+    tape_taps: Taps = {"blocks": {_LINEAR[name][0]: taps["blocks"][_LINEAR[name][0]]
+                                  for name in pairs}}
+    tape_grads: Taps = {"blocks": {_LINEAR[name][1]: grads["blocks"][_LINEAR[name][1]]
+                                   for name in pairs}}
     if _materialise(length, vocab, d_model):
         book["embedding"] = _embedding_grads(*embed)
         squares.append(jnp.sum(jnp.square(book["embedding"]), axis=(1, 2)))
     else:
         squares.append(_embedding_gram_sq_norms(*embed))
+        tape_taps["head"] = taps["head"]
+        tape_grads |= {"embed": grads["embed"], "logits": grads["logits"]}
     sq_norms = sum(squares[1:], squares[0])
-    return sq_norms, losses, GhostTape(tokens=inputs, taps=taps, grads=grads, book=book,
-                                       sq_norms=sq_norms)
+    return sq_norms, losses, GhostTape(tokens=inputs, taps=tape_taps, grads=tape_grads,
+                                       book=book, sq_norms=sq_norms)
 
 
 def _select(a: jax.Array, keep: jax.Array, axis: int = 0) -> jax.Array:
@@ -341,9 +383,11 @@ def _weighted_sum(params: Params, tape: GhostTape, w: jax.Array,
                             {t: sums["b/" + t] for t in adapters.b}))
 
     blocks = params.blocks
+    pairs = _linear_pairs(tape.taps, tape.grads)
     new: dict[str, jax.Array] = {}
-    for name, (x, delta) in _linear_pairs(tape.taps, tape.grads).items():
-        summed = linear_sum(name, x, delta)
+    for name in _LINEAR:
+        summed = linear_sum(name, *pairs[name]) if name in pairs else _book_sum(
+            tape.book[name], w, layered=True)
         layer = blocks.attn if name in ("wq", "wk", "wv", "wo") else blocks.mlp
         new[name] = summed.reshape(getattr(layer, name).shape)
     scales = {name: _book_sum(tape.book[name], w, _layered(name))

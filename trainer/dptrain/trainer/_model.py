@@ -52,10 +52,48 @@ Taps = dict[str, Any]  # layer name -> array (or nested Taps for the stacked blo
 _DEFAULT_ARCH = Architecture()
 
 
-def _probe(y: jax.Array, probes: Taps | None, name: str) -> jax.Array:
-    """``y`` plus its probe (the probe is zeros; its gradient is ``∂loss/∂y``), if probed."""
-    probe = None if probes is None else probes.get(name)
+def _probe(y: jax.Array, probes: Taps | None, name: str, x: jax.Array | None = None) -> jax.Array:
+    """``y`` plus its probe (the probe is zeros; its gradient is ``∂loss/∂y``), if probed.
+
+    A *weight probe* ``name@w`` (zeros shaped like the per-example weight gradient,
+    ``[..., fan_in, *out]``) on the linear map ``y = x W`` instead receives each example's weight
+    gradient ``xᵀ ∂loss/∂y`` (:func:`weight_probe`), computed inside the backward pass.
+    """
+    if probes is None:
+        return y
+    if x is not None and probes.get(name + "@w") is not None:
+        y = weight_probe(y, x, probes[name + "@w"])
+    probe = probes.get(name)
     return y if probe is None else y + probe
+
+
+@jax.custom_vjp
+def weight_probe(y: jax.Array, x: jax.Array, probe: jax.Array) -> jax.Array:
+    """``y`` unchanged; the gradient reaching ``probe`` is ``xᵀ ∂loss/∂y`` per example.
+
+    ``x``: ``[..., L, fan_in]`` (the input of the linear map whose output is ``y``,
+    ``[..., L, *out]``); ``probe``: ``[..., fan_in, *out]``, float32, never read. ``x`` gets no
+    gradient through here (the linear map's own backward gives it). Ghost clipping's book-kept
+    per-example gradients (``_ghost.py``), computed where the output gradient is made.
+    """
+    del x, probe
+    return y
+
+
+def _weight_probe_fwd(y: jax.Array, x: jax.Array, probe: jax.Array) -> tuple[jax.Array,
+                                                                              jax.Array]:
+    del probe
+    return y, x
+
+
+def _weight_probe_bwd(x: jax.Array, grad: jax.Array) -> tuple[jax.Array, None, jax.Array]:
+    lead, out = x.shape[:-2], grad.shape[x.ndim - 1:]
+    g = grad.reshape(*lead, x.shape[-2], -1).astype(jnp.float32)
+    per_example = jnp.matmul(jnp.swapaxes(x.astype(jnp.float32), -1, -2), g)
+    return grad, None, per_example.reshape(*lead, x.shape[-1], *out)
+
+
+weight_probe.defvjp(_weight_probe_fwd, _weight_probe_bwd)
 
 
 class Adapters(eqx.Module):
@@ -190,7 +228,7 @@ class Attention(eqx.Module):
 
         def linear(w: jax.Array, name: str) -> jax.Array:
             y = _adapt(dense(x, w), x, lora, name)
-            return _probe(y, probes, name)
+            return _probe(y, probes, name, x)
 
         q = apply_rope(linear(self.wq, "q"), positions, base)
         k = apply_rope(linear(self.wk, "k"), positions, base)
@@ -227,7 +265,7 @@ class Attention(eqx.Module):
         out = self.attend(q, k, v, visible)
         flat_out, flat_wo = out.reshape(*out.shape[:-2], -1), self.wo.reshape(-1, self.wo.shape[-1])
         y = _adapt(dense(flat_out, flat_wo), flat_out, lora, "o")
-        return _probe(y, probes, "o"), {"o": out}
+        return _probe(y, probes, "o", flat_out), {"o": out}
 
 
 class GeGLU(eqx.Module):
@@ -249,10 +287,11 @@ class GeGLU(eqx.Module):
     def forward(self, x: jax.Array, probes: Taps | None = None,
                 lora: Adapters | None = None) -> tuple[jax.Array, Taps]:
         """The MLP output and the input of ``w_down`` (``[L, d_ff]``)."""
-        gate = _probe(_adapt(dense(x, self.w_gate), x, lora, "gate"), probes, "gate")
-        up = _probe(_adapt(dense(x, self.w_up), x, lora, "up"), probes, "up")
+        gate = _probe(_adapt(dense(x, self.w_gate), x, lora, "gate"), probes, "gate", x)
+        up = _probe(_adapt(dense(x, self.w_up), x, lora, "up"), probes, "up", x)
         hidden = jax.nn.gelu(gate, approximate=True) * up
-        return _probe(_adapt(dense(hidden, self.w_down), hidden, lora, "down"), probes, "down"), {
+        return _probe(_adapt(dense(hidden, self.w_down), hidden, lora, "down"), probes, "down",
+                      hidden), {
             "down": hidden}
 
 
