@@ -7,8 +7,9 @@ warm-up), in one process, so that the figures are comparable with each other (no
 run on a shared machine):
 
 * ``plain_grad``: the non-private gradient (one forward and backward of the batched summed loss);
-* ``probe_backward``: the ghost path's forward and backward with respect to the zero probes only
-  (output gradients, no weight gradient), returning the taps and output gradients;
+* ``probe_backward``: the ghost path's forward and backward with respect to its zero probes only
+  (no weight gradient): output gradients of the norms, the embedding and the ghost-branch maps,
+  and the kept maps' per-example gradients (weight probes, where the version has them);
 * ``norms/<map>/kept`` and ``norms/<map>/gram``: each linear map's (and the tied embedding's)
   per-example squared norms from its tape, by the kept per-example gradient or by Gram matrices
   (maps sharing an input fused: q/k/v and gate/up);
@@ -26,6 +27,7 @@ run on a shared machine):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -40,6 +42,7 @@ import numpy as np
 from dptrain.planner import ModelShape
 from dptrain.trainer import (
     DpSgdConfig,
+    _ghost,
     build_model,
     make_dp_step,
     make_mesh,
@@ -117,10 +120,14 @@ def main() -> None:
     plain = jax.jit(jax.value_and_grad(lambda p, t: jnp.sum(loss_fn.batched(p, t))))
     pieces["plain_grad"] = lambda: plain(params, tokens)
 
-    def probe_backward(p: Any, t: jax.Array) -> Any:
+    def probe_backward(p: Any, t: jax.Array, ghost_probes: bool = True) -> Any:
         m = eqx.combine(p, static)
         inputs, targets = input_ids(t[:, :-1]), t[:, 1:]
         probes = zero_probes(m, inputs.shape[1], inputs.shape[0])
+        # The ghost path's own probes (weight probes on kept maps), where this version has them.
+        weight_probes = getattr(_ghost, "_weight_probes", None)
+        if ghost_probes and weight_probes is not None:
+            probes = weight_probes(m, probes, inputs.shape[1], inputs.shape[0])
 
         def total(probe: Any) -> Any:
             logits, taps = m.forward(inputs, probe)
@@ -132,7 +139,8 @@ def main() -> None:
 
     probe_jit = jax.jit(probe_backward)
     pieces["probe_backward"] = lambda: probe_jit(params, tokens)
-    _, taps, grads = probe_jit(params, tokens)
+    # Output probes on every map: the inputs of the per-map comparison below.
+    _, taps, grads = jax.jit(functools.partial(probe_backward, ghost_probes=False))(params, tokens)
     blocks, gb = taps["blocks"], grads["blocks"]
 
     def flat(a: jax.Array) -> jax.Array:
