@@ -10,8 +10,12 @@ al. 2023 "book-keeping"):
   ``‖xᵀδ‖² = ⟨x xᵀ, δ δᵀ⟩`` (``L²(i+o)`` work) and the clipped sum is book-kept from ``x, δ``
   (``Σ_b c_b x_bᵀδ_b``, the non-private weight gradient's matmul). Otherwise ``G_b`` is no larger
   than the tape ``x_b, δ_b`` it is computed from and no slower to get than the ghost norm: it is
-  kept (``GhostTape.book``), its norm read off, and the clipped sum is ``Σ_b c_b G_b`` — a cheap
-  weighted sum in place of a second weight-gradient matmul (book-keeping, Bu et al. 2023);
+  kept (``GhostTape.book``), its norm read off, and the clipped sum is ``Σ_b c_b G_b`` — a
+  matrix-vector product in place of a second weight-gradient matmul (book-keeping, Bu et al.
+  2023). A kept ``G_b`` is computed inside the backward pass, layer by layer where ``δ`` is
+  made, by a *weight probe* on the map (``_model.weight_probe``): it takes the place of the
+  non-private step's weight-gradient matmul, and the map's output gradients are never stacked
+  over the layers nor read back;
 * the tied embedding's gradient is ``√d·scatter(δ_embed at tokens) + δ_logitsᵀ h``. Kept per
   example by the same rule (both parts in one matmul), or else its squared norm is the input part
   by token-equality grouping (``d·Σ_{l,m: t_l = t_m} δ_l·δ_m``), the output part as a linear map,
@@ -30,9 +34,13 @@ Soft-capping, sliding windows and the query scale have no parameters: they only 
 gradients ``δ``, which the backward pass computes through them, so the norms stay exact.
 
 The output gradients ``δ`` come from one backward pass of the batched model (``Decoder.forward``
-on ``[B, L]``) with respect to zero "probes" added to every linear output, which computes no
-weight gradient; the inputs ``x`` are the forward's taps. The clipped sum ``Σ_b c_b g_b`` is then
-book-kept from the kept gradients and the tape, without a second backward pass. With a bfloat16
+on ``[B, L]``) with respect to zero "probes" added to the linear outputs on the ghost branch (and
+the norms and embedding), which computes no weight gradient; the inputs ``x`` are the forward's
+taps; the kept maps' per-example gradients come out of the same backward pass (weight probes).
+The clipped sum ``Σ_b c_b g_b`` is then book-kept from the kept gradients and the tape, without a
+second backward pass and without a copy of the kept gradients (rows of weight 0 are multiplied
+by 0, not selected away, when every squared norm is finite; see :func:`weighted_grad_sum`).
+``bench/dp_overhead.py`` breaks the DP step's extra time down piece by piece. With a bfloat16
 compute dtype the forward and backward run in it; the taps and output gradients are cast to
 float32 before any norm or sum (float32 clipping). Targets marked "no loss" (an instruction's
 prompt, :func:`~dptrain.trainer._model.mask_target`) are read as plain ids and carry no loss.
@@ -44,7 +52,10 @@ Formal guarantees:
        relative on every preset shape, and on LoRA adapters, where the gradient is the
        adapters').
     2. A row with weight 0 (padding, or a non-finite norm) contributes exactly zero, even when its
-       activations or gradients are NaN or infinite (selected away, not multiplied by zero).
+       activations or gradients are NaN or infinite: when any squared norm is non-finite the rows
+       of weight 0 are selected away (not multiplied by zero); otherwise every number the sum
+       reads is finite (a non-finite value in a row's kept gradient, inputs or output gradients
+       makes that row's squared norm non-finite), and ``0 × finite = ±0``.
 """
 
 from __future__ import annotations
