@@ -2,7 +2,8 @@
 
 Same model shape, batch, σ, C and optimizer as ``opacus_step.py`` / ``jax_privacy_step.py``; runs
 in the project's environment. Prints one JSON object (examples/s from the median step time, and
-compile seconds).
+compile seconds). The modes are timed round-robin (one step of each in turn) unless
+``--sequential``: on a shared machine the ratios then compare steps run under the same load.
 
     python bench/peers/dptrain_step.py --batch 64 --seq-len 129 --steps 30 --warmup 3
 """
@@ -44,6 +45,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--modes", nargs="+", default=["non_private", "ghost", "per_example"])
+    parser.add_argument("--sequential", action="store_true",
+                        help="time the modes one after the other (default: round-robin, one "
+                             "step of each mode in turn, so that load changes hit all alike)")
     args = parser.parse_args()
     shape = ModelShape(name="peer", vocab_size=args.vocab, d_model=args.d_model,
                        n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads,
@@ -66,19 +70,34 @@ def main() -> None:
               "ghost": lambda: dp("ghost"), "per_example": lambda: dp("per-example")}
     result: dict = {"stack": "dptrain", "versions": {"jax": jax.__version__},
                     "batch": args.batch, "params": shape.param_count}
+    compiled, state = {}, {}
     for mode in args.modes:
         p, s = replicate(mesh, params), replicate(mesh, adam.init(params))
         started = time.perf_counter()
-        compiled = makers[mode]().lower(p, s, *sharded, root, np.int32(0),
-                                        np.float32(1.0)).compile()
+        compiled[mode] = makers[mode]().lower(p, s, *sharded, root, np.int32(0),
+                                              np.float32(1.0)).compile()
         result[f"{mode}_compile_s"] = time.perf_counter() - started
-        times = []
+        state[mode] = (p, s)
+    times: dict[str, list[float]] = {mode: [] for mode in args.modes}
+
+    def run(mode: str, i: int) -> None:
+        p, s = state[mode]
+        started = time.perf_counter()
+        p, s, _ = compiled[mode](p, s, *sharded, root, np.int32(i), np.float32(1.0))
+        jax.block_until_ready(p)
+        times[mode].append(time.perf_counter() - started)
+        state[mode] = (p, s)
+
+    if args.sequential:
+        for mode in args.modes:
+            for i in range(args.warmup + args.steps):
+                run(mode, i)
+    else:  # round-robin: a shared machine's load changes hit every mode alike
         for i in range(args.warmup + args.steps):
-            started = time.perf_counter()
-            p, s, _ = compiled(p, s, *sharded, root, np.int32(i), np.float32(1.0))
-            jax.block_until_ready(p)
-            times.append(time.perf_counter() - started)
-        result[mode] = args.batch / statistics.median(times[args.warmup:])
+            for mode in args.modes:
+                run(mode, i)
+    for mode in args.modes:
+        result[mode] = args.batch / statistics.median(times[mode][args.warmup:])
     print(json.dumps(result))
 
 
