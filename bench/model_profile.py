@@ -26,9 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dptrain.planner import ModelShape
-from dptrain.trainer._model import RMSNorm, apply_rope, build_model, sequence_loss, token_loss
-from dptrain.trainer._linear import dense
 from dptrain.trainer._architecture import visibility
+from dptrain.trainer._model import apply_rope, build_model, sequence_loss, token_loss
 
 
 def _median_ms(fn: Callable[..., Any], args: tuple[Any, ...], repeats: int) -> tuple[float, float]:
@@ -47,8 +46,9 @@ def _median_ms(fn: Callable[..., Any], args: tuple[Any, ...], repeats: int) -> t
     return 1e3 * statistics.median(walls), 1e3 * statistics.median(cpus)
 
 
-def _timed(fn: Callable[..., jax.Array], args: tuple[Any, ...], repeats: int,
-           rng: np.random.Generator) -> tuple[tuple[float, float], tuple[float, float]]:
+def _timed(
+    fn: Callable[..., jax.Array], args: tuple[Any, ...], repeats: int, rng: np.random.Generator
+) -> tuple[tuple[float, float], tuple[float, float]]:
     """Forward and forward+backward (wall, CPU) ms of ``fn`` over float ``args`` (ints held)."""
     out = jax.eval_shape(fn, *args)
     cotangent = jnp.asarray(rng.standard_normal(out.shape).astype(np.float32))
@@ -78,8 +78,17 @@ def main() -> None:
     args = parser.parse_args()
     b, length, d = args.batch, args.seq_len - 1, args.d_model
     h, g, k, f = args.heads, args.kv_heads, args.d_model // args.heads, args.d_ff
-    shape = ModelShape(name="profile", vocab_size=args.vocab, d_model=d, n_layers=args.layers,
-                       n_heads=h, n_kv_heads=g, head_dim=k, d_ff=f, max_seq_len=length)
+    shape = ModelShape(
+        name="profile",
+        vocab_size=args.vocab,
+        d_model=d,
+        n_layers=args.layers,
+        n_heads=h,
+        n_kv_heads=g,
+        head_dim=k,
+        d_ff=f,
+        max_seq_len=length,
+    )
     model = build_model(shape, key=jax.random.key(0))
     rng = np.random.default_rng(0)
 
@@ -90,7 +99,6 @@ def main() -> None:
     attn, mlp = block.attn, block.mlp
     x = normal(b, length, d)
     q, kv = normal(b, length, h, k), normal(b, length, g, k)
-    hidden = normal(b, length, f)
     tokens = jnp.asarray(rng.integers(3, args.vocab, (b, args.seq_len)).astype(np.int32))
     logits = normal(b, length, args.vocab)
     visible = visibility(np.arange(length), np.arange(length), None)
@@ -99,44 +107,54 @@ def main() -> None:
     def model_loss(p: Any, t: jax.Array) -> jax.Array:
         return jnp.sum(sequence_loss(eqx.combine(p, static), t))
 
+    # Each component through the model's own methods, so that the table times whatever
+    # formulation the checked-out code uses (run it on two checkouts to compare).
     components: dict[str, tuple[Callable[..., jax.Array], tuple[Any, ...]]] = {
-        "embed": (lambda e, t: eqx.tree_at(lambda m: m.embedding, model, e).embed(t),
-                  (model.embedding, tokens[:, :-1])),
-        "rmsnorm": (lambda x_, s: eqx.tree_at(lambda n: n.scale, block.attn_norm, s)(x_),
-                    (x, block.attn_norm.scale)),
-        "qkv_proj": (lambda x_, wq, wk, wv: jnp.concatenate(
-            [dense(x_, wq).reshape(b, length, -1), dense(x_, wk).reshape(b, length, -1),
-             dense(x_, wv).reshape(b, length, -1)], -1), (x, attn.wq, attn.wk, attn.wv)),
+        "embed": (
+            lambda e, t: eqx.tree_at(lambda m: m.embedding, model, e).embed(t),
+            (model.embedding, tokens[:, :-1]),
+        ),
+        "rmsnorm": (
+            lambda x_, s: eqx.tree_at(lambda n: n.scale, block.attn_norm, s)(x_),
+            (x, block.attn_norm.scale),
+        ),
+        "q/k/v+rope": (
+            lambda x_: jnp.concatenate(
+                [a.reshape(b, length, -1) for a in attn.project(x_)], axis=-1
+            ),
+            (x,),
+        ),
         "rope_q": (lambda q_: apply_rope(q_), (q,)),
-        "rope_k": (lambda k_: apply_rope(k_), (kv,)),
         "attend": (lambda q_, k_, v_: attn.attend(q_, k_, v_, visible), (q, kv, kv)),
         "attention": (lambda x_: attn.forward(x_)[0], (x,)),
-        "o_proj": (lambda o, w: dense(o.reshape(b, length, -1), w.reshape(-1, d)), (q, attn.wo)),
-        "mlp_in": (lambda x_, wg, wu: jnp.concatenate([dense(x_, wg), dense(x_, wu)], -1),
-                   (x, mlp.w_gate, mlp.w_up)),
-        "gelu_mul": (lambda a, c: jax.nn.gelu(a, approximate=True) * c, (hidden, hidden)),
-        "mlp_down": (lambda hid, w: dense(hid, w), (hidden, mlp.w_down)),
         "mlp": (lambda x_: mlp.forward(x_)[0], (x,)),
         "block": (lambda x_: block.forward(x_)[0], (x,)),
-        "head": (lambda hh, e: dense(hh, e.T), (x, model.embedding)),
+        "head": (lambda hh: model.head(hh), (x,)),
         "loss": (lambda lg: token_loss(lg, tokens[:, 1:]), (logits,)),
         "model_loss": (lambda p: model_loss(p, tokens), (params,)),
     }
     rows = {}
-    print(f"batch {b} x {length} positions, d {d}, heads {h}/{g}, ff {f}, vocab {args.vocab}, "
-          f"{args.layers} layers; median of {args.repeats} calls; ms wall (ms CPU)")
+    print(
+        f"batch {b} x {length} positions, d {d}, heads {h}/{g}, ff {f}, vocab {args.vocab}, "
+        f"{args.layers} layers; median of {args.repeats} calls; ms wall (ms CPU)"
+    )
     print(f"{'component':<12} {'forward':>17} {'forward+backward':>19}")
     for name, (fn, fn_args) in components.items():
         if args.only and name not in args.only:
             continue
         if name == "model_loss":
             fwd = _median_ms(jax.jit(model_loss), (params, tokens), args.repeats)
-            both = _median_ms(jax.jit(jax.value_and_grad(model_loss)), (params, tokens),
-                              args.repeats)
+            both = _median_ms(
+                jax.jit(jax.value_and_grad(model_loss)), (params, tokens), args.repeats
+            )
         else:
             fwd, both = _timed(fn, fn_args, args.repeats, rng)
-        rows[name] = {"forward_ms": fwd[0], "forward_cpu_ms": fwd[1],
-                      "forward_backward_ms": both[0], "forward_backward_cpu_ms": both[1]}
+        rows[name] = {
+            "forward_ms": fwd[0],
+            "forward_cpu_ms": fwd[1],
+            "forward_backward_ms": both[0],
+            "forward_backward_cpu_ms": both[1],
+        }
         print(f"{name:<12} {fwd[0]:>8.1f} ({fwd[1]:>6.1f}) {both[0]:>10.1f} ({both[1]:>6.1f})")
     if args.json:
         print(json.dumps(rows))

@@ -37,31 +37,41 @@ def _assert_close(got, want, scale=1.0):
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape
         tolerance = 1e-5 * max(float(np.max(np.abs(np.asarray(w, np.float64)))), scale)
-        np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w, np.float64),
-                                   rtol=0, atol=tolerance)
+        np.testing.assert_allclose(
+            np.asarray(g, np.float64), np.asarray(w, np.float64), rtol=0, atol=tolerance
+        )
 
 
-@pytest.mark.parametrize(("lead", "n_heads", "n_kv", "cap", "window"), [
-    ((2,), 4, 1, None, None), ((2,), 4, 2, 5.0, 3), ((), 2, 2, None, None), ((), 4, 1, 2.0, 2)])
-def test_attention_and_its_gradients_equal_autodiff_of_the_per_head_formula(lead, n_heads, n_kv,
-                                                                             cap, window):
+@pytest.mark.parametrize(
+    ("lead", "n_heads", "n_kv", "cap", "window"),
+    [((2,), 4, 1, None, None), ((2,), 4, 2, 5.0, 3), ((), 2, 2, None, None), ((), 4, 1, 2.0, 2)],
+)
+def test_attention_and_its_gradients_equal_autodiff_of_the_per_head_formula(
+    lead, n_heads, n_kv, cap, window
+):
     rng = np.random.default_rng(0)
     length, head_dim = 7, 4
 
     def normal(*shape):
         return rng.normal(size=shape)
 
-    q, k, v = normal(*lead, length, n_heads, head_dim), normal(*lead, length, n_kv, head_dim), \
-        normal(*lead, length, n_kv, head_dim)
+    q, k, v = (
+        normal(*lead, length, n_heads, head_dim),
+        normal(*lead, length, n_kv, head_dim),
+        normal(*lead, length, n_kv, head_dim),
+    )
     cotangent = normal(*lead, length, n_heads, head_dim)
     visible = visibility(np.arange(length), np.arange(length), window)
     args32 = tuple(jnp.asarray(a, jnp.float32) for a in (q, k, v))
-    got = _grads(lambda *a: attention(*a, visible, cap), args32, jnp.asarray(cotangent,
-                                                                             jnp.float32))
+    got = _grads(
+        lambda *a: attention(*a, visible, cap), args32, jnp.asarray(cotangent, jnp.float32)
+    )
     with jax.enable_x64(True):
-        want = _grads(lambda *a: _reference_attention(*a, visible, cap),
-                      tuple(jnp.asarray(a, jnp.float64) for a in (q, k, v)),
-                      jnp.asarray(cotangent, jnp.float64))
+        want = _grads(
+            lambda *a: _reference_attention(*a, visible, cap),
+            tuple(jnp.asarray(a, jnp.float64) for a in (q, k, v)),
+            jnp.asarray(cotangent, jnp.float64),
+        )
         want = tuple(np.asarray(w) for w in want)
     _assert_close(got, want)
 
@@ -76,20 +86,24 @@ def test_a_fully_masked_row_gets_uniform_weights_and_zero_score_gradients():
     want = _grads(lambda *a: _reference_attention(*a, visible, None), args, cotangent)
     _assert_close(got, want)
     # Row 0 sees nothing: uniform weights over the keys, and no gradient reaches its query.
-    np.testing.assert_allclose(np.asarray(got[0][0]), np.asarray(jnp.mean(v[:, 0], axis=0))[None]
-                               .repeat(2, 0), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(got[0][0]), np.asarray(jnp.mean(v[:, 0], axis=0))[None].repeat(2, 0), rtol=1e-6
+    )
     assert np.all(np.asarray(got[1][0]) == 0.0)
 
 
 def test_geglu_and_its_gradients_equal_autodiff_of_gelu_times_up():
     rng = np.random.default_rng(2)
-    gate, up, cotangent = (jnp.asarray(rng.normal(0, 2, size=(3, 5, 8)), jnp.float32)
-                           for _ in range(3))
+    gate, up, cotangent = (
+        jnp.asarray(rng.normal(0, 2, size=(3, 5, 8)), jnp.float32) for _ in range(3)
+    )
     got = _grads(geglu, (gate, up), cotangent)
     with jax.enable_x64(True):
-        want = _grads(lambda g, u: jax.nn.gelu(g, approximate=True) * u,
-                      (jnp.asarray(gate, jnp.float64), jnp.asarray(up, jnp.float64)),
-                      jnp.asarray(cotangent, jnp.float64))
+        want = _grads(
+            lambda g, u: jax.nn.gelu(g, approximate=True) * u,
+            (jnp.asarray(gate, jnp.float64), jnp.asarray(up, jnp.float64)),
+            jnp.asarray(cotangent, jnp.float64),
+        )
         want = tuple(np.asarray(w) for w in want)
     _assert_close(got, want)
 
@@ -105,10 +119,18 @@ def test_cross_entropy_and_its_gradient_equal_autodiff_of_log_softmax():
         return -jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), ids[..., None], -1)[..., 0]
 
     with jax.enable_x64(True):
-        want = tuple(np.asarray(w) for w in _grads(reference, (jnp.asarray(logits, jnp.float64),),
-                                                   jnp.asarray(cotangent, jnp.float64)))
+        want = tuple(
+            np.asarray(w)
+            for w in _grads(
+                reference, (jnp.asarray(logits, jnp.float64),), jnp.asarray(cotangent, jnp.float64)
+            )
+        )
     _assert_close(got, want)
     # Under vmap (the per-example reference path) as well.
     per_row = jax.vmap(jax.grad(lambda x, i: jnp.sum(cross_entropy(x, i))))(logits, ids)
-    np.testing.assert_allclose(np.asarray(per_row), np.asarray(
-        jax.grad(lambda x: jnp.sum(cross_entropy(x, ids)))(logits)), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(per_row),
+        np.asarray(jax.grad(lambda x: jnp.sum(cross_entropy(x, ids)))(logits)),
+        rtol=0,
+        atol=1e-6,
+    )

@@ -33,8 +33,9 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 _GELU_A = 0.044715
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
-              cap: float | None = None) -> jax.Array:
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, cap: float | None = None
+) -> jax.Array:
     """Softmax attention of queries ``[..., L, heads, hd]`` over keys/values ``[..., M, kv, hd]``.
 
     Query head ``h`` uses key/value head ``h // (heads // kv)`` (grouped-query attention).
@@ -67,8 +68,9 @@ def _scores(q: jax.Array, k: jax.Array, cap: float | None) -> tuple[jax.Array, j
     return t * c, t
 
 
-def _softmax_rows(q: jax.Array, k: jax.Array, mask: jax.Array,
-                  cap: float | None) -> tuple[jax.Array, jax.Array | None]:
+def _softmax_rows(
+    q: jax.Array, k: jax.Array, mask: jax.Array, cap: float | None
+) -> tuple[jax.Array, jax.Array | None]:
     """Masked softmax weights (float32) and the cap's ``tanh``."""
     scores, t = _scores(q, k, cap)
     scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min).astype(jnp.float32)
@@ -78,22 +80,25 @@ def _softmax_rows(q: jax.Array, k: jax.Array, mask: jax.Array,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention_rows(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                    cap: float | None) -> jax.Array:
+def _attention_rows(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cap: float | None
+) -> jax.Array:
     """``softmax(mask(cap(q kᵀ))) v`` for ``q`` ``[..., N, hd]``, ``k, v`` ``[..., M, hd]``."""
     weights, _ = _softmax_rows(q, k, mask, cap)
     return jnp.einsum("...nm,...md->...nd", weights.astype(v.dtype), v)
 
 
-def _attention_rows_fwd(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                        cap: float | None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+def _attention_rows_fwd(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cap: float | None
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     weights, t = _softmax_rows(q, k, mask, cap)
     out = jnp.einsum("...nm,...md->...nd", weights.astype(v.dtype), v)
     return out, (q, k, v, mask, weights, out, t)
 
 
-def _attention_rows_bwd(cap: float | None, residuals: tuple[jax.Array, ...],
-                        d_out: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, None]:
+def _attention_rows_bwd(
+    cap: float | None, residuals: tuple[jax.Array, ...], d_out: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, None]:
     q, k, v, mask, weights, out, t = residuals
     dtype = v.dtype
     d_weights = jnp.einsum("...nd,...md->...nm", d_out, v).astype(jnp.float32)
@@ -126,7 +131,7 @@ def _contract_rows(a: jax.Array, b: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def geglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """``gelu(gate) · up`` with the tanh approximation of GELU (``jax.nn.gelu(approximate=True)``)."""
+    """``gelu(gate) · up``, GELU in its tanh approximation (``jax.nn.gelu(approximate=True)``)."""
     return jax.nn.gelu(gate, approximate=True) * up
 
 
@@ -134,8 +139,9 @@ def _geglu_fwd(gate: jax.Array, up: jax.Array) -> tuple[jax.Array, tuple[jax.Arr
     return geglu(gate, up), (gate, up)
 
 
-def _geglu_bwd(residuals: tuple[jax.Array, jax.Array],
-               d_out: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _geglu_bwd(
+    residuals: tuple[jax.Array, jax.Array], d_out: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     gate, up = residuals
     c, a = jnp.asarray(_GELU_C, gate.dtype), jnp.asarray(_GELU_A, gate.dtype)
     square = gate * gate
@@ -169,14 +175,16 @@ def _pick(logits: jax.Array, ids: jax.Array) -> jax.Array:
     return jnp.take_along_axis(logits, ids[..., None], axis=-1)[..., 0]
 
 
-def _cross_entropy_fwd(logits: jax.Array,
-                       ids: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+def _cross_entropy_fwd(
+    logits: jax.Array, ids: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     lse = _logsumexp(logits)
     return lse - _pick(logits, ids), (logits, ids, lse)
 
 
-def _cross_entropy_bwd(residuals: tuple[jax.Array, ...],
-                       d_nll: jax.Array) -> tuple[jax.Array, None]:
+def _cross_entropy_bwd(
+    residuals: tuple[jax.Array, ...], d_nll: jax.Array
+) -> tuple[jax.Array, None]:
     logits, ids, lse = residuals
     vocab = jax.lax.broadcasted_iota(ids.dtype, logits.shape, logits.ndim - 1)
     onehot = (vocab == ids[..., None]).astype(logits.dtype)
