@@ -11,8 +11,9 @@ shapes, batch 64 × 128 positions, 4 query heads sharing 1 key/value head):
   out of every product. Its backward pass keeps only the softmax weights and writes
   ``dS = P ⊙ (dP − rowsum(dO ⊙ O))`` in one fusion (autodiff kept the scores, the mask's select
   and the weights, and reduced ``dP ⊙ P`` over the keys).
-* :func:`geglu` is ``gelu_tanh(gate) · up`` with a backward pass that recomputes the ``tanh``
-  from ``gate`` instead of keeping autodiff's five intermediates of the width of the MLP.
+* :func:`geglu` is ``gelu_tanh(gate) · up`` with a backward pass from ``gate``, ``up`` and the
+  forward's ``tanh`` in one fusion per output, where autodiff kept five intermediates of the
+  width of the MLP.
 
 Both batch under ``vmap`` (the per-example reference) like any JAX function and work on the
 unbatched ``[L, ...]`` path and the batched ``[B, L, ...]`` path alike (leading axes ``...``).
@@ -173,20 +174,23 @@ def geglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     return jax.nn.gelu(gate, approximate=True) * up
 
 
-def _geglu_fwd(gate: jax.Array, up: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return geglu(gate, up), (gate, up)
+def _geglu_fwd(
+    gate: jax.Array, up: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    # jax.nn.gelu's own operations, keeping the tanh for the backward pass.
+    c, a = np.sqrt(2.0 / np.pi).astype(gate.dtype), jnp.asarray(_GELU_A, gate.dtype)
+    t = jnp.tanh(c * (gate + a * (gate * gate * gate)))
+    return gate * (0.5 * (1.0 + t)) * up, (gate, up, t)
 
 
 def _geglu_bwd(
-    residuals: tuple[jax.Array, jax.Array], d_out: jax.Array
+    residuals: tuple[jax.Array, jax.Array, jax.Array], d_out: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    gate, up = residuals
+    gate, up, t = residuals
     c, a = jnp.asarray(_GELU_C, gate.dtype), jnp.asarray(_GELU_A, gate.dtype)
-    square = gate * gate
-    t = jnp.tanh(c * (gate + a * square * gate))
     half = 0.5 * (1.0 + t)  # gelu(g) = g · half
     # d gelu / dg = half + g · ½(1 − t²) · c(1 + 3a g²)
-    slope = half + 0.5 * gate * (1.0 - t * t) * c * (1.0 + 3.0 * a * square)
+    slope = half + 0.5 * gate * (1.0 - t * t) * c * (1.0 + 3.0 * a * gate * gate)
     return d_out * up * slope, d_out * gate * half
 
 
