@@ -16,7 +16,11 @@ Architecture (VaultGemma): RMSNorm pre-norm before attention and MLP, *no* post-
 attention (``n_kv_heads`` key/value heads shared by all query heads) with rotary position
 embeddings; full causal attention in every layer; GeGLU MLP; input embedding scaled by
 ``sqrt(d_model)`` and tied with the output projection. Blocks are stacked on a leading axis and run
-with ``lax.scan`` so that compile time does not grow with depth.
+with ``lax.scan`` so that compile time does not grow with depth (unrolled up to
+:data:`UNROLL_LAYERS` layers). The attention core, the GeGLU activation and the cross-entropy have
+hand-written backward passes (``_fused.py``), and the q/k/v and gate/up projections run as one
+matmul each (weights concatenated at apply time; parameters keep their shapes): the same
+mathematics in fewer, larger XLA:CPU operations (``bench/model_profile.py`` times each part).
 
 :class:`Architecture` (static, default: the above) adds what pretrained Gemma-2-family checkpoints
 need for exact parity with their reference implementation: attention and final logit soft-capping
@@ -46,9 +50,11 @@ from dptrain.planner import ModelShape
 from dptrain.trainer._architecture import NORM_EPS as _NORM_EPS
 from dptrain.trainer._architecture import ROPE_BASE as _ROPE_BASE
 from dptrain.trainer._architecture import Architecture, softcap, visibility
+from dptrain.trainer._fused import attention, causal_attention, cross_entropy, geglu
 from dptrain.trainer._linear import dense
 
 Taps = dict[str, Any]  # layer name -> array (or nested Taps for the stacked blocks)
+UNROLL_LAYERS = 4  # forward passes of models this shallow unroll their layer loop
 _DEFAULT_ARCH = Architecture()
 
 
@@ -226,14 +232,19 @@ class Attention(eqx.Module):
         head_dim, base = self.wq.shape[2], self.arch.rope_theta
         scale = self.arch.query_scale if self.arch.query_scale is not None else head_dim ** -0.5
 
-        def linear(w: jax.Array, name: str) -> jax.Array:
-            y = _adapt(dense(x, w), x, lora, name)
-            return _probe(y, probes, name, x)
-
-        q = apply_rope(linear(self.wq, "q"), positions, base)
-        k = apply_rope(linear(self.wk, "k"), positions, base)
-        v = linear(self.wv, "v")
-        return q * jnp.asarray(scale, q.dtype), k, v
+        # One matmul for q, k and v (weights concatenated at apply time; parameters keep their
+        # shapes), split before the adapters and probes of each.
+        weights = (self.wq, self.wk, self.wv)
+        fused = dense(x, jnp.concatenate([w.reshape(w.shape[0], -1) for w in weights], axis=1))
+        ends = np.cumsum([w.shape[1] * w.shape[2] for w in weights])[:-1]
+        outputs = []
+        for w, name, y in zip(weights, ("q", "k", "v"), jnp.split(fused, ends, axis=-1),
+                              strict=True):
+            y = _adapt(y.reshape(*y.shape[:-1], *w.shape[1:]), x, lora, name)
+            outputs.append(_probe(y, probes, name, x))
+        q = apply_rope(outputs[0], positions, base)
+        k = apply_rope(outputs[1], positions, base)
+        return q * jnp.asarray(scale, q.dtype), k, outputs[2]
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
         """Attention of queries ``[L, heads, hd]`` over keys/values ``[M, kv, hd]``.
@@ -241,15 +252,9 @@ class Attention(eqx.Module):
         ``visible`` (``[L, M]`` bool) says which key each query may see. Returns the input of
         ``wo`` (``[L, heads, head_dim]``).
         """
-        *lead, n_heads, head_dim = q.shape
-        n_kv = k.shape[-2]
-        # Query heads are grouped over the shared key/value heads (one group per kv head).
-        q = q.reshape(*lead, n_kv, n_heads // n_kv, head_dim)
-        scores = softcap(jnp.einsum("...lgrk,...mgk->...grlm", q, k), self.arch.attn_softcap)
-        # A finite minimum (not -inf) keeps gradients finite on fully masked entries.
-        scores = jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
-        weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
-        return jnp.einsum("...grlm,...mgk->...lgrk", weights, v).reshape(*lead, n_heads, head_dim)
+        # Query heads grouped over the shared key/value heads; scores soft-capped, then masked
+        # with a finite minimum (finite gradients on fully masked entries); float32 softmax.
+        return attention(q, k, v, visible, self.arch.attn_softcap)
 
     def forward(self, x: jax.Array, probes: Taps | None = None,
                 window: jax.Array | int | None = None,
@@ -262,7 +267,8 @@ class Attention(eqx.Module):
         length = x.shape[-2]
         q, k, v = self.project(x, probes, lora=lora)
         visible = visibility(np.arange(length), np.arange(length), window)
-        out = self.attend(q, k, v, visible)
+        # A sequence over itself: causal (windows too), so blocks of queries skip later keys.
+        out = causal_attention(q, k, v, visible, self.arch.attn_softcap)
         flat_out, flat_wo = out.reshape(*out.shape[:-2], -1), self.wo.reshape(-1, self.wo.shape[-1])
         y = _adapt(dense(flat_out, flat_wo), flat_out, lora, "o")
         return _probe(y, probes, "o", flat_out), {"o": out}
@@ -287,12 +293,15 @@ class GeGLU(eqx.Module):
     def forward(self, x: jax.Array, probes: Taps | None = None,
                 lora: Adapters | None = None) -> tuple[jax.Array, Taps]:
         """The MLP output and the input of ``w_down`` (``[L, d_ff]``)."""
-        gate = _probe(_adapt(dense(x, self.w_gate), x, lora, "gate"), probes, "gate", x)
-        up = _probe(_adapt(dense(x, self.w_up), x, lora, "up"), probes, "up", x)
-        hidden = jax.nn.gelu(gate, approximate=True) * up
+        # One matmul for gate and up (weights concatenated at apply time), split before the
+        # adapters and probes of each.
+        fused = dense(x, jnp.concatenate([self.w_gate, self.w_up], axis=1))
+        gate, up = jnp.split(fused, 2, axis=-1)
+        gate = _probe(_adapt(gate, x, lora, "gate"), probes, "gate", x)
+        up = _probe(_adapt(up, x, lora, "up"), probes, "up", x)
+        hidden = geglu(gate, up)
         return _probe(_adapt(dense(hidden, self.w_down), hidden, lora, "down"), probes, "down",
-                      hidden), {
-            "down": hidden}
+                      hidden), {"down": hidden}
 
 
 class Block(eqx.Module):
@@ -446,8 +455,13 @@ class Decoder(eqx.Module):
             block_arrays, block_probes, window, lora = xs
             return eqx.combine(block_arrays, static).forward(h, block_probes, window, lora)
 
+        # Shallow models run their layers unrolled: XLA:CPU then keeps each layer's residuals
+        # apart instead of stacking them into [layers, ...] buffers (measured at the peers'
+        # benchmark shape: 12% less temporary memory); deep ones keep a rolled loop so that
+        # compile time does not grow with depth.
+        unroll = self.n_layers if self.n_layers <= UNROLL_LAYERS else 1
         x, block_taps = jax.lax.scan(
-            layer, x, (arrays, get("blocks"), jnp.asarray(windows), self.lora))
+            layer, x, (arrays, get("blocks"), jnp.asarray(windows), self.lora), unroll=unroll)
         head, final_normed = self.final_norm.forward(x, get("final_norm"))
         logits = self.head(head, get("logits"))
         return logits, {"blocks": block_taps, "final_norm": final_normed, "head": head}
@@ -560,8 +574,7 @@ def target_weights(targets: jax.Array, pad_id: int = 0) -> jax.Array:
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Per-position cross-entropy of ``logits`` (``[..., L, vocab]``) against (unmarked) targets."""
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(log_probs, input_ids(targets)[..., None], axis=-1)[..., 0]
+    return cross_entropy(logits, input_ids(targets))
 
 
 def token_loss(logits: jax.Array, targets: jax.Array, pad_id: int = 0) -> jax.Array:
