@@ -42,7 +42,7 @@ import numpy as np
 from scipy.interpolate import PchipInterpolator, RegularGridInterpolator
 from scipy.optimize import isotonic_regression
 
-from dptrain.planner._curve_fit import FittedCurve, best_points, fit_curves
+from dptrain.planner._curve_fit import FittedCurve, best_points, fit_curves, initial_losses
 from dptrain.planner._sweep_table import read_results_csv
 
 PAPER_MIN_STEP = 1000
@@ -210,7 +210,7 @@ class TableLossModel:
             raise ValueError(f"{self.source}: the table is not a full grid: no run of "
                              f"model_params={m:g}, noise_batch_ratio={r:g} ends at its horizon "
                              f"({len(missing)} such pairs)")
-        self.fits = fit_curves(points)
+        self.fits = fit_curves(points, initial_losses(rows))
         horizons = sorted({t for curve in points.values() for t in curve})
         self.measured_steps = (horizons[0], horizons[-1])
         log_nodes = np.union1d(np.linspace(math.log(horizons[0]), math.log(horizons[-1]),
@@ -227,6 +227,15 @@ class TableLossModel:
                 residual = np.log(np.array(fit.losses)) - np.log(fit(np.array(fit.steps)))
                 curve = curve + np.interp(np.log(steps), log_t, residual)
             log_loss[models.index(m), :, ratios.index(r)] = curve
+        # Past its own last horizon a curve is held flat, but never above a noisier curve
+        # measured there (less noise never hurts): σ̄ swept only at short horizons (2^-16 at
+        # T <= 1024, say) would otherwise lift every noisier curve beyond them through the
+        # monotone pass below.
+        for i, m in enumerate(models):
+            for k in range(len(ratios) - 2, -1, -1):
+                beyond = log_nodes > math.log(self.fits[(m, ratios[k])].steps[-1]) + 1e-9
+                log_loss[i, beyond, k] = np.minimum(log_loss[i, beyond, k],
+                                                    log_loss[i, beyond, k + 1])
         self.asymptotes = {m: self.fits[(m, ratios[0])].irreducible for m in models}
         log_loss = self._isotonic(log_loss)
         self.measured_ratios = list(ratios)
@@ -412,9 +421,16 @@ class TableLossModel:
         """Source, domain and smoothing choices."""
         fit: dict[str, Any] = {}
         if self.fits:
-            fit = {"form": "L(T) = E_M + A·T^(-α) per (M, σ̄), E_M fitted per model, α ≥ 0; "
-                           "flat beyond the longest measured horizon",
+            fit = {"form": "L(T) = E + (L0 - E) / (1 + A·T^α) per (M, σ̄) (L0 = ∞: E + A·T^(-α)), "
+                           "E fitted per curve, L0 per model, α ≥ 0; flat beyond the longest "
+                           "measured horizon",
                    "irreducible": {f"{m:g}": e for m, e in self.asymptotes.items()},
+                   "irreducible_by_ratio": {f"{m:g}": {f"{r:g}": f.irreducible
+                                                       for (mm, r), f in sorted(self.fits.items())
+                                                       if mm == m} for m in self.asymptotes},
+                   "plateau": {f"{m:g}": self.fits[(m, min(r for mm, r in self.fits
+                                                          if mm == m))].plateau
+                               for m in self.asymptotes},
                    "max_relative_residual": max(f.max_relative_residual
                                                 for f in self.fits.values()),
                    "beyond_horizon": "flat"}
