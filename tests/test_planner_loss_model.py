@@ -247,3 +247,18 @@ def test_a_ratio_measured_only_at_short_horizons_does_not_lift_the_noisier_curve
     for r in H_RATIOS:
         assert model.predict(np.array(7e4), t, np.array(r)) == pytest.approx(
             full.predict(np.array(7e4), t, np.array(r)), rel=1e-9)
+
+
+def test_leave_one_out_keeps_cells_without_a_measured_neighbour_apart() -> None:
+    cells = leave_one_out(_plateau_rows(short=(2.0**-14,)))
+    apart = {(c["held_out"], c["noise_batch_ratio"], c["step"]) for c in cells
+             if not c["interpolated"]}
+    # 2^-14 ends at T = 64: held out there, it has no longer horizon; and 2^-7 held out at
+    # T = 256 or 1024 has no less noisy measurement below it.
+    assert apart == {("horizon", 2.0**-14, 64.0), ("ratio", 2.0**-7, 256.0),
+                     ("ratio", 2.0**-7, 1024.0)}
+    inside = [c for c in cells if c["interpolated"] and c["held_out"] == "horizon"]
+    assert len(inside) == 2 * len(H_RATIOS)
+    assert max(abs(c["relative_error"]) for c in inside) <= 0.01
+    outside = [c for c in cells if (c["held_out"], c["noise_batch_ratio"]) == ("horizon", 2**-14)]
+    assert abs(outside[0]["relative_error"]) > 0.03  # extrapolated past T = 16: why it is apart

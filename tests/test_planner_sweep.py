@@ -271,15 +271,19 @@ def test_the_shipped_table_covers_what_the_planner_plans_on_cpu() -> None:
 def test_the_shipped_table_predicts_held_out_cells() -> None:
     from dptrain.planner._loss_model import leave_one_out
 
-    cells = leave_one_out(read_results_csv(DEFAULT_TABLE))
+    every = leave_one_out(read_results_csv(DEFAULT_TABLE))
+    # Cells the rest of the table measures on both sides (docs/planner.md lists the others).
+    cells = [c for c in every if c["interpolated"]]
     assert {c["held_out"] for c in cells} == {"ratio", "horizon"}
     errors = np.array([abs(c["relative_error"]) for c in cells])
     ratio = np.array([abs(c["relative_error"]) for c in cells if c["held_out"] == "ratio"])
-    assert len(errors) >= 20 and len(ratio) >= 15
+    horizon = np.array([abs(c["relative_error"]) for c in cells if c["held_out"] == "horizon"])
+    assert len(errors) >= 40 and len(ratio) >= 20 and len(horizon) >= 20
     # Each interior σ̄ predicted from its neighbours (2-32× away in σ̄): within 3% on average.
     assert ratio.mean() <= 0.03
-    # With the interior horizons held out too (T = 64 and T = 256, each from the other three
-    # horizons): within the 3% (docs/planner.md: 2.9%).
+    # Each interior horizon (T = 64 … 4096, each from the other horizons, 4× away): within the
+    # issue's 3% on average, and so is the whole (docs/planner.md).
+    assert horizon.mean() <= 0.03
     assert errors.mean() <= 0.03
 
 

@@ -469,12 +469,17 @@ def leave_one_out(rows: Sequence[Mapping[str, float]], *,
     A horizon table (runs of several lengths, see ``_curve_fit``) holds out cells two ways:
     each interior σ̄ (every horizon of it), and each interior horizon (every σ̄ at it); the
     measured loss of a cell is its runs' final held-out loss, minimised over learning rates and
-    batches as the model minimises it.
+    batches as the model minimises it. A table need not be a full grid (σ̄ = 2^-16 swept to
+    T = 1024 only, T = 16384 at a few σ̄): a cell is ``interpolated`` when the rest of the table
+    measures it on both sides (its σ̄ below and above the held-out horizon, or its horizon below
+    and above the held-out σ̄); otherwise the model extrapolates, and past a curve's last
+    horizon holds it flat by design, so such cells are reported but kept apart.
 
     Returns:
         One record per (model size, held-out σ̄[, horizon]): ``model_params``,
         ``noise_batch_ratio``, ``step``, ``measured``, ``predicted``, ``relative_error``
-        (predicted / measured − 1) and, for horizon tables, ``held_out`` ("ratio" or "horizon").
+        (predicted / measured − 1) and, for horizon tables, ``held_out`` ("ratio" or "horizon")
+        and ``interpolated`` (see above).
     """
     if any(float(r.get("horizon", 0.0)) > 0 for r in rows):
         return _leave_one_out_horizons(rows, source)
@@ -521,7 +526,15 @@ def _leave_one_out_horizons(rows: Sequence[Mapping[str, float]],
                         continue
                     predicted = float(model.predict(np.array(m), np.array(step),
                                                     np.array(ratio)))
+                    # Interpolated: the kept data measure this curve (σ̄) on both sides of the
+                    # held-out horizon, or this horizon on both sides of the held-out σ̄.
+                    along = ([t for t in curve if t != step] if kind == "horizon" else
+                             [r for (mm, r), c in points.items() if mm == m and r != ratio
+                              and step in c])
+                    value = step if kind == "horizon" else ratio
+                    inside = min(along, default=value) < value < max(along, default=value)
                     out.append({"held_out": kind, "model_params": m, "noise_batch_ratio": ratio,
                                 "step": step, "measured": measured, "predicted": predicted,
-                                "relative_error": predicted / measured - 1})
+                                "relative_error": predicted / measured - 1,
+                                "interpolated": inside})
     return out
