@@ -457,7 +457,7 @@ def _pad(values: np.ndarray, axis: int) -> np.ndarray:
 
 
 def leave_one_out(rows: Sequence[Mapping[str, float]], *,
-                  source: str = "<rows>") -> list[dict[str, float]]:
+                  source: str = "<rows>") -> list[dict[str, Any]]:
     """Leave-one-out error of :class:`TableLossModel` on held-out sweep cells.
 
     Each interior noise-batch ratio σ̄ of the table is removed in turn (for every model size, so
@@ -484,7 +484,7 @@ def leave_one_out(rows: Sequence[Mapping[str, float]], *,
     if any(float(r.get("horizon", 0.0)) > 0 for r in rows):
         return _leave_one_out_horizons(rows, source)
     ratios = sorted({float(r["noise_batch_ratio"]) for r in rows if r["noise_batch_ratio"] > 0})
-    out: list[dict[str, float]] = []
+    out: list[dict[str, Any]] = []
     for held in ratios[1:-1]:
         kept = [r for r in rows if float(r["noise_batch_ratio"]) != held]
         model = TableLossModel(kept, source=f"{source} without σ̄={held:g}")
