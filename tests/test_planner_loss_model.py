@@ -262,3 +262,11 @@ def test_leave_one_out_keeps_cells_without_a_measured_neighbour_apart() -> None:
     assert max(abs(c["relative_error"]) for c in inside) <= 0.01
     outside = [c for c in cells if (c["held_out"], c["noise_batch_ratio"]) == ("horizon", 2**-14)]
     assert abs(outside[0]["relative_error"]) > 0.03  # extrapolated past T = 16: why it is apart
+
+
+def test_a_ratio_measured_less_far_says_so_where_it_is_held() -> None:
+    model = TableLossModel(_plateau_rows(short=(2.0**-14,)))
+    notes = model.extrapolation(7e4, 256, 2.0**-10)  # between 2^-14 (to 64) and 2^-7
+    assert len(notes) == 1 and "beyond the 64 measured" in notes[0]
+    assert model.extrapolation(7e4, 64, 2.0**-10) == []
+    assert model.extrapolation(7e4, 1024, 2.0**-5) == []  # both neighbours reach 1024

@@ -378,6 +378,10 @@ class TableLossModel:
         if self.fits and steps > t_hi * 1.001:
             notes.append(f"{steps:.3g} steps beyond the longest measured horizon {t_hi:.3g}: "
                          f"held flat (no gain beyond the data is predicted)")
+        elif self.fits and steps > (reach := self._reach(model_params, noise_batch_ratio)) * 1.001:
+            notes.append(f"{steps:.3g} steps beyond the {reach:.3g} measured at noise-batch ratio "
+                         f"{noise_batch_ratio:.3g}: held flat, or at a noisier curve measured "
+                         f"further where that is lower (no gain beyond the data is predicted)")
         elif steps > t_end * 1.001:
             notes.append(f"{steps:.3g} steps beyond the measured {t_hi:.3g}: power-law "
                          f"extrapolation L = exp(m·log T + b) + E* up to {t_end:.3g} steps, "
@@ -395,6 +399,15 @@ class TableLossModel:
             notes.append(f"noise-batch ratio {noise_batch_ratio:.3g} below the table's "
                          f"{r_lo:.3g}: clamped (pessimistic)")
         return notes
+
+    def _reach(self, model_params: float, noise_batch_ratio: float) -> float:
+        """Longest horizon measured on both measured σ̄ around ``noise_batch_ratio`` (nearest M)."""
+        models = sorted({m for m, _ in self.fits})
+        m = min(models, key=lambda x: abs(math.log(x / model_params)))
+        ratios = sorted(r for mm, r in self.fits if mm == m)
+        below = [r for r in ratios if r <= noise_batch_ratio * 1.001] or ratios[:1]
+        above = [r for r in ratios if r >= noise_batch_ratio * 0.999] or ratios[-1:]
+        return min(self.fits[(m, below[-1])].steps[-1], self.fits[(m, above[0])].steps[-1])
 
     def learning_rate(self, model_params: float, noise_batch_ratio: float,
                       steps: float | None = None) -> float | None:
