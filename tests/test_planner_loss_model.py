@@ -270,3 +270,20 @@ def test_a_ratio_measured_less_far_says_so_where_it_is_held() -> None:
     assert len(notes) == 1 and "beyond the 64 measured" in notes[0]
     assert model.extrapolation(7e4, 64, 2.0**-10) == []
     assert model.extrapolation(7e4, 1024, 2.0**-5) == []  # both neighbours reach 1024
+
+
+def test_a_cell_swept_at_fewer_learning_rates_is_bounded_by_the_noisier_cells() -> None:
+    # 2^-14 swept at one (bad) learning rate ends 10% above the tuned 2^-7: less noise never
+    # hurts, so it is bounded by 2^-7 (and takes its learning rate), and 2^-7 is not lifted.
+    rows = _plateau_rows()
+    for t in HORIZONS:
+        for step in (1, t):
+            rows.append({"model_params": 7e4, "noise_batch_ratio": 2.0**-14,
+                         "learning_rate": 3e-2, "batch_size": 4, "horizon": t, "step": step,
+                         "loss": 5.5 if step == 1 else 1.1 * _plateau_truth(t, 2.0**-7)})
+    model = TableLossModel(rows)
+    t = np.array(HORIZONS, float)
+    for r in (2.0**-14, 2.0**-7):
+        assert model.predict(np.array(7e4), t, np.array(r)) == pytest.approx(
+            [_plateau_truth(x, 2.0**-7) for x in t], rel=1e-3)
+    assert model.learning_rate(7e4, 2.0**-14, 1024) == 1e-2

@@ -25,6 +25,9 @@ log T from the first step, cannot follow (leave-one-out on the shipped table: in
   measured one is preferred);
 * α ≥ 0 makes every curve non-increasing in T; beyond the longest measured horizon the planner
   holds the curve flat (no gain is predicted that the data do not show).
+
+Before the fit, each measured point is bounded by the noisier points of its (M, T)
+(:func:`bounded_by_noisier`: less noise never hurts).
 """
 
 from __future__ import annotations
@@ -96,6 +99,37 @@ def best_points(rows: Iterable[Mapping[str, float]]
             best[key][step] = loss
             lr_at[key][step] = float(row["learning_rate"])
     return dict(best), dict(lr_at)
+
+
+def bounded_by_noisier(points: Mapping[tuple[float, float], Mapping[float, float]],
+                       lr_at: Mapping[tuple[float, float], Mapping[float, float]] | None = None
+                       ) -> tuple[dict[tuple[float, float], dict[float, float]],
+                                  dict[tuple[float, float], dict[float, float]]]:
+    """Each point lowered to the best loss measured at the same (M, T) with more noise.
+
+    Less noise never hurts: the best loss over learning rates is non-decreasing in σ̄, so a run
+    measured at a noisier σ̄ bounds every less noisy cell of its (M, T) from above, in
+    expectation (train that run's configuration with less noise). A cell swept with fewer
+    learning rates (σ̄ = 2^-14 and 2^-16 at one rate, say, where 2^-12 had three) can sit far
+    above that bound; isotonic regression would average it with its tuned neighbour and lift
+    the neighbour. The learning rate follows the bound (the noisier cell's).
+
+    Returns the bounded ``{(M, σ̄): {T: loss}}`` and ``{(M, σ̄): {T: learning rate}}``.
+    """
+    out = {k: dict(v) for k, v in points.items()}
+    lrs = {k: dict(v) for k, v in (lr_at or {}).items()}
+    for m in {m for m, _ in points}:
+        ratios = sorted((r for mm, r in points if mm == m), reverse=True)  # noisiest first
+        best: dict[float, tuple[float, float | None]] = {}
+        for r in ratios:
+            for t, loss in out[(m, r)].items():
+                if t in best and best[t][0] < loss:
+                    out[(m, r)][t] = best[t][0]
+                    if best[t][1] is not None:
+                        lrs.setdefault((m, r), {})[t] = best[t][1]
+                else:
+                    best[t] = (loss, lrs.get((m, r), {}).get(t))
+    return out, lrs
 
 
 def initial_losses(rows: Iterable[Mapping[str, float]]) -> dict[float, float]:

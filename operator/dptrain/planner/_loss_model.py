@@ -42,7 +42,13 @@ import numpy as np
 from scipy.interpolate import PchipInterpolator, RegularGridInterpolator
 from scipy.optimize import isotonic_regression
 
-from dptrain.planner._curve_fit import FittedCurve, best_points, fit_curves, initial_losses
+from dptrain.planner._curve_fit import (
+    FittedCurve,
+    best_points,
+    bounded_by_noisier,
+    fit_curves,
+    initial_losses,
+)
 from dptrain.planner._sweep_table import read_results_csv
 
 PAPER_MIN_STEP = 1000
@@ -195,7 +201,7 @@ class TableLossModel:
 
     def _build_horizons(self, rows: Sequence[Mapping[str, float]]) -> None:
         """A horizon table: one fitted curve per (M, σ̄) (see ``_curve_fit``), flat beyond."""
-        points, self._lr_by_horizon = best_points(rows)
+        points, self._lr_by_horizon = bounded_by_noisier(*best_points(rows))
         self._best_lr = {k: rates[max(rates)] for k, rates in self._lr_by_horizon.items()}
         if not points:
             raise ValueError(f"{self.source}: no run ends at its horizon with "
@@ -482,11 +488,14 @@ def leave_one_out(rows: Sequence[Mapping[str, float]], *,
     A horizon table (runs of several lengths, see ``_curve_fit``) holds out cells two ways:
     each interior σ̄ (every horizon of it), and each interior horizon (every σ̄ at it); the
     measured loss of a cell is its runs' final held-out loss, minimised over learning rates and
-    batches as the model minimises it. A table need not be a full grid (σ̄ = 2^-16 swept to
-    T = 1024 only, T = 16384 at a few σ̄): a cell is ``interpolated`` when the rest of the table
-    measures it on both sides (its σ̄ below and above the held-out horizon, or its horizon below
-    and above the held-out σ̄); otherwise the model extrapolates, and past a curve's last
-    horizon holds it flat by design, so such cells are reported but kept apart.
+    batches as the model minimises it, and bounded by the noisier cells of its horizon as the
+    model bounds it (``bounded_by_noisier``: a cell swept at fewer learning rates is otherwise
+    an upper bound of its loss, not a measurement of it). A table need not be a full grid
+    (σ̄ = 2^-16 swept to T = 1024 only, T = 16384 at a few σ̄): a cell is ``interpolated`` when
+    the rest of the table measures it on both sides (its σ̄ below and above the held-out
+    horizon, or its horizon below and above the held-out σ̄); otherwise the model extrapolates,
+    and past a curve's last horizon holds it flat by design, so such cells are reported but
+    kept apart.
 
     Returns:
         One record per (model size, held-out σ̄[, horizon]): ``model_params``,
@@ -524,7 +533,7 @@ def leave_one_out(rows: Sequence[Mapping[str, float]], *,
 
 def _leave_one_out_horizons(rows: Sequence[Mapping[str, float]],
                             source: str) -> list[dict[str, Any]]:
-    points, _ = best_points(rows)
+    points, _ = bounded_by_noisier(*best_points(rows))
     ratios = sorted({r for _, r in points})
     horizons = sorted({t for curve in points.values() for t in curve})
     out: list[dict[str, Any]] = []
