@@ -124,9 +124,9 @@ def bounded_by_noisier(points: Mapping[tuple[float, float], Mapping[float, float
         for r in ratios:
             for t, loss in out[(m, r)].items():
                 if t in best and best[t][0] < loss:
-                    out[(m, r)][t] = best[t][0]
-                    if best[t][1] is not None:
-                        lrs.setdefault((m, r), {})[t] = best[t][1]
+                    out[(m, r)][t], rate = best[t]
+                    if rate is not None:
+                        lrs.setdefault((m, r), {})[t] = rate
                 else:
                     best[t] = (loss, lrs.get((m, r), {}).get(t))
     return out, lrs
