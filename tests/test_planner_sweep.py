@@ -330,7 +330,10 @@ def test_plans_with_the_measured_table_warn_about_extrapolation_not_placeholders
 def test_steps_beyond_the_shipped_table_are_held_flat_and_said_so() -> None:
     model = default_loss_model()
     hi = model.measured_steps[1]
-    m, ratio = model.describe()["model_params"][0], 2.0**-5
+    m = model.describe()["model_params"][0]
+    # A σ̄ measured at the longest horizon (near 2^-5; not every σ̄ reaches it).
+    ratio = min((r for (mm, r), f in model.fits.items() if mm == m and f.steps[-1] == hi),
+                key=lambda r: abs(math.log2(r) + 5))
     at = [float(model.predict(np.array(m), np.array(t), np.array(ratio)))
           for t in (hi / 4, hi, 2 * hi, 100 * hi)]
     assert at[1] < at[0]  # gains up to the longest measured horizon ...
@@ -338,3 +341,7 @@ def test_steps_beyond_the_shipped_table_are_held_flat_and_said_so() -> None:
     assert at[3] == pytest.approx(at[1], rel=1e-9)
     assert any("held flat" in note for note in model.extrapolation(m, 2 * hi, ratio))
     assert not any("held flat" in note for note in model.extrapolation(m, hi / 2, ratio))
+    # A σ̄ measured less far says so past its own last horizon.
+    short = [(r, f.steps[-1]) for (mm, r), f in model.fits.items() if mm == m and f.steps[-1] < hi]
+    for r, last in short:
+        assert any("held flat" in note for note in model.extrapolation(m, 2 * last, r))
