@@ -332,7 +332,8 @@ def test_steps_beyond_the_shipped_table_are_held_flat_and_said_so() -> None:
     hi = model.measured_steps[1]
     m = model.describe()["model_params"][0]
     # A σ̄ measured at the longest horizon (near 2^-5; not every σ̄ reaches it).
-    ratio = min((r for (mm, r), f in model.fits.items() if mm == m and f.steps[-1] == hi),
+    ratio = min((r for (mm, r), f in model.fits.items()
+                 if math.isclose(mm, m, rel_tol=1e-9) and f.steps[-1] > hi * 0.999),
                 key=lambda r: abs(math.log2(r) + 5))
     at = [float(model.predict(np.array(m), np.array(t), np.array(ratio)))
           for t in (hi / 4, hi, 2 * hi, 100 * hi)]
@@ -342,6 +343,8 @@ def test_steps_beyond_the_shipped_table_are_held_flat_and_said_so() -> None:
     assert any("held flat" in note for note in model.extrapolation(m, 2 * hi, ratio))
     assert not any("held flat" in note for note in model.extrapolation(m, hi / 2, ratio))
     # A σ̄ measured less far says so past its own last horizon.
-    short = [(r, f.steps[-1]) for (mm, r), f in model.fits.items() if mm == m and f.steps[-1] < hi]
+    short = [(r, f.steps[-1]) for (mm, r), f in model.fits.items()
+             if math.isclose(mm, m, rel_tol=1e-9) and f.steps[-1] < hi * 0.999]
+    assert short  # σ̄ = 2^-16 is measured to T = 1024 only
     for r, last in short:
         assert any("held flat" in note for note in model.extrapolation(m, 2 * last, r))
