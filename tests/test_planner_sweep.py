@@ -222,9 +222,13 @@ def test_parse_number_accepts_powers_of_two() -> None:
 
 
 def _final_losses() -> dict[tuple[float, float], float]:
-    """Raw held-out loss per (model, σ̄) at the longest horizon, minimum over lr and B."""
+    """Raw held-out loss per (model, σ̄) at the longest horizon measured at 7 σ̄ or more
+    (T = 16384 has one), minimum over lr and B."""
     rows = read_results_csv(DEFAULT_TABLE)
-    last = max(r["horizon"] for r in rows)
+    ratios_at: dict[float, set[float]] = {}
+    for r in rows:
+        ratios_at.setdefault(r["horizon"], set()).add(r["noise_batch_ratio"])
+    last = max(t for t, ratios in ratios_at.items() if len(ratios) >= 7)
     best: dict[tuple[float, float], float] = {}
     for r in rows:
         if r["step"] == r["horizon"] == last:
