@@ -90,16 +90,20 @@ def test_a_collapsed_batch_is_used_only_when_nothing_else_fits(
 
 def test_far_extrapolation_is_refused_unless_allowed(cache_dir: pathlib.Path) -> None:
     # N = 14,086 is below the paper's rows (1e5 … 1e9), so nothing anchors a 1e16-FLOP plan, and
-    # with at least 20,000 steps every configuration lies far past the measured table.
+    # with more steps than SUPPORT_T_FACTOR × the shipped table's longest horizon every
+    # configuration lies far past the measured table.
+    from dptrain.planner import default_loss_model
+    from dptrain.planner._planner import SUPPORT_T_FACTOR
+
+    far = int(SUPPORT_T_FACTOR * default_loss_model().measured_steps[1]) + 1
     spec = _spec(flops=1e16)
     spec = spec.model_copy(update={"model": spec.model.model_copy(update={"preset": None})})
     with pytest.raises(ExtrapolationError) as info:
-        make_plan(spec, dataset_size=N, cache_dir=cache_dir,
-                  search_space=_space(min_steps=20_000))
+        make_plan(spec, dataset_size=N, cache_dir=cache_dir, search_space=_space(min_steps=far))
     assert "--allow-extrapolation" in str(info.value)
     assert info.value.reasons
     plan = make_plan(spec, dataset_size=N, cache_dir=cache_dir, allow_extrapolation=True,
-                     search_space=_space(min_steps=20_000))
+                     search_space=_space(min_steps=far))
     assert any("--allow-extrapolation" in w for w in plan.warnings)
 
 

@@ -222,9 +222,13 @@ def test_parse_number_accepts_powers_of_two() -> None:
 
 
 def _final_losses() -> dict[tuple[float, float], float]:
-    """Raw held-out loss per (model, σ̄) at the longest horizon, minimum over lr and B."""
+    """Raw held-out loss per (model, σ̄) at the longest horizon measured at 7 σ̄ or more
+    (T = 16384 has one), minimum over lr and B."""
     rows = read_results_csv(DEFAULT_TABLE)
-    last = max(r["horizon"] for r in rows)
+    ratios_at: dict[float, set[float]] = {}
+    for r in rows:
+        ratios_at.setdefault(r["horizon"], set()).add(r["noise_batch_ratio"])
+    last = max(t for t, ratios in ratios_at.items() if len(ratios) >= 7)
     best: dict[tuple[float, float], float] = {}
     for r in rows:
         if r["step"] == r["horizon"] == last:
@@ -271,15 +275,19 @@ def test_the_shipped_table_covers_what_the_planner_plans_on_cpu() -> None:
 def test_the_shipped_table_predicts_held_out_cells() -> None:
     from dptrain.planner._loss_model import leave_one_out
 
-    cells = leave_one_out(read_results_csv(DEFAULT_TABLE))
+    every = leave_one_out(read_results_csv(DEFAULT_TABLE))
+    # Cells the rest of the table measures on both sides (docs/planner.md lists the others).
+    cells = [c for c in every if c["interpolated"]]
     assert {c["held_out"] for c in cells} == {"ratio", "horizon"}
     errors = np.array([abs(c["relative_error"]) for c in cells])
     ratio = np.array([abs(c["relative_error"]) for c in cells if c["held_out"] == "ratio"])
-    assert len(errors) >= 20 and len(ratio) >= 15
+    horizon = np.array([abs(c["relative_error"]) for c in cells if c["held_out"] == "horizon"])
+    assert len(errors) >= 40 and len(ratio) >= 20 and len(horizon) >= 20
     # Each interior σ̄ predicted from its neighbours (2-32× away in σ̄): within 3% on average.
     assert ratio.mean() <= 0.03
-    # With the interior horizons held out too (T = 64 and T = 256, each from the other three
-    # horizons): within the issue's 3% (docs/planner.md: 2.9%).
+    # Each interior horizon (T = 64 … 4096, each from the other horizons, 4× away): within the
+    # issue's 3% on average, and so is the whole (docs/planner.md).
+    assert horizon.mean() <= 0.03
     assert errors.mean() <= 0.03
 
 
@@ -326,7 +334,11 @@ def test_plans_with_the_measured_table_warn_about_extrapolation_not_placeholders
 def test_steps_beyond_the_shipped_table_are_held_flat_and_said_so() -> None:
     model = default_loss_model()
     hi = model.measured_steps[1]
-    m, ratio = model.describe()["model_params"][0], 2.0**-5
+    m = model.describe()["model_params"][0]
+    # A σ̄ measured at the longest horizon (near 2^-5; not every σ̄ reaches it).
+    ratio = min((r for (mm, r), f in model.fits.items()
+                 if math.isclose(mm, m, rel_tol=1e-9) and f.steps[-1] > hi * 0.999),
+                key=lambda r: abs(math.log2(r) + 5))
     at = [float(model.predict(np.array(m), np.array(t), np.array(ratio)))
           for t in (hi / 4, hi, 2 * hi, 100 * hi)]
     assert at[1] < at[0]  # gains up to the longest measured horizon ...
@@ -334,3 +346,9 @@ def test_steps_beyond_the_shipped_table_are_held_flat_and_said_so() -> None:
     assert at[3] == pytest.approx(at[1], rel=1e-9)
     assert any("held flat" in note for note in model.extrapolation(m, 2 * hi, ratio))
     assert not any("held flat" in note for note in model.extrapolation(m, hi / 2, ratio))
+    # A σ̄ measured less far says so past its own last horizon.
+    short = [(r, f.steps[-1]) for (mm, r), f in model.fits.items()
+             if math.isclose(mm, m, rel_tol=1e-9) and f.steps[-1] < hi * 0.999]
+    assert short  # σ̄ = 2^-16 is measured to T = 1024 only
+    for r, last in short:
+        assert any("held flat" in note for note in model.extrapolation(m, 2 * last, r))

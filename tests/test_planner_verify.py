@@ -70,6 +70,9 @@ def test_the_pick_realises_within_3_percent_of_the_best_alternative(
                  str(data_dir), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     rows = out["verify"]["candidates"]
+    for r in rows:  # shown on failure (and with -rP): what was trained and what it realised
+        print(r["label"], r["batch_size"], r["iterations"], r["noise_multiplier"],
+              r["model_params"], r["predicted_loss"], r["realised_loss"])
     pick, others = rows[0], rows[1:]
     assert pick["label"] == "pick" and len(others) >= 6
     for r in rows:

@@ -42,7 +42,13 @@ import numpy as np
 from scipy.interpolate import PchipInterpolator, RegularGridInterpolator
 from scipy.optimize import isotonic_regression
 
-from dptrain.planner._curve_fit import FittedCurve, best_points, fit_curves
+from dptrain.planner._curve_fit import (
+    FittedCurve,
+    best_points,
+    bounded_by_noisier,
+    fit_curves,
+    initial_losses,
+)
 from dptrain.planner._sweep_table import read_results_csv
 
 PAPER_MIN_STEP = 1000
@@ -195,7 +201,7 @@ class TableLossModel:
 
     def _build_horizons(self, rows: Sequence[Mapping[str, float]]) -> None:
         """A horizon table: one fitted curve per (M, σ̄) (see ``_curve_fit``), flat beyond."""
-        points, self._lr_by_horizon = best_points(rows)
+        points, self._lr_by_horizon = bounded_by_noisier(*best_points(rows))
         self._best_lr = {k: rates[max(rates)] for k, rates in self._lr_by_horizon.items()}
         if not points:
             raise ValueError(f"{self.source}: no run ends at its horizon with "
@@ -210,7 +216,7 @@ class TableLossModel:
             raise ValueError(f"{self.source}: the table is not a full grid: no run of "
                              f"model_params={m:g}, noise_batch_ratio={r:g} ends at its horizon "
                              f"({len(missing)} such pairs)")
-        self.fits = fit_curves(points)
+        self.fits = fit_curves(points, initial_losses(rows))
         horizons = sorted({t for curve in points.values() for t in curve})
         self.measured_steps = (horizons[0], horizons[-1])
         log_nodes = np.union1d(np.linspace(math.log(horizons[0]), math.log(horizons[-1]),
@@ -227,6 +233,15 @@ class TableLossModel:
                 residual = np.log(np.array(fit.losses)) - np.log(fit(np.array(fit.steps)))
                 curve = curve + np.interp(np.log(steps), log_t, residual)
             log_loss[models.index(m), :, ratios.index(r)] = curve
+        # Past its own last horizon a curve is held flat, but never above a noisier curve
+        # measured there (less noise never hurts): σ̄ swept only at short horizons (2^-16 at
+        # T <= 1024, say) would otherwise lift every noisier curve beyond them through the
+        # monotone pass below.
+        for i, m in enumerate(models):
+            for k in range(len(ratios) - 2, -1, -1):
+                beyond = log_nodes > math.log(self.fits[(m, ratios[k])].steps[-1]) + 1e-9
+                log_loss[i, beyond, k] = np.minimum(log_loss[i, beyond, k],
+                                                    log_loss[i, beyond, k + 1])
         self.asymptotes = {m: self.fits[(m, ratios[0])].irreducible for m in models}
         log_loss = self._isotonic(log_loss)
         self.measured_ratios = list(ratios)
@@ -369,6 +384,10 @@ class TableLossModel:
         if self.fits and steps > t_hi * 1.001:
             notes.append(f"{steps:.3g} steps beyond the longest measured horizon {t_hi:.3g}: "
                          f"held flat (no gain beyond the data is predicted)")
+        elif self.fits and steps > (reach := self._reach(model_params, noise_batch_ratio)) * 1.001:
+            notes.append(f"{steps:.3g} steps beyond the {reach:.3g} measured at noise-batch ratio "
+                         f"{noise_batch_ratio:.3g}: held flat, or at a noisier curve measured "
+                         f"further where that is lower (no gain beyond the data is predicted)")
         elif steps > t_end * 1.001:
             notes.append(f"{steps:.3g} steps beyond the measured {t_hi:.3g}: power-law "
                          f"extrapolation L = exp(m·log T + b) + E* up to {t_end:.3g} steps, "
@@ -386,6 +405,15 @@ class TableLossModel:
             notes.append(f"noise-batch ratio {noise_batch_ratio:.3g} below the table's "
                          f"{r_lo:.3g}: clamped (pessimistic)")
         return notes
+
+    def _reach(self, model_params: float, noise_batch_ratio: float) -> float:
+        """Longest horizon measured on both measured σ̄ around ``noise_batch_ratio`` (nearest M)."""
+        models = sorted({m for m, _ in self.fits})
+        m = min(models, key=lambda x: abs(math.log(x / model_params)))
+        ratios = sorted(r for mm, r in self.fits if mm == m)
+        below = [r for r in ratios if r <= noise_batch_ratio * 1.001] or ratios[:1]
+        above = [r for r in ratios if r >= noise_batch_ratio * 0.999] or ratios[-1:]
+        return min(self.fits[(m, below[-1])].steps[-1], self.fits[(m, above[0])].steps[-1])
 
     def learning_rate(self, model_params: float, noise_batch_ratio: float,
                       steps: float | None = None) -> float | None:
@@ -412,9 +440,16 @@ class TableLossModel:
         """Source, domain and smoothing choices."""
         fit: dict[str, Any] = {}
         if self.fits:
-            fit = {"form": "L(T) = E_M + A·T^(-α) per (M, σ̄), E_M fitted per model, α ≥ 0; "
-                           "flat beyond the longest measured horizon",
+            fit = {"form": "L(T) = E + (L0 - E) / (1 + A·T^α) per (M, σ̄) (L0 = ∞: E + A·T^(-α)), "
+                           "E fitted per curve, L0 per model, α ≥ 0; flat beyond the longest "
+                           "measured horizon",
                    "irreducible": {f"{m:g}": e for m, e in self.asymptotes.items()},
+                   "irreducible_by_ratio": {f"{m:g}": {f"{r:g}": f.irreducible
+                                                       for (mm, r), f in sorted(self.fits.items())
+                                                       if mm == m} for m in self.asymptotes},
+                   "plateau": {f"{m:g}": self.fits[(m, min(r for mm, r in self.fits
+                                                          if mm == m))].plateau
+                               for m in self.asymptotes},
                    "max_relative_residual": max(f.max_relative_residual
                                                 for f in self.fits.values()),
                    "beyond_horizon": "flat"}
@@ -441,7 +476,7 @@ def _pad(values: np.ndarray, axis: int) -> np.ndarray:
 
 
 def leave_one_out(rows: Sequence[Mapping[str, float]], *,
-                  source: str = "<rows>") -> list[dict[str, float]]:
+                  source: str = "<rows>") -> list[dict[str, Any]]:
     """Leave-one-out error of :class:`TableLossModel` on held-out sweep cells.
 
     Each interior noise-batch ratio σ̄ of the table is removed in turn (for every model size, so
@@ -453,17 +488,25 @@ def leave_one_out(rows: Sequence[Mapping[str, float]], *,
     A horizon table (runs of several lengths, see ``_curve_fit``) holds out cells two ways:
     each interior σ̄ (every horizon of it), and each interior horizon (every σ̄ at it); the
     measured loss of a cell is its runs' final held-out loss, minimised over learning rates and
-    batches as the model minimises it.
+    batches as the model minimises it, and bounded by the noisier cells of its horizon as the
+    model bounds it (``bounded_by_noisier``: a cell swept at fewer learning rates is otherwise
+    an upper bound of its loss, not a measurement of it). A table need not be a full grid
+    (σ̄ = 2^-16 swept to T = 1024 only, T = 16384 at a few σ̄): a cell is ``interpolated`` when
+    the rest of the table measures it on both sides (its σ̄ below and above the held-out
+    horizon, or its horizon below and above the held-out σ̄); otherwise the model extrapolates,
+    and past a curve's last horizon holds it flat by design, so such cells are reported but
+    kept apart.
 
     Returns:
         One record per (model size, held-out σ̄[, horizon]): ``model_params``,
         ``noise_batch_ratio``, ``step``, ``measured``, ``predicted``, ``relative_error``
-        (predicted / measured − 1) and, for horizon tables, ``held_out`` ("ratio" or "horizon").
+        (predicted / measured − 1) and, for horizon tables, ``held_out`` ("ratio" or "horizon")
+        and ``interpolated`` (see above).
     """
     if any(float(r.get("horizon", 0.0)) > 0 for r in rows):
         return _leave_one_out_horizons(rows, source)
     ratios = sorted({float(r["noise_batch_ratio"]) for r in rows if r["noise_batch_ratio"] > 0})
-    out: list[dict[str, float]] = []
+    out: list[dict[str, Any]] = []
     for held in ratios[1:-1]:
         kept = [r for r in rows if float(r["noise_batch_ratio"]) != held]
         model = TableLossModel(kept, source=f"{source} without σ̄={held:g}")
@@ -490,7 +533,7 @@ def leave_one_out(rows: Sequence[Mapping[str, float]], *,
 
 def _leave_one_out_horizons(rows: Sequence[Mapping[str, float]],
                             source: str) -> list[dict[str, Any]]:
-    points, _ = best_points(rows)
+    points, _ = bounded_by_noisier(*best_points(rows))
     ratios = sorted({r for _, r in points})
     horizons = sorted({t for curve in points.values() for t in curve})
     out: list[dict[str, Any]] = []
@@ -505,7 +548,15 @@ def _leave_one_out_horizons(rows: Sequence[Mapping[str, float]],
                         continue
                     predicted = float(model.predict(np.array(m), np.array(step),
                                                     np.array(ratio)))
+                    # Interpolated: the kept data measure this curve (σ̄) on both sides of the
+                    # held-out horizon, or this horizon on both sides of the held-out σ̄.
+                    along = ([t for t in curve if t != step] if kind == "horizon" else
+                             [r for (mm, r), c in points.items() if mm == m and r != ratio
+                              and step in c])
+                    value = step if kind == "horizon" else ratio
+                    inside = min(along, default=value) < value < max(along, default=value)
                     out.append({"held_out": kind, "model_params": m, "noise_batch_ratio": ratio,
                                 "step": step, "measured": measured, "predicted": predicted,
-                                "relative_error": predicted / measured - 1})
+                                "relative_error": predicted / measured - 1,
+                                "interpolated": inside})
     return out
