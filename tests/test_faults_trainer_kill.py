@@ -142,7 +142,9 @@ def test_sigkilled_trainer_never_undercounts_and_finishes_within_budget(
                     break
                 last_uid = found["metadata"]["uid"]
                 if attempt == 0:
-                    plan = status_of(kube, NAME)["plan"]
+                    # The status patch lands just after the workload is created: poll.
+                    plan = wait_for(lambda: status_of(kube, NAME).get("plan"), timeout=30,
+                                    what="the plan in the job's status")
                     # The budget binds before the plan does, leaving room for the kills.
                     assert 28 <= plan["maxSteps"] < ITERATIONS, plan
                 kind, where = schedule[attempt] if attempt < len(schedule) else ("none", 0)

@@ -54,7 +54,9 @@ def test_finetune_job_mounts_rewrites_and_reports(kube, start_operator):
     kube.create_job(job_manifest("ft", **FINETUNE))
     shape = _report_pretrained(kube, "ft")
     workload = _trainer_job(kube, "ft")
-    plan = kube_ledger.status_of(kube, "ft")["plan"]
+    # kopf patches the status when the handler returns, just after the Job is created: poll.
+    plan = wait_for(lambda: kube_ledger.status_of(kube, "ft").get("plan"), timeout=30,
+                    what="the plan in the job's status")
     assert (plan["modelPreset"], plan["modelParams"]) == ("hf-vaultgemma", shape.param_count)
     pod = workload["spec"]["template"]["spec"]
     (container,) = pod["containers"]
