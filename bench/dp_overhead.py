@@ -29,7 +29,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import pathlib
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,7 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dptrain.planner import ModelShape
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "peers"))
+from issue_config import add_model_arguments, model_shape
+
 from dptrain.trainer import (
     DpSgdConfig,
     _ghost,
@@ -94,21 +98,11 @@ def _matmul_sum(x: jax.Array, d: jax.Array, c: jax.Array) -> jax.Array:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=129, help="tokens per row")
-    parser.add_argument("--vocab", type=int, default=259)
-    parser.add_argument("--d-model", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=1)
-    parser.add_argument("--d-ff", type=int, default=512)
+    add_model_arguments(parser)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    shape = ModelShape(name="peer", vocab_size=args.vocab, d_model=args.d_model,
-                       n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads,
-                       head_dim=args.d_model // args.heads, d_ff=args.d_ff,
-                       max_seq_len=args.seq_len - 1)
+    shape = model_shape(args, "peer")
     model = build_model(shape, key=jax.random.key(0))
     params, static = eqx.partition(model, eqx.is_array)
     loss_fn = model_loss_fn(static)

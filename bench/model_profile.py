@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dptrain.planner import ModelShape
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "peers"))
+from issue_config import add_model_arguments, model_shape
+
 from dptrain.trainer._architecture import visibility
 from dptrain.trainer._model import apply_rope, build_model, sequence_loss, token_loss
 
@@ -64,31 +68,14 @@ def _timed(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=129, help="tokens per row (inputs: -1)")
-    parser.add_argument("--vocab", type=int, default=259)
-    parser.add_argument("--d-model", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=1)
-    parser.add_argument("--d-ff", type=int, default=512)
+    add_model_arguments(parser)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--only", nargs="*", default=None, help="component names to time")
     parser.add_argument("--json", action="store_true", help="also print one JSON object")
     args = parser.parse_args()
     b, length, d = args.batch, args.seq_len - 1, args.d_model
     h, g, k, f = args.heads, args.kv_heads, args.d_model // args.heads, args.d_ff
-    shape = ModelShape(
-        name="profile",
-        vocab_size=args.vocab,
-        d_model=d,
-        n_layers=args.layers,
-        n_heads=h,
-        n_kv_heads=g,
-        head_dim=k,
-        d_ff=f,
-        max_seq_len=length,
-    )
+    shape = model_shape(args, "profile")
     model = build_model(shape, key=jax.random.key(0))
     rng = np.random.default_rng(0)
 

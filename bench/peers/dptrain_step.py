@@ -18,8 +18,8 @@ import time
 import equinox as eqx
 import jax
 import numpy as np
+from issue_config import add_model_arguments, model_shape
 
-from dptrain.planner import ModelShape
 from dptrain.trainer import (
     DpSgdConfig,
     build_model,
@@ -34,14 +34,7 @@ from dptrain.trainer._mesh import replicate, shard_batch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=129, help="tokens per row")
-    parser.add_argument("--vocab", type=int, default=259)
-    parser.add_argument("--d-model", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=1)
-    parser.add_argument("--d-ff", type=int, default=512)
+    add_model_arguments(parser)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--modes", nargs="+", default=["non_private", "ghost", "per_example"])
@@ -49,10 +42,7 @@ def main() -> None:
                         help="time the modes one after the other (default: round-robin, one "
                              "step of each mode in turn, so that load changes hit all alike)")
     args = parser.parse_args()
-    shape = ModelShape(name="peer", vocab_size=args.vocab, d_model=args.d_model,
-                       n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads,
-                       head_dim=args.d_model // args.heads, d_ff=args.d_ff,
-                       max_seq_len=args.seq_len - 1)
+    shape = model_shape(args, "peer")
     mesh = make_mesh()
     params, static = eqx.partition(build_model(shape, key=jax.random.key(0)), eqx.is_array)
     loss = model_loss_fn(static)

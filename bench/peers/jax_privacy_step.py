@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import jax_privacy
 import numpy as np
 import optax
+from issue_config import add_model_arguments
 from jax_privacy.noise_addition import gaussian_privatizer
 
 
@@ -93,14 +94,7 @@ def _time(step, state, batch: jax.Array, steps: int, warmup: int) -> tuple[float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=129, help="tokens per row")
-    parser.add_argument("--vocab", type=int, default=259)
-    parser.add_argument("--d-model", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=1)
-    parser.add_argument("--d-ff", type=int, default=512)
+    add_model_arguments(parser)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()

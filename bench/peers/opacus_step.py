@@ -18,6 +18,7 @@ import time
 
 import torch
 import torch.nn.functional as F  # noqa: N812 (PyTorch convention)
+from issue_config import add_model_arguments
 from opacus import GradSampleModule
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
@@ -102,14 +103,7 @@ def _time(step, steps: int, warmup: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=129, help="tokens per row")
-    parser.add_argument("--vocab", type=int, default=259)
-    parser.add_argument("--d-model", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=1)
-    parser.add_argument("--d-ff", type=int, default=512)
+    add_model_arguments(parser)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--modes", nargs="+", default=["non_private", "hooks", "ghost"])
