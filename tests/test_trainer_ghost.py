@@ -173,7 +173,8 @@ def test_non_finite_rows_get_weight_zero_and_contribute_exactly_zero(micro_shape
         if a.dtype != jnp.float32:
             return a
         keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-        layered = "blocks" in keys or (keys[0] == "book"
+        per_layer = any(isinstance(k, jax.tree_util.SequenceKey) for k in path)  # [B, ...]
+        layered = "blocks" in keys or (keys[0] == "book" and not per_layer
                                        and keys[1] not in ("final_norm", "embedding"))
         return a.at[:, 0].set(jnp.nan) if layered else a.at[0].set(jnp.nan)
 

@@ -69,7 +69,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dptrain.trainer._model import Adapters, Decoder, Taps, input_ids, token_loss, zero_probes
+from dptrain.trainer._model import (
+    UNROLL_LAYERS,
+    Adapters,
+    Decoder,
+    Taps,
+    input_ids,
+    token_loss,
+    zero_probes,
+)
 
 Params = Any
 
@@ -86,7 +94,9 @@ class GhostTape(NamedTuple):
     tokens: jax.Array  # [B, L] the model's input tokens (targets excluded)
     taps: Taps  # inputs of every linear map / norm scale
     grads: Taps  # ∂loss_b/∂(probed output), same structure as zero_probes(batch=B)
-    book: dict[str, jax.Array]  # per-example gradients kept for the sum (see _materialise)
+    # Per-example gradients kept for the sum (see _materialise); a block map's is stacked on a
+    # leading layer axis, or a tuple of per-layer [B, ...] arrays (see _weight_probes).
+    book: dict[str, Any]
     sq_norms: jax.Array  # [B] the squared norms computed from this tape (see weighted_grad_sum)
 
 
@@ -137,9 +147,13 @@ def _weight_probes(model: Decoder, probes: Taps, length: int, batch: int) -> Tap
 
     A weight probe (``_model.weight_probe``) receives the map's per-example gradient
     ``x_bᵀδ_b`` from inside the backward pass, where ``δ`` is made: the output gradients of kept
-    maps are then never stacked over the layers nor read back.
+    maps are then never stacked over the layers nor read back. In a model whose layers run
+    unrolled (``_model.UNROLL_LAYERS``) each weight probe is a tuple of per-layer arrays, so
+    that its gradients come back per layer, not copied into one ``[layers, B, ...]`` array (a
+    copy of every kept gradient: 4 % of the DP step at the peers' benchmark shape).
     """
     blocks = dict(probes["blocks"])
+    unrolled = model.n_layers <= UNROLL_LAYERS
     for name, (_, out) in _LINEAR.items():
         w = getattr(model.blocks.attn if name in ("wq", "wk", "wv", "wo") else model.blocks.mlp,
                     name)
@@ -147,7 +161,8 @@ def _weight_probes(model: Decoder, probes: Taps, length: int, batch: int) -> Tap
                              else (w.shape[1], w.shape[2:]))
         if _materialise(length, fan_in, math.prod(out_shape)):
             del blocks[out]
-            blocks[out + "@w"] = jnp.zeros((w.shape[0], batch, fan_in, *out_shape), jnp.float32)
+            zeros = jnp.zeros((w.shape[0], batch, fan_in, *out_shape), jnp.float32)
+            blocks[out + "@w"] = tuple(zeros) if unrolled else zeros
     return {**probes, "blocks": blocks}
 
 
@@ -267,7 +282,7 @@ def ghost_norms(static: Decoder, params: Params, tokens: jax.Array, pad_id: int 
     for name, (_, out) in _LINEAR.items():  # kept: the weight probes' gradients
         if out + "@w" in grads["blocks"]:
             book[name] = grads["blocks"][out + "@w"]
-            squares.append(jnp.sum(jnp.square(book[name]), axis=(0, *range(2, book[name].ndim))))
+            squares.append(_layered_sq_norms(book[name]))
     pairs = _linear_pairs(taps, grads)
     squares += _linear_sq_norms(pairs, length, book)
     for name in _NORMS:  # RMSNorm scales: exact per-example gradients, [layers, B, d]
@@ -296,6 +311,15 @@ def ghost_norms(static: Decoder, params: Params, tokens: jax.Array, pad_id: int 
                                        book=book, sq_norms=sq_norms)
 
 
+def _layered_sq_norms(g: Any) -> jax.Array:
+    """Per-example squared norms ``[B]`` of a layered kept gradient (stacked or per layer)."""
+    layers = g if isinstance(g, tuple) else (g,)
+    first = 0 if isinstance(g, tuple) else 1  # the batch axis
+    out = [jnp.sum(jnp.square(a), axis=tuple(k for k in range(a.ndim) if k != first))
+           for a in layers]
+    return sum(out[1:], out[0])
+
+
 def _select(a: jax.Array, keep: jax.Array, axis: int = 0) -> jax.Array:
     """``a`` with rows (along ``axis``) where ``keep`` is False replaced by exact zeros."""
     shape = [1] * a.ndim
@@ -317,12 +341,15 @@ def _layered(name: str) -> bool:
     return name not in ("final_norm", "embedding")
 
 
-def _book_sum(g: jax.Array, w: jax.Array, layered: bool) -> jax.Array:
+def _book_sum(g: Any, w: jax.Array, layered: bool) -> jax.Array:
     """``Σ_b w_b G_b`` as a (batched) matrix-vector product: ``[1, B] × [B, rest]``.
 
     Written so because XLA:CPU runs a ``dot`` contracting the batch axis of ``[layers, B, ...]``
     (``tensordot``) after a transpose of the whole of ``G``, 4–5× slower (bench/dp_overhead.py).
+    A tuple of per-layer gradients is summed layer by layer and stacked (parameter-sized).
     """
+    if isinstance(g, tuple):
+        return jnp.stack([_book_sum(a, w, layered=False) for a in g])
     if not layered:
         return (w[None, :] @ g.reshape(g.shape[0], -1)).reshape(g.shape[1:])
     n, batch = g.shape[:2]
@@ -350,7 +377,8 @@ def _select_rows(tape: GhostTape, keep: jax.Array) -> GhostTape:
         return {k: jax.tree_util.tree_map(functools.partial(zero, axis=1 if k == "blocks" else 0),
                                           v) for k, v in tree.items()}
 
-    book = {k: zero(v, 1 if _layered(k) else 0) for k, v in tape.book.items()}
+    book = {k: tuple(zero(a, 0) for a in v) if isinstance(v, tuple)
+            else zero(v, 1 if _layered(k) else 0) for k, v in tape.book.items()}
     return tape._replace(taps=layered_tree(tape.taps), grads=layered_tree(tape.grads),
                          book=book)
 

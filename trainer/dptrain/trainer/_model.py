@@ -455,13 +455,21 @@ class Decoder(eqx.Module):
             block_arrays, block_probes, window, lora = xs
             return eqx.combine(block_arrays, static).forward(h, block_probes, window, lora)
 
-        # Shallow models run their layers unrolled: XLA:CPU then keeps each layer's residuals
-        # apart instead of stacking them into [layers, ...] buffers (measured at the peers'
-        # benchmark shape: 12% less temporary memory); deep ones keep a rolled loop so that
-        # compile time does not grow with depth.
-        unroll = self.n_layers if self.n_layers <= UNROLL_LAYERS else 1
-        x, block_taps = jax.lax.scan(
-            layer, x, (arrays, get("blocks"), jnp.asarray(windows), self.lora), unroll=unroll)
+        xs = (arrays, get("blocks"), jnp.asarray(windows), self.lora)
+        if self.n_layers <= UNROLL_LAYERS:
+            # Shallow models run their layers as a Python loop: XLA:CPU then keeps each layer's
+            # residuals apart instead of stacking them into [layers, ...] buffers (measured at
+            # the peers' benchmark shape: 12% less temporary memory), and a probe given as a
+            # tuple of per-layer arrays (ghost clipping's weight probes) gets its per-layer
+            # gradients back as they are, not copied into one stacked array. Deep models keep
+            # a rolled loop so that compile time does not grow with depth.
+            outputs = []
+            for i in range(self.n_layers):
+                x, taps = layer(x, tuple(_layer_slice(part, i) for part in xs))
+                outputs.append(taps)
+            block_taps = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outputs)
+        else:
+            x, block_taps = jax.lax.scan(layer, x, xs)
         head, final_normed = self.final_norm.forward(x, get("final_norm"))
         logits = self.head(head, get("logits"))
         return logits, {"blocks": block_taps, "final_norm": final_normed, "head": head}
@@ -490,6 +498,11 @@ class Decoder(eqx.Module):
         x = self.embed(token[None])
         x, cache = jax.lax.scan(layer, x, (arrays, keys, values, windows))
         return self.head(self.final_norm(x))[0], cache
+
+
+def _layer_slice(tree: Any, i: int) -> Any:
+    """Layer ``i`` of stacked arrays (``[layers, ...]``) or of tuples of per-layer arrays."""
+    return jax.tree_util.tree_map(lambda a: a[i], tree, is_leaf=lambda a: isinstance(a, tuple))
 
 
 def empty_cache(model: Decoder, length: int) -> tuple[jax.Array, jax.Array]:
