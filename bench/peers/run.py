@@ -9,12 +9,18 @@ ratios are taken within each round (same minutes of a shared machine) and their 
 
     python bench/peers/run.py                 # create venvs if needed, 2 rounds
     python bench/peers/run.py --rounds 3 --json
+    python bench/peers/run.py --malloc default   # glibc's default malloc for every stack
+
+Every stack runs with the same C allocator settings: by default glibc's malloc on transparent
+huge pages (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``), which ``dptrain`` sets for itself
+(``dptrain/cli/_huge_pages.py``) and which fewer page faults speed up every stack alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import statistics
 import subprocess
@@ -40,8 +46,15 @@ def ensure_venv(name: str, python: str) -> pathlib.Path:
     return interpreter
 
 
-def run_json(command: list[str], timeout: float) -> dict:
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+MALLOC = {"huge-pages": "glibc.malloc.hugetlb=1", "default": None}
+
+
+def run_json(command: list[str], timeout: float, tunables: str | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    if tunables:
+        env["GLIBC_TUNABLES"] = tunables
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=env)
     if done.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -54,6 +67,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--python", default="python3.11", help="interpreter for the peer venvs")
     parser.add_argument("--json", action="store_true", help="print JSON only")
+    parser.add_argument("--malloc", choices=sorted(MALLOC), default="huge-pages",
+                        help="C allocator settings, the same for every stack (default: "
+                             "glibc.malloc.hugetlb=1, as dptrain runs)")
     args = parser.parse_args()
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
     commands = {
@@ -69,7 +85,8 @@ def main() -> None:
         measured = {}
         for name in order:
             print(f"round {index + 1}/{args.rounds}: {name} ...", file=sys.stderr)
-            measured[name] = run_json(commands[name], timeout=1800)
+            measured[name] = run_json(commands[name], timeout=1800,
+                                      tunables=MALLOC[args.malloc])
             # Each result as it comes (a long run on a loaded machine keeps what it measured).
             print(json.dumps({"round": index + 1, name: measured[name]}), file=sys.stderr)
         rounds.append(measured)
@@ -98,7 +115,7 @@ def main() -> None:
                          for r in rounds])
     if args.json:
         print(json.dumps({"table": table, "dptrain_compile_ratio": compile_ratio,
-                          "rounds": rounds}, indent=2))
+                          "malloc": args.malloc, "rounds": rounds}, indent=2))
         return
     print("| stack | DP ex/s | non-private ex/s | DP / non-private (time) "
           "| dptrain ghost ÷ this DP |\n|---|---|---|---|---|")
@@ -108,7 +125,8 @@ def main() -> None:
               f"| {row['non_private_examples_per_s']:.1f} | {row['dp_over_non_private_time']:.2f} "
               f"| {row['dptrain_ghost_speedup']:.2f}× |")
     print(f"\ndptrain compile time, DP (ghost) / non-private: {compile_ratio:.2f}; "
-          f"{args.rounds} round(s), medians; ratios taken within each round.")
+          f"{args.rounds} round(s), medians; ratios taken within each round; malloc: "
+          f"{args.malloc} ({MALLOC[args.malloc] or 'glibc defaults'}) for every stack.")
 
 
 if __name__ == "__main__":
