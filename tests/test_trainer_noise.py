@@ -89,3 +89,17 @@ def test_float32_noise_std_is_never_below_the_planned_sigma_times_c(clip):
     assert np.all(std <= planned * (1 + 4 * 2.0**-23))  # and only a few ulps above
     nearest = (np.asarray(sigmas, np.float32) * np.float32(clip)).astype(np.float64)
     assert np.sum(nearest < planned) > 10  # round-to-nearest would have lowered σ·C
+
+
+def test_the_noise_of_every_leaf_is_cut_in_order_from_one_draw():
+    """add_noise cuts one draw into the leaves: they get exactly secure_normal's numbers, in
+    order, each coordinate its own (guarantee 3), with an odd total size."""
+    from dptrain.trainer._dpsgd import add_noise
+
+    leaves = {"a": jnp.zeros((3, 5)), "b": jnp.zeros(4), "c": jnp.zeros((2, 3, 2))}  # 31 numbers
+    key = jax.random.key(5)
+    noisy = add_noise(leaves, key, 2.0)
+    flat = np.concatenate([np.asarray(noisy[k]).ravel() for k in sorted(leaves)])
+    expected = 2.0 * np.asarray(secure_normal(key, 31))
+    np.testing.assert_array_equal(flat, expected.astype(np.float32))
+    assert len(np.unique(flat)) == 31
