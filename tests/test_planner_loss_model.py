@@ -324,5 +324,5 @@ def test_a_model_size_without_the_noisiest_ratio_is_refused() -> None:
         {"model_params": 4e5, "noise_batch_ratio": H_RATIOS[0], "learning_rate": 1e-2,
          "batch_size": 4, "horizon": t, "step": t, "loss": _plateau_truth(t, H_RATIOS[0])}
         for t in HORIZONS]
-    with pytest.raises(ValueError, match="not a full grid.*model_params=400000"):
+    with pytest.raises(ValueError, match=r"not a full grid.*model_params=400000"):
         TableLossModel(rows)
