@@ -18,7 +18,9 @@ import numpy as np
 from dptrain.planner import TableLossModel, read_results_csv
 from dptrain.planner._loss_model import leave_one_out
 
-DEFAULT = pathlib.Path(__file__).resolve().parents[1] / "operator/dptrain/planner/heldout_loss_table.csv"
+DEFAULT = (
+    pathlib.Path(__file__).resolve().parents[1] / "operator/dptrain/planner/heldout_loss_table.csv"
+)
 
 
 def _pow2(r: float) -> str:
@@ -37,8 +39,10 @@ def cell_table(rows: list[dict[str, float]], presets: dict[float, str]) -> str:
         best[key][ratio] = min(best[key].get(ratio, math.inf), r["loss"])
         rates[(*key, ratio)].add(r["learning_rate"])
     ratios = sorted({r for v in best.values() for r in v})
-    lines = ["| model | T | B | " + " | ".join(_pow2(r) for r in ratios) + " |",
-             "|---|---|---|" + "---|" * len(ratios)]
+    lines = [
+        "| model | T | B | " + " | ".join(_pow2(r) for r in ratios) + " |",
+        "|---|---|---|" + "---|" * len(ratios),
+    ]
     for (m, t, b), v in sorted(best.items()):
         cells = []
         for r in ratios:
@@ -70,14 +74,18 @@ def loo_table(rows: list[dict[str, float]]) -> str:
         group = [c for c in inside if c["held_out"] == kind]
         for value in sorted({c[column] for c in group}):
             label = _pow2(value) if kind == "ratio" else f"{value:g}"
-            add(f"{name} = {label}, at each {'horizon' if kind == 'ratio' else 'σ̄'}",
-                [c for c in group if c[column] == value])
+            add(
+                f"{name} = {label}, at each {'horizon' if kind == 'ratio' else 'σ̄'}",
+                [c for c in group if c[column] == value],
+            )
         add(f"every interior {'σ̄' if kind == 'ratio' else 'horizon'}", group, bold=True)
     for m in sorted({c["model_params"] for c in inside}):
         add(f"model {m:g}", [c for c in inside if c["model_params"] == m])
     add("all", inside, bold=True)
-    add("not counted: no measurement on one side (extrapolated)",
-        [c for c in cells if not c["interpolated"]])
+    add(
+        "not counted: no measurement on one side (extrapolated)",
+        [c for c in cells if not c["interpolated"]],
+    )
     return "\n".join(lines)
 
 
@@ -88,8 +96,10 @@ def model_size_check(model: TableLossModel) -> str:
     if len(sizes) < 2:
         return "one model size"
     grid_m = np.geomspace(sizes[0], sizes[-1], 5)
-    lines = ["| T | σ̄ | " + " | ".join(f"M = {m:.3g}" for m in grid_m) + " |",
-             "|---|---|" + "---|" * len(grid_m)]
+    lines = [
+        "| T | σ̄ | " + " | ".join(f"M = {m:.3g}" for m in grid_m) + " |",
+        "|---|---|" + "---|" * len(grid_m),
+    ]
     for t in (16, 64, 256, 1024, 4096):
         for r in (2.0**-12, 2.0**-5, 2.0**-3, 2.0**-1):
             got = model.predict(grid_m, np.full(5, float(t)), np.full(5, r))
@@ -99,14 +109,18 @@ def model_size_check(model: TableLossModel) -> str:
     worst_t = worst_r = 0.0
     for m in np.geomspace(sizes[0], sizes[-1], 9):
         for r in rs:
-            worst_t = max(worst_t, float(np.max(np.diff(model.predict(np.full(40, m), ts,
-                                                                      np.full(40, r))))))
+            worst_t = max(
+                worst_t, float(np.max(np.diff(model.predict(np.full(40, m), ts, np.full(40, r)))))
+            )
         for t in ts:
-            worst_r = max(worst_r, float(-np.min(np.diff(model.predict(np.full(40, m),
-                                                                       np.full(40, t), rs)))))
+            worst_r = max(
+                worst_r, float(-np.min(np.diff(model.predict(np.full(40, m), np.full(40, t), rs))))
+            )
     lines.append("")
-    lines.append(f"largest rise with T: {worst_t:.2e}; largest fall with σ̄: {worst_r:.2e} "
-                 f"(9 sizes × 40 × 40 points)")
+    lines.append(
+        f"largest rise with T: {worst_t:.2e}; largest fall with σ̄: {worst_r:.2e} "
+        f"(9 sizes × 40 × 40 points)"
+    )
     return "\n".join(lines)
 
 
