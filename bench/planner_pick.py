@@ -6,7 +6,7 @@ calibrated for ε = 8 at their (q, T)) with the DP-SGD step, and prints each one
 (the last 256 rows, never trained on), wall time and throughput.
 
 Run: python bench/planner_pick.py [--skip-old-pick] [--skip-new-pick] [--skip-alternatives]
-[--pick-model-alternative].
+[--pick-model-alternative] [--plan-only].
 The old pick (B = 2, T = 16,384) takes the longest; it is included unless skipped.
 """
 
@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--pick-model-alternative", action="store_true",
                         help="also train the pick's own model and learning rate at B = 64 / "
                              "T = 512 (the issue's best alternative, with the pick's model)")
+    parser.add_argument("--plan-only", action="store_true",
+                        help="time the plan (cold, then 3 warm: median) and train nothing")
     args = parser.parse_args()
     spec = DPTrainingJobSpec.model_validate(SPEC)
     with tempfile.TemporaryDirectory() as cache:
@@ -46,6 +48,14 @@ def main() -> None:
         print(f"plan in {time.perf_counter() - start:.1f} s: {plan.model_shape.name}, "
               f"B={plan.batch_size}, T={plan.iterations}, σ={plan.noise_multiplier:.4g}, "
               f"predicted {plan.predicted_loss:.4f}, est. wall {plan.pod.est_wall_seconds:.0f} s")
+        if args.plan_only:
+            warm = []
+            for _ in range(3):
+                start = time.perf_counter()
+                make_plan(spec, dataset_size=14086, cache_dir=cache)
+                warm.append(time.perf_counter() - start)
+            print(f"warm plan median {sorted(warm)[1]:.3f} s")
+            return
     tokenizer = make_tokenizer("byte")
     source = source_from_spec(path=None, builtin="stdlib-docs", fmt="jsonl", text_field="text")
     dataset = prepare_or_reuse(source, tokenizer, sequence_length=64, progress=False,

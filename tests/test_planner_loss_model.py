@@ -287,3 +287,42 @@ def test_a_cell_swept_at_fewer_learning_rates_is_bounded_by_the_noisier_cells() 
         assert model.predict(np.array(7e4), t, np.array(r)) == pytest.approx(
             [_plateau_truth(x, 2.0**-7) for x in t], rel=1e-3)
     assert model.learning_rate(7e4, 2.0**-14, 1024) == 1e-2
+
+
+def test_a_second_model_size_swept_at_fewer_ratios_is_interpolated_in_log_m() -> None:
+    # A 4e5-parameter model, 5 % better than the 7e4 one at every cell, swept at the noisier
+    # σ̄ only (no 2^-14): it takes its least noisy measured curve there (less noise never
+    # hurts: an upper bound), says so, and sizes between are interpolated in log M.
+    rows = _plateau_rows(short=(2.0**-14,))
+    for r in H_RATIOS:
+        for t in HORIZONS:
+            for step in (1, t):
+                rows.append({"model_params": 4e5, "noise_batch_ratio": r, "learning_rate": 3e-3,
+                             "batch_size": 16, "horizon": t, "step": step,
+                             "loss": 5.5 if step == 1 else 0.95 * _plateau_truth(t, r)})
+    model = TableLossModel(rows)
+    assert model.filled == {(4e5, 2.0**-14): H_RATIOS[0]}
+    t = np.array(HORIZONS, float)
+    for r in H_RATIOS:
+        big = model.predict(np.array(4e5), t, np.array(r))
+        assert big == pytest.approx([0.95 * _plateau_truth(x, r) for x in t], rel=0.01)
+        small = model.predict(np.array(7e4), t, np.array(r))
+        mid = model.predict(np.array(math.sqrt(7e4 * 4e5)), t, np.array(r))
+        # Linear in log M: the geometric mean of the sizes sits half-way in log L.
+        assert np.log(mid) == pytest.approx((np.log(small) + np.log(big)) / 2, rel=1e-9)
+    held = model.predict(np.array(4e5), t, np.array(2.0**-14))
+    assert held == pytest.approx(model.predict(np.array(4e5), t, np.array(H_RATIOS[0])))
+    assert model.learning_rate(4e5, 2.0**-14, 256) == 3e-3
+    notes = model.extrapolation(4e5, 64, 2.0**-14)
+    assert len(notes) == 1 and "least noisy measured" in notes[0]
+    assert model.extrapolation(7e4, 64, 2.0**-14) == []
+    assert model.extrapolation(4e5, 64, H_RATIOS[0]) == []
+
+
+def test_a_model_size_without_the_noisiest_ratio_is_refused() -> None:
+    rows = _plateau_rows() + [
+        {"model_params": 4e5, "noise_batch_ratio": H_RATIOS[0], "learning_rate": 1e-2,
+         "batch_size": 4, "horizon": t, "step": t, "loss": _plateau_truth(t, H_RATIOS[0])}
+        for t in HORIZONS]
+    with pytest.raises(ValueError, match=r"not a full grid.*model_params=400000"):
+        TableLossModel(rows)

@@ -145,6 +145,8 @@ class TableLossModel:
         rows = list(rows)
         self.fits: dict[tuple[float, float], FittedCurve] = {}
         self._lr_by_horizon: dict[tuple[float, float], dict[float, float]] = {}
+        self.filled: dict[tuple[float, float], float] = {}
+        """(M, σ̄) a horizon table lacks -> the noisier measured σ̄ whose curve stands in."""
         if any(float(row.get("horizon", 0.0)) > 0 for row in rows):
             self._build_horizons(rows)
             return
@@ -210,13 +212,25 @@ class TableLossModel:
         self.dropped_below = "none: one point per run, the held-out loss at its horizon"
         models = sorted({m for m, _ in points})
         ratios = sorted({r for _, r in points})
-        missing = [(m, r) for m in models for r in ratios if (m, r) not in points]
-        if missing:
-            m, r = missing[0]
-            raise ValueError(f"{self.source}: the table is not a full grid: no run of "
-                             f"model_params={m:g}, noise_batch_ratio={r:g} ends at its horizon "
-                             f"({len(missing)} such pairs)")
+        # A model size swept at fewer σ̄ than another (a second size at the main grid only,
+        # say): each σ̄ it lacks takes the curve of its nearest noisier measured σ̄ (less noise
+        # never hurts, so this bounds the loss from above). A σ̄ noisier than all of a size's
+        # runs has no such bound and is refused.
+        for m in models:
+            own = sorted(r for mm, r in points if mm == m)
+            for r in ratios:
+                if (m, r) in points:
+                    continue
+                noisier = [x for x in own if x > r]
+                if not noisier:
+                    raise ValueError(
+                        f"{self.source}: the table is not a full grid: no run of "
+                        f"model_params={m:g} ends at its horizon with noise_batch_ratio={r:g} "
+                        f"or more (a size's noisiest σ̄ bounds the ones it lacks)")
+                self.filled[(m, r)] = noisier[0]
         self.fits = fit_curves(points, initial_losses(rows))
+        for key, noisier_ratio in self.filled.items():
+            self.fits[key] = self.fits[(key[0], noisier_ratio)]
         horizons = sorted({t for curve in points.values() for t in curve})
         self.measured_steps = (horizons[0], horizons[-1])
         log_nodes = np.union1d(np.linspace(math.log(horizons[0]), math.log(horizons[-1]),
@@ -397,6 +411,13 @@ class TableLossModel:
                          f"extrapolation L = exp(m·log T + b) + E*")
         elif steps < t_lo * 0.999:
             notes.append(f"{steps:.3g} steps below the measured {t_lo:.3g}: clamped (optimistic)")
+        for m in self._bracketing_models(model_params):
+            least = min((r for mm, r in self.fits if mm == m and (mm, r) not in self.filled),
+                        default=0.0)
+            if noise_batch_ratio < least * 0.999 and least > self.measured_ratios[0]:
+                notes.append(f"noise-batch ratio {noise_batch_ratio:.3g} below the "
+                             f"{m:.3g}-parameter model's least noisy measured {least:.3g}: "
+                             f"held at that σ̄ (pessimistic)")
         r_lo, r_hi = self.measured_ratios[0], self.measured_ratios[-1]
         if noise_batch_ratio > r_hi * 1.001:
             notes.append(f"noise-batch ratio {noise_batch_ratio:.3g} above the table's "
@@ -405,6 +426,15 @@ class TableLossModel:
             notes.append(f"noise-batch ratio {noise_batch_ratio:.3g} below the table's "
                          f"{r_lo:.3g}: clamped (pessimistic)")
         return notes
+
+    def _bracketing_models(self, model_params: float) -> list[float]:
+        """The table's model sizes a prediction at ``model_params`` interpolates between."""
+        models = sorted({m for m, _ in self.fits})  # the sizes as the table spells them
+        if not models:
+            return []
+        below = [m for m in models if m <= model_params * 1.001] or models[:1]
+        above = [m for m in models if m >= model_params * 0.999] or models[-1:]
+        return sorted({below[-1], above[0]})
 
     def _reach(self, model_params: float, noise_batch_ratio: float) -> float:
         """Longest horizon measured on both measured σ̄ around ``noise_batch_ratio`` (nearest M)."""
@@ -427,6 +457,9 @@ class TableLossModel:
         log_measured = np.log(np.array(self.measured_ratios))
         r = float(np.exp(log_measured[np.argmin(abs(log_measured - math.log(
             max(noise_batch_ratio, 1e-300))))]))
+        for (mm, rr), noisier in self.filled.items():  # a σ̄ this size lacks: the stand-in's
+            if math.isclose(mm, m, rel_tol=1e-9) and math.isclose(rr, r, rel_tol=1e-9):
+                r = noisier
         for (mm, rr), lr in self._best_lr.items():
             if math.isclose(mm, m, rel_tol=1e-9) and math.isclose(rr, r, rel_tol=1e-9):
                 by_t: dict[float, float] = self._lr_by_horizon.get((mm, rr), {})
