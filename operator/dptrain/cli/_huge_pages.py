@@ -57,7 +57,7 @@ def reexec_with_huge_pages() -> None:
     Returns only when nothing needs to change (see :func:`tuned_environment`).
     """
     env = tuned_environment(os.environ, system=platform.system(), libc=platform.libc_ver())
-    if env is None or not sys.orig_argv:
+    if env is None or not sys.orig_argv or not sys.executable:  # embedded: nothing to re-run
         return
     sys.stdout.flush()
     sys.stderr.flush()
