@@ -23,8 +23,9 @@ from dptrain.privacy import calibrate_noise_multiplier
 from dptrain.trainer import make_tokenizer, prepare_or_reuse, shape_for, source_from_spec
 from dptrain.trainer._sweep import train_and_evaluate
 
+ROWS = 14086  # the built-in corpus (stdlib-docs) in 64-token sequences
 SPEC = {"privacy": {"epsilon": 8.0, "delta": 1e-6},
-        "data": {"builtin": "stdlib-docs", "sequenceLength": 64, "numSequences": 14086},
+        "data": {"builtin": "stdlib-docs", "sequenceLength": 64, "numSequences": ROWS},
         "compute": {"flops": 1e12}}
 HELDOUT = 256
 
@@ -44,7 +45,7 @@ def main() -> None:
     spec = DPTrainingJobSpec.model_validate(SPEC)
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()
-        plan = make_plan(spec, dataset_size=14086, cache_dir=cache)
+        plan = make_plan(spec, dataset_size=ROWS, cache_dir=cache)
         print(f"plan in {time.perf_counter() - start:.1f} s: {plan.model_shape.name}, "
               f"B={plan.batch_size}, T={plan.iterations}, σ={plan.noise_multiplier:.4g}, "
               f"predicted {plan.predicted_loss:.4f}, est. wall {plan.pod.est_wall_seconds:.0f} s")
@@ -52,7 +53,7 @@ def main() -> None:
             warm = []
             for _ in range(3):
                 start = time.perf_counter()
-                make_plan(spec, dataset_size=14086, cache_dir=cache)
+                make_plan(spec, dataset_size=ROWS, cache_dir=cache)
                 warm.append(time.perf_counter() - start)
             print(f"warm plan median {sorted(warm)[1]:.3f} s")
             return
@@ -76,9 +77,9 @@ def main() -> None:
           f"{'train':>8}{'wall s':>8}{'tok/s':>9}")
     for label, preset, b, t, sigma, lr in configs:
         if sigma is None:
-            sigma = calibrate_noise_multiplier(epsilon=8.0, delta=1e-6, sampling_rate=b / 14086,
-                                               steps=t, accountant="pld", dataset_size=14086,
-                                               physical_batch_size=14086)
+            sigma = calibrate_noise_multiplier(epsilon=8.0, delta=1e-6, sampling_rate=b / ROWS,
+                                               steps=t, accountant="pld", dataset_size=ROWS,
+                                               physical_batch_size=ROWS)
         shape = shape_for(preset, vocab_size=tokenizer.vocab_size)
         settings = SweepSettings(steps=t, sequence_length=64,
                                  eval_steps=eval_steps(t, points=4, every=None),
