@@ -10,7 +10,7 @@ from scipy import stats
 
 from dptrain.privacy import round_up_to_float32
 from dptrain.trainer._dpsgd import noise_std
-from dptrain.trainer._noise import gaussian_from_bits, secure_normal
+from dptrain.trainer._noise import gaussian_from_bits, secure_normal, threefry2x32, unit_circle
 
 
 def _z(hi, lo, angle):
@@ -103,3 +103,56 @@ def test_the_noise_of_every_leaf_is_cut_in_order_from_one_draw():
     expected = 2.0 * np.asarray(secure_normal(key, 31))
     np.testing.assert_array_equal(flat, expected.astype(np.float32))
     assert len(np.unique(flat)) == 31
+
+
+def test_the_unrolled_threefry_is_jaxs_bit_for_bit():
+    """Guarantee 4: the hash is JAX's own ``threefry2x32_p`` (which lowers to a rolled loop)."""
+    from jax.extend.random import threefry2x32_p
+
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        k1, k2 = (jnp.uint32(v) for v in rng.integers(0, 2**32, 2, dtype=np.uint64))
+        x1, x2 = (jnp.asarray(rng.integers(0, 2**32, 4096, dtype=np.uint64), jnp.uint32)
+                  for _ in range(2))
+        ours = threefry2x32(k1, k2, x1, x2)
+        theirs = threefry2x32_p.bind(k1, k2, x1, x2)
+        for a, b in zip(ours, theirs, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_angle_is_exact_and_its_cosine_and_sine_within_float32_rounding():
+    """Guarantee 2's angle ``2π(u + ½)/2³²``: random words and every octant's edges."""
+    edges = [o * 2**29 + r for o in range(8) for r in (0, 1, 2**28, 2**29 - 2, 2**29 - 1)]
+    words = np.concatenate([np.asarray(edges, np.uint64), np.random.default_rng(4).integers(
+        0, 2**32, 200_000, dtype=np.uint64)])
+    cos, sin = unit_circle(jnp.asarray(words, jnp.uint32))
+    theta = 2 * np.pi * (words.astype(np.float64) + 0.5) / 2**32
+    # Absolute error in units of the unit circle: ≤ 2 float32 ulps of 1 (2.4e-7).
+    assert np.max(np.abs(np.asarray(cos, np.float64) - np.cos(theta))) < 2.4e-7
+    assert np.max(np.abs(np.asarray(sin, np.float64) - np.sin(theta))) < 2.4e-7
+    # The signs follow the quadrant exactly (no octant mix-up at the edges).
+    np.testing.assert_array_equal(np.sign(np.asarray(cos)), np.sign(np.cos(theta)))
+    np.testing.assert_array_equal(np.sign(np.asarray(sin)), np.sign(np.sin(theta)))
+
+
+def test_any_slice_of_the_sequence_is_drawn_alone_and_the_high_counter_word_carries():
+    """Guarantee 3: coordinate j is a function of (key, j) alone, including past 2³²."""
+    key = jax.random.key(9)
+    whole = np.asarray(secure_normal(key, 100))
+    np.testing.assert_array_equal(np.asarray(secure_normal(key, 37, offset=41)), whole[41:78])
+    # Across the 2³² boundary: coordinates 2³²−3 … 2³²+2 use counters (0|1, l) then (2|3, l).
+    across = np.asarray(secure_normal(key, 6, offset=2**32 - 3))
+    np.testing.assert_array_equal(across[:3], np.asarray(secure_normal(key, 3, 2**32 - 3)))
+    np.testing.assert_array_equal(across[3:], np.asarray(secure_normal(key, 3, 2**32)))
+    data = jax.random.key_data(key)
+    low = jnp.arange(3, dtype=jnp.uint32)
+    hi, lo = threefry2x32(data[0], data[1], jnp.full(3, 2, jnp.uint32), low)
+    angle, _ = threefry2x32(data[0], data[1], jnp.full(3, 3, jnp.uint32), low)
+    np.testing.assert_allclose(across[3:], np.asarray(gaussian_from_bits(hi, lo, angle)[0]),
+                               rtol=0, atol=0)
+    assert not np.any(across[3:] == whole[:3])  # not the first coordinates again
+
+
+def test_a_key_of_another_prng_is_refused():
+    with pytest.raises(ValueError, match="threefry2x32 key"):
+        secure_normal(jax.random.key(0, impl="rbg"), 10)

@@ -329,17 +329,17 @@ def local_clipped_sum(loss_fn: LossFn, params: Params, tokens: jax.Array, mask: 
 def add_noise(grad_sum: Params, key: jax.Array, std: jax.Array | float) -> Params:
     """``grad_sum`` plus i.i.d. ``N(0, std²)`` on every coordinate.
 
-    One draw of the total size is cut into the leaves: a single PRNG computation compiles much
-    faster than one per leaf, and the coordinates are i.i.d. either way.
+    The leaves, flattened in order, take consecutive coordinates of the key's one sequence
+    (:func:`~dptrain.trainer._noise.secure_normal` at each leaf's offset): every coordinate
+    its own, and each leaf's draw fused into its addition (no draw of the total size is
+    materialised and cut).
     """
     leaves, treedef = jax.tree_util.tree_flatten(grad_sum)
-    sizes = [leaf.size for leaf in leaves]
-    draw = secure_normal(key, sum(sizes))
     noisy, offset = [], 0
-    for leaf, size in zip(leaves, sizes, strict=True):
-        chunk = jax.lax.dynamic_slice_in_dim(draw, offset, size).reshape(leaf.shape)
-        noisy.append(leaf + (std * chunk).astype(leaf.dtype))
-        offset += size
+    for leaf in leaves:
+        draw = secure_normal(key, leaf.size, offset).reshape(leaf.shape)
+        noisy.append(leaf + (std * draw).astype(leaf.dtype))
+        offset += leaf.size
     return jax.tree_util.tree_unflatten(treedef, noisy)
 
 
