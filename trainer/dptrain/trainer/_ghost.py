@@ -21,7 +21,8 @@ al. 2023 "book-keeping"):
   by token-equality grouping (``d·Σ_{l,m: t_l = t_m} δ_l·δ_m``), the output part as a linear map,
   and twice their inner product (``√d·Σ_l δ_l · Σ_m δ_logits[m, t_l] h_m``);
 * RMSNorm scales (``d`` numbers) get exact per-example gradients ``Σ_l δ_l ⊙ x̂_l`` — the pre-norms,
-  the final norm and, in Gemma-2-style models, the post-norms alike;
+  the final norm and, in Gemma-2-style models, the post-norms alike — from a *scale probe*
+  (``_model.scale_probe``) inside the backward pass;
 * a LoRA adapter ``y = x W + s·(x A) B`` (``W`` frozen) has per-example gradients
   ``∇B = (s·x A)ᵀ δ`` and ``∇A = xᵀ (s·δ Bᵀ)``: two linear maps whose inputs and output gradients
   come from the same taps and probes (``x A`` and ``δ Bᵀ`` are ``[L, rank]``), so their norms and
@@ -143,14 +144,17 @@ def _linear_pairs(taps: Taps, grads: Taps) -> dict[str, tuple[jax.Array, jax.Arr
 
 
 def _weight_probes(model: Decoder, probes: Taps, length: int, batch: int) -> Taps:
-    """``probes`` with each kept map's output probe replaced by a weight probe.
+    """``probes`` with each kept map's and every norm's output probe replaced by a weight probe.
 
     A weight probe (``_model.weight_probe``) receives the map's per-example gradient
     ``x_bᵀδ_b`` from inside the backward pass, where ``δ`` is made: the output gradients of kept
     maps are then never stacked over the layers nor read back. In a model whose layers run
     unrolled (``_model.UNROLL_LAYERS``) each weight probe is a tuple of per-layer arrays, so
     that its gradients come back per layer, not copied into one ``[layers, B, ...]`` array (a
-    copy of every kept gradient: 4 % of the DP step at the peers' benchmark shape).
+    copy of every kept gradient: 4 % of the DP step at the peers' benchmark shape). The RMSNorm
+    scales get scale probes (``_model.scale_probe``, ``[layers, B, d]``): their per-example
+    gradients ``Σ_l δ_l ⊙ x̂_l`` come out of the backward pass, and neither ``δ`` nor ``x̂``
+    (``[layers, B, L, d]`` each) is kept, stacked or padded into a stacked gradient.
     """
     blocks = dict(probes["blocks"])
     unrolled = model.n_layers <= UNROLL_LAYERS
@@ -163,7 +167,13 @@ def _weight_probes(model: Decoder, probes: Taps, length: int, batch: int) -> Tap
             del blocks[out]
             zeros = jnp.zeros((w.shape[0], batch, fan_in, *out_shape), jnp.float32)
             blocks[out + "@w"] = tuple(zeros) if unrolled else zeros
-    return {**probes, "blocks": blocks}
+    d_model = model.embedding.shape[1]
+    for name in _NORMS:
+        if name in blocks:
+            del blocks[name]
+            blocks[name + "@w"] = jnp.zeros((model.n_layers, batch, d_model), jnp.float32)
+    rest = {k: v for k, v in probes.items() if k != "final_norm"}
+    return {**rest, "blocks": blocks, "final_norm@w": jnp.zeros((batch, d_model), jnp.float32)}
 
 
 def _lora_pairs(taps: Taps, grads: Taps,
@@ -285,12 +295,11 @@ def ghost_norms(static: Decoder, params: Params, tokens: jax.Array, pad_id: int 
             squares.append(_layered_sq_norms(book[name]))
     pairs = _linear_pairs(taps, grads)
     squares += _linear_sq_norms(pairs, length, book)
-    for name in _NORMS:  # RMSNorm scales: exact per-example gradients, [layers, B, d]
-        if name in taps["blocks"]:
-            book[name] = jnp.einsum("nbld,nbld->nbd", taps["blocks"][name],
-                                    grads["blocks"][name])
+    for name in _NORMS:  # RMSNorm scales: the scale probes' gradients, [layers, B, d]
+        if name + "@w" in grads["blocks"]:
+            book[name] = grads["blocks"][name + "@w"]
             squares.append(jnp.sum(jnp.square(book[name]), axis=(0, 2)))
-    book["final_norm"] = jnp.einsum("bld,bld->bd", taps["final_norm"], grads["final_norm"])
+    book["final_norm"] = grads["final_norm@w"]
     squares.append(jnp.sum(jnp.square(book["final_norm"]), axis=1))
     embed = (inputs, grads["embed"], grads["logits"], taps["head"])
     vocab, d_model = model.embedding.shape

@@ -102,6 +102,44 @@ def _weight_probe_bwd(x: jax.Array, grad: jax.Array) -> tuple[jax.Array, None, j
 weight_probe.defvjp(_weight_probe_fwd, _weight_probe_bwd)
 
 
+@jax.custom_vjp
+def scale_probe(y: jax.Array, normed: jax.Array, probe: jax.Array) -> jax.Array:
+    """``y`` unchanged; the gradient reaching ``probe`` is ``Σ_l normed_l ⊙ ∂loss/∂y_l``.
+
+    The per-example gradient of an RMSNorm's scale (``y = normed ⊙ (1 + scale)``; ``normed``
+    and ``y``: ``[..., L, d]``, ``probe``: ``[..., d]``, float32, never read), computed inside
+    the backward pass like :func:`weight_probe`'s: neither the norm's output gradient nor its
+    input is kept for ghost clipping.
+    """
+    del normed, probe
+    return y
+
+
+def _scale_probe_fwd(y: jax.Array, normed: jax.Array, probe: jax.Array) -> tuple[jax.Array,
+                                                                                 jax.Array]:
+    del probe
+    return y, normed
+
+
+def _scale_probe_bwd(normed: jax.Array, grad: jax.Array) -> tuple[jax.Array, None, jax.Array]:
+    per_example = jnp.sum(normed.astype(jnp.float32) * grad.astype(jnp.float32), axis=-2)
+    return grad, None, per_example
+
+
+scale_probe.defvjp(_scale_probe_fwd, _scale_probe_bwd)
+
+
+def _norm(norm: RMSNorm, x: jax.Array, probes: Taps | None,
+          name: str) -> tuple[jax.Array, jax.Array]:
+    """``norm.forward`` with the probes of ``name``: on its output, or on its scale (``@w``)."""
+    if probes is None:
+        return norm.forward(x)
+    out, normed = norm.forward(x, probes.get(name))
+    if probes.get(name + "@w") is not None:
+        out = scale_probe(out, normed, probes[name + "@w"])
+    return out, normed
+
+
 class Adapters(eqx.Module):
     """LoRA adapters of the linear maps of the blocks (stacked on a leading layer axis).
 
@@ -337,20 +375,19 @@ class Block(eqx.Module):
                 window: jax.Array | int | None = None,
                 lora: Adapters | None = None) -> tuple[jax.Array, Taps]:
         """The block's output and its taps (inputs of every linear map and norm scale)."""
-        get = (lambda name: None) if probes is None else probes.get
-        attn_in, attn_normed = self.attn_norm.forward(x, get("attn_norm"))
+        attn_in, attn_normed = _norm(self.attn_norm, x, probes, "attn_norm")
         attn_out, attn_taps = self.attn.forward(attn_in, probes, window, lora)
         taps = {"attn_norm": attn_normed, "attn_in": attn_in, **attn_taps}
         if self.attn_post_norm is not None:
-            attn_out, taps["attn_post_norm"] = self.attn_post_norm.forward(
-                attn_out, get("attn_post_norm"))
+            attn_out, taps["attn_post_norm"] = _norm(self.attn_post_norm, attn_out, probes,
+                                                     "attn_post_norm")
         x = x + attn_out
-        mlp_in, mlp_normed = self.mlp_norm.forward(x, get("mlp_norm"))
+        mlp_in, mlp_normed = _norm(self.mlp_norm, x, probes, "mlp_norm")
         mlp_out, mlp_taps = self.mlp.forward(mlp_in, probes, lora)
         taps |= {"mlp_norm": mlp_normed, "mlp_in": mlp_in, **mlp_taps}
         if self.mlp_post_norm is not None:
-            mlp_out, taps["mlp_post_norm"] = self.mlp_post_norm.forward(
-                mlp_out, get("mlp_post_norm"))
+            mlp_out, taps["mlp_post_norm"] = _norm(self.mlp_post_norm, mlp_out, probes,
+                                                   "mlp_post_norm")
         return x + mlp_out, taps
 
     def decode(self, x: jax.Array, position: jax.Array, cache: tuple[jax.Array, jax.Array],
@@ -470,7 +507,7 @@ class Decoder(eqx.Module):
             block_taps = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outputs)
         else:
             x, block_taps = jax.lax.scan(layer, x, xs)
-        head, final_normed = self.final_norm.forward(x, get("final_norm"))
+        head, final_normed = _norm(self.final_norm, x, probes, "final_norm")
         logits = self.head(head, get("logits"))
         return logits, {"blocks": block_taps, "final_norm": final_normed, "head": head}
 
