@@ -11,9 +11,10 @@ ratios are taken within each round (same minutes of a shared machine) and their 
     python bench/peers/run.py --rounds 3 --json
     python bench/peers/run.py --malloc default   # glibc's default malloc for every stack
 
-Every stack runs with the same C allocator settings: by default glibc's malloc on transparent
-huge pages (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``), which ``dptrain`` sets for itself
-(``dptrain/cli/_huge_pages.py``) and which fewer page faults speed up every stack alike.
+Every stack runs with the same C allocator settings: by default the ones the ``dptrain`` command
+sets for itself (``dptrain/cli/_allocator.py``: jemalloc where installed, else glibc's malloc on
+transparent huge pages), which speed up every stack; ``--malloc huge-pages`` (glibc's huge pages
+only), ``jemalloc`` (refused where it is not installed) or ``default`` (glibc's defaults).
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ import argparse
 import json
 import os
 import pathlib
+import platform
 import statistics
 import subprocess
 import sys
+
+from dptrain.cli._allocator import CHOICE, OPT_OUT, find_jemalloc, tuned_environment
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HERE = pathlib.Path(__file__).resolve().parent
@@ -46,13 +50,32 @@ def ensure_venv(name: str, python: str) -> pathlib.Path:
     return interpreter
 
 
-MALLOC = {"huge-pages": "glibc.malloc.hugetlb=1", "default": None}
+MALLOC = ("auto", "jemalloc", "huge-pages", "default")
+_ALLOCATOR_VARIABLES = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", CHOICE, OPT_OUT)
 
 
-def run_json(command: list[str], timeout: float, tunables: str | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    if tunables:
-        env["GLIBC_TUNABLES"] = tunables
+def allocator_environment(choice: str) -> dict[str, str]:
+    """This process's environment with the allocator variables of ``choice`` (and no others)."""
+    env = {k: v for k, v in os.environ.items() if k not in _ALLOCATOR_VARIABLES}
+    jemalloc = find_jemalloc()
+    if choice == "jemalloc" and jemalloc is None:
+        raise SystemExit("--malloc jemalloc: libjemalloc.so.2 is not installed "
+                         "(Debian/Ubuntu: apt-get install libjemalloc2)")
+    if choice == "default":
+        return env
+    mode = {"auto": "auto", "jemalloc": "auto", "huge-pages": "glibc"}[choice]
+    tuned = tuned_environment({**env, CHOICE: mode}, system=platform.system(),
+                              libc=platform.libc_ver(), jemalloc=jemalloc)
+    return {k: v for k, v in (tuned or env).items() if k != CHOICE}
+
+
+def describe(env: dict[str, str]) -> str:
+    """The allocator variables of ``env``, for the table's footnote."""
+    shown = [f"{k}={env[k]}" for k in ("LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES") if k in env]
+    return ", ".join(shown) or "glibc defaults"
+
+
+def run_json(command: list[str], timeout: float, env: dict[str, str]) -> dict:
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                           env=env)
     if done.returncode:
@@ -67,10 +90,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--python", default="python3.11", help="interpreter for the peer venvs")
     parser.add_argument("--json", action="store_true", help="print JSON only")
-    parser.add_argument("--malloc", choices=sorted(MALLOC), default="huge-pages",
-                        help="C allocator settings, the same for every stack (default: "
-                             "glibc.malloc.hugetlb=1, as dptrain runs)")
+    parser.add_argument("--malloc", choices=MALLOC, default="auto",
+                        help="C allocator settings, the same for every stack (default: auto, "
+                             "as the dptrain command runs: jemalloc where installed, else glibc "
+                             "on huge pages)")
     args = parser.parse_args()
+    env = allocator_environment(args.malloc)
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
     commands = {
         "dptrain": [sys.executable, str(HERE / "dptrain_step.py"), *common],
@@ -85,8 +110,7 @@ def main() -> None:
         measured = {}
         for name in order:
             print(f"round {index + 1}/{args.rounds}: {name} ...", file=sys.stderr)
-            measured[name] = run_json(commands[name], timeout=1800,
-                                      tunables=MALLOC[args.malloc])
+            measured[name] = run_json(commands[name], timeout=1800, env=env)
             # Each result as it comes (a long run on a loaded machine keeps what it measured).
             print(json.dumps({"round": index + 1, name: measured[name]}), file=sys.stderr)
         rounds.append(measured)
@@ -115,7 +139,8 @@ def main() -> None:
                          for r in rounds])
     if args.json:
         print(json.dumps({"table": table, "dptrain_compile_ratio": compile_ratio,
-                          "malloc": args.malloc, "rounds": rounds}, indent=2))
+                          "malloc": args.malloc, "allocator": describe(env),
+                          "rounds": rounds}, indent=2))
         return
     print("| stack | DP ex/s | non-private ex/s | DP / non-private (time) "
           "| dptrain ghost ÷ this DP |\n|---|---|---|---|---|")
@@ -126,7 +151,7 @@ def main() -> None:
               f"| {row['dptrain_ghost_speedup']:.2f}× |")
     print(f"\ndptrain compile time, DP (ghost) / non-private: {compile_ratio:.2f}; "
           f"{args.rounds} round(s), medians; ratios taken within each round; malloc: "
-          f"{args.malloc} ({MALLOC[args.malloc] or 'glibc defaults'}) for every stack.")
+          f"{args.malloc} ({describe(env)}) for every stack.")
 
 
 if __name__ == "__main__":

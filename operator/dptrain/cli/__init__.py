@@ -9,13 +9,20 @@ from collections.abc import Sequence
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `dptrain` console script (``argv``: None reads ``sys.argv``).
 
-    As the console script (no ``argv``), the process first restarts itself with glibc's malloc
-    on huge pages (``_huge_pages``), before the commands' heavy imports.
+    As the console script (no ``argv``), the process first restarts itself with a C allocator
+    that keeps XLA's step memory mapped (``_allocator``: jemalloc where installed, else glibc's
+    malloc on huge pages), before the commands' heavy imports.
     """
     if argv is None:
-        from dptrain.cli._huge_pages import reexec_with_huge_pages
+        import sys
 
-        reexec_with_huge_pages()
+        from dptrain.cli._allocator import reexec_with_fast_allocator
+
+        try:
+            reexec_with_fast_allocator()
+        except ValueError as error:  # a bad DPTRAIN_MALLOC
+            print(f"dptrain: {error}", file=sys.stderr)
+            return 2
     from dptrain.cli._main import main as run
 
     return run(argv)
