@@ -136,21 +136,34 @@ def test_the_angle_is_exact_and_its_cosine_and_sine_within_float32_rounding():
 
 
 def test_any_slice_of_the_sequence_is_drawn_alone_and_the_high_counter_word_carries():
-    """Guarantee 3: coordinate j is a function of (key, j) alone, including past 2³²."""
+    """Guarantee 3: coordinate j is a function of (key, j) alone, including past 2³².
+
+    The hash words are exact; the float32 value of a coordinate may differ by an ulp or two
+    with the code it is computed in (XLA contracts multiply-adds per fusion), so values drawn
+    in differently cut calls are compared within 3 float32 ulps of their magnitude.
+    """
+    from dptrain.trainer._noise import CHUNK
+
+    def close(a, b):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=3 * 2.0**-23, atol=1e-30)
+
     key = jax.random.key(9)
-    whole = np.asarray(secure_normal(key, 100))
-    np.testing.assert_array_equal(np.asarray(secure_normal(key, 37, offset=41)), whole[41:78])
-    # Across the 2³² boundary: coordinates 2³²−3 … 2³²+2 use counters (0|1, l) then (2|3, l).
+    whole = np.asarray(secure_normal(key, 3 * CHUNK + 100))  # the loop over chunks
+    close(secure_normal(key, 37, offset=41), whole[41:78])
+    close(secure_normal(key, CHUNK + 7, offset=CHUNK - 3), whole[CHUNK - 3:2 * CHUNK + 4])
+    # Across the 2³² boundary: coordinates 2³²−3 … 2³²+2 use counters (0|1, l) then (2|3, l),
+    # in a single call and in the loop (a chunk that wraps around mid-way) alike.
     across = np.asarray(secure_normal(key, 6, offset=2**32 - 3))
-    np.testing.assert_array_equal(across[:3], np.asarray(secure_normal(key, 3, 2**32 - 3)))
-    np.testing.assert_array_equal(across[3:], np.asarray(secure_normal(key, 3, 2**32)))
+    close(across[:3], secure_normal(key, 3, 2**32 - 3))
+    close(across[3:], secure_normal(key, 3, 2**32))
+    looped = np.asarray(secure_normal(key, 2 * CHUNK, offset=2**32 - CHUNK - 3))
+    close(looped[CHUNK:CHUNK + 6], across)
     data = jax.random.key_data(key)
     low = jnp.arange(3, dtype=jnp.uint32)
     hi, lo = threefry2x32(data[0], data[1], jnp.full(3, 2, jnp.uint32), low)
     angle, _ = threefry2x32(data[0], data[1], jnp.full(3, 3, jnp.uint32), low)
-    np.testing.assert_allclose(across[3:], np.asarray(gaussian_from_bits(hi, lo, angle)[0]),
-                               rtol=0, atol=0)
-    assert not np.any(across[3:] == whole[:3])  # not the first coordinates again
+    close(across[3:], gaussian_from_bits(hi, lo, angle)[0])
+    assert not np.any(np.abs(across[3:] - whole[:3]) < 1e-3)  # not the first coordinates again
 
 
 def test_a_key_of_another_prng_is_refused():

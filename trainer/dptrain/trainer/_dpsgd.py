@@ -326,40 +326,20 @@ def local_clipped_sum(loss_fn: LossFn, params: Params, tokens: jax.Array, mask: 
     return tuple(out)
 
 
-# Leaves of at least this many coordinates draw their own noise inside their addition (one
-# fusion each: the fastest, but each compiles its own copy of the hash); runs of consecutive
-# smaller leaves share one draw, cut. At the peers' benchmark shape (bench/peers) the three MLP
-# matrices draw their own: the step's noise costs ~1 ms and the DP step compiles in 1.3× the
-# non-private step's time, where a draw per leaf compiled in 1.7× and one draw cut for all
-# leaves cost 10-15 ms a step.
-OWN_DRAW = 2**16
-
-
 def add_noise(grad_sum: Params, key: jax.Array, std: jax.Array | float) -> Params:
     """``grad_sum`` plus i.i.d. ``N(0, std²)`` on every coordinate.
 
-    The leaves, flattened in order, take consecutive coordinates of the key's one sequence
-    (:func:`~dptrain.trainer._noise.secure_normal`, whose coordinate ``j`` depends on the key
-    and ``j`` alone): every coordinate its own, whichever leaves share a draw (see
-    :data:`OWN_DRAW`).
+    One draw of the total size (:func:`~dptrain.trainer._noise.secure_normal`) is cut into the
+    leaves, flattened in order: every coordinate its own.
     """
     leaves, treedef = jax.tree_util.tree_flatten(grad_sum)
     sizes = [leaf.size for leaf in leaves]
-    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    noisy: list[jax.Array] = []
-    start = 0
-    while start < len(leaves):
-        end = start + 1
-        if sizes[start] < OWN_DRAW:  # a run of small leaves: one draw, cut
-            while end < len(leaves) and sizes[end] < OWN_DRAW:
-                end += 1
-        draw = secure_normal(key, sum(sizes[start:end]), offsets[start])
-        for leaf, size, offset in zip(leaves[start:end], sizes[start:end],
-                                      offsets[start:end], strict=True):
-            chunk = jax.lax.slice_in_dim(draw, offset - offsets[start],
-                                         offset - offsets[start] + size).reshape(leaf.shape)
-            noisy.append(leaf + (std * chunk).astype(leaf.dtype))
-        start = end
+    draw = secure_normal(key, sum(sizes))
+    noisy, offset = [], 0
+    for leaf, size in zip(leaves, sizes, strict=True):
+        chunk = jax.lax.slice_in_dim(draw, offset, offset + size).reshape(leaf.shape)
+        noisy.append(leaf + (std * chunk).astype(leaf.dtype))
+        offset += size
     return jax.tree_util.tree_unflatten(treedef, noisy)
 
 
