@@ -23,7 +23,7 @@ JEMALLOC = "libjemalloc.so.2"
 
 
 def _tuned(env, *, system="Linux", libc=GLIBC, jemalloc=None):
-    return tuned_environment(env, system=system, libc=libc, jemalloc=jemalloc)
+    return tuned_environment(env, system=system, libc=libc, jemalloc=lambda: jemalloc)
 
 
 def test_the_tunable_is_added_once_and_other_tunables_are_kept():
@@ -59,6 +59,16 @@ def test_nothing_changes_where_nothing_applies_or_the_user_chose():
     assert _tuned({"LD_PRELOAD": "/usr/lib/libtcmalloc.so.4"}, jemalloc=JEMALLOC) is None
 
 
+def test_the_library_is_looked_up_only_when_the_environment_does_not_decide():
+    def unexpected():
+        raise AssertionError("looked up jemalloc")
+
+    # Already re-executed, the user's own allocator, huge pages only, or off: no lookup.
+    for env in ({"GLIBC_TUNABLES": TUNABLE}, {"LD_PRELOAD": JEMALLOC}, {CHOICE: "glibc"},
+                {CHOICE: "off"}):
+        tuned_environment(env, system="Linux", libc=GLIBC, jemalloc=unexpected)
+
+
 def test_a_bad_choice_is_refused_by_name():
     with pytest.raises(ValueError, match="DPTRAIN_MALLOC must be auto, glibc or off"):
         _tuned({CHOICE: "tcmalloc"})
@@ -78,7 +88,7 @@ def test_the_process_restarts_with_its_arguments_and_the_allocator():
            if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", CHOICE, OPT_OUT)}
     out = _run(code, env).stdout.split("\n")
     expected = tuned_environment(env, system=platform.system(), libc=platform.libc_ver(),
-                                 jemalloc=find_jemalloc())
+                                 jemalloc=find_jemalloc)
     if expected is None:  # neither glibc >= 2.35 nor jemalloc: the process just goes on
         assert out[:2] == ["start", "None None ['--flag', 'value']"]
     else:  # printed once before the restart, then again by the restarted process

@@ -65,7 +65,7 @@ def allocator_environment(choice: str) -> dict[str, str]:
         return env
     mode = {"auto": "auto", "jemalloc": "auto", "huge-pages": "glibc"}[choice]
     tuned = tuned_environment({**env, CHOICE: mode}, system=platform.system(),
-                              libc=platform.libc_ver(), jemalloc=jemalloc)
+                              libc=platform.libc_ver(), jemalloc=lambda: jemalloc)
     return {k: v for k, v in (tuned or env).items() if k != CHOICE}
 
 

@@ -37,7 +37,7 @@ import ctypes.util
 import os
 import platform
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 JEMALLOC_CONF = "thp:always,oversize_threshold:0,dirty_decay_ms:60000,muzzy_decay_ms:60000"
@@ -57,14 +57,16 @@ def _glibc_tunable_applies(libc: tuple[str, str]) -> bool:
 
 
 def tuned_environment(env: Mapping[str, str], *, system: str, libc: tuple[str, str],
-                      jemalloc: str | None) -> dict[str, str] | None:
+                      jemalloc: Callable[[], str | None]) -> dict[str, str] | None:
     """``env`` with the allocator's variables added, or None when nothing should change.
 
     Args:
         env: the process environment.
         system: ``platform.system()``.
         libc: ``platform.libc_ver()`` (name, version).
-        jemalloc: the jemalloc library to preload (a path or soname), None where not installed.
+        jemalloc: finds the jemalloc library to preload (a path or soname; None where not
+            installed); called only when the environment does not already decide (the lookup
+            runs ``ldconfig``, 5-25 ms, and must not run again after the re-execution).
 
     Raises:
         ValueError: ``DPTRAIN_MALLOC`` is not ``auto``, ``glibc`` or ``off``.
@@ -80,8 +82,9 @@ def tuned_environment(env: Mapping[str, str], *, system: str, libc: tuple[str, s
     out = dict(env)
     if _glibc_tunable_applies(libc):
         out["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}" if tunables else TUNABLE
-    if choice == "auto" and jemalloc is not None:
-        out["LD_PRELOAD"] = f"{jemalloc}:{preload}" if preload else jemalloc
+    library = jemalloc() if choice == "auto" else None
+    if library is not None:
+        out["LD_PRELOAD"] = f"{library}:{preload}" if preload else library
         out.setdefault("MALLOC_CONF", JEMALLOC_CONF)
     return out if out != env else None
 
@@ -96,10 +99,8 @@ def reexec_with_fast_allocator() -> None:
 
     Returns only when nothing needs to change (see :func:`tuned_environment`).
     """
-    if platform.system() != "Linux" or os.environ.get(CHOICE) == "off":
-        return
     env = tuned_environment(os.environ, system=platform.system(), libc=platform.libc_ver(),
-                            jemalloc=find_jemalloc())
+                            jemalloc=find_jemalloc)
     if env is None or not sys.orig_argv or not sys.executable:  # embedded: nothing to re-run
         return
     sys.stdout.flush()
