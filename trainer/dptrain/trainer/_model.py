@@ -39,6 +39,7 @@ mathematics is one code path.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -73,60 +74,54 @@ def _probe(y: jax.Array, probes: Taps | None, name: str, x: jax.Array | None = N
     return y if probe is None else y + probe
 
 
-@jax.custom_vjp
-def weight_probe(y: jax.Array, x: jax.Array, probe: jax.Array) -> jax.Array:
-    """``y`` unchanged; the gradient reaching ``probe`` is ``xᵀ ∂loss/∂y`` per example.
+def _gradient_probe(per_example: Callable[[jax.Array, jax.Array], jax.Array]) -> Any:
+    """``probe(y, x, p) = y`` whose backward gives ``p`` the cotangent ``per_example(x, ∂loss/∂y)``.
 
-    ``x``: ``[..., L, fan_in]`` (the input of the linear map whose output is ``y``,
-    ``[..., L, *out]``); ``probe``: ``[..., fan_in, *out]``, float32, never read. ``x`` gets no
-    gradient through here (the linear map's own backward gives it). Ghost clipping's book-kept
-    per-example gradients (``_ghost.py``), computed where the output gradient is made.
+    ``x`` is kept from the forward pass and gets no gradient through here; ``p`` is never read.
     """
-    del x, probe
-    return y
+    @jax.custom_vjp
+    def probe(y: jax.Array, x: jax.Array, p: jax.Array) -> jax.Array:
+        del x, p
+        return y
+
+    def forward(y: jax.Array, x: jax.Array, p: jax.Array) -> tuple[jax.Array, jax.Array]:
+        del p
+        return y, x
+
+    def backward(x: jax.Array, grad: jax.Array) -> tuple[jax.Array, None, jax.Array]:
+        return grad, None, per_example(x, grad)
+
+    probe.defvjp(forward, backward)
+    return probe
 
 
-def _weight_probe_fwd(y: jax.Array, x: jax.Array, probe: jax.Array) -> tuple[jax.Array,
-                                                                              jax.Array]:
-    del probe
-    return y, x
-
-
-def _weight_probe_bwd(x: jax.Array, grad: jax.Array) -> tuple[jax.Array, None, jax.Array]:
+def _weight_gradients(x: jax.Array, grad: jax.Array) -> jax.Array:
     lead, out = x.shape[:-2], grad.shape[x.ndim - 1:]
     g = grad.reshape(*lead, x.shape[-2], -1).astype(jnp.float32)
     per_example = jnp.matmul(jnp.swapaxes(x.astype(jnp.float32), -1, -2), g)
-    return grad, None, per_example.reshape(*lead, x.shape[-1], *out)
+    return per_example.reshape(*lead, x.shape[-1], *out)
 
 
-weight_probe.defvjp(_weight_probe_fwd, _weight_probe_bwd)
+def _scale_gradients(normed: jax.Array, grad: jax.Array) -> jax.Array:
+    return jnp.sum(normed.astype(jnp.float32) * grad.astype(jnp.float32), axis=-2)
 
 
-@jax.custom_vjp
-def scale_probe(y: jax.Array, normed: jax.Array, probe: jax.Array) -> jax.Array:
-    """``y`` unchanged; the gradient reaching ``probe`` is ``Σ_l normed_l ⊙ ∂loss/∂y_l``.
+weight_probe = _gradient_probe(_weight_gradients)
+"""``weight_probe(y, x, probe)``: ``y`` unchanged; ``probe`` gets ``xᵀ ∂loss/∂y`` per example.
 
-    The per-example gradient of an RMSNorm's scale (``y = normed ⊙ (1 + scale)``; ``normed``
-    and ``y``: ``[..., L, d]``, ``probe``: ``[..., d]``, float32, never read), computed inside
-    the backward pass like :func:`weight_probe`'s: neither the norm's output gradient nor its
-    input is kept for ghost clipping.
-    """
-    del normed, probe
-    return y
+``x``: ``[..., L, fan_in]`` (the input of the linear map whose output is ``y``, ``[..., L,
+*out]``); ``probe``: ``[..., fan_in, *out]``, float32. Ghost clipping's book-kept per-example
+gradients (``_ghost.py``), computed where the output gradient is made.
+"""
 
+scale_probe = _gradient_probe(_scale_gradients)
+"""``scale_probe(y, normed, probe)``: ``y`` unchanged; ``probe`` gets ``Σ_l normed_l ⊙ ∂loss/∂y_l``.
 
-def _scale_probe_fwd(y: jax.Array, normed: jax.Array, probe: jax.Array) -> tuple[jax.Array,
-                                                                                 jax.Array]:
-    del probe
-    return y, normed
-
-
-def _scale_probe_bwd(normed: jax.Array, grad: jax.Array) -> tuple[jax.Array, None, jax.Array]:
-    per_example = jnp.sum(normed.astype(jnp.float32) * grad.astype(jnp.float32), axis=-2)
-    return grad, None, per_example
-
-
-scale_probe.defvjp(_scale_probe_fwd, _scale_probe_bwd)
+The per-example gradient of an RMSNorm's scale (``y = normed ⊙ (1 + scale)``; ``normed`` and
+``y``: ``[..., L, d]``, ``probe``: ``[..., d]``, float32), computed inside the backward pass like
+:func:`weight_probe`'s: neither the norm's output gradient nor its input is kept for ghost
+clipping.
+"""
 
 
 def _norm(norm: RMSNorm, x: jax.Array, probes: Taps | None,
