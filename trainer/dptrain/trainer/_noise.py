@@ -169,8 +169,7 @@ def _coordinates(key1: jax.Array, key2: jax.Array, high: jax.Array, start: jax.A
     block = (high + carry) * jnp.uint32(2)
     hi, lo = threefry2x32(key1, key2, block, low)
     angle, _ = threefry2x32(key1, key2, block + jnp.uint32(1), low)
-    cos, _ = unit_circle(angle)
-    return _radius(hi, lo) * cos
+    return gaussian_from_bits(hi, lo, angle)[0]  # r cos θ (the unused r sin θ is not computed)
 
 
 def secure_normal(key: jax.Array, size: int, offset: int = 0) -> jax.Array:
