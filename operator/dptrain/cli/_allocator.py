@@ -6,8 +6,8 @@ a new ``mmap`` and returns it with ``munmap``, so every step first faults in and
 whole working set: at 4 KiB pages about 80,000 faults a step, 16-20 % of its CPU time; on huge
 pages 12× fewer faults but still ~12 % of the CPU in the kernel's ``clear_page`` (``perf``), and
 the DP step's per-example gradients, written once into fresh pages, took 91 ms a step on the
-peers' shape against 65 ms in reused memory (the 14 batched products timed alone, side by side). Two remedies, in order of
-preference:
+peers' shape against 65 ms in reused memory (the 14 batched products timed alone, side by
+side). Two remedies, in order of preference:
 
 * **jemalloc** (``libjemalloc.so.2``, where installed: Debian/Ubuntu ``libjemalloc2``, the trainer
   image) preloaded with ``MALLOC_CONF=`` :data:`JEMALLOC_CONF`: transparent huge pages, no
