@@ -37,17 +37,26 @@ def _spec(**compute: Any) -> DPTrainingJobSpec:
         "compute": {"flops": 1e12, **compute}})
 
 
-def test_cpu_step_times_match_the_issues_measurements() -> None:
-    # Issue 16, tiny preset, S = 64 on 2 cores: 366 s / 16,384 steps at B = 2, 122 s / 512 at
-    # B = 64, 86 s / 64 at B = 512 (seconds per step within 20%).
+# Seconds per DP step of `dptrain run` on the tiny preset, S = 64, 2 cores, jemalloc (2026-12-06,
+# main 2510585): the wall-time difference of two run lengths over their step difference, so that
+# start-up and compilation drop out (B = 2: 512 and 2,048 steps; 8: 256 and 1,024; 32: 128 and
+# 512; 64: 128 and 512; 128: 64 and 256; 512: 16 and 64). Issue 16's, before the DP step's speed
+# work (whole runs): 22 ms at B = 2, 238 ms at 64, 1.34 s at 512.
+CPU_STEP_SECONDS = {2: 0.0220, 8: 0.0367, 32: 0.0600, 64: 0.0956, 128: 0.1518, 512: 0.4038}
+
+
+def test_cpu_step_times_match_the_measurements() -> None:
+    # The fitted form (overhead + FLOPs at the batch's utilisation) is within 25 % of each.
     cpu = step_time_model("cpu")
     tiny = get_preset("tiny")
-    for batch, measured in ((2, 366 / 16384), (64, 122 / 512), (512, 86 / 64)):
+    for batch, measured in CPU_STEP_SECONDS.items():
         flops = tiny.train_flops_per_token(64) * batch * 64
         got = cpu.step_seconds(flops, batch * 64.0, devices=2, peak_flops_per_device=1e11,
-                               peak_utilization=0.069)
-        assert got == pytest.approx(measured, rel=0.2)
-    assert cpu.collapsed(2 * 64.0) and not cpu.collapsed(64 * 64.0)
+                               peak_utilization=0.1)
+        assert got == pytest.approx(measured, rel=0.25), batch
+    # At B = 2 and 8 the measured throughput is under a fifth of B = 512's: collapsed.
+    assert cpu.collapsed(2 * 64.0) and cpu.collapsed(8 * 64.0)
+    assert not cpu.collapsed(64 * 64.0)
 
 
 def test_utilisation_rises_with_the_batch_and_saturates() -> None:

@@ -14,9 +14,15 @@ nothing else fits, and shows every candidate's wall time.
 
 Constants per accelerator kind:
 
-* ``cpu``: **measured** on this project's 2-core CI machine (the DP step of the ``tiny`` preset,
-  S = 64, B = 2 / 64 / 512: 22 ms, 238 ms and 1.34 s per step; ``bench/step_time.py`` re-measures
-  and fits them). ``u_peak`` is relative to ``AcceleratorSpec.peak_flops`` per core times the cores.
+* ``cpu``: **measured** on this project's 2-core CI machine: seconds per step of ``dptrain run``
+  on the ``tiny`` preset, S = 64, as the wall-time difference of two run lengths (start-up and
+  compilation drop out), at B = 2 / 8 / 32 / 64 / 128 / 512: 22, 37, 60, 96, 152 and 404 ms
+  (2026-12-06, after issue 15's speed work; issue 16 had measured 22 ms, 238 ms and 1.34 s at
+  B = 2 / 64 / 512). The constants are their least-squares fit on log seconds, within 25 % of
+  each (``bench/step_time.py`` re-measures the compiled step and prints such a fit).
+  ``u_peak`` is relative to ``AcceleratorSpec.peak_flops`` per core times the cores. Tokens are
+  counted at the expected batch, as the planner counts them; the padding rows of the physical
+  batch (e.g. 136 at B = 64, 22 at B = 2) are part of what the fitted utilisation absorbs.
 * GPUs and TPUs: **assumed** (no accelerator was available to measure): a few milliseconds of
   per-step overhead, and half the peak model-FLOP utilisation at 2K (GPU) / 4K (TPU) tokens per
   chip, typical of transformer training with per-example gradients (the peak is the accelerator's
@@ -78,8 +84,8 @@ class StepTimeModel:
 
 STEP_TIME_MODELS: dict[str, StepTimeModel] = {
     "cpu": StepTimeModel(
-        accelerator="cpu", overhead_seconds=1.6e-3, peak_utilization=0.069, half_tokens=327.0,
-        source="measured: dptrain DP step, tiny preset, S=64, 2 cores (bench/step_time.py)"),
+        accelerator="cpu", overhead_seconds=1.8e-3, peak_utilization=0.221, half_tokens=1580.0,
+        source="measured: dptrain run, tiny preset, S=64, B=2..512, 2 cores (2026-12-06)"),
     "gpu": StepTimeModel(
         accelerator="gpu", overhead_seconds=3e-3, peak_utilization=None, half_tokens=2048.0,
         source="assumed: 3 ms overhead, half utilisation at 2K tokens per GPU (not measured)"),
