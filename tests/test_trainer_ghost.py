@@ -181,11 +181,13 @@ def test_non_finite_rows_get_weight_zero_and_contribute_exactly_zero(micro_shape
 
     poisoned = jax.tree_util.tree_map_with_path(poison, tape)
     clean = weighted_grad_sum(params, tape, weights)
-    dirty = weighted_grad_sum(params, poisoned, weights)
-    for a, b in zip(jax.tree_util.tree_leaves(dirty), jax.tree_util.tree_leaves(clean),
-                    strict=True):
-        assert bool(jnp.all(jnp.isfinite(a)))
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Eagerly and compiled (the DP step's form: the selection's loop inside one program).
+    for dirty in (weighted_grad_sum(params, poisoned, weights),
+                  jax.jit(weighted_grad_sum)(params, poisoned, weights)):
+        for a, b in zip(jax.tree_util.tree_leaves(dirty), jax.tree_util.tree_leaves(clean),
+                        strict=True):
+            assert bool(jnp.all(jnp.isfinite(a)))
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_the_compiled_dp_step_copies_no_kept_gradient(micro_shape):
