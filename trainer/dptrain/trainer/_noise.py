@@ -31,8 +31,9 @@ rounds unrolled (:func:`threefry2x32`, equal bit for bit to JAX's ``threefry2x32
 lowers it on CPU as a 5-iteration loop that writes every word to memory between groups of
 rounds (5× slower at a step's size), and ``jax.random.bits`` (with ``jax_threefry_partitionable``,
 JAX's default) XORs a block's two words into one. Measured on the peers' benchmark model
-(508,928 parameters, 2 CPU cores): one draw 7.3 → 2.0 ms; the step with noise ran 13 ms longer than
-without it, now as long (within the run-to-run spread of ~3 ms).
+(508,928 parameters, 2 CPU cores): one draw 7.3 → 3.1-3.4 ms (float32 ``jax.random.normal``:
+2.8 ms); the step with noise ran 13 ms longer than without it, now 0-6 ms longer (within the
+run-to-run spread).
 
 Formal guarantees:
     1. Tail: the largest radius is ``√(2·ln 2⁶⁵) ≈ 9.49``; draws with ``|z| > 8`` occur with their
